@@ -1,0 +1,96 @@
+"""Per-layer facts for reports: parameters and multiply-accumulates (MACs).
+
+MACs are counted per sample (the batch dimension, if symbolic, is taken as 1) for the ops
+that dominate compute: Conv, ConvTranspose, Gemm, MatMul. Other ops count 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .ir import Graph, Node, format_shape, is_param
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _per_sample(shape) -> list[int] | None:
+    if shape is None:
+        return None
+    dims = list(shape)
+    if dims and not isinstance(dims[0], int):
+        dims[0] = 1
+    if any(not isinstance(d, int) for d in dims):
+        return None
+    return dims
+
+
+def node_macs(node: Node) -> int | None:
+    """MACs of one node for a batch of 1, or None when shapes are unknown."""
+    op = node.op_type
+    if node.domain != "" or op not in COMPUTE_OPS:
+        return 0
+    out = _per_sample(node.outputs[0].shape)
+    if out is None:
+        return None
+    if op == "Conv":
+        w = node.inputs[1].shape if node.inputs[1] is not None else None
+        if w is None or any(not isinstance(d, int) for d in w):
+            return None
+        return int(np.prod(out, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+    if op == "ConvTranspose":
+        x = _per_sample(node.inputs[0].shape)
+        w = node.inputs[1].shape
+        if x is None or w is None or any(not isinstance(d, int) for d in w):
+            return None
+        return int(np.prod(x, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+    a = node.inputs[0].shape
+    if a is None or not isinstance(a[-1], int):
+        return None
+    k = a[-1]
+    if op == "Gemm" and node.attr("transA", 0):
+        k = a[0] if isinstance(a[0], int) else None
+        if k is None:
+            return None
+    return int(np.prod(out, dtype=np.int64)) * int(k)
+
+
+def node_params(graph: Graph, node: Node) -> int:
+    consts = [graph.const_value(v) for v in node.inputs if v is not None]
+    return int(sum(c.size for c in consts if c is not None and is_param(np.asarray(c))))
+
+
+@dataclass
+class LayerRow:
+    name: str
+    op: str
+    inputs: str
+    output: str
+    params: int
+    macs: int | None
+
+
+def layer_table(graph: Graph) -> list[LayerRow]:
+    graph.toposort()
+    rows = []
+    for n in graph.nodes:
+        if n.op_type == "Constant":
+            continue
+        act_in = [v for v in n.inputs if v is not None and graph.const_value(v) is None]
+        rows.append(LayerRow(n.source, n.qualified_op, " ".join(format_shape(v.shape) for v in act_in),
+                             " ".join(format_shape(v.shape) for v in n.outputs), node_params(graph, n), node_macs(n)))
+    return rows
+
+
+def total_macs(graph: Graph) -> int:
+    return int(sum(node_macs(n) or 0 for n in graph.nodes))
+
+
+def human(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "?"
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suf}{unit}"
+    return f"{n:.0f}{unit}"

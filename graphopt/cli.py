@@ -1,0 +1,217 @@
+"""The ``graphopt`` command line.
+
+Exit codes: 0 success; 2 usage error; 1 failure with a one-line message on stderr (add
+``--debug`` for the traceback). Output files are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import GraphOptError
+
+log = logging.getLogger("graphopt")
+
+FORMATS = ("float", "qdq", "qoperator")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(2, f"{self.prog}: usage error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphopt", description="graphopt: a compiler for neural networks (ONNX/PyTorch -> passes -> ONNX).")
+    p.add_argument("--version", action="version", version=f"graphopt {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on failure")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log pass details (-vv for debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    c = sub.add_parser("convert", help="run a pass pipeline on a model and write ONNX")
+    c.add_argument("input", help="model to read: .onnx")
+    c.add_argument("-o", "--output", required=True, help="ONNX file to write (atomically)")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--pipeline", help='pass pipeline, e.g. "canonicalize,fold-constants{max_elements=1000}"')
+    g.add_argument("--preset", help="named pipeline (see `graphopt passes`); default: 'default'")
+    c.add_argument("--calib", metavar="FILE.npy", help="calibration inputs: float32 array [N, ...] matching the model input")
+    c.add_argument("--format", choices=FORMATS, default="float", help="output format (default: float)")
+    c.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
+    c.add_argument("--timing", action="store_true", help="print time per pass")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR text after each pass into DIR")
+    c.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data (automatic above 2 GB)")
+
+    sub.add_parser("passes", help="list passes with their options, and presets")
+
+    i = sub.add_parser("inspect", help="per-layer op, shapes, parameters and MACs")
+    i.add_argument("model", help=".onnx file")
+
+    d = sub.add_parser("demo", help="run the main job on a built-in network (no files needed)")
+    d.add_argument("-o", "--output", default="graphopt-demo.onnx", help="ONNX file to write (default: %(default)s)")
+    d.add_argument("--pipeline", default=None, help="pipeline to run (default: the demo's own)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="graphopt: %(levelname)s: %(message)s", stream=sys.stderr)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return {"convert": cmd_convert, "passes": cmd_passes, "inspect": cmd_inspect, "demo": cmd_demo}[args.command](args)
+    except BrokenPipeError:  # e.g. `graphopt passes | head`
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("graphopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, (GraphOptError, OSError)):
+            msg = f"internal error: {type(e).__name__}: {msg} (run with --debug for the traceback)"
+        print(f"graphopt: error: {msg}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------------------- helpers
+def load_model(path: str):
+    from .onnx_frontend import load_onnx
+
+    suffix = Path(path).suffix.lower()
+    if suffix != ".onnx" and Path(path).is_file():
+        raise GraphOptError(f"{path}: unsupported model type '{suffix or '(none)'}'; expected .onnx")
+    return load_onnx(path)
+
+
+def load_calib(path: str, graph):
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise GraphOptError(f"calibration file not found: {path}")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise GraphOptError(f"{path}: not a readable .npy array ({str(e).splitlines()[0]})") from e
+    if not isinstance(arr, np.ndarray):
+        raise GraphOptError(f"{path}: expected one .npy array, got {type(arr).__name__}")
+    if len(graph.inputs) != 1:
+        raise GraphOptError(f"--calib gives one array, but the model has {len(graph.inputs)} inputs")
+    inp = graph.inputs[0]
+    if inp.shape is not None:
+        want = list(inp.shape)
+        bad = len(want) != arr.ndim or any(isinstance(w, int) and w != a for w, a in zip(want[1:], arr.shape[1:]))
+        if bad:
+            from .ir import format_shape
+            raise GraphOptError(f"calibration array {path} has shape {list(arr.shape)}, but model input "
+                                f"'{inp.name}' is {format_shape(inp.shape)}")
+    if arr.dtype != np.float32:
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def _size(graph) -> int:
+    return int(sum(v.const.nbytes for v in graph.constants.values()))
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_convert(args) -> int:
+    from .analysis import human, total_macs
+    from .onnx_backend import save_onnx
+    from .passmanager import Context, DumpIRInstrument, PassManager, TimingInstrument
+    from .pipeline import parse_pipeline, presets
+
+    if args.format != "float":
+        raise GraphOptError(f"--format {args.format} is not implemented yet (it lands with the quantization passes)")
+    if args.preset:
+        pre = presets()
+        if args.preset not in pre:
+            import difflib
+            near = difflib.get_close_matches(args.preset, list(pre), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f"; presets: {', '.join(pre)}"
+            raise GraphOptError(f"unknown preset '{args.preset}'{hint}")
+        text = pre[args.preset][0]
+    else:
+        text = args.pipeline if args.pipeline is not None else presets()["default"][0]
+    pipeline = parse_pipeline(text)  # parse before reading the model: fail fast
+
+    t0 = time.perf_counter()
+    graph = load_model(args.input)
+    ctx = Context(calib=load_calib(args.calib, graph) if args.calib else None)
+    before = (len(graph), graph.num_params(), _size(graph), total_macs(graph))
+    timing = TimingInstrument()
+    instruments = [timing] + ([DumpIRInstrument(args.dump_ir)] if args.dump_ir else [])
+    result = PassManager(pipeline, verify_each=args.verify_each, instruments=instruments).run(graph, ctx)
+    graph = result.graph
+    save_onnx(graph, args.output, external_data=True if args.external_data else None)
+    dt = time.perf_counter() - t0
+    after = (len(graph), graph.num_params(), _size(graph), total_macs(graph))
+
+    print(f"{args.input} -> {args.output}  ({dt:.2f} s)")
+    print(f"pipeline: {pipeline}")
+    for name, runs in result.stats.items():
+        for st in runs:
+            extra = ", ".join(f"{k}={v}" for k, v in st.items() if k not in ("modified", "seconds"))
+            print(f"  {name:<20} {'modified' if st['modified'] else 'unchanged':<9} {extra}")
+    print(f"nodes {before[0]} -> {after[0]}, params {human(before[1])} -> {human(after[1])}, "
+          f"weights {human(before[2], 'B')} -> {human(after[2], 'B')}, MACs {human(before[3])} -> {human(after[3])}")
+    if args.timing:
+        print(timing.report())
+    return 0
+
+
+def cmd_passes(args) -> int:
+    import dataclasses
+
+    from .passmanager import registry
+    from .pipeline import format_value, presets
+
+    for name, cls in registry().items():
+        print(f"{name}\n    {cls.summary()}")
+        hints = cls.option_types()
+        for f in cls.options():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            print(f"    {f.name}: {tp} = {format_value(default)}  -- {f.metadata.get('doc', '')}")
+    print("\npresets:")
+    for name, (text, doc) in presets().items():
+        print(f"  {name:<10} {text}\n  {'':<10} ({doc})")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .analysis import human, layer_table
+
+    graph = load_model(args.model)
+    rows = layer_table(graph)
+    w = max([len(r.name) for r in rows] + [5])
+    w = min(w, 60)
+    print(f"{'layer':<{w}} {'op':<18} {'input':<22} {'output':<22} {'params':>9} {'MACs':>9}")
+    for r in rows:
+        name = r.name if len(r.name) <= w else "…" + r.name[-(w - 1):]
+        print(f"{name:<{w}} {r.op:<18} {r.inputs[:22]:<22} {r.output[:22]:<22} {human(r.params):>9} {human(r.macs):>9}")
+    macs = [r.macs for r in rows]
+    unknown = sum(m is None for m in macs)
+    print(f"total: {len(rows)} nodes, {human(graph.num_params())} params, {human(sum(m or 0 for m in macs))} MACs "
+          f"per sample" + (f" ({unknown} nodes with unknown shapes not counted)" if unknown else ""))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.output, args.pipeline)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

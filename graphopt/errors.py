@@ -1,0 +1,49 @@
+"""Exception types. Every error graphopt raises for bad input is a ``GraphOptError``.
+
+The CLI turns a ``GraphOptError`` into one line on stderr and exit code 1; anything
+else is a bug and is shown with its traceback.
+"""
+
+
+class GraphOptError(Exception):
+    """Base class of every error caused by the user's input or a failed pass."""
+
+
+class GraphError(GraphOptError):
+    """The graph is malformed, or a mutation would make it so."""
+
+
+class FrontendError(GraphOptError):
+    """A model could not be read into the IR (corrupt file, unsupported feature)."""
+
+
+class UnsupportedOpError(GraphOptError):
+    """An op that a component cannot handle; the message names the op and the node."""
+
+
+class PipelineError(GraphOptError):
+    """A pipeline string could not be parsed; ``column`` is 1-based."""
+
+    def __init__(self, message: str, text: str = "", column: int | None = None):
+        self.text = text
+        self.column = column
+        where = f"pipeline error at column {column}: " if column is not None else "pipeline error: "
+        super().__init__(where + message)
+
+
+class PassError(GraphOptError):
+    """A pass failed. Names the pass and the passes that ran before it."""
+
+    def __init__(self, pass_name: str, before: list[str], cause: BaseException):
+        self.pass_name = pass_name
+        self.before = list(before)
+        ran = ", ".join(before) if before else "none"
+        super().__init__(f"pass '{pass_name}' failed (passes run before it: {ran}): {cause}")
+
+
+class PreconditionError(GraphOptError):
+    """A pass's ``requires`` check failed on its input graph."""
+
+
+class PostconditionError(GraphOptError):
+    """A pass's ``ensures`` check failed on its result."""

@@ -1,0 +1,1 @@
+"""Reference networks written in plain torch (no torchvision/timm)."""

@@ -1,0 +1,159 @@
+"""Small self-built networks for the tests (no ../shared needed)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c, expand=4, stride=1):
+        super().__init__()
+        m = c * expand
+        self.pw = nn.Conv2d(c, m, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(m)
+        self.dw = nn.Conv2d(m, m, 3, stride, 1, groups=m, bias=False)
+        self.bn2 = nn.BatchNorm2d(m)
+        self.pwl = nn.Conv2d(m, c, 1)
+        self.act = nn.ReLU6()
+        self.skip = stride == 1
+
+    def forward(self, x):
+        y = self.act(self.bn1(self.pw(x)))
+        y = self.act(self.bn2(self.dw(y)))
+        y = self.pwl(y)
+        return x + y if self.skip else y
+
+
+class MobileNetV2ish(nn.Module):
+    """Depthwise convs, ReLU6, inverted residuals, global pool + linear head."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.act = nn.ReLU6()
+        self.b1 = InvertedResidual(8)
+        self.b2 = InvertedResidual(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.b2(self.b1(self.act(self.stem(x))))
+        return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+class ResNetish(nn.Module):
+    """Residual adds and a strided downsample."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.l1 = BasicBlock(8, 8, 1)
+        self.l2 = BasicBlock(8, 16, 2)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = self.l2(self.l1(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class ConcatNet(nn.Module):
+    """Two branches joined by channel concat; flatten into a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, 1, 1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.c = nn.Conv2d(10, 8, 3, 2, 1)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.sigmoid(self.b(x))], 1)
+        return self.fc(torch.flatten(torch.relu(self.c(y)), 1))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+NETS = {
+    "mobilenetv2": (MobileNetV2ish, (2, 3, 16, 16)),
+    "resnet": (ResNetish, (2, 3, 16, 16)),
+    "concat": (ConcatNet, (2, 3, 8, 8)),
+    "mlp": (MLP, (3, 16)),
+}
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BN layers non-trivial statistics so folding and equivalence tests mean something."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.5)
+    return model
+
+
+def build(name: str, seed: int = 0) -> tuple[nn.Module, np.ndarray]:
+    cls, shape = NETS[name]
+    torch.manual_seed(seed)
+    model = randomize_bn(cls()).eval()
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return model, x
+
+
+def export(model: nn.Module, x: np.ndarray, opset: int = 17, fold: bool = True) -> onnx.ModelProto:
+    """torch -> ONNX with the TorchScript exporter (dynamic batch)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.from_numpy(x),), buf, dynamo=False, opset_version=opset,
+                          do_constant_folding=fold, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def run_ort(model: onnx.ModelProto | str, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """L2 norm of the difference over the L2 norm of the reference ``b``."""
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))

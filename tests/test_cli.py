@@ -1,0 +1,131 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from nets import build, export, rel_err, run_ort
+
+from graphopt import load_onnx
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "graphopt.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    model, x = build("mobilenetv2")
+    proto = export(model, x, fold=False)
+    p = d / "m.onnx"
+    p.write_bytes(proto.SerializeToString())
+    np.save(d / "calib.npy", x)
+    return p, proto, x
+
+
+def test_convert_ok(model_file, tmp_path):
+    p, proto, x = model_file
+    out = tmp_path / "o.onnx"
+    r = cli("convert", p, "-o", out, "--pipeline", "canonicalize", "--verify-each", "--timing")
+    assert r.returncode == 0, r.stderr
+    assert "pipeline: canonicalize" in r.stdout and "nodes" in r.stdout
+    assert rel_err(run_ort(str(out), x), run_ort(proto, x)) <= 1e-5
+    assert len(load_onnx(out)) < len(load_onnx(p))
+
+
+def test_convert_preset_and_calib(model_file, tmp_path):
+    p, proto, x = model_file
+    r = cli("convert", p, "-o", tmp_path / "o.onnx", "--preset", "clean", "--calib", p.parent / "calib.npy")
+    assert r.returncode == 0, r.stderr
+
+
+def _one_line_error(r, pattern):
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr and pattern in lines[0], lines[0]
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "o.onnx"
+    _one_line_error(cli("convert", tmp_path / "nope.onnx", "-o", out), "no such file")
+    assert not out.exists()
+
+
+def test_corrupt_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(os.urandom(2048))
+    out = tmp_path / "o.onnx"
+    _one_line_error(cli("convert", bad, "-o", out), "not a valid ONNX file")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_unknown_pass(model_file, tmp_path):
+    out = tmp_path / "o.onnx"
+    _one_line_error(cli("convert", model_file[0], "-o", out, "--pipeline", "canonicalize,fold-constant"),
+                    "unknown pass 'fold-constant'; did you mean 'fold-constants'")
+    assert not out.exists()
+
+
+def test_bad_option_value(model_file, tmp_path):
+    out = tmp_path / "o.onnx"
+    _one_line_error(cli("convert", model_file[0], "-o", out, "--pipeline", "fold-constants{max_elements=lots}"),
+                    "expects an integer, got 'lots'")
+    assert not out.exists()
+
+
+def test_missing_and_mismatched_calib(model_file, tmp_path):
+    p = model_file[0]
+    _one_line_error(cli("convert", p, "-o", tmp_path / "o.onnx", "--calib", tmp_path / "c.npy"),
+                    "calibration file not found")
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 3, 8, 8), np.float32))
+    _one_line_error(cli("convert", p, "-o", tmp_path / "o.onnx", "--calib", tmp_path / "wrong.npy"),
+                    "has shape [2, 3, 8, 8], but model input 'input' is [batch,3,16,16]")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_unknown_preset_and_unimplemented_format(model_file, tmp_path):
+    _one_line_error(cli("convert", model_file[0], "-o", tmp_path / "o.onnx", "--preset", "defualt"),
+                    "did you mean 'default'")
+    _one_line_error(cli("convert", model_file[0], "-o", tmp_path / "o.onnx", "--format", "qdq"), "not implemented yet")
+
+
+def test_usage_errors_exit_2(tmp_path):
+    r = cli("convert", "x.onnx")  # no -o
+    assert r.returncode == 2 and "usage error" in r.stderr
+    r = cli("frobnicate")
+    assert r.returncode == 2
+    r = cli("convert", "a.onnx", "-o", "b.onnx", "--format", "int3")
+    assert r.returncode == 2
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = cli("--debug", "convert", tmp_path / "nope.onnx", "-o", tmp_path / "o.onnx")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_passes_inspect_version(model_file):
+    r = cli("passes")
+    assert r.returncode == 0
+    for name in ("canonicalize", "fold-constants", "remove-identity", "eliminate-dead", "simplify", "presets:"):
+        assert name in r.stdout
+    assert "max_elements: int = 1048576" in r.stdout
+    r = cli("inspect", model_file[0])
+    assert r.returncode == 0 and "Conv" in r.stdout and "total:" in r.stdout and "MACs" in r.stdout
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("graphopt ")
+
+
+def test_effnet_cli_convert_matches_on_real_images(effnet_path, tmp_path):
+    folder = effnet_path.parents[1] / "data" / "imagenet-sample"
+    files = sorted(folder.glob("*.JPEG"))[:8]
+    if not files:
+        pytest.skip("imagenet-sample not present")
+    from graphopt.data import load_image_batch
+    x = load_image_batch(files, resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    out = tmp_path / "out.onnx"
+    r = cli("convert", effnet_path, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert rel_err(run_ort(str(out), x), run_ort(str(effnet_path), x)) <= 1e-5
