@@ -33,12 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     c = sub.add_parser("convert", help="run a pass pipeline on a model and write ONNX")
-    c.add_argument("input", help="model to read: .onnx")
+    c.add_argument("input", help="model: FILE.onnx, a TorchScript FILE.pt, or MODULE:CALLABLE / FILE.py:CALLABLE")
     c.add_argument("-o", "--output", required=True, help="ONNX file to write (atomically)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--pipeline", help='pass pipeline, e.g. "canonicalize,fold-constants{max_elements=1000}"')
     g.add_argument("--preset", help="named pipeline (see `graphopt passes`); default: 'default'")
-    c.add_argument("--calib", metavar="FILE.npy", help="calibration inputs: float32 array [N, ...] matching the model input")
+    _torch_args(c)
+    c.add_argument("--calib", metavar="FILE.npy|DIR",
+                   help="calibration inputs: a float32 .npy array [N, ...] matching the model input, or an image folder")
+    c.add_argument("--calib-limit", type=int, metavar="N", help="use the first N calibration samples")
+    c.add_argument("--resize", type=int, default=256, help="image folder: resize the short side to this (default 256)")
+    c.add_argument("--crop", type=int, default=224, help="image folder: center crop size (default 224)")
+    c.add_argument("--mean", default="0.485,0.456,0.406", help="image folder: per-channel mean after scaling to [0,1]")
+    c.add_argument("--std", default="0.229,0.224,0.225", help="image folder: per-channel std")
     c.add_argument("--format", choices=FORMATS, default="float", help="output format (default: float)")
     c.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
     c.add_argument("--timing", action="store_true", help="print time per pass")
@@ -48,12 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("passes", help="list passes with their options, and presets")
 
     i = sub.add_parser("inspect", help="per-layer op, shapes, parameters and MACs")
-    i.add_argument("model", help=".onnx file")
+    i.add_argument("model", help="FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
+    _torch_args(i)
 
     d = sub.add_parser("demo", help="run the main job on a built-in network (no files needed)")
     d.add_argument("-o", "--output", default="graphopt-demo.onnx", help="ONNX file to write (default: %(default)s)")
     d.add_argument("--pipeline", default=None, help="pipeline to run (default: the demo's own)")
     return p
+
+
+def _torch_args(p) -> None:
+    p.add_argument("--input-shape", metavar="N,C,H,W", help="example input shape (PyTorch models only)")
+    p.add_argument("--weights", metavar="FILE", help="state dict for MODULE:CALLABLE, loaded with weights_only=True")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    from .util import tune_allocator
+
+    tune_allocator()  # our own process: keep large freed blocks for reuse (see its doc)
     try:
         return {"convert": cmd_convert, "passes": cmd_passes, "inspect": cmd_inspect, "demo": cmd_demo}[args.command](args)
     except BrokenPipeError:  # e.g. `graphopt passes | head`
@@ -84,40 +100,46 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------- helpers
-def load_model(path: str):
+def load_model(path: str, args=None):
+    """An .onnx file, a TorchScript archive, or MODULE:CALLABLE -> Graph."""
     from .onnx_frontend import load_onnx
+    from .torch_io import is_factory_spec, load_torch_model
 
+    input_shape = getattr(args, "input_shape", None)
+    weights = getattr(args, "weights", None)
+    if is_factory_spec(path) or Path(path).suffix.lower() in (".pt", ".pth", ".ts", ".torchscript"):
+        return load_torch_model(path, input_shape, weights)
+    if input_shape or weights:
+        raise GraphOptError("--input-shape/--weights apply to PyTorch models only; an ONNX file declares its inputs")
     suffix = Path(path).suffix.lower()
     if suffix != ".onnx" and Path(path).is_file():
-        raise GraphOptError(f"{path}: unsupported model type '{suffix or '(none)'}'; expected .onnx")
+        raise GraphOptError(f"{path}: unsupported model type '{suffix or '(none)'}'; expected .onnx, .pt or MODULE:CALLABLE")
     return load_onnx(path)
 
 
-def load_calib(path: str, graph):
-    import numpy as np
-
-    p = Path(path)
-    if not p.is_file():
-        raise GraphOptError(f"calibration file not found: {path}")
+def _floats(text: str, what: str) -> tuple[float, ...]:
     try:
-        arr = np.load(p, allow_pickle=False)
-    except Exception as e:
-        raise GraphOptError(f"{path}: not a readable .npy array ({str(e).splitlines()[0]})") from e
-    if not isinstance(arr, np.ndarray):
-        raise GraphOptError(f"{path}: expected one .npy array, got {type(arr).__name__}")
-    if len(graph.inputs) != 1:
-        raise GraphOptError(f"--calib gives one array, but the model has {len(graph.inputs)} inputs")
-    inp = graph.inputs[0]
-    if inp.shape is not None:
-        want = list(inp.shape)
-        bad = len(want) != arr.ndim or any(isinstance(w, int) and w != a for w, a in zip(want[1:], arr.shape[1:]))
-        if bad:
-            from .ir import format_shape
-            raise GraphOptError(f"calibration array {path} has shape {list(arr.shape)}, but model input "
-                                f"'{inp.name}' is {format_shape(inp.shape)}")
-    if arr.dtype != np.float32:
-        arr = arr.astype(np.float32)
-    return arr
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise GraphOptError(f"--{what} must be comma-separated numbers, got '{text}'") from None
+    if len(vals) not in (1, 3):
+        raise GraphOptError(f"--{what} takes 1 or 3 numbers, got {len(vals)}")
+    return vals * 3 if len(vals) == 1 else vals
+
+
+def load_calib(args, graph):
+    """--calib as a CalibrationData, checked against the model input."""
+    from .calibration import CalibrationData
+
+    data = CalibrationData(args.calib, limit=args.calib_limit, resize=args.resize, crop=args.crop,
+                           mean=_floats(args.mean, "mean"), std=_floats(args.std, "std"))
+    if data.sample_shape is not None and len(data) == 0:
+        raise GraphOptError(f"calibration data {args.calib} is empty")
+    try:
+        data.check_against(graph)
+    except GraphOptError as e:
+        raise GraphOptError(f"{args.calib}: {e}") from None
+    return data
 
 
 def _size(graph) -> int:
@@ -146,8 +168,8 @@ def cmd_convert(args) -> int:
     pipeline = parse_pipeline(text)  # parse before reading the model: fail fast
 
     t0 = time.perf_counter()
-    graph = load_model(args.input)
-    ctx = Context(calib=load_calib(args.calib, graph) if args.calib else None)
+    graph = load_model(args.input, args)
+    ctx = Context(calib=load_calib(args, graph) if args.calib else None)
     before = (len(graph), graph.num_params(), _size(graph), total_macs(graph))
     timing = TimingInstrument()
     instruments = [timing] + ([DumpIRInstrument(args.dump_ir)] if args.dump_ir else [])
@@ -192,7 +214,7 @@ def cmd_passes(args) -> int:
 def cmd_inspect(args) -> int:
     from .analysis import human, layer_table
 
-    graph = load_model(args.model)
+    graph = load_model(args.model, args)
     rows = layer_table(graph)
     w = max([len(r.name) for r in rows] + [5])
     w = min(w, 60)

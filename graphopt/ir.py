@@ -581,6 +581,12 @@ class Graph:
             if shape is not None:
                 v.shape = shape
 
+    def update_from(self, module) -> int:
+        """Write trained parameters of a ``to_torch`` module back into this graph's constants."""
+        from .torch_backend import write_back
+
+        return write_back(self, module)
+
     # ------------------------------------------------------------------ copy / dump
     def copy(self) -> Graph:
         """A structural copy. Constant arrays are shared (they are immutable by contract)."""

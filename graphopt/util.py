@@ -29,3 +29,30 @@ def with_gc_paused(fn):
             return fn(*a, **k)
 
     return wrapper
+
+
+def tune_allocator(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Make glibc malloc keep large freed blocks for reuse (Linux/glibc only; else a no-op).
+
+    Batched CPU inference allocates and frees tensors of many MB per layer. With glibc's
+    default dynamic thresholds, some of those blocks go back to the OS and are faulted in
+    again on the next batch. How often depends only on allocation order, so the same ops can
+    run 5-25% slower in one Python form than in another (measured on ResNet-56 at batch 256:
+    the nn.Module, its torch.fx trace and graphopt's torch back end all run at the same speed
+    once this is set, and about 25% faster than the default). This is process-wide and keeps
+    freed memory reserved. graphopt's CLI calls it for its own process; a library user opts in.
+    Returns True if the setting was applied.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))

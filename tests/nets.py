@@ -106,11 +106,75 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class SplitNet(nn.Module):
+    """Split into unequal chunks, process each, concat back."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, 1, 1)
+        self.a = nn.Conv2d(4, 4, 3, 1, 1, groups=2)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(12, 6, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        p, q = torch.split(y, [4, 8], dim=1)
+        return self.head(torch.cat([self.a(p), torch.relu(self.b(q))], dim=1))
+
+
+class SEBlock(nn.Module):
+    """Squeeze-excitation: a [N,C,1,1] gate multiplied onto [N,C,H,W] (broadcast mul)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, 1, 1)
+        self.bn = nn.BatchNorm2d(c)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(c, 4, 1)
+        self.fc2 = nn.Conv2d(4, c, 1)
+        self.out = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        y = torch.nn.functional.silu(self.bn(self.conv(x)))
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(self.pool(y)))))
+        return self.out(y * gate)
+
+
+class TinyTransformer(nn.Module):
+    """One pre-norm transformer block: LayerNorm, attention (MatMul, Softmax), GELU MLP."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x):  # x: [N, T, d]
+        n, t, d = x.shape
+        h = self.heads
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        q = q.reshape(n, t, h, d // h).transpose(1, 2)
+        k = k.reshape(n, t, h, d // h).transpose(1, 2)
+        v = v.reshape(n, t, h, d // h).transpose(1, 2)
+        att = torch.softmax(q @ k.transpose(-2, -1) * (1.0 / (d // h) ** 0.5), dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(n, t, d)
+        x = x + self.proj(y)
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
 NETS = {
     "mobilenetv2": (MobileNetV2ish, (2, 3, 16, 16)),
     "resnet": (ResNetish, (2, 3, 16, 16)),
     "concat": (ConcatNet, (2, 3, 8, 8)),
     "mlp": (MLP, (3, 16)),
+    "split": (SplitNet, (2, 3, 8, 8)),
+    "se": (SEBlock, (2, 3, 8, 8)),
+    "transformer": (TinyTransformer, (2, 5, 16)),
 }
 
 

@@ -82,7 +82,7 @@ def test_missing_and_mismatched_calib(model_file, tmp_path):
                     "calibration file not found")
     np.save(tmp_path / "wrong.npy", np.zeros((2, 3, 8, 8), np.float32))
     _one_line_error(cli("convert", p, "-o", tmp_path / "o.onnx", "--calib", tmp_path / "wrong.npy"),
-                    "has shape [2, 3, 8, 8], but model input 'input' is [batch,3,16,16]")
+                    "calibration samples have shape [3, 8, 8] (batch excluded), but model input 'input' is [batch,3,16,16]")
     assert not (tmp_path / "o.onnx").exists()
 
 
@@ -129,3 +129,63 @@ def test_effnet_cli_convert_matches_on_real_images(effnet_path, tmp_path):
     r = cli("convert", effnet_path, "-o", out)
     assert r.returncode == 0, r.stderr
     assert rel_err(run_ort(str(out), x), run_ort(str(effnet_path), x)) <= 1e-5
+
+
+FACTORY = '''
+import torch
+from torch import nn
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+def not_a_module():
+    return 3
+'''
+
+
+def test_convert_torch_factory_with_weights(tmp_path):
+    import torch
+
+    (tmp_path / "mymodel.py").write_text(FACTORY)
+    ns: dict = {}
+    exec(FACTORY, ns)
+    model = ns["make"]()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "o.onnx"
+    r = cli("convert", f"{tmp_path / 'mymodel.py'}:make", "--input-shape", "1,3,8,8", "--weights", tmp_path / "w.pt",
+            "-o", out)
+    assert r.returncode == 0, r.stderr
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(x)).numpy()
+    assert rel_err(run_ort(str(out), x), ref) <= 1e-5
+    # errors
+    _one_line_error(cli("convert", f"{tmp_path / 'mymodel.py'}:make", "-o", out), "--input-shape is required")
+    _one_line_error(cli("convert", f"{tmp_path / 'mymodel.py'}:not_a_module", "--input-shape", "1,3,8,8", "-o", out),
+                    "not an nn.Module")
+    _one_line_error(cli("convert", f"{tmp_path / 'mymodel.py'}:nope", "--input-shape", "1,3,8,8", "-o", out),
+                    "has no callable 'nope'")
+    _one_line_error(cli("convert", f"{tmp_path / 'mymodel.py'}:make", "--input-shape", "1,5,8,8", "-o", out),
+                    "rejects example input")
+
+
+def test_convert_torchscript_and_refuse_pickled_module(tmp_path):
+    import torch
+
+    model, x = build("resnet")
+    torch.jit.save(torch.jit.trace(model, torch.from_numpy(x)), tmp_path / "m.pt")
+    out = tmp_path / "o.onnx"
+    r = cli("convert", tmp_path / "m.pt", "--input-shape", "2,3,16,16", "-o", out)
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert rel_err(run_ort(str(out), x), ref) <= 1e-5
+    torch.save(model, tmp_path / "pickled.pt")  # a whole pickled module: must not be unpickled
+    _one_line_error(cli("convert", tmp_path / "pickled.pt", "--input-shape", "2,3,16,16", "-o", tmp_path / "p.onnx"),
+                    "not a TorchScript archive")
+    assert not (tmp_path / "p.onnx").exists()

@@ -1,0 +1,227 @@
+"""Calibration runner: feed data through the torch back end and observe intermediate values.
+
+Data sources (``CalibrationData``):
+* a numpy array or torch tensor ``[N, ...]``;
+* a ``.npy`` file (memory-mapped, read a batch at a time);
+* an image folder, preprocessed as documented in ``graphopt.data`` (resize short side,
+  center crop, scale to [0, 1], normalize with mean/std), decoded a batch at a time;
+* any iterable of arrays/tensors (each item is one batch).
+
+Observers see each batch of a value and keep *streaming* statistics, so memory is bounded
+by the statistics, never by the data. ``Collect`` is the one exception: it keeps tensors, and
+is meant for small probes and tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .data import list_images, load_image_batch
+from .errors import GraphOptError
+from .ir import Graph, format_shape
+
+
+class CalibrationData:
+    """A re-iterable source of float32 input batches."""
+
+    def __init__(self, source: Any, batch_size: int = 32, limit: int | None = None, resize: int = 256,
+                 crop: int = 224, mean: Sequence[float] = (0.485, 0.456, 0.406),
+                 std: Sequence[float] = (0.229, 0.224, 0.225)):
+        self.batch_size = batch_size
+        self.pre = dict(resize=resize, crop=crop, mean=tuple(mean), std=tuple(std))
+        self._files: list[Path] | None = None
+        self._array: np.ndarray | None = None
+        self._iterable: Iterable | None = None
+        if isinstance(source, CalibrationData):
+            self.__dict__.update(source.__dict__)
+        elif isinstance(source, torch.Tensor):
+            self._array = source.detach().cpu().numpy()
+        elif isinstance(source, np.ndarray):
+            self._array = source
+        elif isinstance(source, (str, os.PathLike)):
+            p = Path(source)
+            if p.is_dir():
+                self._files = list_images(p)
+            elif p.suffix == ".npy":
+                if not p.is_file():
+                    raise GraphOptError(f"calibration file not found: {p}")
+                try:
+                    self._array = np.load(p, mmap_mode="r", allow_pickle=False)
+                except Exception as e:
+                    raise GraphOptError(f"{p}: not a readable .npy array ({str(e).splitlines()[0]})") from e
+            elif not p.exists():
+                raise GraphOptError(f"calibration data not found: {p}")
+            else:
+                raise GraphOptError(f"calibration data must be a .npy file or an image folder, got {p}")
+        elif isinstance(source, Iterable):
+            self._iterable = source
+        else:
+            raise GraphOptError(f"unsupported calibration data of type {type(source).__name__}")
+        if limit is not None:
+            if self._array is not None:
+                self._array = self._array[:limit]
+            if self._files is not None:
+                self._files = self._files[:limit]
+
+    def __len__(self) -> int:
+        if self._array is not None:
+            return len(self._array)
+        if self._files is not None:
+            return len(self._files)
+        raise TypeError("an iterable calibration source has no length")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...] | None:
+        if self._array is not None:
+            return tuple(self._array.shape[1:])
+        if self._files is not None:
+            return (3, self.pre["crop"], self.pre["crop"])
+        return None
+
+    def num_batches(self) -> int | None:
+        try:
+            return -(-len(self) // self.batch_size)
+        except TypeError:
+            return None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self._array is not None:
+            for i in range(0, len(self._array), self.batch_size):
+                yield np.ascontiguousarray(self._array[i:i + self.batch_size], dtype=np.float32)
+        elif self._files is not None:
+            for i in range(0, len(self._files), self.batch_size):
+                yield load_image_batch(self._files[i:i + self.batch_size], **self.pre)
+        else:
+            for b in self._iterable:
+                yield b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, np.float32)
+
+    def check_against(self, graph: Graph) -> None:
+        """Raise a clear error if the samples do not fit the graph's (single) input."""
+        if len(graph.inputs) != 1:
+            raise GraphOptError(f"calibration feeds one input, but the model has {len(graph.inputs)}")
+        shape = self.sample_shape
+        inp = graph.inputs[0]
+        if shape is None or inp.shape is None:
+            return
+        want = list(inp.shape)[1:]
+        if len(want) != len(shape) or any(isinstance(w, int) and w != s for w, s in zip(want, shape)):
+            raise GraphOptError(f"calibration samples have shape {list(shape)} (batch excluded), but model input "
+                                f"'{inp.name}' is {format_shape(inp.shape)}")
+
+
+# --------------------------------------------------------------------------- observers
+def _channels_first(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """[C, rest] view of x for per-channel statistics (or [1, all] for per-tensor)."""
+    if axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+class Observer:
+    """Streaming statistic of one value. ``axis`` None = per tensor, else per channel."""
+
+    def update(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def result(self) -> Any:
+        raise NotImplementedError
+
+
+class MinMax(Observer):
+    def __init__(self, axis: int | None = None):
+        self.axis = axis
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+
+    def update(self, x):
+        v = _channels_first(x.detach().float(), self.axis)
+        lo, hi = v.amin(1), v.amax(1)
+        self.min = lo if self.min is None else torch.minimum(self.min, lo)
+        self.max = hi if self.max is None else torch.maximum(self.max, hi)
+
+    def result(self):
+        return {"min": self.min.numpy(), "max": self.max.numpy()}
+
+
+class Moments(Observer):
+    """Count, mean and variance per channel (float64 sums: exact enough for any N here)."""
+
+    def __init__(self, axis: int | None = 1):
+        self.axis = axis
+        self.n = 0
+        self.s: torch.Tensor | None = None
+        self.s2: torch.Tensor | None = None
+
+    def update(self, x):
+        v = _channels_first(x.detach().double(), self.axis)
+        s, s2 = v.sum(1), (v * v).sum(1)
+        self.s = s if self.s is None else self.s + s
+        self.s2 = s2 if self.s2 is None else self.s2 + s2
+        self.n += v.shape[1]
+
+    def result(self):
+        mean = self.s / self.n
+        var = (self.s2 / self.n - mean * mean).clamp_min(0)
+        return {"count": self.n, "mean": mean.numpy(), "var": var.numpy()}
+
+
+class Collect(Observer):
+    """Keeps the tensors themselves (up to ``max_items`` samples along dim 0)."""
+
+    def __init__(self, max_items: int | None = None):
+        self.max_items = max_items
+        self.parts: list[torch.Tensor] = []
+        self.count = 0
+
+    def update(self, x):
+        if self.max_items is not None and self.count >= self.max_items:
+            return
+        x = x.detach()
+        if self.max_items is not None:
+            x = x[: self.max_items - self.count]
+        self.parts.append(x.clone())
+        self.count += x.shape[0]
+
+    def result(self):
+        return torch.cat(self.parts).numpy() if self.parts else None
+
+
+# --------------------------------------------------------------------------- runner
+def observe(graph: Graph, data: Any, observers: dict[str, Observer | Sequence[Observer]], *,
+            batch_size: int = 32, progress: bool = False, desc: str = "calibrating") -> dict[str, Any]:
+    """Run ``data`` through ``graph`` (torch back end, no grad) and feed each named value's
+    batches to its observers. Returns ``{name: result}`` (a list where a list was given)."""
+    from .torch_backend import to_torch
+
+    data = data if isinstance(data, CalibrationData) else CalibrationData(data, batch_size=batch_size)
+    data.check_against(graph)
+    names = list(observers)
+    module = to_torch(graph, outputs=names).eval()
+    obs = {k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in observers.items()}
+    it: Iterable = data
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(data, total=data.num_batches(), desc=desc, leave=False)
+    with torch.no_grad():
+        for batch in it:
+            outs = module(torch.from_numpy(np.ascontiguousarray(batch)))
+            for name, t in zip(names, outs):
+                for o in obs[name]:
+                    o.update(t)
+    out: dict[str, Any] = {}
+    for k, v in observers.items():
+        results = [o.result() for o in obs[k]]
+        out[k] = results if isinstance(v, (list, tuple)) else results[0]
+    return out
+
+
+def collect(graph: Graph, data: Any, names: Sequence[str], *, batch_size: int = 32,
+            max_items: int | None = None) -> dict[str, np.ndarray]:
+    """The values ``names`` for every sample (or the first ``max_items``), as arrays."""
+    return observe(graph, data, {n: Collect(max_items) for n in names}, batch_size=batch_size)

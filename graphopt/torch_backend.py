@@ -1,0 +1,730 @@
+"""torch back end: ``Graph`` -> ``nn.Module`` that executes it with ONNX semantics.
+
+The graph is lowered to a ``torch.fx.GraphModule``: one generated Python ``forward`` that
+calls torch ops directly, so execution pays no per-node interpretation cost.
+
+* Every floating-point constant of rank >= 1 (weights, biases) is an ``nn.Parameter``, so a
+  graph born from an ONNX file can be fine-tuned; other constants are buffers, or plain
+  Python values where an op needs them static (shapes, axes, pads, clip bounds).
+* ``write_back(graph, module)`` copies trained parameters into the graph's constants.
+* BatchNormalization always uses its stored statistics (ONNX inference semantics) and
+  Dropout is the identity, in ``train()`` as in ``eval()``: fine-tuning an exported graph
+  trains the weights, not BN statistics. Fold BN first (``fold-bn``) if it should train.
+* An op with no lowering raises ``UnsupportedOpError`` naming the op and the node.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GraphOptError, UnsupportedOpError
+from .ir import Graph, Node, Value, is_param
+
+_LOWERINGS: dict[tuple[str, str], Callable[["_Builder", Node], list]] = {}
+_INT64_MAX = 2 ** 63 - 1
+
+
+def lowering(*op_types: str, domain: str = ""):
+    def deco(fn):
+        for op in op_types:
+            _LOWERINGS[(domain, op)] = fn
+        return fn
+
+    return deco
+
+
+def supported_ops() -> list[str]:
+    return sorted(f"{d}::{o}" if d else o for d, o in _LOWERINGS)
+
+
+# --------------------------------------------------------------------------- runtime helpers
+# (module-level functions: fx's generated code calls them by name)
+
+def _as_list(v):
+    """A static list, or a tensor computed at run time (shape plumbing) -> list of ints."""
+    if isinstance(v, torch.Tensor):
+        return [int(i) for i in v.reshape(-1).tolist()]
+    return v
+
+
+def onnx_conv(x, w, b, stride, pads, dilation, groups):
+    nd = w.dim() - 2
+    begin, end = pads[:nd], pads[nd:]
+    if begin != end:
+        x = F.pad(x, [p for i in reversed(range(nd)) for p in (begin[i], end[i])])
+        begin = [0] * nd
+    fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    return fn(x, w, b, stride, begin, dilation, groups)
+
+
+def onnx_conv_transpose(x, w, b, stride, pads, output_padding, dilation, groups):
+    nd = w.dim() - 2
+    begin, end = pads[:nd], pads[nd:]
+    if begin != end:
+        raise GraphOptError("ConvTranspose with asymmetric pads is not supported by the torch back end")
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    return fn(x, w, b, stride, begin, output_padding, groups, dilation)
+
+
+def onnx_gemm(a, b, c, alpha, beta, trans_a, trans_b):
+    if trans_a:
+        a = a.transpose(0, 1)
+    if trans_b and alpha == 1.0 and beta == 1.0:
+        return F.linear(a, b, c)
+    if trans_b:
+        b = b.transpose(0, 1)
+    y = a @ b
+    if alpha != 1.0:
+        y = y * alpha
+    if c is not None:
+        y = y + (c * beta if beta != 1.0 else c)
+    return y
+
+
+def onnx_reshape(x, shape, allowzero):
+    if not allowzero:
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def onnx_reshape_dynamic(x, shape_tensor, allowzero):
+    return onnx_reshape(x, [int(s) for s in shape_tensor.tolist()], allowzero)
+
+
+def onnx_flatten(x, axis):
+    if axis < 0:
+        axis += x.dim()
+    lead = 1
+    for d in x.shape[:axis]:
+        lead *= d
+    return x.reshape(lead, -1)
+
+
+def onnx_slice(x, starts, ends, axes, steps):
+    starts, ends, steps = _as_list(starts), _as_list(ends), _as_list(steps)
+    axes = [a + x.dim() if a < 0 else a for a in (_as_list(axes) if axes is not None else range(len(starts)))]
+    if steps is None:
+        steps = [1] * len(starts)
+    idx: list[Any] = [slice(None)] * x.dim()
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        if st < 0:
+            raise GraphOptError("Slice with a negative step is not supported by the torch back end")
+        idx[a] = slice(s, None if e >= _INT64_MAX // 2 else e, st)
+    return x[tuple(idx)]
+
+
+def onnx_pool(x, kind, kernel, stride, pads, dilation, ceil_mode, count_include_pad):
+    nd = len(kernel)
+    begin, end = pads[:nd], pads[nd:]
+    if begin != end or any(2 * p > k for p, k in zip(begin, kernel)):
+        fill = -math.inf if kind == "max" else 0.0
+        x = F.pad(x, [p for i in reversed(range(nd)) for p in (begin[i], end[i])], value=fill)
+        begin = [0] * nd
+    if kind == "max":
+        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
+        return fn(x, kernel, stride, begin, dilation, ceil_mode)
+    fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
+    return fn(x, kernel, stride, begin, ceil_mode, bool(count_include_pad))
+
+
+def onnx_global_avg(x):
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def onnx_global_max(x):
+    return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def onnx_reduce(x, kind, axes, keepdims):
+    axes = _as_list(axes)
+    if axes is None or len(axes) == 0:
+        axes = tuple(range(x.dim()))
+    fn = {"mean": torch.mean, "sum": torch.sum}[kind]
+    return fn(x, dim=tuple(axes), keepdim=bool(keepdims))
+
+
+def onnx_reduce_minmax(x, kind, axes, keepdims):
+    axes = _as_list(axes)
+    if axes is None or len(axes) == 0:
+        axes = tuple(range(x.dim()))
+    return (torch.amax if kind == "max" else torch.amin)(x, dim=tuple(axes), keepdim=bool(keepdims))
+
+
+def onnx_layer_norm(x, scale, bias, axis, eps):
+    if axis < 0:
+        axis += x.dim()
+    return F.layer_norm(x, tuple(x.shape[axis:]), scale, bias, eps)
+
+
+def onnx_batch_norm(x, scale, bias, mean, var, eps):
+    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
+
+
+def onnx_prelu(x, slope):
+    return torch.where(x >= 0, x, x * slope)
+
+
+def onnx_hardsigmoid(x, alpha, beta):
+    return torch.clamp(x * alpha + beta, 0.0, 1.0)
+
+
+def onnx_pad(x, pads, value):
+    pads = _as_list(pads)
+    nd = len(pads) // 2
+    torch_pads = [p for i in reversed(range(nd)) for p in (pads[i], pads[nd + i])]
+    return F.pad(x, torch_pads, value=value)
+
+
+def onnx_split(x, sizes, axis):
+    return tuple(torch.split(x, _as_list(sizes), axis))
+
+
+def onnx_split_equal(x, n, axis):
+    size = x.shape[axis]
+    step = -(-size // n)
+    return tuple(torch.split(x, step, axis))
+
+
+def onnx_shape(x, start, end):
+    return torch.tensor(x.shape[start:end], dtype=torch.int64)
+
+
+def onnx_expand(x, shape):
+    return torch.broadcast_to(x, torch.broadcast_shapes(x.shape, tuple(int(s) for s in shape)))
+
+
+def onnx_gather(x, idx, axis):
+    if idx.dim() == 0:
+        return x.select(axis, int(idx))
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)  # ONNX allows negative indices
+    return torch.index_select(x, axis, idx.reshape(-1)).reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
+
+
+def onnx_clip(x, lo, hi):
+    return torch.clamp(x, lo, hi)
+
+
+def onnx_leaky_relu(x, alpha):
+    return F.leaky_relu(x, alpha)
+
+
+def onnx_gelu(x, approximate):
+    return F.gelu(x, approximate=approximate)
+
+
+def onnx_softmax(x, axis):
+    return torch.softmax(x, axis)
+
+
+def onnx_log_softmax(x, axis):
+    return torch.log_softmax(x, axis)
+
+
+def onnx_transpose(x, perm):
+    if perm is None:
+        perm = list(reversed(range(x.dim())))
+    return x.permute(perm)
+
+
+def onnx_squeeze(x, axes):
+    if axes is None:
+        return x.squeeze()
+    return x.squeeze(tuple(_as_list(axes)))
+
+
+def onnx_unsqueeze(x, axes):
+    axes = _as_list(axes)
+    out_rank = x.dim() + len(axes)
+    for a in sorted(a + out_rank if a < 0 else a for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+def onnx_concat(axis, *xs):
+    return torch.cat(xs, axis)
+
+
+def onnx_cast(x, dtype):
+    return x.to(dtype)
+
+
+def onnx_const_of_shape(shape, value):
+    return torch.full(tuple(int(s) for s in shape), value.item(), dtype=value.dtype)
+
+
+def onnx_div(a, b):
+    """ONNX Div: integer tensors divide with truncation (torch's / would promote to float)."""
+    if not a.is_floating_point() and not b.is_floating_point():
+        return torch.div(a, b, rounding_mode="trunc")
+    return a / b
+
+
+def onnx_where(c, a, b):
+    return torch.where(c.bool(), a, b)
+
+
+def onnx_min(*xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = torch.minimum(out, x)
+    return out
+
+
+def onnx_max(*xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = torch.maximum(out, x)
+    return out
+
+
+def onnx_sum(*xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out
+
+
+# --------------------------------------------------------------------------- builder
+_TORCH_DTYPE = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
+                9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
+
+
+def _attr_name(name: str, taken: set[str]) -> str:
+    base = re.sub(r"\W", "_", name).strip("_") or "c"
+    if base[0].isdigit():
+        base = "c_" + base
+    cand, i = base, 0
+    while cand in taken:
+        i += 1
+        cand = f"{base}_{i}"
+    taken.add(cand)
+    return cand
+
+
+class _Builder:
+    def __init__(self, graph: Graph, root: nn.Module, outputs: list[Value]):
+        self.graph = graph
+        self.root = root
+        self.fx = torch.fx.Graph()
+        self.env: dict[Value, torch.fx.Node] = {}
+        self.taken: set[str] = set()
+        self.param_names: dict[str, str] = {}  # IR value name -> module attribute
+        self.outputs = outputs
+
+    # inputs --------------------------------------------------------------
+    def value(self, v: Value | None):
+        if v is None:
+            return None
+        if v in self.env:
+            return self.env[v]
+        arr = self.graph.const_value(v)
+        if arr is None:
+            raise GraphOptError(f"value '{v.name}' is used before it is defined")
+        attr = _attr_name(v.name, self.taken)
+        t = torch.from_numpy(np.array(arr, copy=True))
+        if v.const is not None and is_param(np.asarray(arr)):
+            self.root.register_parameter(attr, nn.Parameter(t))
+            self.param_names[v.name] = attr
+        else:
+            self.root.register_buffer(attr, t)
+        node = self.fx.get_attr(attr)
+        self.env[v] = node
+        return node
+
+    def inp(self, n: Node, i: int):
+        return self.value(n.inputs[i]) if i < len(n.inputs) else None
+
+    def static(self, n: Node, i: int, default: Any = None) -> Any:
+        """Input ``i`` as a static Python value (list/scalar); it must be constant."""
+        if i >= len(n.inputs) or n.inputs[i] is None:
+            return default
+        arr = self.graph.const_value(n.inputs[i])
+        if arr is None:
+            return _Dynamic
+        arr = np.asarray(arr)
+        return arr.tolist()
+
+    def call(self, fn, *args, **kwargs):
+        return self.fx.call_function(fn, tuple(args), kwargs)
+
+
+def _static_or_runtime(b: "_Builder", n: Node, i: int, default: Any = None):
+    """Input ``i`` as a static Python value when constant, else the fx node computing it."""
+    v = b.static(n, i, default)
+    return b.inp(n, i) if v is _Dynamic else v
+
+
+class _Dynamic:
+    """Marker: an input that lowering needs static is computed at run time."""
+
+
+def _need_static(b: _Builder, n: Node, i: int, what: str, default: Any = None):
+    v = b.static(n, i, default)
+    if v is _Dynamic:
+        raise UnsupportedOpError(f"torch back end: input {i} ({what}) of {n.op_type} node '{n.name}' "
+                                 f"(from '{n.source}') must be a constant")
+    return v
+
+
+# --------------------------------------------------------------------------- lowerings
+@lowering("Conv")
+def _conv(b, n):
+    w_shape = n.inputs[1].shape
+    nd = len(w_shape) - 2 if w_shape else len(n.attr("kernel_shape", [1, 1]))
+    if n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise UnsupportedOpError(f"torch back end: Conv auto_pad={n.attr('auto_pad')} (node '{n.name}')")
+    pads = list(n.attr("pads", [0] * (2 * nd)))
+    return [b.call(onnx_conv, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), list(n.attr("strides", [1] * nd)), pads,
+                   list(n.attr("dilations", [1] * nd)), n.attr("group", 1))]
+
+
+@lowering("ConvTranspose")
+def _conv_t(b, n):
+    nd = len(n.inputs[1].shape) - 2
+    if "output_shape" in n.attrs:
+        raise UnsupportedOpError(f"torch back end: ConvTranspose output_shape (node '{n.name}')")
+    return [b.call(onnx_conv_transpose, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), list(n.attr("strides", [1] * nd)),
+                   list(n.attr("pads", [0] * (2 * nd))), list(n.attr("output_padding", [0] * nd)),
+                   list(n.attr("dilations", [1] * nd)), n.attr("group", 1))]
+
+
+@lowering("Gemm")
+def _gemm(b, n):
+    return [b.call(onnx_gemm, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), float(n.attr("alpha", 1.0)),
+                   float(n.attr("beta", 1.0)), n.attr("transA", 0), n.attr("transB", 0))]
+
+
+@lowering("MatMul")
+def _matmul(b, n):
+    return [b.call(torch.matmul, b.inp(n, 0), b.inp(n, 1))]
+
+
+@lowering("BatchNormalization")
+def _bn(b, n):
+    if n.attr("training_mode", 0):
+        raise UnsupportedOpError(f"torch back end: BatchNormalization training_mode=1 (node '{n.name}')")
+    return [b.call(onnx_batch_norm, *(b.inp(n, i) for i in range(5)), float(n.attr("epsilon", 1e-5)))]
+
+
+_UNARY = {"Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf, "Exp": torch.exp,
+          "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs, "Reciprocal": torch.reciprocal,
+          "Floor": torch.floor, "Ceil": torch.ceil, "Sign": torch.sign, "HardSwish": F.hardswish,
+          "Softplus": F.softplus, "Not": torch.logical_not, "Sin": torch.sin, "Cos": torch.cos}
+_BINARY = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": onnx_div, "Pow": torch.pow,
+           "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "LessOrEqual": torch.le,
+           "GreaterOrEqual": torch.ge, "And": torch.logical_and, "Or": torch.logical_or}
+
+
+def _unary(b, n):
+    return [b.call(_UNARY[n.op_type], b.inp(n, 0))]
+
+
+def _binary(b, n):
+    return [b.call(_BINARY[n.op_type], b.inp(n, 0), b.inp(n, 1))]
+
+
+for _op in _UNARY:
+    _LOWERINGS[("", _op)] = _unary
+for _op in _BINARY:
+    _LOWERINGS[("", _op)] = _binary
+
+
+@lowering("Identity", "Dropout")
+def _identity(b, n):
+    outs = [b.inp(n, 0)]
+    if len(n.outputs) > 1:  # Dropout mask: all true in inference
+        outs.append(b.call(torch.ones_like, outs[0], dtype=torch.bool))
+    return outs
+
+
+@lowering("Clip")
+def _clip(b, n):
+    lo, hi = b.static(n, 1), b.static(n, 2)
+    lo = b.inp(n, 1) if lo is _Dynamic else lo
+    hi = b.inp(n, 2) if hi is _Dynamic else hi
+    return [b.call(onnx_clip, b.inp(n, 0), lo, hi)]
+
+
+@lowering("LeakyRelu")
+def _leaky(b, n):
+    return [b.call(onnx_leaky_relu, b.inp(n, 0), float(n.attr("alpha", 0.01)))]
+
+
+@lowering("PRelu")
+def _prelu(b, n):
+    return [b.call(onnx_prelu, b.inp(n, 0), b.inp(n, 1))]
+
+
+@lowering("HardSigmoid")
+def _hsig(b, n):
+    return [b.call(onnx_hardsigmoid, b.inp(n, 0), float(n.attr("alpha", 0.2)), float(n.attr("beta", 0.5)))]
+
+
+@lowering("Gelu")
+def _gelu(b, n):
+    return [b.call(onnx_gelu, b.inp(n, 0), n.attr("approximate", "none"))]
+
+
+@lowering("Softmax")
+def _softmax(b, n):
+    return [b.call(onnx_softmax, b.inp(n, 0), n.attr("axis", -1))]
+
+
+@lowering("LogSoftmax")
+def _log_softmax(b, n):
+    return [b.call(onnx_log_softmax, b.inp(n, 0), n.attr("axis", -1))]
+
+
+@lowering("Reshape")
+def _reshape(b, n):
+    shape = b.static(n, 1)
+    if shape is _Dynamic:
+        return [b.call(onnx_reshape_dynamic, b.inp(n, 0), b.inp(n, 1), n.attr("allowzero", 0))]
+    return [b.call(onnx_reshape, b.inp(n, 0), shape, n.attr("allowzero", 0))]
+
+
+@lowering("Flatten")
+def _flatten(b, n):
+    return [b.call(onnx_flatten, b.inp(n, 0), n.attr("axis", 1))]
+
+
+@lowering("Transpose")
+def _transpose(b, n):
+    return [b.call(onnx_transpose, b.inp(n, 0), n.attr("perm"))]
+
+
+@lowering("Squeeze")
+def _squeeze(b, n):
+    axes = n.attr("axes") if "axes" in n.attrs else _static_or_runtime(b, n, 1)
+    return [b.call(onnx_squeeze, b.inp(n, 0), axes)]
+
+
+@lowering("Unsqueeze")
+def _unsqueeze(b, n):
+    axes = n.attr("axes") if "axes" in n.attrs else _static_or_runtime(b, n, 1)
+    return [b.call(onnx_unsqueeze, b.inp(n, 0), axes)]
+
+
+@lowering("Concat")
+def _concat(b, n):
+    return [b.call(onnx_concat, n.attr("axis"), *(b.inp(n, i) for i in range(len(n.inputs))))]
+
+
+@lowering("Split")
+def _split(b, n):
+    axis = n.attr("axis", 0)
+    sizes = n.attr("split") if "split" in n.attrs else _static_or_runtime(b, n, 1)
+    if sizes is None:
+        res = b.call(onnx_split_equal, b.inp(n, 0), n.attr("num_outputs", len(n.outputs)), axis)
+    else:
+        res = b.call(onnx_split, b.inp(n, 0), sizes, axis)
+    return [b.call(operator.getitem, res, i) for i in range(len(n.outputs))]
+
+
+@lowering("Slice")
+def _slice(b, n):
+    return [b.call(onnx_slice, b.inp(n, 0), *(_static_or_runtime(b, n, i) for i in (1, 2, 3, 4)))]
+
+
+@lowering("Pad")
+def _pad(b, n):
+    if n.attr("mode", "constant") != "constant":
+        raise UnsupportedOpError(f"torch back end: Pad mode={n.attr('mode')} (node '{n.name}')")
+    pads = _static_or_runtime(b, n, 1)
+    value = _need_static(b, n, 2, "constant_value", 0.0)
+    if len(n.inputs) > 3 and n.inputs[3] is not None:
+        raise UnsupportedOpError(f"torch back end: Pad with axes (node '{n.name}')")
+    return [b.call(onnx_pad, b.inp(n, 0), pads, float(value if not isinstance(value, list) else value[0]))]
+
+
+def _axes_of(b, n):
+    if "axes" in n.attrs:
+        return n.attrs["axes"]
+    axes = _static_or_runtime(b, n, 1)
+    if (axes is None or axes == []) and n.attr("noop_with_empty_axes", 0):
+        raise UnsupportedOpError(f"torch back end: reduction with noop_with_empty_axes (node '{n.name}')")
+    return axes
+
+
+@lowering("ReduceMean", "ReduceSum")
+def _reduce(b, n):
+    kind = "mean" if n.op_type == "ReduceMean" else "sum"
+    return [b.call(onnx_reduce, b.inp(n, 0), kind, _axes_of(b, n), n.attr("keepdims", 1))]
+
+
+@lowering("ReduceMax", "ReduceMin")
+def _reduce_mm(b, n):
+    kind = "max" if n.op_type == "ReduceMax" else "min"
+    return [b.call(onnx_reduce_minmax, b.inp(n, 0), kind, _axes_of(b, n), n.attr("keepdims", 1))]
+
+
+@lowering("GlobalAveragePool")
+def _gap(b, n):
+    return [b.call(onnx_global_avg, b.inp(n, 0))]
+
+
+@lowering("GlobalMaxPool")
+def _gmp(b, n):
+    return [b.call(onnx_global_max, b.inp(n, 0))]
+
+
+@lowering("MaxPool", "AveragePool")
+def _pool(b, n):
+    if len(n.outputs) > 1:
+        raise UnsupportedOpError(f"torch back end: MaxPool with indices output (node '{n.name}')")
+    if n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise UnsupportedOpError(f"torch back end: {n.op_type} auto_pad={n.attr('auto_pad')} (node '{n.name}')")
+    k = list(n.attr("kernel_shape"))
+    nd = len(k)
+    kind = "max" if n.op_type == "MaxPool" else "avg"
+    return [b.call(onnx_pool, b.inp(n, 0), kind, k, list(n.attr("strides", [1] * nd)),
+                   list(n.attr("pads", [0] * 2 * nd)), list(n.attr("dilations", [1] * nd)),
+                   bool(n.attr("ceil_mode", 0)), n.attr("count_include_pad", 0))]
+
+
+@lowering("LayerNormalization")
+def _ln(b, n):
+    if len(n.outputs) > 1 and any(o.uses for o in n.outputs[1:]):
+        raise UnsupportedOpError(f"torch back end: LayerNormalization mean/inv_std outputs (node '{n.name}')")
+    return [b.call(onnx_layer_norm, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), n.attr("axis", -1),
+                   float(n.attr("epsilon", 1e-5)))] + [None] * (len(n.outputs) - 1)
+
+
+@lowering("Shape")
+def _shape(b, n):
+    return [b.call(onnx_shape, b.inp(n, 0), n.attr("start", 0), n.attr("end", None))]
+
+
+@lowering("Gather")
+def _gather(b, n):
+    return [b.call(onnx_gather, b.inp(n, 0), b.inp(n, 1), n.attr("axis", 0))]
+
+
+@lowering("Expand")
+def _expand(b, n):
+    shape = b.static(n, 1)
+    if shape is _Dynamic:
+        return [b.call(onnx_expand, b.inp(n, 0), b.inp(n, 1))]
+    return [b.call(onnx_expand, b.inp(n, 0), shape)]
+
+
+@lowering("Cast")
+def _cast(b, n):
+    to = n.attr("to")
+    if to not in _TORCH_DTYPE:
+        raise UnsupportedOpError(f"torch back end: Cast to ONNX type {to} (node '{n.name}')")
+    return [b.call(onnx_cast, b.inp(n, 0), _TORCH_DTYPE[to])]
+
+
+@lowering("Constant")
+def _constant(b, n):
+    if b.graph.const_value(n.outputs[0]) is None:
+        raise UnsupportedOpError(f"torch back end: Constant without a tensor value (node '{n.name}')")
+    return [None]  # materialized on first use by _Builder.value (static uses need no tensor)
+
+
+@lowering("ConstantOfShape")
+def _cos(b, n):
+    value = n.attr("value", np.zeros(1, np.float32))
+    attr = _attr_name(n.name + "_value", b.taken)
+    b.root.register_buffer(attr, torch.from_numpy(np.array(value, copy=True)))
+    return [b.call(onnx_const_of_shape, b.inp(n, 0), b.fx.get_attr(attr))]
+
+
+@lowering("Where")
+def _where(b, n):
+    return [b.call(onnx_where, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2))]
+
+
+@lowering("Min", "Max", "Sum")
+def _variadic(b, n):
+    fn = {"Min": onnx_min, "Max": onnx_max, "Sum": onnx_sum}[n.op_type]
+    return [b.call(fn, *(b.inp(n, i) for i in range(len(n.inputs))))]
+
+
+# --------------------------------------------------------------------------- module
+class TorchGraphModule(torch.fx.GraphModule):
+    """The ``nn.Module`` returned by ``to_torch``. ``param_names`` maps IR constant names to
+    parameter attribute names; ``input_names``/``output_names`` follow the graph."""
+
+    param_names: dict[str, str]
+    input_names: list[str]
+    output_names: list[str]
+
+
+def to_torch(graph: Graph, outputs: list[str] | None = None) -> TorchGraphModule:
+    """Lower ``graph`` to an ``nn.Module``.
+
+    ``outputs``: value names to return instead of the graph outputs (for calibration and
+    sensitivity scans); the module then returns a tuple in that order. With the default,
+    it returns a tensor for one graph output and a tuple for several.
+    """
+    graph.toposort()
+    if outputs is None:
+        out_values = list(graph.outputs)
+    else:
+        missing = [o for o in outputs if o not in graph.values]
+        if missing:
+            raise GraphOptError(f"no value named {', '.join(repr(m) for m in missing)} in the graph")
+        out_values = [graph.values[o] for o in outputs]
+    root = nn.Module()
+    b = _Builder(graph, root, out_values)
+    for v in graph.inputs:
+        b.env[v] = b.fx.placeholder(_attr_name(v.name, b.taken))
+    needed = _needed_nodes(graph, out_values)
+    for n in graph.nodes:
+        if n not in needed:
+            continue
+        fn = _LOWERINGS.get((n.domain, n.op_type))
+        if fn is None:
+            raise UnsupportedOpError(f"torch back end cannot execute op {n.qualified_op} (node '{n.name}', "
+                                     f"from '{n.source}')")
+        results = fn(b, n)
+        for v, r in zip(n.outputs, results):
+            if r is not None:
+                b.env[v] = r
+    outs = [b.value(v) for v in out_values]
+    b.fx.output(outs[0] if len(outs) == 1 and outputs is None else tuple(outs))
+    b.fx.eliminate_dead_code()
+    gm = TorchGraphModule(root, b.fx, class_name="GraphoptModule")
+    gm.param_names = b.param_names
+    gm.input_names = [v.name for v in graph.inputs]
+    gm.output_names = [v.name for v in out_values]
+    return gm
+
+
+def _needed_nodes(graph: Graph, outputs: list[Value]) -> set[Node]:
+    need: set[Node] = set()
+    stack = [v.producer for v in outputs if v.producer is not None]
+    while stack:
+        n = stack.pop()
+        if n in need:
+            continue
+        need.add(n)
+        stack.extend(v.producer for v in n.inputs if v is not None and v.producer is not None)
+    return need
+
+
+def write_back(graph: Graph, module: TorchGraphModule) -> int:
+    """Copy ``module``'s (trained) parameters into the graph's constants. Returns how many."""
+    params = dict(module.named_parameters())
+    n = 0
+    for value_name, attr in module.param_names.items():
+        v = graph.values.get(value_name)
+        if v is None or v.const is None:
+            raise GraphOptError(f"graph has no constant '{value_name}' to write parameter '{attr}' into")
+        new = params[attr].detach().cpu().numpy().astype(v.const.dtype, copy=True)
+        if new.shape != v.const.shape:
+            raise GraphOptError(f"parameter '{attr}' has shape {list(new.shape)}, constant '{value_name}' "
+                                f"has {list(v.const.shape)}")
+        graph.set_const(v, new)
+        n += 1
+    return n

@@ -1,0 +1,830 @@
+"""torch front end: ``nn.Module`` -> the same ``Graph`` the ONNX front end builds.
+
+We trace with ``torch.fx.symbolic_trace`` and not with ``torch.export``. fx keeps the
+``nn.Module`` boundaries, so a ``Conv2d``, ``BatchNorm2d`` or ``Linear`` maps directly onto one
+ONNX ``Conv``, ``BatchNormalization`` or ``Gemm``. That node keeps the module's parameters and
+its qualified name (``layer1.0.conv1``) as provenance. ``torch.export`` decomposes to ATen ops
+first, and we would have to re-fuse them. The limitation of fx is data-dependent Python
+control flow. Such a model fails to trace, with a message that says so.
+
+The model runs once on ``example_inputs`` (an fx Interpreter), which gives the concrete shape
+and value of every node. Shape arithmetic (``x.size(0)``, ``x.shape[1]``) becomes constants
+from those values. A Reshape that keeps the batch dimension is written with ONNX's ``0``
+("copy this dim"), so the graph stays batch-size independent.
+
+ONNX has no op for some modules, so they are decomposed (each piece keeps the module's name):
+* GELU is written with Erf (opset < 20), or as Gelu (opset >= 20);
+* SiLU becomes x * Sigmoid(x);
+* Linear on inputs of rank > 2 becomes MatMul + Add.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import FrontendError, UnsupportedOpError
+from .ir import Graph, Value
+from .util import with_gc_paused
+
+DEFAULT_OPSET = 17
+_ONNX_DTYPE = {torch.float32: onnx.TensorProto.FLOAT, torch.float64: onnx.TensorProto.DOUBLE,
+               torch.float16: onnx.TensorProto.FLOAT16, torch.int64: onnx.TensorProto.INT64,
+               torch.int32: onnx.TensorProto.INT32, torch.bool: onnx.TensorProto.BOOL,
+               torch.uint8: onnx.TensorProto.UINT8, torch.int8: onnx.TensorProto.INT8}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().copy()
+
+
+class _ConcreteRecorder(torch.fx.Interpreter):
+    """Runs the traced module and remembers every node's concrete result."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values: dict[torch.fx.Node, Any] = {}
+
+    def run_node(self, n):
+        r = super().run_node(n)
+        self.values[n] = r
+        return r
+
+
+class _Converter:
+    def __init__(self, gm: torch.fx.GraphModule, concrete: dict, opset: int, batch_dim: bool):
+        self.gm = gm
+        self.concrete = concrete
+        self.opset = opset
+        self.batch_dim = batch_dim
+        self.g = Graph("main")
+        self.g.opset_imports = {"": opset}
+        self.g.model_meta = {"producer_name": "graphopt.torch_frontend"}
+        self.env: dict[torch.fx.Node, Any] = {}
+        self.fx_node: torch.fx.Node | None = None
+        self.param_cache: dict[int, Value] = {}
+        self.node_names: set[str] = set()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def where(self) -> str:
+        """The module path of the current fx node, for error messages."""
+        n = self.fx_node
+        if n is None:
+            return "?"
+        if n.op == "call_module":
+            return str(n.target)
+        stack = n.meta.get("nn_module_stack")
+        qual = list(stack.values())[-1][0] if stack else ""
+        return qual or "<top level>"
+
+    def source(self, n: torch.fx.Node) -> str:
+        if n.op == "call_module":
+            return str(n.target)
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            qual = list(stack.values())[-1][0]
+            return qual or n.name
+        return n.name
+
+    def unsupported(self, what: str) -> UnsupportedOpError:
+        return UnsupportedOpError(f"torch front end: unsupported op {what} at module '{self.where}' "
+                                  f"(fx node '{self.fx_node.name}')")
+
+    def node(self, op: str, inputs: Sequence[Value | None], attrs: dict | None = None, n_out: int = 1,
+             suffix: str = "") -> list[Value]:
+        fxn = self.fx_node
+        base = fxn.name + suffix
+        name = base if base not in self.node_names else self.g.unique_node_name(base)
+        self.node_names.add(name)
+        nd = self.g.add_node(op, list(inputs), [f"{base}_out{i}" if n_out > 1 else base for i in range(n_out)],
+                             attrs=attrs or {}, name=name, source=self.source(fxn))
+        return nd.outputs
+
+    def param(self, t: torch.Tensor, name: str) -> Value:
+        """A parameter/buffer as a graph constant (shared when the same tensor is reused)."""
+        key = id(t)
+        if key in self.param_cache:
+            return self.param_cache[key]
+        v = self.g.add_const(_np(t), name)
+        self.param_cache[key] = v
+        return v
+
+    def const(self, arr, name: str = "const", dtype=None) -> Value:
+        return self.g.add_const(np.asarray(arr, dtype=dtype), f"{self.fx_node.name}_{name}")
+
+    def ints(self, arr: Sequence[int], name: str) -> Value:
+        return self.const(np.asarray(list(arr), dtype=np.int64), name)
+
+    def val(self, a, like: Value | None = None) -> Value:
+        """An argument as an IR value: tensors pass through, Python scalars become constants."""
+        if isinstance(a, Value):
+            return a
+        if isinstance(a, (bool, int, float)):
+            dt = np.float32
+            if like is not None and like.dtype == onnx.TensorProto.INT64:
+                dt = np.int64
+            return self.const(np.array(a, dtype=dt), "scalar")
+        raise self.unsupported(f"argument of type {type(a).__name__}")
+
+    def arg(self, a):
+        """Map an fx argument (nested) to IR values / Python values."""
+        if isinstance(a, torch.fx.Node):
+            return self.env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.arg(x) for x in a)
+        if isinstance(a, dict):
+            return {k: self.arg(v) for k, v in a.items()}
+        return a
+
+    def cval(self, n) -> Any:
+        return self.concrete.get(n) if isinstance(n, torch.fx.Node) else n
+
+    def rank_of(self, fx_arg) -> int:
+        t = self.cval(fx_arg)
+        return t.dim() if isinstance(t, torch.Tensor) else 0
+
+    def shape_of(self, fx_arg) -> list[int]:
+        return list(self.cval(fx_arg).shape)
+
+    # ------------------------------------------------------------------ driver
+    def convert(self) -> Graph:
+        for n in self.gm.graph.nodes:
+            self.fx_node = n
+            if n.op == "placeholder":
+                t = self.concrete.get(n)
+                if not isinstance(t, torch.Tensor):
+                    raise FrontendError(f"torch front end: input '{n.name}' must be a tensor")
+                shape: list = list(t.shape)
+                if self.batch_dim and shape:
+                    shape[0] = "batch"
+                self.env[n] = self.g.add_input(n.name, _ONNX_DTYPE.get(t.dtype), shape)
+            elif n.op == "get_attr":
+                t = _get_attr(self.gm, n.target)
+                self.env[n] = self.param(t, str(n.target)) if isinstance(t, torch.Tensor) else t
+            elif n.op == "call_module":
+                mod = self.gm.get_submodule(n.target)
+                fn = _MODULES.get(type(mod))
+                if fn is None:
+                    raise self.unsupported(f"module {type(mod).__module__}.{type(mod).__name__}")
+                self.env[n] = fn(self, n, mod, *self.arg(n.args), **self.arg(n.kwargs))
+            elif n.op in ("call_function", "call_method") and not _has_value(self.arg(n.args)) and \
+                    not _has_value(self.arg(n.kwargs)) and isinstance(self.concrete.get(n), (int, float, bool, torch.Size)):
+                self.env[n] = self.concrete[n]  # Python arithmetic on shapes: a constant of the trace
+            elif n.op in ("call_function", "call_method"):
+                key = n.target if n.op == "call_function" else f"Tensor.{n.target}"
+                fn = _FUNCTIONS.get(key)
+                if fn is None:
+                    name = key if isinstance(key, str) else f"{getattr(key, '__module__', '')}.{getattr(key, '__name__', key)}"
+                    raise self.unsupported(f"function {name}")
+                self.env[n] = fn(self, n, *self.arg(n.args), **self.arg(n.kwargs))
+            elif n.op == "output":
+                outs = self.arg(n.args[0])
+                outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+                values = []
+                for i, o in enumerate(outs):
+                    if not isinstance(o, Value):
+                        raise FrontendError(f"torch front end: output {i} is not a tensor ({type(o).__name__})")
+                    name = "output" if len(outs) == 1 else f"output_{i}"
+                    if o.is_graph_input or o.is_const or o in values or name in self.g.values:
+                        o = self.node("Identity", [o], suffix=f"_{name}")[0]
+                    self.g.rename_value(o, name)
+                    values.append(o)
+                self.g.set_outputs(values)
+        return self.g
+
+
+def _has_value(a) -> bool:
+    if isinstance(a, Value):
+        return True
+    if isinstance(a, (list, tuple)):
+        return any(_has_value(x) for x in a)
+    if isinstance(a, dict):
+        return any(_has_value(x) for x in a.values())
+    return False
+
+
+def _get_attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+# ====================================================================== modules
+def _conv(c: _Converter, n, mod: nn.Conv1d | nn.Conv2d, x, *rest):
+    if mod.padding_mode != "zeros":
+        raise c.unsupported(f"{type(mod).__name__} with padding_mode='{mod.padding_mode}'")
+    nd = len(mod.kernel_size)
+    if isinstance(mod.padding, str):
+        if mod.padding == "valid":
+            pads = [0] * 2 * nd
+        else:  # 'same'
+            tot = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size)]
+            pads = [t // 2 for t in tot] + [t - t // 2 for t in tot]
+    else:
+        pads = list(mod.padding) * 2
+    w = c.param(mod.weight, f"{n.target}.weight")
+    b = c.param(mod.bias, f"{n.target}.bias") if mod.bias is not None else None
+    attrs = {"kernel_shape": list(mod.kernel_size), "strides": list(mod.stride), "pads": pads,
+             "dilations": list(mod.dilation), "group": mod.groups}
+    return c.node("Conv", [x, w] + ([b] if b is not None else []), attrs)[0]
+
+
+def _conv_t(c: _Converter, n, mod: nn.ConvTranspose2d, x, *rest):
+    if rest:
+        raise c.unsupported("ConvTranspose2d with output_size")
+    w = c.param(mod.weight, f"{n.target}.weight")
+    b = c.param(mod.bias, f"{n.target}.bias") if mod.bias is not None else None
+    attrs = {"kernel_shape": list(mod.kernel_size), "strides": list(mod.stride), "pads": list(mod.padding) * 2,
+             "dilations": list(mod.dilation), "group": mod.groups, "output_padding": list(mod.output_padding)}
+    return c.node("ConvTranspose", [x, w] + ([b] if b is not None else []), attrs)[0]
+
+
+def _linear_values(c: _Converter, n, x, w_t: torch.Tensor, b_t: torch.Tensor | None, wname: str, bname: str):
+    rank = c.rank_of(n.args[0])
+    if rank == 2:
+        w = c.param(w_t, wname)
+        ins = [x, w] + ([c.param(b_t, bname)] if b_t is not None else [])
+        return c.node("Gemm", ins, {"transB": 1})[0]
+    wt = c.g.add_const(_np(w_t).T.copy(), wname + "_T")
+    y = c.node("MatMul", [x, wt], suffix="_matmul")[0]
+    if b_t is None:
+        return y
+    return c.node("Add", [y, c.param(b_t, bname)])[0]
+
+
+def _linear(c: _Converter, n, mod: nn.Linear, x):
+    return _linear_values(c, n, x, mod.weight, mod.bias, f"{n.target}.weight", f"{n.target}.bias")
+
+
+def _bn(c: _Converter, n, mod, x):
+    if not mod.track_running_stats:
+        raise c.unsupported(f"{type(mod).__name__} without running statistics")
+    C = mod.num_features
+    w = c.param(mod.weight, f"{n.target}.weight") if mod.affine else c.const(np.ones(C, np.float32), "scale")
+    b = c.param(mod.bias, f"{n.target}.bias") if mod.affine else c.const(np.zeros(C, np.float32), "bias")
+    mean = c.param(mod.running_mean, f"{n.target}.running_mean")
+    var = c.param(mod.running_var, f"{n.target}.running_var")
+    return c.node("BatchNormalization", [x, w, b, mean, var], {"epsilon": float(mod.eps)})[0]
+
+
+def _act(op: str, **attrs):
+    def fn(c: _Converter, n, mod, x, *a, **k):
+        return c.node(op, [x], dict(attrs))[0]
+
+    return fn
+
+
+def _clip(c: _Converter, x, lo: float, hi: float):
+    return c.node("Clip", [x, c.const(np.array(lo, np.float32), "min"), c.const(np.array(hi, np.float32), "max")])[0]
+
+
+def _relu6(c, n, mod, x):
+    return _clip(c, x, 0.0, 6.0)
+
+
+def _hardtanh(c, n, mod, x):
+    return _clip(c, x, float(mod.min_val), float(mod.max_val))
+
+
+def _leaky(c, n, mod, x):
+    return c.node("LeakyRelu", [x], {"alpha": float(mod.negative_slope)})[0]
+
+
+def _prelu(c, n, mod, x):
+    rank = c.rank_of(n.args[0])
+    w = _np(mod.weight)
+    if w.size > 1:
+        w = w.reshape([-1] + [1] * max(rank - 2, 0))
+    return c.node("PRelu", [x, c.g.add_const(w, f"{n.target}.weight")])[0]
+
+
+def _silu_values(c: _Converter, x):
+    s = c.node("Sigmoid", [x], suffix="_sigmoid")[0]
+    return c.node("Mul", [x, s])[0]
+
+
+def _silu(c, n, mod, x):
+    return _silu_values(c, x)
+
+
+def _gelu_values(c: _Converter, x, approximate: str):
+    if c.opset >= 20:
+        return c.node("Gelu", [x], {"approximate": approximate})[0]
+    if approximate == "tanh":
+        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        x3 = c.node("Mul", [c.node("Mul", [x, x], suffix="_sq")[0], x], suffix="_cube")[0]
+        inner = c.node("Add", [x, c.node("Mul", [x3, c.const(np.float32(0.044715), "k")], suffix="_k")[0]], suffix="_in")[0]
+        t = c.node("Tanh", [c.node("Mul", [inner, c.const(np.float32(math.sqrt(2 / math.pi)), "s")], suffix="_s")[0]],
+                   suffix="_tanh")[0]
+    else:
+        t = c.node("Erf", [c.node("Div", [x, c.const(np.float32(math.sqrt(2.0)), "sqrt2")], suffix="_div")[0]],
+                   suffix="_erf")[0]
+    one = c.node("Add", [t, c.const(np.float32(1.0), "one")], suffix="_add1")[0]
+    half = c.node("Mul", [x, c.const(np.float32(0.5), "half")], suffix="_half")[0]
+    return c.node("Mul", [half, one])[0]
+
+
+def _gelu(c, n, mod, x):
+    return _gelu_values(c, x, mod.approximate)
+
+
+def _hardsigmoid(c, n, mod, x):
+    return c.node("HardSigmoid", [x], {"alpha": 1.0 / 6.0, "beta": 0.5})[0]
+
+
+def _softmax_mod(c, n, mod, x):
+    return c.node("Softmax", [x], {"axis": mod.dim if mod.dim is not None else -1})[0]
+
+
+def _pool_attrs(c: _Converter, kernel, stride, padding, dilation=1, nd=2):
+    def tup(v):
+        return list(v) if isinstance(v, (list, tuple)) else [int(v)] * nd
+
+    k = tup(kernel)
+    s = tup(stride) if stride not in (None, [], ()) else list(k)
+    p = tup(padding)
+    return {"kernel_shape": k, "strides": s, "pads": p + p}, tup(dilation)
+
+
+def _maxpool(c, n, mod, x):
+    if mod.return_indices:
+        raise c.unsupported("MaxPool with return_indices")
+    nd = c.rank_of(n.args[0]) - 2
+    attrs, dil = _pool_attrs(c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, nd)
+    attrs.update(dilations=dil, ceil_mode=int(mod.ceil_mode))
+    return c.node("MaxPool", [x], attrs)[0]
+
+
+def _avgpool(c, n, mod, x):
+    if getattr(mod, "divisor_override", None):
+        raise c.unsupported("AvgPool with divisor_override")
+    nd = c.rank_of(n.args[0]) - 2
+    attrs, _ = _pool_attrs(c, mod.kernel_size, mod.stride, mod.padding, 1, nd)
+    attrs.update(ceil_mode=int(mod.ceil_mode), count_include_pad=int(mod.count_include_pad))
+    return c.node("AveragePool", [x], attrs)[0]
+
+
+def _adaptive(c: _Converter, n, x, output_size, kind: str):
+    in_shape = c.shape_of(n.args[0])
+    nd = len(in_shape) - 2
+    out = list(output_size) if isinstance(output_size, (list, tuple)) else [output_size] * nd
+    out = [in_shape[2 + i] if o is None else o for i, o in enumerate(out)]
+    if all(o == 1 for o in out):
+        return c.node("GlobalAveragePool" if kind == "avg" else "GlobalMaxPool", [x])[0]
+    spatial = in_shape[2:]
+    if any(s % o for s, o in zip(spatial, out)):
+        raise c.unsupported(f"adaptive {kind} pool from {spatial} to {out} (not a whole multiple)")
+    k = [s // o for s, o in zip(spatial, out)]
+    attrs = {"kernel_shape": k, "strides": k, "pads": [0] * 2 * nd}
+    return c.node("AveragePool" if kind == "avg" else "MaxPool", [x], attrs)[0]
+
+
+def _adaptive_avg(c, n, mod, x):
+    return _adaptive(c, n, x, mod.output_size, "avg")
+
+
+def _adaptive_max(c, n, mod, x):
+    if mod.return_indices:
+        raise c.unsupported("AdaptiveMaxPool with return_indices")
+    return _adaptive(c, n, x, mod.output_size, "max")
+
+
+def _identity_mod(c, n, mod, x, *a, **k):
+    return x
+
+
+def _flatten_values(c: _Converter, n, x, start: int, end: int):
+    shape = c.shape_of(n.args[0])
+    rank = len(shape)
+    start, end = _norm_axis(start, rank), _norm_axis(end, rank)
+    if start == end:
+        return x
+    if end == rank - 1 and start >= 1:
+        if start == 1:
+            return c.node("Flatten", [x], {"axis": 1})[0]
+    target = shape[:start] + [int(np.prod(shape[start:end + 1]))] + shape[end + 1:]
+    return _reshape_values(c, n, x, target)
+
+
+def _flatten_mod(c, n, mod, x):
+    return _flatten_values(c, n, x, mod.start_dim, mod.end_dim)
+
+
+def _layer_norm_values(c: _Converter, n, x, normalized_shape, w_t, b_t, eps, wname, bname):
+    ns = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    scale = c.param(w_t, wname) if w_t is not None else c.const(np.ones(ns, np.float32), "scale")
+    bias = c.param(b_t, bname) if b_t is not None else c.const(np.zeros(ns, np.float32), "bias")
+    return c.node("LayerNormalization", [x, scale, bias], {"axis": -len(ns), "epsilon": float(eps)})[0]
+
+
+def _layer_norm(c, n, mod, x):
+    return _layer_norm_values(c, n, x, mod.normalized_shape, mod.weight, mod.bias, mod.eps,
+                              f"{n.target}.weight", f"{n.target}.bias")
+
+
+_MODULES = {
+    nn.Conv1d: _conv, nn.Conv2d: _conv, nn.ConvTranspose2d: _conv_t, nn.Linear: _linear,
+    nn.BatchNorm1d: _bn, nn.BatchNorm2d: _bn,
+    nn.ReLU: _act("Relu"), nn.ReLU6: _relu6, nn.Hardtanh: _hardtanh, nn.LeakyReLU: _leaky, nn.PReLU: _prelu,
+    nn.SiLU: _silu, nn.GELU: _gelu, nn.Sigmoid: _act("Sigmoid"), nn.Tanh: _act("Tanh"),
+    nn.Hardswish: _act("HardSwish"), nn.Hardsigmoid: _hardsigmoid, nn.Softmax: _softmax_mod,
+    nn.MaxPool1d: _maxpool, nn.MaxPool2d: _maxpool, nn.AvgPool1d: _avgpool, nn.AvgPool2d: _avgpool,
+    nn.AdaptiveAvgPool1d: _adaptive_avg, nn.AdaptiveAvgPool2d: _adaptive_avg, nn.AdaptiveMaxPool2d: _adaptive_max,
+    nn.Flatten: _flatten_mod, nn.Dropout: _identity_mod, nn.Dropout1d: _identity_mod, nn.Dropout2d: _identity_mod,
+    nn.Identity: _identity_mod, nn.LayerNorm: _layer_norm,
+}
+
+
+# ====================================================================== functions
+def _binary(op: str, reverse: bool = False):
+    def fn(c: _Converter, n, a, b, *rest, **kw):
+        if rest or kw.get("alpha", 1) != 1:
+            raise c.unsupported(f"{op} with alpha")
+        if not isinstance(a, Value) and not isinstance(b, Value):  # shape arithmetic
+            return {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.truediv}[op](a, b)
+        like = a if isinstance(a, Value) else b
+        x, y = c.val(a, like), c.val(b, like)
+        if reverse:
+            x, y = y, x
+        return c.node(op, [x, y])[0]
+
+    return fn
+
+
+def _unary_fn(op: str):
+    def fn(c, n, x, *a, **k):
+        return c.node(op, [x])[0]
+
+    return fn
+
+
+def _relu_fn(c, n, x, inplace=False):
+    return c.node("Relu", [x])[0]
+
+
+def _relu6_fn(c, n, x, inplace=False):
+    return _clip(c, x, 0.0, 6.0)
+
+
+def _hardtanh_fn(c, n, x, min_val=-1.0, max_val=1.0, inplace=False):
+    return _clip(c, x, float(min_val), float(max_val))
+
+
+def _clamp_fn(c, n, x, min=None, max=None):  # noqa: A002 - torch's names
+    lo = c.const(np.array(min, np.float32), "min") if min is not None else None
+    hi = c.const(np.array(max, np.float32), "max") if max is not None else None
+    return c.node("Clip", [x, lo, hi])[0]
+
+
+def _leaky_fn(c, n, x, negative_slope=0.01, inplace=False):
+    return c.node("LeakyRelu", [x], {"alpha": float(negative_slope)})[0]
+
+
+def _gelu_fn(c, n, x, approximate="none"):
+    return _gelu_values(c, x, approximate)
+
+
+def _silu_fn(c, n, x, inplace=False):
+    return _silu_values(c, x)
+
+
+def _hardswish_fn(c, n, x, inplace=False):
+    return c.node("HardSwish", [x])[0]
+
+
+def _hardsigmoid_fn(c, n, x, inplace=False):
+    return c.node("HardSigmoid", [x], {"alpha": 1.0 / 6.0, "beta": 0.5})[0]
+
+
+def _softmax_fn(c, n, x, dim=None, *a, **k):
+    if dim is None:
+        dim = k.get("dim", -1)
+    return c.node("Softmax", [x], {"axis": int(dim)})[0]
+
+
+def _identity_fn(c, n, x, *a, **k):
+    return x
+
+
+def _cat_fn(c, n, tensors, dim=0):
+    return c.node("Concat", list(tensors), {"axis": int(dim)})[0]
+
+
+def _stack_fn(c, n, tensors, dim=0):
+    rank = c.rank_of(n.args[0][0]) + 1
+    axes = c.ints([_norm_axis(dim, rank)], "axes")
+    parts = [c.node("Unsqueeze", [t, axes], suffix=f"_u{i}")[0] for i, t in enumerate(tensors)]
+    return c.node("Concat", parts, {"axis": _norm_axis(dim, rank)})[0]
+
+
+def _split_values(c: _Converter, n, x, sizes: list[int], dim: int):
+    outs = c.node("Split", [x, c.ints(sizes, "split")], {"axis": int(dim)}, n_out=len(sizes))
+    return list(outs)
+
+
+def _split_fn(c, n, x, split_size_or_sections, dim=0):
+    size = c.shape_of(n.args[0])[dim]
+    if isinstance(split_size_or_sections, int):
+        s = split_size_or_sections
+        sizes = [s] * (size // s) + ([size % s] if size % s else [])
+    else:
+        sizes = list(split_size_or_sections)
+    return _split_values(c, n, x, sizes, dim)
+
+
+def _chunk_fn(c, n, x, chunks, dim=0):
+    size = c.shape_of(n.args[0])[dim]
+    step = -(-size // chunks)
+    sizes = [step] * (size // step) + ([size % step] if size % step else [])
+    return _split_values(c, n, x, sizes, dim)
+
+
+def _reshape_values(c: _Converter, n, x, target: list[int]):
+    in_shape = c.shape_of(n.args[0])
+    target = [int(t) for t in target]
+    if c.batch_dim and target and in_shape and target[0] == in_shape[0]:
+        target = [0] + target[1:]  # ONNX 0 = copy input dim 0: keeps the batch dim symbolic
+    return c.node("Reshape", [x, c.ints(target, "shape")])[0]
+
+
+def _view_fn(c, n, x, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (list, tuple, torch.Size)):
+        shape = tuple(shape[0])
+    if any(isinstance(s, Value) for s in shape):
+        raise c.unsupported("reshape to a shape computed from tensor values")
+    return _reshape_values(c, n, x, list(shape))
+
+
+def _flatten_fn(c, n, x, start_dim=0, end_dim=-1):
+    return _flatten_values(c, n, x, start_dim, end_dim)
+
+
+def _permute_fn(c, n, x, *dims):
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    rank = c.rank_of(n.args[0])
+    return c.node("Transpose", [x], {"perm": [_norm_axis(d, rank) for d in dims]})[0]
+
+
+def _transpose_fn(c, n, x, d0, d1):
+    rank = c.rank_of(n.args[0])
+    perm = list(range(rank))
+    a, b = _norm_axis(d0, rank), _norm_axis(d1, rank)
+    perm[a], perm[b] = perm[b], perm[a]
+    return c.node("Transpose", [x], {"perm": perm})[0]
+
+
+def _reduce_fn(op: str):
+    def fn(c: _Converter, n, x, dim=None, keepdim=False, *a, dtype=None):
+        rank = c.rank_of(n.args[0])
+        dims = list(range(rank)) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+        dims = sorted(_norm_axis(d, rank) for d in dims)
+        if op == "ReduceMean" and rank >= 3 and dims == list(range(2, rank)):
+            y = c.node("GlobalAveragePool", [x], suffix="_gap" if not keepdim else "")[0]
+            return y if keepdim else c.node("Flatten", [y], {"axis": 1})[0]
+        if op == "ReduceMean" and c.opset < 18:
+            return c.node(op, [x], {"axes": dims, "keepdims": int(bool(keepdim))})[0]
+        return c.node(op, [x, c.ints(dims, "axes")], {"keepdims": int(bool(keepdim))})[0]
+
+    return fn
+
+
+def _matmul_fn(c, n, a, b):
+    return c.node("MatMul", [a, b])[0]
+
+
+def _linear_fn(c, n, x, weight, bias=None):
+    w_t = _tensor_of(c, n.args[1] if len(n.args) > 1 else n.kwargs["weight"])
+    b_node = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    b_t = _tensor_of(c, b_node) if b_node is not None else None
+    return _linear_values(c, n, x, w_t, b_t, f"{n.name}.weight", f"{n.name}.bias")
+
+
+def _tensor_of(c: _Converter, fx_arg) -> torch.Tensor:
+    if isinstance(fx_arg, torch.fx.Node) and fx_arg.op == "get_attr":
+        return _get_attr(c.gm, fx_arg.target)
+    raise c.unsupported("functional op whose weight is computed, not a parameter")
+
+
+def _layer_norm_fn(c, n, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    args = list(n.args) + [None] * 5
+    w = _tensor_of(c, args[2] or n.kwargs.get("weight")) if (args[2] or n.kwargs.get("weight")) is not None else None
+    b = _tensor_of(c, args[3] or n.kwargs.get("bias")) if (args[3] or n.kwargs.get("bias")) is not None else None
+    return _layer_norm_values(c, n, x, normalized_shape, w, b, eps, f"{n.name}.weight", f"{n.name}.bias")
+
+
+def _adaptive_avg_fn(c, n, x, output_size):
+    return _adaptive(c, n, x, output_size, "avg")
+
+
+def _avg_pool_fn(c, n, x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                 divisor_override=None):
+    if divisor_override:
+        raise c.unsupported("avg_pool with divisor_override")
+    nd = c.rank_of(n.args[0]) - 2
+    attrs, _ = _pool_attrs(c, kernel_size, stride, padding, 1, nd)
+    attrs.update(ceil_mode=int(ceil_mode), count_include_pad=int(count_include_pad))
+    return c.node("AveragePool", [x], attrs)[0]
+
+
+def _max_pool_fn(c, n, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    if return_indices:
+        raise c.unsupported("max_pool with return_indices")
+    nd = c.rank_of(n.args[0]) - 2
+    attrs, dil = _pool_attrs(c, kernel_size, stride, padding, dilation, nd)
+    attrs.update(dilations=dil, ceil_mode=int(ceil_mode))
+    return c.node("MaxPool", [x], attrs)[0]
+
+
+def _pad_fn(c, n, x, pad, mode="constant", value=None):
+    if mode != "constant":
+        raise c.unsupported(f"pad mode '{mode}'")
+    rank = c.rank_of(n.args[0])
+    begin, end = [0] * rank, [0] * rank
+    for i in range(len(pad) // 2):
+        begin[rank - 1 - i], end[rank - 1 - i] = int(pad[2 * i]), int(pad[2 * i + 1])
+    ins = [x, c.ints(begin + end, "pads")]
+    if value:
+        ins.append(c.const(np.array(value, np.float32), "value"))
+    return c.node("Pad", ins)[0]
+
+
+def _unsqueeze_fn(c, n, x, dim):
+    rank = c.rank_of(n.args[0]) + 1
+    return c.node("Unsqueeze", [x, c.ints([_norm_axis(dim, rank)], "axes")])[0]
+
+
+def _squeeze_fn(c, n, x, dim=None):
+    if dim is None:
+        shape = c.shape_of(n.args[0])
+        dims = [i for i, s in enumerate(shape) if s == 1]
+    else:
+        rank = c.rank_of(n.args[0])
+        dims = [_norm_axis(d, rank) for d in ([dim] if isinstance(dim, int) else dim)]
+    return c.node("Squeeze", [x, c.ints(dims, "axes")])[0]
+
+
+def _size_fn(c, n, x, dim=None):
+    shape = c.shape_of(n.args[0])
+    return shape[dim] if dim is not None else torch.Size(shape)
+
+
+def _getattr_fn(c, n, obj, name):
+    if name == "shape" and isinstance(obj, Value):
+        return torch.Size(c.shape_of(n.args[0]))
+    if name in ("ndim",) and isinstance(obj, Value):
+        return c.rank_of(n.args[0])
+    raise c.unsupported(f"attribute access .{name}")
+
+
+def _getitem_fn(c: _Converter, n, obj, idx):
+    if isinstance(obj, (list, tuple, torch.Size)):
+        return obj[idx]
+    if not isinstance(obj, Value):
+        raise c.unsupported(f"indexing a {type(obj).__name__}")
+    return _tensor_index(c, n, obj, idx)
+
+
+def _tensor_index(c: _Converter, n, x: Value, idx):
+    shape = c.shape_of(n.args[0])
+    rank = len(shape)
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(isinstance(i, Value) for i in idx):
+        raise c.unsupported("indexing with a tensor")
+    if Ellipsis in idx:
+        k = idx.index(Ellipsis)
+        fill = rank - (len(idx) - 1 - sum(i is None for i in idx))
+        idx = idx[:k] + (slice(None),) * fill + idx[k + 1:]
+    starts, ends, axes, steps, squeeze, unsqueeze = [], [], [], [], [], []
+    dim = 0
+    out_dim = 0
+    for i in idx:
+        if i is None:
+            unsqueeze.append(out_dim)
+            out_dim += 1
+            continue
+        if isinstance(i, int):
+            j = _norm_axis(i, shape[dim])
+            starts.append(j)
+            ends.append(j + 1)
+            axes.append(dim)
+            steps.append(1)
+            squeeze.append(dim)
+        elif isinstance(i, slice):
+            if i != slice(None):
+                st = 1 if i.step is None else int(i.step)
+                if st <= 0:
+                    raise c.unsupported("slicing with a non-positive step")
+                starts.append(0 if i.start is None else int(i.start))
+                ends.append(2 ** 62 if i.stop is None else int(i.stop))
+                axes.append(dim)
+                steps.append(st)
+            out_dim += 1
+        else:
+            raise c.unsupported(f"index of type {type(i).__name__}")
+        dim += 1
+    y = x
+    if axes:
+        y = c.node("Slice", [y, c.ints(starts, "starts"), c.ints(ends, "ends"), c.ints(axes, "axes"),
+                             c.ints(steps, "steps")], suffix="_slice" if squeeze or unsqueeze else "")[0]
+    if squeeze:
+        y = c.node("Squeeze", [y, c.ints(squeeze, "sq_axes")], suffix="_squeeze" if unsqueeze else "")[0]
+    if unsqueeze:
+        y = c.node("Unsqueeze", [y, c.ints(unsqueeze, "unsq_axes")])[0]
+    return y
+
+
+def _contiguous_fn(c, n, x, *a, **k):
+    return x
+
+
+_FUNCTIONS: dict[Any, Any] = {
+    operator.add: _binary("Add"), operator.iadd: _binary("Add"), torch.add: _binary("Add"), "Tensor.add": _binary("Add"),
+    "Tensor.add_": _binary("Add"),
+    operator.sub: _binary("Sub"), operator.isub: _binary("Sub"), torch.sub: _binary("Sub"), "Tensor.sub": _binary("Sub"),
+    operator.mul: _binary("Mul"), operator.imul: _binary("Mul"), torch.mul: _binary("Mul"), "Tensor.mul": _binary("Mul"),
+    "Tensor.mul_": _binary("Mul"),
+    operator.truediv: _binary("Div"), torch.div: _binary("Div"), "Tensor.div": _binary("Div"),
+    operator.matmul: _matmul_fn, torch.matmul: _matmul_fn, torch.bmm: _matmul_fn, "Tensor.matmul": _matmul_fn,
+    torch.cat: _cat_fn, torch.concat: _cat_fn, torch.stack: _stack_fn,
+    torch.split: _split_fn, "Tensor.split": _split_fn, torch.chunk: _chunk_fn, "Tensor.chunk": _chunk_fn,
+    torch.flatten: _flatten_fn, "Tensor.flatten": _flatten_fn,
+    "Tensor.view": _view_fn, "Tensor.reshape": _view_fn, torch.reshape: _view_fn,
+    torch.permute: _permute_fn, "Tensor.permute": _permute_fn, torch.transpose: _transpose_fn,
+    "Tensor.transpose": _transpose_fn,
+    torch.mean: _reduce_fn("ReduceMean"), "Tensor.mean": _reduce_fn("ReduceMean"),
+    torch.sum: _reduce_fn("ReduceSum"), "Tensor.sum": _reduce_fn("ReduceSum"),
+    torch.relu: _relu_fn, F.relu: _relu_fn, "Tensor.relu": _relu_fn, F.relu6: _relu6_fn, F.hardtanh: _hardtanh_fn,
+    torch.clamp: _clamp_fn, "Tensor.clamp": _clamp_fn, torch.clip: _clamp_fn,
+    F.leaky_relu: _leaky_fn, F.gelu: _gelu_fn, F.silu: _silu_fn, F.hardswish: _hardswish_fn,
+    F.hardsigmoid: _hardsigmoid_fn,
+    torch.sigmoid: _unary_fn("Sigmoid"), F.sigmoid: _unary_fn("Sigmoid"), "Tensor.sigmoid": _unary_fn("Sigmoid"),
+    torch.tanh: _unary_fn("Tanh"), F.tanh: _unary_fn("Tanh"), "Tensor.tanh": _unary_fn("Tanh"),
+    torch.exp: _unary_fn("Exp"), "Tensor.exp": _unary_fn("Exp"), torch.sqrt: _unary_fn("Sqrt"),
+    "Tensor.sqrt": _unary_fn("Sqrt"), torch.neg: _unary_fn("Neg"), operator.neg: _unary_fn("Neg"),
+    torch.abs: _unary_fn("Abs"), "Tensor.abs": _unary_fn("Abs"), torch.erf: _unary_fn("Erf"),
+    torch.softmax: _softmax_fn, F.softmax: _softmax_fn, "Tensor.softmax": _softmax_fn,
+    F.dropout: _identity_fn, "Tensor.contiguous": _contiguous_fn, "Tensor.clone": _contiguous_fn,
+    F.linear: _linear_fn, F.layer_norm: _layer_norm_fn,
+    F.adaptive_avg_pool2d: _adaptive_avg_fn, F.avg_pool2d: _avg_pool_fn, F.max_pool2d: _max_pool_fn,
+    F.pad: _pad_fn, torch.unsqueeze: _unsqueeze_fn, "Tensor.unsqueeze": _unsqueeze_fn,
+    torch.squeeze: _squeeze_fn, "Tensor.squeeze": _squeeze_fn,
+    "Tensor.size": _size_fn, getattr: _getattr_fn, operator.getitem: _getitem_fn,
+}
+
+
+# ====================================================================== entry point
+@with_gc_paused
+def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
+               opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, infer_shapes: bool = True) -> Graph:
+    """Convert ``module`` (put in eval mode) into a graphopt ``Graph``.
+
+    ``example_inputs``: a tensor or a tuple of tensors with the shapes the model expects.
+    ``dynamic_batch``: name dim 0 of every input ``batch`` so the graph takes any batch size.
+    Raises ``UnsupportedOpError`` naming the op and module path for anything it cannot map,
+    and ``FrontendError`` when the module cannot be traced or rejects the example inputs.
+    """
+    if not isinstance(module, nn.Module):
+        raise FrontendError(f"from_torch needs an nn.Module, got {type(module).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
+    was_training = module.training
+    module.eval()
+    try:
+        try:
+            gm = torch.fx.symbolic_trace(module)
+        except Exception as e:
+            raise FrontendError(f"torch front end: torch.fx cannot trace {type(module).__name__} "
+                                f"(data-dependent control flow?): {str(e).splitlines()[0]}") from e
+        rec = _ConcreteRecorder(gm)
+        try:
+            with torch.no_grad():
+                rec.run(*example_inputs)
+        except Exception as e:
+            shapes = ", ".join(str(list(x.shape)) for x in example_inputs)
+            raise FrontendError(f"torch front end: the model rejects example input(s) of shape {shapes}: "
+                                f"{str(e).splitlines()[0]}") from e
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for p, x in zip(placeholders, example_inputs):
+            rec.values[p] = x
+        graph = _Converter(gm, rec.values, opset, dynamic_batch).convert()
+    finally:
+        module.train(was_training)
+    graph.toposort()
+    if infer_shapes:
+        graph.infer_shapes()
+    return graph

@@ -1,0 +1,122 @@
+"""Reading PyTorch models for the CLI, without silently unpickling untrusted files.
+
+* ``module:callable`` or ``path/to/file.py:callable``: imports the module you name (running
+  your code, as any import does), calls ``callable()`` to build the ``nn.Module``, and
+  optionally loads ``--weights FILE`` as a *state dict* with ``torch.load(weights_only=True)``
+  (tensors and plain containers only; no arbitrary objects).
+* A TorchScript archive (``torch.jit.save``): loaded with ``torch.jit.load``, which does not
+  run pickled Python code. fx cannot trace TorchScript, so it is converted through
+  ``torch.onnx.export`` and the ONNX front end; node provenance is then the exporter's scope names.
+* A pickled ``nn.Module`` (``torch.save(model)``) is refused: loading one runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import io
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import FrontendError, GraphOptError
+from .ir import Graph
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise GraphOptError(f"--input-shape must be comma-separated integers like 1,3,224,224, got '{text}'") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise GraphOptError(f"--input-shape must be positive integers, got '{text}'")
+    return dims
+
+
+def is_factory_spec(spec: str) -> bool:
+    return ":" in spec and not Path(spec).exists() and not spec.lower().endswith(".onnx")
+
+
+def load_factory(spec: str) -> torch.nn.Module:
+    mod_name, _, fn_name = spec.rpartition(":")
+    if not mod_name or not fn_name:
+        raise GraphOptError(f"expected MODULE:CALLABLE or FILE.py:CALLABLE, got '{spec}'")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_file():
+                raise GraphOptError(f"{path}: no such file")
+            spec_ = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec_)
+            sys.modules.setdefault(path.stem, module)
+            spec_.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except GraphOptError:
+        raise
+    except Exception as e:
+        raise GraphOptError(f"cannot import '{mod_name}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    fn = getattr(module, fn_name, None)
+    if fn is None or not callable(fn):
+        raise GraphOptError(f"'{mod_name}' has no callable '{fn_name}'")
+    model = fn()
+    if not isinstance(model, torch.nn.Module):
+        raise GraphOptError(f"{spec}() returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_state_dict(model: torch.nn.Module, path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise GraphOptError(f"weights file not found: {p}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GraphOptError(f"{p}: not a state dict loadable with weights_only=True ({str(e).splitlines()[0]})") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise GraphOptError(f"{p}: expected a state dict, got {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise GraphOptError(f"{p}: weights do not fit the model: {str(e).splitlines()[0]} ...") from e
+
+
+def load_torch_model(spec: str, input_shape: str | None, weights: str | None = None) -> Graph:
+    from .torch_frontend import from_torch
+
+    if not input_shape:
+        raise GraphOptError("--input-shape is required for PyTorch models (e.g. --input-shape 1,3,224,224)")
+    shape = parse_shape(input_shape)
+    example = torch.randn(*shape)
+    if is_factory_spec(spec):
+        model = load_factory(spec)
+        if weights:
+            load_state_dict(model, weights)
+        return from_torch(model, example)
+    if weights:
+        raise GraphOptError("--weights goes with a MODULE:CALLABLE model, not with a TorchScript file")
+    p = Path(spec)
+    if not p.is_file():
+        raise FrontendError(f"{p}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scripted = torch.jit.load(str(p), map_location="cpu")
+    except Exception as e:
+        raise FrontendError(f"{p}: not a TorchScript archive. For a state dict use MODULE:CALLABLE --weights {p} "
+                            "(loaded with weights_only=True); pickled nn.Modules are never loaded") from e
+    from .onnx_frontend import load_onnx
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(scripted, (example,), buf, dynamo=False, opset_version=17, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        except Exception as e:
+            raise FrontendError(f"{p}: TorchScript model could not be converted: {str(e).splitlines()[0]}") from e
+    return load_onnx(buf.getvalue())

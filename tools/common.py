@@ -1,0 +1,98 @@
+"""Helpers shared by the benchmarks: data from ../shared, timing."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("GRAPHOPT_SHARED", ROOT.parent / "shared"))
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def need_shared(path: Path) -> Path:
+    if not path.exists():
+        sys.exit(f"benchmark needs {path} (../shared is not present)")
+    return path
+
+
+def imagenet_sample(limit: int | None = None, mean=(0.5,) * 3, std=(0.5,) * 3) -> tuple[np.ndarray, np.ndarray]:
+    """The 500 imagenet-sample images, preprocessed as models/README.md says, and labels."""
+    from graphopt.data import load_image_batch
+
+    folder = need_shared(SHARED / "data" / "imagenet-sample")
+    rows = list(csv.DictReader(open(folder / "labels.csv")))[:limit]
+    cache = Path(tempfile.gettempdir()) / f"graphopt-imagenet-{len(rows)}-{hashlib.md5(str((mean, std)).encode()).hexdigest()[:8]}.npz"
+    if cache.is_file():
+        d = np.load(cache)
+        return d["x"], d["y"]
+    x = load_image_batch([folder / r["file"] for r in rows], resize=256, crop=224, mean=mean, std=std)
+    y = np.array([int(r["class_index"]) for r in rows])
+    np.savez(cache, x=x, y=y)
+    return x, y
+
+
+def cifar10(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from the JPEG tarball as uint8 NHWC + labels (decoded once, cached in /tmp)."""
+    from PIL import Image
+
+    tar_path = need_shared(SHARED / "data" / "cifar10" / f"{split}.tar.gz")
+    cache = Path(tempfile.gettempdir()) / f"graphopt-cifar10-{split}.npz"
+    if cache.is_file():
+        d = np.load(cache)
+        return d["x"], d["y"]
+    xs, ys = [], []
+    with tarfile.open(tar_path) as tf:
+        for m in tf:
+            if not m.isfile() or not m.name.endswith(".jpg"):
+                continue
+            cls = Path(m.name).parent.name
+            with Image.open(io.BytesIO(tf.extractfile(m).read())) as im:
+                xs.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+            ys.append(CIFAR_CLASSES.index(cls))
+    x, y = np.stack(xs), np.array(ys)
+    np.savez(cache, x=x, y=y)
+    return x, y
+
+
+def cifar_normalize(x_uint8: np.ndarray) -> np.ndarray:
+    x = x_uint8.astype(np.float32) / 255.0
+    x = (x - np.array(CIFAR_MEAN, np.float32)) / np.array(CIFAR_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def ort_session(model, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def batched(fn, x: np.ndarray, batch: int = 100) -> np.ndarray:
+    return np.concatenate([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
