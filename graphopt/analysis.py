@@ -94,3 +94,58 @@ def human(n: float | None, unit: str = "") -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{suf}{unit}"
     return f"{n:.0f}{unit}"
+
+
+def weight_ranges(graph: Graph) -> list[dict]:
+    """Per linear layer: the robust spread (p99/p1) of per-output-channel max|w|, ignoring
+    all-zero channels (counted separately). A large spread means one per-tensor scale cannot
+    serve every channel."""
+    from passes import _layers as L
+
+    rows = []
+    graph.toposort()
+    for n in graph.nodes:
+        if not L.is_linear_layer(graph, n):
+            continue
+        view = L.out_view(n, L.weight(graph, n))
+        r = np.abs(view).max(axis=1)
+        sp, zeros = L.spread(view)
+        kind = n.op_type
+        if n.op_type == "Conv" and n.attr("group", 1) > 1:
+            kind = "depthwise" if n.attr("group", 1) == view.shape[0] else "grouped"
+        nz = r[r > 0]
+        rows.append({"layer": n.source, "node": n.name, "kind": kind, "channels": view.shape[0], "spread": sp,
+                     "max": float(r.max()), "min_nonzero": float(nz.min()) if nz.size else 0.0, "zero_channels": zeros})
+    return rows
+
+
+def plot_channel_ranges(graph: Graph, layer: str, path: str) -> None:
+    """Box plot of each output channel's weights for one layer (DFQ Figure 2). Needs matplotlib."""
+    from passes import _layers as L
+
+    from .errors import GraphOptError
+
+    node = next((n for n in graph.nodes if layer in (n.name, n.source)), None)
+    if node is None or not L.is_linear_layer(graph, node):
+        raise GraphOptError(f"no Conv/Gemm/MatMul layer named '{layer}'")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise GraphOptError("--plot needs matplotlib: pip install 'graphopt[plot]'") from e
+    from .atomic import atomic_paths
+
+    view = L.out_view(node, L.weight(graph, node))
+    fig, ax = plt.subplots(figsize=(max(6, min(24, view.shape[0] / 6)), 4))
+    ax.boxplot(list(view), whis=(0, 100), showfliers=False)
+    ax.set_xlabel("output channel")
+    ax.set_ylabel("weight")
+    ax.set_title(f"per-channel weight ranges: {node.source}")
+    step = max(1, view.shape[0] // 16)
+    ax.set_xticks(range(1, view.shape[0] + 1, step), [str(i) for i in range(0, view.shape[0], step)])
+    fig.tight_layout()
+    with atomic_paths(path) as (tmp,):
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer op, shapes, parameters and MACs")
     i.add_argument("model", help="FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
     _torch_args(i)
+    i.add_argument("--ranges", action="store_true",
+                   help="per-layer weight-range spread: p99/p1 of per-channel max|w| (why a model quantizes badly)")
+    i.add_argument("--plot", metavar="LAYER", help="with --ranges: plot per-channel weight ranges of LAYER (name or "
+                                                     "source) to --plot-out, like DFQ's Figure 2")
+    i.add_argument("--plot-out", metavar="FILE.png", default="ranges.png", help="PNG for --plot (default ranges.png)")
 
     d = sub.add_parser("demo", help="run the main job on a built-in network (no files needed)")
     d.add_argument("-o", "--output", default="graphopt-demo.onnx", help="ONNX file to write (default: %(default)s)")
@@ -183,7 +188,8 @@ def cmd_convert(args) -> int:
     print(f"pipeline: {pipeline}")
     for name, runs in result.stats.items():
         for st in runs:
-            extra = ", ".join(f"{k}={v}" for k, v in st.items() if k not in ("modified", "seconds"))
+            extra = ", ".join(f"{k}={len(v) if isinstance(v, (list, dict)) else v}" for k, v in st.items()
+                              if k not in ("modified", "seconds"))
             print(f"  {name:<20} {'modified' if st['modified'] else 'unchanged':<9} {extra}")
     print(f"nodes {before[0]} -> {after[0]}, params {human(before[1])} -> {human(after[1])}, "
           f"weights {human(before[2], 'B')} -> {human(after[2], 'B')}, MACs {human(before[3])} -> {human(after[3])}")
@@ -215,6 +221,10 @@ def cmd_inspect(args) -> int:
     from .analysis import human, layer_table
 
     graph = load_model(args.model, args)
+    if args.plot and not args.ranges:
+        raise GraphOptError("--plot goes with --ranges")
+    if args.ranges:
+        return _inspect_ranges(graph, args)
     rows = layer_table(graph)
     w = max([len(r.name) for r in rows] + [5])
     w = min(w, 60)
@@ -226,6 +236,31 @@ def cmd_inspect(args) -> int:
     unknown = sum(m is None for m in macs)
     print(f"total: {len(rows)} nodes, {human(graph.num_params())} params, {human(sum(m or 0 for m in macs))} MACs "
           f"per sample" + (f" ({unknown} nodes with unknown shapes not counted)" if unknown else ""))
+    return 0
+
+
+def _inspect_ranges(graph, args) -> int:
+    import numpy as np
+
+    from .analysis import weight_ranges
+
+    rows = weight_ranges(graph)
+    if not rows:
+        raise GraphOptError("the model has no Conv/Gemm/MatMul layer with constant weights")
+    w = min(max(len(r["layer"]) for r in rows), 60)
+    print(f"{'layer':<{w}} {'op':<10} {'ch':>5} {'spread p99/p1':>14} {'max':>9} {'min>0':>9} {'zero ch':>7}")
+    for r in rows:
+        name = r["layer"] if len(r["layer"]) <= w else "…" + r["layer"][-(w - 1):]
+        print(f"{name:<{w}} {r['kind']:<10} {r['channels']:5d} {r['spread']:14.1f} {r['max']:9.3g} "
+              f"{r['min_nonzero']:9.3g} {r['zero_channels']:7d}")
+    dw = [r["spread"] for r in rows if r["kind"] == "depthwise" and np.isfinite(r["spread"])]
+    allsp = [r["spread"] for r in rows if np.isfinite(r["spread"])]
+    print(f"median spread: all layers {np.median(allsp):.1f}" + (f", depthwise {np.median(dw):.1f}" if dw else ""))
+    if args.plot:
+        from .analysis import plot_channel_ranges
+
+        plot_channel_ranges(graph, args.plot, args.plot_out)
+        print(f"wrote {args.plot_out}")
     return 0
 
 

@@ -88,6 +88,7 @@ def ort_session(model, threads: int | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only: unused-initializer notices would drown the tables
     if threads:
         so.intra_op_num_threads = threads
     src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
