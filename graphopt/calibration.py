@@ -170,6 +170,21 @@ class Moments(Observer):
         return {"count": self.n, "mean": mean.numpy(), "var": var.numpy()}
 
 
+class Histogram(Observer):
+    """Per-tensor histogram with fixed ``bins`` over a known [lo, hi] (from a MinMax pass)."""
+
+    def __init__(self, lo: float, hi: float, bins: int = 2048):
+        self.lo, self.hi, self.bins = float(lo), float(hi), bins
+        self.counts = torch.zeros(bins, dtype=torch.float64)
+
+    def update(self, x):
+        if self.hi > self.lo:
+            self.counts += torch.histc(x.detach().float().reshape(-1), self.bins, self.lo, self.hi).double()
+
+    def result(self):
+        return {"counts": self.counts.numpy(), "lo": self.lo, "hi": self.hi}
+
+
 class Collect(Observer):
     """Keeps the tensors themselves (up to ``max_items`` samples along dim 0)."""
 
@@ -225,3 +240,32 @@ def collect(graph: Graph, data: Any, names: Sequence[str], *, batch_size: int = 
             max_items: int | None = None) -> dict[str, np.ndarray]:
     """The values ``names`` for every sample (or the first ``max_items``), as arrays."""
     return observe(graph, data, {n: Collect(max_items) for n in names}, batch_size=batch_size)
+
+
+def compare(reference: Graph, test: Graph, data: Any, names: Sequence[str], *, batch_size: int = 32,
+            progress: bool = False) -> dict[str, float]:
+    """SQNR in dB of each named value of ``test`` against the same value of ``reference``,
+    from one pass of ``data`` through both (streaming sums, no tensors kept)."""
+    from .torch_backend import to_torch
+
+    data = data if isinstance(data, CalibrationData) else CalibrationData(data, batch_size=batch_size)
+    names = [n for n in names if n in reference.values and n in test.values]
+    ma, mb = to_torch(reference, outputs=names).eval(), to_torch(test, outputs=names).eval()
+    sig = torch.zeros(len(names), dtype=torch.float64)
+    noise = torch.zeros(len(names), dtype=torch.float64)
+    it: Iterable = data
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(data, total=data.num_batches(), desc="SQNR", leave=False)
+    with torch.no_grad():
+        for batch in it:
+            xb = torch.from_numpy(np.ascontiguousarray(batch))
+            for i, (a, b) in enumerate(zip(ma(xb), mb(xb))):
+                a, b = a.double(), b.double()
+                sig[i] += (a * a).sum()
+                noise[i] += ((a - b) ** 2).sum()
+    out = {}
+    for i, n in enumerate(names):
+        out[n] = float("inf") if noise[i] == 0 else float(10 * torch.log10(sig[i].clamp_min(1e-30) / noise[i]))
+    return out

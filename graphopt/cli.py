@@ -158,8 +158,6 @@ def cmd_convert(args) -> int:
     from .passmanager import Context, DumpIRInstrument, PassManager, TimingInstrument
     from .pipeline import parse_pipeline, presets
 
-    if args.format != "float":
-        raise GraphOptError(f"--format {args.format} is not implemented yet (it lands with the quantization passes)")
     if args.preset:
         pre = presets()
         if args.preset not in pre:
@@ -177,10 +175,23 @@ def cmd_convert(args) -> int:
     ctx = Context(calib=load_calib(args, graph) if args.calib else None)
     before = (len(graph), graph.num_params(), _size(graph), total_macs(graph))
     timing = TimingInstrument()
-    instruments = [timing] + ([DumpIRInstrument(args.dump_ir)] if args.dump_ir else [])
+    keeper = _KeepBeforeQuantize()
+    instruments = [timing, keeper] + ([DumpIRInstrument(args.dump_ir)] if args.dump_ir else [])
     result = PassManager(pipeline, verify_each=args.verify_each, instruments=instruments).run(graph, ctx)
     graph = result.graph
-    save_onnx(graph, args.output, external_data=True if args.external_data else None)
+    from .qlower import is_quantized
+
+    report = None
+    if args.format != "float" or is_quantized(graph):
+        from .atomic import atomic_paths
+        from .qlower import lower, to_model
+
+        lowered, report = lower(graph, args.format)
+        model = to_model(lowered, report.opset)
+        with atomic_paths(args.output) as (tmp,):
+            Path(tmp).write_bytes(model.SerializeToString())
+    else:
+        save_onnx(graph, args.output, external_data=True if args.external_data else None)
     dt = time.perf_counter() - t0
     after = (len(graph), graph.num_params(), _size(graph), total_macs(graph))
 
@@ -193,9 +204,59 @@ def cmd_convert(args) -> int:
             print(f"  {name:<20} {'modified' if st['modified'] else 'unchanged':<9} {extra}")
     print(f"nodes {before[0]} -> {after[0]}, params {human(before[1])} -> {human(after[1])}, "
           f"weights {human(before[2], 'B')} -> {human(after[2], 'B')}, MACs {human(before[3])} -> {human(after[3])}")
+    if report is not None:
+        _quant_summary(args, graph, keeper.graph, ctx, report)
     if args.timing:
         print(timing.report())
     return 0
+
+
+class _KeepBeforeQuantize:
+    """Instrument: keeps a copy of the float graph as it was just before ``quantize``."""
+
+    def __init__(self):
+        self.graph = None
+
+    def before(self, p, graph, index):
+        if p.name == "quantize":
+            self.graph = graph.copy()
+
+    def after(self, p, result, index, seconds):
+        pass
+
+
+def _quant_summary(args, graph, float_graph, ctx, report) -> None:
+    import os
+
+    from .qlower import ort_kernel_report
+
+    in_size = os.path.getsize(args.input) if os.path.isfile(args.input) else None
+    out_size = os.path.getsize(args.output)
+    print(f"format {report.format}: {report.qdq_pairs} activation quantizers, {report.weights} quantized "
+          f"initializers, opset {report.opset}" + (f", {report.fused} layers as QOperator" if report.fused else ""))
+    if report.simulated:
+        print(f"  simulated in float (no ONNX integer type for that bit width): {len(report.simulated)} quantizers, "
+              f"e.g. {', '.join(report.simulated[:3])}")
+    sizes = f"size {in_size / 1e6:.2f} MB -> {out_size / 1e6:.2f} MB" if in_size else f"size {out_size / 1e6:.2f} MB"
+    print(f"  {sizes}")
+    kr = ort_kernel_report(args.output)
+    ints = ", ".join(f"{k} x{v}" for k, v in sorted(kr["integer"].items())) or "none"
+    print(f"  onnxruntime integer kernels: {ints}")
+    if kr["float"]:
+        print(f"  onnxruntime runs {len(kr['float'])} Conv/Gemm/MatMul in FLOAT: " +
+              ", ".join(f"{op} {name}" for op, name in kr["float"][:8]) + (" ..." if len(kr["float"]) > 8 else ""))
+    else:
+        print("  every Conv/Gemm/MatMul runs as an integer kernel")
+    if float_graph is not None and ctx.calib is not None:
+        from .calibration import compare
+
+        names = [n.outputs[0].name for n in graph.nodes if n.op_type in ("Conv", "Gemm", "MatMul")]
+        sq = compare(float_graph, graph, ctx.calib, names, progress=ctx.show_progress)
+        src = {n.outputs[0].name: n.source for n in graph.nodes}
+        worst = sorted(sq.items(), key=lambda kv: kv[1])[:10]
+        print("  worst layers by SQNR vs float (calibration data):")
+        for name, db in worst:
+            print(f"    {db:6.1f} dB  {src.get(name, name)}")
 
 
 def cmd_passes(args) -> int:

@@ -5,7 +5,7 @@ Grammar::
     pipeline := item ("," item)*
     item     := NAME [ "{" option ("," option)* "}" ]
     option   := KEY "=" VALUE
-    VALUE    := bare text without , { } [ ] " = | "[" VALUE ("," VALUE)* "]" | '"' text '"'
+    VALUE    := bare text without , { } [ ] " or space | "[" VALUE ("," VALUE)* "]" | '"' text '"'
 
 ``str(parse_pipeline(s))`` gives a canonical string that parses back to an equal pipeline.
 A preset name may stand for its whole pipeline. Errors carry the 1-based column and, for a
@@ -24,7 +24,8 @@ from .errors import PipelineError
 from .passmanager import Pass, registry
 
 _PRESETS: dict[str, tuple[str, str]] = {}
-_SPECIAL = set(',{}[]"= ')
+_SPECIAL = set(',{}[]"= ')  # characters that make format_value quote a string
+_VALUE_STOP = set(',{}[]" ')  # where a bare value ends ('=' may appear inside one)
 
 
 def register_preset(name: str, pipeline: str, doc: str) -> None:
@@ -141,7 +142,7 @@ class _Parser:
                     return _Quoted("".join(out)), start
                 out.append(ch)
                 self.pos += 1
-        while self.pos < len(self.text) and self.text[self.pos] not in _SPECIAL:
+        while self.pos < len(self.text) and self.text[self.pos] not in _VALUE_STOP:
             self.pos += 1
         if self.pos == start:
             got = repr(self.peek()) if self.peek() else "end of text"

@@ -320,7 +320,9 @@ class _Builder:
         self.outputs = outputs
 
     # inputs --------------------------------------------------------------
-    def value(self, v: Value | None):
+    def value(self, v: Value | None, trainable: bool = True):
+        """The fx node for ``v``; a float constant of rank >= 1 becomes an nn.Parameter
+        unless ``trainable`` is False (then a buffer)."""
         if v is None:
             return None
         if v in self.env:
@@ -330,7 +332,7 @@ class _Builder:
             raise GraphOptError(f"value '{v.name}' is used before it is defined")
         attr = _attr_name(v.name, self.taken)
         t = torch.from_numpy(np.array(arr, copy=True))
-        if v.const is not None and is_param(np.asarray(arr)):
+        if trainable and v.const is not None and is_param(np.asarray(arr)):
             self.root.register_parameter(attr, nn.Parameter(t))
             self.param_names[v.name] = attr
         else:
@@ -648,6 +650,18 @@ def _where(b, n):
 def _variadic(b, n):
     fn = {"Min": onnx_min, "Max": onnx_max, "Sum": onnx_sum}[n.op_type]
     return [b.call(fn, *(b.inp(n, i) for i in range(len(n.inputs))))]
+
+
+@lowering("FakeQuant", domain="ai.graphopt")
+def _fake_quant(b, n):
+    from .quant import fake_quant
+
+    bits, signed, narrow = n.attr("bits", 8), n.attr("signed", 1), n.attr("narrow", 0)
+    qmin = (-(1 << (bits - 1)) + (1 if narrow else 0)) if signed else 0
+    qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    scale = b.value(n.inputs[1], trainable=bool(n.attr("learnable", 0)))
+    zp = b.value(n.inputs[2], trainable=False)
+    return [b.call(fake_quant, b.inp(n, 0), scale, zp, qmin, qmax, n.attr("axis"), n.attr("block_size", 0))]
 
 
 # --------------------------------------------------------------------------- module

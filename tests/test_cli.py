@@ -86,10 +86,11 @@ def test_missing_and_mismatched_calib(model_file, tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_unknown_preset_and_unimplemented_format(model_file, tmp_path):
+def test_unknown_preset_and_qdq_without_quantize(model_file, tmp_path):
     _one_line_error(cli("convert", model_file[0], "-o", tmp_path / "o.onnx", "--preset", "defualt"),
                     "did you mean 'default'")
-    _one_line_error(cli("convert", model_file[0], "-o", tmp_path / "o.onnx", "--format", "qdq"), "not implemented yet")
+    _one_line_error(cli("convert", model_file[0], "-o", tmp_path / "o.onnx", "--format", "qdq"),
+                    "needs a quantized graph: add 'quantize' to the pipeline")
 
 
 def test_usage_errors_exit_2(tmp_path):

@@ -1,0 +1,397 @@
+"""Post-training quantization: the ``quantize`` pass (calibration + FakeQuant insertion) and
+``correct-bias`` (DFQ 4.2 bias correction)."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+
+from graphopt.errors import GraphOptError
+from graphopt.ir import Graph, Node, Value
+from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
+from graphopt.quant import DOMAIN, FAKE_QUANT, QSpec, parse_spec, range_from_histogram, scale_zp, weight_qparams
+
+from . import _layers as L
+
+log = logging.getLogger("graphopt.passes.quantize")
+
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+# ops whose float inputs are quantized, so onnxruntime can run them on integers
+ACT_OPS = ("Conv", "Gemm", "MatMul", "Add", "Concat", "GlobalAveragePool", "AveragePool", "MaxPool")
+FUSED_ACTS = ("Relu", "Clip")
+FLOAT_TYPES = (1,)  # FLOAT
+
+
+def is_fake_quant(n: Node | None) -> bool:
+    return n is not None and n.domain == DOMAIN and n.op_type == FAKE_QUANT
+
+
+def fq_params(graph: Graph, n: Node) -> tuple[np.ndarray, np.ndarray, int, int]:
+    bits, signed, narrow = n.attr("bits", 8), n.attr("signed", 1), n.attr("narrow", 0)
+    qmin = (-(1 << (bits - 1)) + (1 if narrow else 0)) if signed else 0
+    qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    return np.asarray(graph.const_value(n.inputs[1])), np.asarray(graph.const_value(n.inputs[2])), qmin, qmax
+
+
+def fq_apply(graph: Graph, n: Node, x: np.ndarray) -> np.ndarray:
+    """The FakeQuant ``n`` applied to the constant ``x`` (numpy, exact ONNX Q/DQ maths)."""
+    from graphopt.quant import broadcast_param, fake_quant_np
+
+    s, z, qmin, qmax = fq_params(graph, n)
+    axis, block = n.attr("axis"), n.attr("block_size", 0)
+    if block:
+        sb = broadcast_param(s, x.ndim, axis, block, x.shape[axis])
+        zb = broadcast_param(z, x.ndim, axis, block, x.shape[axis])
+    else:
+        sb, zb = broadcast_param(s, x.ndim, axis), broadcast_param(z, x.ndim, axis)
+    return fake_quant_np(x, sb, zb, qmin, qmax)
+
+
+def add_fake_quant(graph: Graph, v: Value, scale: np.ndarray, zp: np.ndarray, spec: QSpec, kind: str,
+                   axis: int | None = None, source: str | None = None, consumers: list[tuple[Node, int]] | None = None
+                   ) -> Node:
+    """Insert FakeQuant after ``v``; its users (or just ``consumers``) read the quantized value.
+    A graph output keeps its name on the quantized value."""
+    graph.opset_imports.setdefault(DOMAIN, 1)
+    base = v.name
+    s = graph.add_const(np.asarray(scale, np.float32), f"{base}_scale")
+    z = graph.add_const(np.asarray(zp, np.float32), f"{base}_zero_point")
+    attrs = {"bits": spec.bits, "signed": int(spec.signed), "narrow": int(spec.narrow), "kind": kind}
+    if axis is not None:
+        attrs["axis"] = int(axis)
+    if spec.granularity == "block":
+        attrs["block_size"] = spec.block_size
+    uses = list(v.uses) if consumers is None else consumers
+    fq = graph.add_node(FAKE_QUANT, [v, s, z], [f"{base}_q"], attrs=attrs, domain=DOMAIN,
+                        name=graph.unique_node_name(f"{base}_fq"), source=source or (v.producer.source if v.producer else base))
+    out = fq.outputs[0]
+    out.dtype, out.shape = v.dtype, v.shape
+    for node, i in uses:
+        if i >= 0:
+            graph.set_input(node, i, out)
+    if v.is_graph_output and consumers is None:
+        name = v.name
+        graph.outputs = [out if o is v else o for o in graph.outputs]
+        graph.rename_value(v, graph.unique_name(name + "_float"))
+        graph.rename_value(out, name)
+    return fq
+
+
+def _weight_axes(n: Node) -> tuple[int, int]:
+    """(output-channel axis, input axis) of the weight of a compute node."""
+    if n.op_type == "Conv":
+        return 0, 1
+    if n.op_type == "Gemm" and n.attr("transB", 0):
+        return 0, 1
+    return 1, 0  # Gemm B[K, N] / MatMul W[K, N]
+
+
+def _match(patterns: list[str], node: Node) -> bool:
+    return any(fnmatch.fnmatchcase(node.source, p) or fnmatch.fnmatchcase(node.name, p) for p in patterns)
+
+
+@register_pass("quantize")
+@dataclass(kw_only=True)
+class Quantize(Pass):
+    """Calibrate and insert FakeQuant nodes for integer inference (needs calibration data).
+
+    Weights of Conv/Gemm/MatMul are quantized symmetrically (zero point 0, onnxruntime's fast
+    path). The granularity is per tensor, per output channel, or per block along the input
+    axis. Activations are quantized per tensor, placed where integer kernels fuse them. Each
+    input of Conv/Gemm/MatMul/Add/Concat/pooling is quantized, and so is each Conv/Gemm/MatMul
+    output, after its ReLU/Clip, never between. Concat inputs share one scale. A value that
+    stays float gets no FakeQuant. Biases become int32 with scale = input scale x weight scale.
+    A per-channel ``Min`` bound left by ``equalize`` that the calibration data never reaches is
+    dropped (exact on that data), so the Conv before it can fuse."""
+
+    weights: str = option("int8:channel", "weight spec: (u)int<bits>:tensor|channel|block<size>")
+    acts: str = option("uint8:tensor", "activation spec: (u)int<bits>[:tensor][:sym|asym] (uint = asymmetric)")
+    act_method: Literal["minmax", "percentile", "mse"] = option("minmax", "activation range from calibration")
+    percentile: float = option(99.99, "for act_method=percentile", minimum=50.0, maximum=100.0)
+    weight_method: Literal["minmax", "mse"] = option("minmax", "weight range: min-max or MSE-optimal clipping")
+    skip: list[str] = option([], "node name/source patterns (fnmatch) to leave in float")
+    override: list[str] = option([], "PATTERN=BITS: other weight bits for matching layers")
+    first_last_bits: Optional[int] = option(None, "weight bits for the first and last compute layers", minimum=2,
+                                            maximum=16)
+    drop_inactive_bounds: bool = option(True, "remove per-channel Min bounds the calibration data never reaches")
+    batch_size: int = option(32, "calibration batch size", minimum=1)
+
+    def requires(self, graph: Graph) -> None:
+        from graphopt.errors import PreconditionError
+
+        if any(is_fake_quant(n) for n in graph.nodes):
+            raise PreconditionError("the graph is already quantized (it has FakeQuant nodes)")
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        wspec = parse_spec(self.weights, "weights", default_symmetric=True)
+        aspec = parse_spec(self.acts, "acts", default_symmetric=self.acts.strip().lower().startswith("int"))
+        if aspec.granularity != "tensor":
+            raise GraphOptError(f"acts must be per tensor (got {aspec.granularity}): integer kernels take one "
+                                "activation scale")
+        if not wspec.symmetric or not wspec.signed:
+            raise GraphOptError("weights must be signed and symmetric (zero point 0), as integer kernels expect")
+        overrides = {}
+        for item in self.override:
+            pat, _, bits = item.rpartition("=")
+            if not pat or not bits.isdigit() or not 2 <= int(bits) <= 16:
+                raise GraphOptError(f"bad override '{item}': expected PATTERN=BITS with BITS in 2..16")
+            overrides[pat] = int(bits)
+        if ctx.calib is None:
+            raise GraphOptError("quantize needs calibration data (--calib FILE.npy or an image folder)")
+
+        graph.toposort()
+        compute = [n for n in graph.nodes if n.op_type in COMPUTE_OPS and n.domain == "" and
+                   L.is_linear_layer(graph, n) and not _match(self.skip, n)]
+        skipped = [n.source for n in graph.nodes if n.op_type in COMPUTE_OPS and _match(self.skip, n)]
+        targets = self._activation_targets(graph, compute)
+        mins = [n for n in graph.nodes if n.op_type == "Min" and L.per_channel_min_bound(graph, n) is not None] \
+            if self.drop_inactive_bounds else []
+
+        from graphopt.calibration import CalibrationData, Histogram, MinMax, observe
+
+        data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(ctx.calib,
+                                                                                        batch_size=self.batch_size)
+        obs: dict[str, list] = {v.name: [MinMax()] for v in targets}
+        for m in mins:
+            obs.setdefault(m.inputs[0].name, []).append(MinMax(axis=1))
+        first = observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (ranges)")
+        ranges = {v.name: (float(first[v.name][0]["min"][0]), float(first[v.name][0]["max"][0])) for v in targets}
+
+        dropped = 0
+        for m in mins:
+            res = first[m.inputs[0].name][-1]
+            bound = np.asarray(L.per_channel_min_bound(graph, m)).reshape(-1)
+            if bound.size in (1, res["max"].size) and np.all(res["max"] <= bound):
+                # inactive on the data: its input equals its output there, so ranges carry over
+                if m.outputs[0].name in ranges and m.inputs[0].name not in ranges:
+                    ranges[m.inputs[0].name] = ranges[m.outputs[0].name]
+                graph.replace_all_uses(m.outputs[0], m.inputs[0])
+                graph.remove_node(m)
+                dropped += 1
+        if dropped:
+            targets = self._activation_targets(graph, compute)
+
+        if self.act_method != "minmax":
+            hist = observe(graph, data, {v.name: Histogram(*ranges[v.name]) for v in targets},
+                           progress=ctx.show_progress, desc=f"calibrating ({self.act_method})")
+            ranges = {k: range_from_histogram(h["counts"], h["lo"], h["hi"], aspec, self.act_method, self.percentile)
+                      for k, h in hist.items()}
+        self._share_concat_ranges(graph, ranges)
+
+        act_fq: dict[str, Node] = {}
+        for v in targets:
+            lo, hi = ranges[v.name]
+            s, z = scale_zp(np.array(lo), np.array(hi), aspec)
+            act_fq[v.name] = add_fake_quant(graph, v, s.reshape(()), z.reshape(()), aspec, "act")
+        n_w = 0
+        first_last = {compute[0], compute[-1]} if compute and self.first_last_bits else set()
+        for n in compute:
+            bits = next((b for p, b in overrides.items() if _match([p], n)), None)
+            if bits is None and n in first_last:
+                bits = self.first_last_bits
+            spec = wspec if bits is None else QSpec(bits, True, wspec.granularity, wspec.block_size, True)
+            self._quantize_weights(graph, n, spec, self.weight_method)
+            self._quantize_bias(graph, n)
+            n_w += 1
+        return PassResult(graph, True, {"weights": n_w, "activations": len(targets), "bounds_dropped": dropped,
+                                        "skipped": skipped, "weight_spec": str(wspec), "act_spec": str(aspec)})
+
+    # ---------------------------------------------------------------- placement
+    def _activation_targets(self, graph: Graph, compute: list[Node]) -> list[Value]:
+        skip = {n for n in graph.nodes if _match(self.skip, n)}
+        chosen: dict[Value, None] = {}
+
+        def want(v: Value | None):
+            if v is None or v.const is not None or graph.const_value(v) is not None:
+                return
+            if v.dtype not in (None, *FLOAT_TYPES):
+                return
+            chosen[v] = None
+
+        for n in graph.nodes:
+            if n.domain != "" or n in skip or n.op_type not in ACT_OPS:
+                continue
+            if n.op_type in COMPUTE_OPS:
+                if n in compute:
+                    want(n.inputs[0])
+            else:
+                for v in n.inputs:
+                    want(v)
+        for n in compute:  # each compute output, after its fused ReLU/Clip
+            v = n.outputs[0]
+            while len(v.uses) == 1 and not v.is_graph_output:
+                (u,) = v.users()
+                if u.op_type not in FUSED_ACTS or u.domain != "" or u.inputs[0] is not v:
+                    break
+                if u.op_type == "Clip" and L.clip_bounds(graph, u) is None:
+                    break
+                v = u.outputs[0]
+            want(v)
+        return list(chosen)
+
+    @staticmethod
+    def _share_concat_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> None:
+        for n in graph.find_nodes("Concat"):
+            names = [v.name for v in n.inputs if v is not None and v.name in ranges]
+            if n.outputs[0].name in ranges:
+                names.append(n.outputs[0].name)
+            if len(names) > 1:
+                lo = min(ranges[k][0] for k in names)
+                hi = max(ranges[k][1] for k in names)
+                for k in names:
+                    ranges[k] = (lo, hi)
+
+    @staticmethod
+    def _quantize_weights(graph: Graph, n: Node, spec: QSpec, method: str) -> None:
+        w = L.weight(graph, n)
+        out_axis, in_axis = _weight_axes(n)
+        axis = {"tensor": None, "channel": out_axis, "block": in_axis}[spec.granularity]
+        s, z = weight_qparams(w, spec, axis if axis is not None else 0, method)
+        if axis is None:
+            s, z = s.reshape(()), z.reshape(())
+        add_fake_quant(graph, n.inputs[1], s, z, spec, "weight", axis, source=n.source, consumers=[(n, 1)])
+
+    @staticmethod
+    def _quantize_bias(graph: Graph, n: Node) -> None:
+        """int32 bias with scale = input scale x weight scale (per channel), zero point 0."""
+        if n.op_type == "MatMul" or len(n.inputs) < 3 or n.inputs[2] is None or graph.const_value(n.inputs[2]) is None:
+            return
+        x_fq, w_fq = n.inputs[0].producer, n.inputs[1].producer
+        if not is_fake_quant(x_fq) or not is_fake_quant(w_fq) or w_fq.attr("block_size", 0):
+            return
+        if n.op_type == "Gemm" and (n.attr("alpha", 1.0) != 1.0 or n.attr("beta", 1.0) != 1.0):
+            return
+        b = np.asarray(graph.const_value(n.inputs[2]))
+        sx = float(np.asarray(graph.const_value(x_fq.inputs[1])).reshape(()))
+        sw = np.asarray(graph.const_value(w_fq.inputs[1]), np.float32)
+        if b.ndim != 1 or (sw.size > 1 and sw.size != b.size):
+            return
+        # A channel with tiny weights has a tiny weight scale; its bias may then not fit in int32.
+        # Enlarge that channel's weight scale until it does (onnxruntime's quantizer does the same).
+        limit = np.float64(2 ** 31 - 1) * 0.5
+        need = np.abs(b.astype(np.float64)) / (np.float64(sx) * limit)
+        if np.any(need > sw):
+            sw = np.maximum(sw.astype(np.float64), need).astype(np.float32)
+            L.set_input_const(graph, w_fq, 1, sw.reshape(np.asarray(graph.const_value(w_fq.inputs[1])).shape))
+        scale = (sw * np.float32(sx)).astype(np.float32)
+        spec = QSpec(32, True, "channel" if sw.size > 1 else "tensor")
+        add_fake_quant(graph, n.inputs[2], scale, np.zeros_like(scale), spec, "bias",
+                       0 if sw.size > 1 else None, source=n.source, consumers=[(n, 2)])
+
+
+@register_pass("correct-bias")
+@dataclass(kw_only=True)
+class CorrectBias(Pass):
+    """Bias correction (DFQ 4.2): remove the mean output shift that weight quantization causes.
+
+    For each Conv/Gemm with quantized weights, the shift is E[(W_q - W) x] per output channel,
+    and it is subtracted from the bias. ``empirical`` measures E[x], the per-channel mean of
+    the layer's input, on the calibration data through the torch back end. That takes one pass
+    for all layers, and it is exact for 1x1 convs and Gemm; at zero-padded borders of larger
+    kernels it is approximate. ``analytical`` takes E[x] from the BatchNorm statistics that
+    fold-bn recorded upstream: x = ReLU(y) with y ~ N(beta, gamma^2). ``auto`` uses analytical
+    where BN statistics exist, and empirical elsewhere if data is given."""
+
+    mode: Literal["auto", "empirical", "analytical"] = option("auto", "where E[x] comes from")
+    min_shift: float = option(1e-7, "ignore corrections smaller than this (relative to the bias scale)", minimum=0.0)
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        layers = [n for n in graph.nodes if n.op_type in ("Conv", "Gemm") and len(n.inputs) > 1
+                  and is_fake_quant(n.inputs[1].producer) and n.inputs[1].producer.attr("kind") == "weight"
+                  and graph.const_value(n.inputs[1].producer.inputs[0]) is not None]
+        if not layers:
+            return PassResult(graph, False, {"corrected": 0, "reason": "no quantized Conv/Gemm weights"})
+        means: dict[Node, np.ndarray] = {}
+        reasons: dict[str, str] = {}
+        need_data = []
+        for n in layers:
+            m = _analytical_mean(graph, n) if self.mode in ("auto", "analytical") else None
+            if m is not None:
+                means[n] = m
+            elif self.mode == "analytical":
+                reasons[n.source] = "no BN statistics upstream"
+            elif ctx.calib is None:
+                reasons[n.source] = "no BN statistics upstream and no calibration data"
+            else:
+                need_data.append(n)
+        if need_data:
+            from graphopt.calibration import Moments, observe
+
+            axis = {n: (1 if n.op_type == "Conv" else -1) for n in need_data}
+            res = observe(graph, ctx.calib, {n.inputs[0].name: Moments(axis=axis[n]) for n in need_data},
+                          progress=ctx.show_progress, desc="correct-bias")
+            for n in need_data:
+                means[n] = res[n.inputs[0].name]["mean"]
+        corrected = 0
+        for n, ex in means.items():
+            fq = n.inputs[1].producer
+            w = np.asarray(graph.const_value(fq.inputs[0]), np.float64)
+            eps = fq_apply(graph, fq, w.astype(np.float32)).astype(np.float64) - w
+            shift = _mean_output(n, eps, np.asarray(ex, np.float64))
+            bias_v, bias_fq = _bias_value(graph, n)
+            b = np.zeros(shift.shape) if bias_v is None else np.asarray(graph.const_value(bias_v), np.float64)
+            if np.abs(shift).max(initial=0.0) <= self.min_shift * max(1.0, np.abs(b).max(initial=0.0)):
+                continue
+            new_b = (b - shift).astype(np.float32)
+            if bias_v is None:
+                if n.op_type == "Gemm" and n.attr("beta", 1.0) != 1.0:
+                    continue
+                L.set_input_const(graph, n, 2, new_b, "_bias")
+            elif bias_fq is not None:
+                L.set_input_const(graph, bias_fq, 0, new_b)
+            else:
+                L.set_input_const(graph, n, 2, new_b)
+            corrected += 1
+        return PassResult(graph, corrected > 0, {"corrected": corrected, "analytical": sum(
+            1 for n in means if n not in need_data), "empirical": len(need_data), "skipped": reasons})
+
+
+def _bias_value(graph: Graph, n: Node) -> tuple[Value | None, Node | None]:
+    if len(n.inputs) < 3 or n.inputs[2] is None:
+        return None, None
+    v = n.inputs[2]
+    if is_fake_quant(v.producer):
+        return v.producer.inputs[0], v.producer
+    return v, None
+
+
+def _mean_output(n: Node, eps: np.ndarray, ex: np.ndarray) -> np.ndarray:
+    """E[eps x] per output channel given per-input-channel means ex (constant input)."""
+    if n.op_type == "Conv":
+        g = n.attr("group", 1)
+        cout, cin_g = eps.shape[0], eps.shape[1]
+        return np.einsum("goik,gi->go", eps.reshape(g, cout // g, cin_g, -1), ex.reshape(g, cin_g)).reshape(cout)
+    return eps @ ex if n.attr("transB", 0) else ex @ eps
+
+
+def _analytical_mean(graph: Graph, n: Node) -> np.ndarray | None:
+    """E[x] of a layer input x = ReLU(y), y ~ N(beta, gamma^2) from fold-bn metadata upstream."""
+    v = n.inputs[0]
+    relu = False
+    while v is not None and v.producer is not None:
+        p = v.producer
+        if "bn" in v.meta:
+            break
+        if is_fake_quant(p) or p.op_type in ("Min", "Identity"):
+            v = p.inputs[0]
+        elif p.op_type in ("Relu", "Clip"):
+            relu = True
+            v = p.inputs[0]
+        else:
+            return None
+    if v is None or "bn" not in v.meta:
+        return None
+    beta = np.asarray(v.meta["bn"]["beta"], np.float64)
+    gamma = np.abs(np.asarray(v.meta["bn"]["gamma"], np.float64))
+    if not relu:
+        return beta
+    g = np.maximum(gamma, 1e-12)
+    z = beta / g
+    pdf = np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
+    return beta * cdf + g * pdf
