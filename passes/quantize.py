@@ -102,9 +102,9 @@ class Quantize(Pass):
 
     Weights of Conv/Gemm/MatMul are quantized symmetrically (zero point 0, onnxruntime's fast
     path). The granularity is per tensor, per output channel, or per block along the input
-    axis. Activations are quantized per tensor, placed where integer kernels fuse them. Each
-    input of Conv/Gemm/MatMul/Add/Concat/pooling is quantized, and so is each Conv/Gemm/MatMul
-    output, after its ReLU/Clip, never between. Concat inputs share one scale. A value that
+    axis. Activations are quantized per tensor, placed where integer kernels fuse them. The
+    inputs and output of Add/Concat/pooling are quantized, and so is the input of each
+    Conv/Gemm/MatMul. So is each Conv/Gemm/MatMul output, after its ReLU/Clip, never between. Concat inputs share one scale. A value that
     stays float gets no FakeQuant. Biases become int32 with scale = input scale x weight scale.
     A per-channel ``Min`` bound left by ``equalize`` that the calibration data never reaches is
     dropped (exact on that data), so the Conv before it can fuse."""
@@ -219,10 +219,12 @@ class Quantize(Pass):
             if n.op_type in COMPUTE_OPS:
                 if n in compute:
                     want(n.inputs[0])
-            else:
+            else:  # Add/Concat/pooling: QLinear kernels take quantized inputs and give a quantized output
                 for v in n.inputs:
                     want(v)
-        for n in compute:  # each compute output, after its fused ReLU/Clip
+        producers = compute + [n for n in graph.nodes if n.domain == "" and n not in skip and n.op_type in ACT_OPS
+                               and n.op_type not in COMPUTE_OPS]
+        for n in producers:  # each output, after its fused ReLU/Clip, never between
             v = n.outputs[0]
             while len(v.uses) == 1 and not v.is_graph_output:
                 (u,) = v.users()
@@ -291,14 +293,15 @@ class CorrectBias(Pass):
 
     For each Conv/Gemm with quantized weights, the shift is E[(W_q - W) x] per output channel,
     and it is subtracted from the bias. ``empirical`` measures E[x], the per-channel mean of
-    the layer's input, on the calibration data through the torch back end. That takes one pass
-    for all layers, and it is exact for 1x1 convs and Gemm; at zero-padded borders of larger
-    kernels it is approximate. ``analytical`` takes E[x] from the BatchNorm statistics that
+    the layer's input in the float model, on the calibration data through the torch back end.
+    That takes one pass for all layers, and it is exact for 1x1 convs and Gemm; at zero-padded
+    borders of larger kernels it is approximate. ``analytical`` takes E[x] from the BatchNorm statistics that
     fold-bn recorded upstream: x = ReLU(y) with y ~ N(beta, gamma^2). ``auto`` uses analytical
     where BN statistics exist, and empirical elsewhere if data is given."""
 
     mode: Literal["auto", "empirical", "analytical"] = option("auto", "where E[x] comes from")
-    min_shift: float = option(1e-7, "ignore corrections smaller than this (relative to the bias scale)", minimum=0.0)
+    tol: float = option(1e-3, "leave a bias alone when its correction changes it by less than this, relative to "
+                              "the bias magnitude (so a second run is a no-op)", minimum=0.0)
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         layers = [n for n in graph.nodes if n.op_type in ("Conv", "Gemm") and len(n.inputs) > 1
@@ -322,11 +325,14 @@ class CorrectBias(Pass):
         if need_data:
             from graphopt.calibration import Moments, observe
 
+            # E[x] of the *float* model: the correction then depends only on W, W_q and float
+            # activations, never on earlier corrections, so running the pass twice changes nothing.
+            fgraph, names = float_view(graph, [n.inputs[0] for n in need_data])
             axis = {n: (1 if n.op_type == "Conv" else -1) for n in need_data}
-            res = observe(graph, ctx.calib, {n.inputs[0].name: Moments(axis=axis[n]) for n in need_data},
+            res = observe(fgraph, ctx.calib, {names[i]: Moments(axis=axis[n]) for i, n in enumerate(need_data)},
                           progress=ctx.show_progress, desc="correct-bias")
-            for n in need_data:
-                means[n] = res[n.inputs[0].name]["mean"]
+            for i, n in enumerate(need_data):
+                means[n] = res[names[i]]["mean"]
         corrected = 0
         for n, ex in means.items():
             fq = n.inputs[1].producer
@@ -335,9 +341,11 @@ class CorrectBias(Pass):
             shift = _mean_output(n, eps, np.asarray(ex, np.float64))
             bias_v, bias_fq = _bias_value(graph, n)
             b = np.zeros(shift.shape) if bias_v is None else np.asarray(graph.const_value(bias_v), np.float64)
-            if np.abs(shift).max(initial=0.0) <= self.min_shift * max(1.0, np.abs(b).max(initial=0.0)):
+            # correct from the bias as it was before any correction: running twice must not double it
+            original = n.meta.setdefault("bias_before_correction", b.copy())
+            new_b = (np.asarray(original, np.float64) - shift).astype(np.float32)
+            if np.abs(new_b - b).max(initial=0.0) <= self.tol * max(1e-3, np.abs(b).max(initial=0.0)):
                 continue
-            new_b = (b - shift).astype(np.float32)
             if bias_v is None:
                 if n.op_type == "Gemm" and n.attr("beta", 1.0) != 1.0:
                     continue
@@ -349,6 +357,32 @@ class CorrectBias(Pass):
             corrected += 1
         return PassResult(graph, corrected > 0, {"corrected": corrected, "analytical": sum(
             1 for n in means if n not in need_data), "empirical": len(need_data), "skipped": reasons})
+
+
+def float_view(graph: Graph, values: list[Value]) -> tuple[Graph, list[str]]:
+    """A copy of ``graph`` with every FakeQuant bypassed and every bias back to its value before
+    bias correction (the float model), and the names ``values`` have there."""
+    g = graph.copy()
+    for n in g.nodes:
+        if "bias_before_correction" in n.meta:
+            bv, _ = _bias_value(g, n)
+            if bv is not None:
+                g.set_const(bv, np.asarray(n.meta["bias_before_correction"], np.float32))
+    names = []
+    for v in values:
+        u = g.values[v.name]
+        while is_fake_quant(u.producer):
+            u = u.producer.inputs[0]
+        names.append(u.name)
+    for n in [n for n in g.nodes if is_fake_quant(n)]:
+        src, out = n.inputs[0], n.outputs[0]
+        if out.is_graph_output:
+            continue  # keep the interface; it is not among the probed values
+        for node, i in list(out.uses):
+            if i >= 0:
+                g.set_input(node, i, src)
+        g.remove_node(n)
+    return g, names
 
 
 def _bias_value(graph: Graph, n: Node) -> tuple[Value | None, Node | None]:
