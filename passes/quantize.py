@@ -91,6 +91,25 @@ def _weight_axes(n: Node) -> tuple[int, int]:
     return 1, 0  # Gemm B[K, N] / MatMul W[K, N]
 
 
+def _gptq_weights(n: Node, w: np.ndarray, H: np.ndarray, s: np.ndarray, z: np.ndarray, spec: QSpec) -> np.ndarray:
+    """GPTQ-rounded weights (on the grid of scale ``s``), in ``w``'s layout."""
+    from graphopt.quant import gptq
+
+    if n.op_type == "Conv":
+        g = n.attr("group", 1)
+        rows = w.reshape(g, w.shape[0] // g, -1)
+    else:
+        rows = (w if (n.op_type == "Gemm" and n.attr("transB", 0)) else w.T)[None]
+    G, R, _ = rows.shape
+    sb = np.broadcast_to(np.asarray(s, np.float64).reshape(-1), (G * R,)).reshape(G, R)
+    zb = np.broadcast_to(np.asarray(z, np.float64).reshape(-1), (G * R,)).reshape(G, R)
+    q = gptq(rows, H, sb, zb, spec.qmin, spec.qmax).astype(np.float32)
+    if n.op_type == "Conv":
+        return q.reshape(w.shape)
+    q = q[0]
+    return q if (n.op_type == "Gemm" and n.attr("transB", 0)) else np.ascontiguousarray(q.T)
+
+
 def _match(patterns: list[str], node: Node) -> bool:
     return any(fnmatch.fnmatchcase(node.source, p) or fnmatch.fnmatchcase(node.name, p) for p in patterns)
 
@@ -113,7 +132,9 @@ class Quantize(Pass):
     acts: str = option("uint8:tensor", "activation spec: (u)int<bits>[:tensor][:sym|asym] (uint = asymmetric)")
     act_method: Literal["minmax", "percentile", "mse"] = option("minmax", "activation range from calibration")
     percentile: float = option(99.99, "for act_method=percentile", minimum=50.0, maximum=100.0)
-    weight_method: Literal["minmax", "mse"] = option("minmax", "weight range: min-max or MSE-optimal clipping")
+    weight_method: Literal["minmax", "mse", "gptq"] = option(
+        "minmax", "weights: min-max range, MSE-optimal clipping, or GPTQ (MSE clipping + Hessian-aware rounding "
+                  "from the calibration data)")
     skip: list[str] = option([], "node name/source patterns (fnmatch) to leave in float")
     override: list[str] = option([], "PATTERN=BITS: other weight bits for matching layers")
     first_last_bits: Optional[int] = option(None, "weight bits for the first and last compute layers", minimum=2,
@@ -159,6 +180,16 @@ class Quantize(Pass):
         obs: dict[str, list] = {v.name: [MinMax()] for v in targets}
         for m in mins:
             obs.setdefault(m.inputs[0].name, []).append(MinMax(axis=1))
+        hessians: dict[Node, object] = {}
+        if self.weight_method == "gptq":
+            from graphopt.quant import HessianObserver
+
+            for n in compute:
+                h = HessianObserver(n.op_type, n.attr("kernel_shape", list(L.weight(graph, n).shape[2:])),
+                                    n.attr("strides", [1, 1]), n.attr("pads", [0, 0, 0, 0]),
+                                    n.attr("dilations", [1, 1]), n.attr("group", 1))
+                hessians[n] = h
+                obs.setdefault(n.inputs[0].name, []).append(h)
         first = observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (ranges)")
         ranges = {v.name: (float(first[v.name][0]["min"][0]), float(first[v.name][0]["max"][0])) for v in targets}
 
@@ -195,7 +226,8 @@ class Quantize(Pass):
             if bits is None and n in first_last:
                 bits = self.first_last_bits
             spec = wspec if bits is None else QSpec(bits, True, wspec.granularity, wspec.block_size, True)
-            self._quantize_weights(graph, n, spec, self.weight_method)
+            h = hessians.get(n)
+            self._quantize_weights(graph, n, spec, self.weight_method, None if h is None else h.result())
             self._quantize_bias(graph, n)
             n_w += 1
         return PassResult(graph, True, {"weights": n_w, "activations": len(targets), "bounds_dropped": dropped,
@@ -249,14 +281,22 @@ class Quantize(Pass):
                     ranges[k] = (lo, hi)
 
     @staticmethod
-    def _quantize_weights(graph: Graph, n: Node, spec: QSpec, method: str) -> None:
+    def _quantize_weights(graph: Graph, n: Node, spec: QSpec, method: str, hessian=None) -> None:
         w = L.weight(graph, n)
         out_axis, in_axis = _weight_axes(n)
         axis = {"tensor": None, "channel": out_axis, "block": in_axis}[spec.granularity]
-        s, z = weight_qparams(w, spec, axis if axis is not None else 0, method)
+        s, z = weight_qparams(w, spec, axis if axis is not None else 0, "mse" if method == "gptq" else method)
         if axis is None:
             s, z = s.reshape(()), z.reshape(())
-        add_fake_quant(graph, n.inputs[1], s, z, spec, "weight", axis, source=n.source, consumers=[(n, 1)])
+        float_w = None
+        if method == "gptq":
+            if spec.granularity == "block":
+                raise GraphOptError("weight_method=gptq supports per-tensor and per-channel weights, not blocks")
+            float_w = w
+            L.set_input_const(graph, n, 1, _gptq_weights(n, w, hessian, s, z, spec))
+        fq = add_fake_quant(graph, n.inputs[1], s, z, spec, "weight", axis, source=n.source, consumers=[(n, 1)])
+        if float_w is not None:
+            fq.meta["float_weight"] = float_w  # what bias correction measures the error against
 
     @staticmethod
     def _quantize_bias(graph: Graph, n: Node) -> None:
@@ -336,8 +376,9 @@ class CorrectBias(Pass):
         corrected = 0
         for n, ex in means.items():
             fq = n.inputs[1].producer
-            w = np.asarray(graph.const_value(fq.inputs[0]), np.float64)
-            eps = fq_apply(graph, fq, w.astype(np.float32)).astype(np.float64) - w
+            wq = fq_apply(graph, fq, np.asarray(graph.const_value(fq.inputs[0]), np.float32)).astype(np.float64)
+            w = np.asarray(fq.meta.get("float_weight", graph.const_value(fq.inputs[0])), np.float64)
+            eps = wq - w
             shift = _mean_output(n, eps, np.asarray(ex, np.float64))
             bias_v, bias_fq = _bias_value(graph, n)
             b = np.zeros(shift.shape) if bias_v is None else np.asarray(graph.const_value(bias_v), np.float64)

@@ -5,7 +5,7 @@
 Calibrates on the first --calib imagenet-sample images and measures top-1 on the rest, in one
 run. Peer rows use onnxruntime.quantization.quantize_static (QDQ, MinMax) with the same
 calibration images. Latency is onnxruntime's (default session options, all threads), as a ratio to
-FP32 at batch 1 and 32. Conversion time is the wall time from the FP32 file to the written
+FP32 at batch 1 and 32, the median of --repeat interleaved rounds over all models. Conversion time is the wall time from the FP32 file to the written
 quantized file, as a ratio to ORT's conversion of the same weight format.
 """
 
@@ -84,18 +84,28 @@ def evaluate(path, x, y, ref_top1) -> tuple[float, float]:
     return 100 * float((top1 == y).mean()), 100 * float((top1 == ref_top1).mean())
 
 
-def latency(path, x1, x32, repeat) -> tuple[float, float]:
-    sess = ort_session(path)
-    name = sess.get_inputs()[0].name
-    b1 = median_time(lambda: sess.run(None, {name: x1}), repeat * 3, 3)
-    b32 = median_time(lambda: sess.run(None, {name: x32}), repeat, 1)
-    return b1, b32
+def latencies(paths, x1, x32, repeat) -> dict:
+    """Median batch-1 and batch-32 latency per model, measured in interleaved rounds (every round
+    times every model once, in rotating order) so that all models share the machine's noise."""
+    sessions = {p: ort_session(p) for p in paths}
+    names = {p: s.get_inputs()[0].name for p, s in sessions.items()}
+    times = {p: ([], []) for p in paths}
+    for p, s in sessions.items():  # warm up
+        s.run(None, {names[p]: x1}), s.run(None, {names[p]: x32})
+    order = list(paths)
+    for r in range(repeat):
+        order = order[1:] + order[:1]
+        for p in order:
+            s = sessions[p]
+            times[p][0].append(median_time(lambda s=s, p=p: s.run(None, {names[p]: x1}), 3, 0))
+            times[p][1].append(median_time(lambda s=s, p=p: s.run(None, {names[p]: x32}), 1, 0))
+    return {p: (float(np.median(a)), float(np.median(b))) for p, (a, b) in times.items()}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calib", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=15, help="latency rounds")
     ap.add_argument("--extra", action="store_true", help="also the w4a8 variant with 8-bit depthwise layers")
     args = ap.parse_args()
     from graphopt.qlower import ort_kernel_report
@@ -120,14 +130,15 @@ def main() -> int:
         secs, _ = ours(src, out, calib, pipe)
         models.append((label, out, secs, peer))
 
-    fp_b1, fp_b32 = latency(src, x1, x32, args.repeat)
+    lat = latencies([path for _, path, _, _ in models], x1, x32, args.repeat)
+    fp_b1, fp_b32 = lat[src]
     print(f"EfficientNet-Lite0, calibration {len(calib)} images, top-1 on the other {len(xt)} imagenet-sample images")
     print(f"{'model':34s} {'top-1':>6s} {'agree':>6s} {'MB':>6s} {'lat b1':>7s} {'lat b32':>8s} {'conv. s':>8s} "
           f"{'vs ORT':>7s} {'float conv/gemm':>16s}")
     results = {}
     for label, path, secs, peer in models:
         top1, agree = evaluate(path, xt, yt, ref_top1)
-        b1, b32 = (fp_b1, fp_b32) if label == "FP32" else latency(path, x1, x32, args.repeat)
+        b1, b32 = lat[path]
         size = Path(path).stat().st_size / 1e6
         kr = ort_kernel_report(str(path))
         n_float = len(kr["float"])
