@@ -269,9 +269,9 @@ class HessianObserver:
                 x = torch.nn.functional.pad(x, [begin[1], end[1], begin[0], end[0]])
                 begin = [0, 0]
             cols = torch.nn.functional.unfold(x, self.kernel, self.dilations, begin, self.strides)  # [B, C*k, L]
-            b, ck, l = cols.shape
+            b, ck, n_pos = cols.shape
             g = self.groups
-            cols = cols.reshape(b, g, ck // g, l).permute(1, 2, 0, 3).reshape(g, ck // g, b * l)
+            cols = cols.reshape(b, g, ck // g, n_pos).permute(1, 2, 0, 3).reshape(g, ck // g, b * n_pos)
         else:
             cols = x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # [1, K, M]
         h = (cols @ cols.transpose(1, 2)).double()

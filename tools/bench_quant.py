@@ -93,12 +93,12 @@ def latencies(paths, x1, x32, repeat) -> dict:
     for p, s in sessions.items():  # warm up
         s.run(None, {names[p]: x1}), s.run(None, {names[p]: x32})
     order = list(paths)
-    for r in range(repeat):
+    for _ in range(repeat):
         order = order[1:] + order[:1]
         for p in order:
             s = sessions[p]
-            times[p][0].append(median_time(lambda s=s, p=p: s.run(None, {names[p]: x1}), 3, 0))
-            times[p][1].append(median_time(lambda s=s, p=p: s.run(None, {names[p]: x32}), 1, 0))
+            times[p][0].append(median_time(lambda s=s, p=p: s.run(None, {names[p]: x1}), 15, 0))
+            times[p][1].append(median_time(lambda s=s, p=p: s.run(None, {names[p]: x32}), 2, 0))
     return {p: (float(np.median(a)), float(np.median(b))) for p, (a, b) in times.items()}
 
 
