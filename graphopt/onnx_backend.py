@@ -20,6 +20,7 @@ from .errors import GraphOptError
 from .ir import Graph, Node, Value
 from .util import with_gc_paused
 
+SOURCE_KEY = "graphopt.source"
 # Above this total of constant bytes a model must use external data (protobuf's 2 GB cap).
 PROTOBUF_LIMIT = 2_000_000_000 - 64_000_000
 # dtypes whose ONNX external-data layout is the plain little-endian numpy layout.
@@ -51,6 +52,9 @@ def node_to_proto(n: Node) -> onnx.NodeProto:
     p.output.extend(v.name for v in n.outputs)
     if n.doc_string:
         p.doc_string = n.doc_string
+    src = n.meta.get("source")
+    if src and src != n.name:  # provenance survives the file (NodeProto.metadata_props, ONNX >= 1.16)
+        p.metadata_props.append(onnx.StringStringEntryProto(key=SOURCE_KEY, value=src))
     for k, a in n.attrs.items():
         p.attribute.append(attr_to_proto(k, a, n.attr_types.get(k)))
     return p

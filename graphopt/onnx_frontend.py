@@ -205,6 +205,9 @@ def from_model_proto(model: onnx.ModelProto, *, base_dir: Path | None = None, la
         node.graph = graph
         if np_.name:
             node.meta["source"] = np_.name
+        for prop in np_.metadata_props:
+            if prop.key == "graphopt.source":
+                node.meta["source"] = prop.value
         node.doc_string = np_.doc_string
         for a in np_.attribute:
             node.attrs[a.name] = attr_from_proto(a)

@@ -47,6 +47,7 @@ def test_provenance_is_module_qualified_name():
     g = from_torch(model, torch.from_numpy(x))
     sources = {n.source for n in g.nodes}
     assert {"l1.conv1", "l1.bn1", "l2.down.0", "fc"} <= sources
+    assert {n.source for n in load_onnx(to_onnx(g)).nodes} == sources  # kept through an ONNX file
     conv = next(n for n in g.nodes if n.source == "l2.conv1")
     assert conv.op_type == "Conv" and conv.attrs["strides"] == [2, 2]
     assert conv.inputs[1].name == "l2.conv1.weight"

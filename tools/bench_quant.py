@@ -156,6 +156,8 @@ def main() -> int:
                results["graphopt int8"][3] <= results["ORT per-channel W8A8"][3] * 1.0)]
     for what, ok in checks:
         print(f"  [{'PASS' if ok else 'FAIL'}] {what}")
+    g8, o8 = results["graphopt int8"], results["ORT per-channel W8A8"]
+    print(f"  int8 latency / ORT per-channel W8A8 latency: batch 1 {g8[2] / o8[2]:.3f}, batch 32 {g8[3] / o8[3]:.3f}")
     return 0
 
 

@@ -1,0 +1,452 @@
+"""Structured channel pruning: dependency analysis, ``prune-channels`` (selection) and
+``fold-prune`` (physical removal). Selection and folding are separate steps: prune-channels only
+records masks, fold-prune removes the channels from every member of each group.
+
+Dependency analysis. A *channel space* is a set of values whose channel axis (axis 1) must keep
+the same channels. Union-find joins them through:
+- channel-wise ops: BN, activations, pooling, Identity;
+- depthwise convs: channels pass through, and ``group`` shrinks with them;
+- element-wise binary ops whose operands both carry the channels. A residual Add couples its
+  branches. A [N,1,H,W] operand or a broadcast constant does not couple.
+Derived spaces map a base space's channels onto other values:
+- Concat outputs: offsets;
+- Split outputs: segments;
+- Flatten -> Gemm: channel c is features [c*s, (c+1)*s).
+A space can be pruned only when every producer is a Conv/Gemm/MatMul with constant weights, and
+every reader is understood. An op the analysis does not understand makes its space unprunable,
+and the reason names the op and the node; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from graphopt.errors import GraphOptError
+from graphopt.ir import Graph, Node, Value
+from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
+
+from . import _layers as L
+
+log = logging.getLogger("graphopt.passes.prune")
+
+CHANNELWISE = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "Identity", "Dropout",
+               "Softplus", "Neg", "Abs", "Exp", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+               "BatchNormalization", "PRelu", "Erf"}
+BINARY = {"Add", "Sub", "Mul", "Div", "Min", "Max"}
+MASK_KEY = "prune_keep"
+
+
+@dataclass
+class Space:
+    id: int
+    channels: int
+    values: list[Value] = field(default_factory=list)
+    producers: list[Node] = field(default_factory=list)  # layers whose output rows are these channels
+    depthwise: list[Node] = field(default_factory=list)  # channels pass through (rows and group shrink)
+    consumers: list[tuple[Node, int]] = field(default_factory=list)  # (layer, factor s): reads columns
+    params: list[tuple[Node, int]] = field(default_factory=list)  # per-channel constant inputs to slice
+    derived: list[tuple[str, Node, int]] = field(default_factory=list)  # ("concat"|"split"|"flatten", node, index)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reasons and bool(self.producers)
+
+    @property
+    def key(self) -> str:
+        return self.producers[0].outputs[0].name if self.producers else f"space{self.id}"
+
+    @property
+    def names(self) -> list[str]:
+        return [n.source for n in self.producers]
+
+
+class _UF:
+    def __init__(self):
+        self.parent: dict[Value, Value] = {}
+
+    def find(self, v: Value) -> Value:
+        self.parent.setdefault(v, v)
+        while self.parent[v] is not v:
+            self.parent[v] = self.parent[self.parent[v]]
+            v = self.parent[v]
+        return v
+
+    def union(self, a: Value, b: Value) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra is not rb:
+            self.parent[rb] = ra
+
+
+def _channels(v: Value | None) -> int | None:
+    if v is None or v.shape is None or len(v.shape) < 2 or not isinstance(v.shape[1], int):
+        return None
+    return v.shape[1]
+
+
+def _is_depthwise(graph: Graph, n: Node) -> bool:
+    w = L.weight(graph, n)
+    g = n.attr("group", 1)
+    return n.op_type == "Conv" and g > 1 and w.shape[1] == 1 and w.shape[0] == g and _channels(n.inputs[0]) == g
+
+
+def analyze(graph: Graph) -> list[Space]:
+    """Channel spaces of ``graph`` (see the module doc). Runs shape inference first."""
+    try:
+        graph.infer_shapes()
+    except Exception as e:  # keep the shapes we have; values without one are not pruned
+        log.warning("prune: shape inference failed (%s); using the recorded shapes", str(e).splitlines()[0])
+    graph.toposort()
+    uf = _UF()
+    roles: list[tuple[str, object]] = []  # deferred facts keyed by value, resolved after unions
+    problems: list[tuple[Value, str]] = []
+    for n in graph.nodes:
+        op = n.op_type
+        ins = [v for v in n.inputs if v is not None]
+        chan_ins = [(i, v) for i, v in enumerate(n.inputs) if v is not None and graph.const_value(v) is None
+                    and _channels(v) is not None]
+        out = n.outputs[0] if n.outputs else None
+        if n.domain != "":
+            for _, v in chan_ins:
+                problems.append((v, f"op {n.qualified_op} '{n.name}' is not understood"))
+            continue
+        if op in ("Conv", "Gemm", "MatMul") and L.is_linear_layer(graph, n):
+            x = n.inputs[0]
+            if op == "Conv" and _is_depthwise(graph, n):
+                uf.union(x, out)
+                roles.append(("depthwise", (x, n)))
+                continue
+            if op == "Conv" and n.attr("group", 1) > 1:
+                problems.append((x, f"grouped conv '{n.name}' (equal removal per group is not supported yet)"))
+                problems.append((out, f"grouped conv '{n.name}' output"))
+                continue
+            if op == "MatMul" and (x.shape is None or len(x.shape) != 2):
+                problems.append((x, f"MatMul '{n.name}' on a rank-{len(x.shape) if x.shape else '?'} input"))
+            elif _channels(x) is not None:
+                roles.append(("consumer", (x, n, 1)))
+            roles.append(("producer", (out, n)))
+            continue
+        if op in CHANNELWISE:
+            if chan_ins and out is not None:
+                x = n.inputs[0]
+                if _channels(x) is not None:
+                    uf.union(x, out)
+                for i, v in enumerate(n.inputs[1:], start=1):
+                    c = graph.const_value(v) if v is not None else None
+                    if c is not None and np.asarray(c).size == _channels(x) and np.asarray(c).size > 1:
+                        roles.append(("param", (x, n, i)))
+                    elif v is not None and c is None:
+                        problems.append((x, f"{op} '{n.name}' with a computed parameter"))
+            continue
+        if op in BINARY and out is not None and _channels(out) is not None:
+            cout = _channels(out)
+            for i, v in enumerate(n.inputs):
+                if v is None:
+                    continue
+                c = graph.const_value(v)
+                if c is not None:
+                    c = np.asarray(c)
+                    rank = len(out.shape)
+                    shape = (1,) * (rank - c.ndim) + c.shape
+                    if shape[1] == cout and cout > 1:
+                        roles.append(("param", (out, n, i)))
+                    continue
+                ch = _channels(v)
+                if ch == cout:
+                    uf.union(v, out)  # both operands carry the channels: coupled
+                elif ch != 1:
+                    problems.append((out, f"{op} '{n.name}' broadcasts in an unknown way"))
+            continue
+        if op == "Concat" and out is not None and n.attr("axis") in (1, -len(out.shape or [0, 0]) + 1) and \
+                all(_channels(v) is not None for v in ins):
+            for i, v in enumerate(n.inputs):
+                roles.append(("concat", (v, n, i)))
+            roles.append(("derived-root", (out, n)))
+            continue
+        if op == "Split" and n.attr("axis", 0) == 1 and _channels(n.inputs[0]) is not None:
+            roles.append(("split", (n.inputs[0], n)))
+            for o in n.outputs:
+                roles.append(("derived-root", (o, n)))
+            continue
+        if op == "Flatten" and n.attr("axis", 1) == 1 and _channels(n.inputs[0]) is not None and out is not None:
+            users = out.users()
+            shape = n.inputs[0].shape
+            s = int(np.prod(shape[2:])) if all(isinstance(d, int) for d in shape[2:]) else None
+            if s is not None and users and all(u.op_type in ("Gemm", "MatMul") and L.is_linear_layer(graph, u)
+                                               and u.inputs[0] is out for u in users) and not out.is_graph_output:
+                for u in users:
+                    roles.append(("consumer", (n.inputs[0], u, s)))
+                continue
+        for _, v in chan_ins:  # anything else reading channels: not understood
+            problems.append((v, f"op {op} '{n.name}' is not understood"))
+
+    spaces: dict[Value, Space] = {}
+
+    def space(v: Value) -> Space:
+        r = uf.find(v)
+        if r not in spaces:
+            spaces[r] = Space(len(spaces), _channels(v) or 0)
+        return spaces[r]
+
+    derived_roots: set[Value] = set()
+    for kind, data in roles:
+        if kind == "producer":
+            out, n = data
+            space(out).producers.append(n)
+        elif kind == "consumer":
+            v, n, s = data
+            space(v).consumers.append((n, s))
+        elif kind == "depthwise":
+            v, n = data
+            space(v).depthwise.append(n)
+        elif kind == "param":
+            v, n, i = data
+            space(v).params.append((n, i))
+        elif kind in ("concat", "split"):
+            v, n, *rest = data
+            space(v).derived.append((kind, n, rest[0] if rest else 0))
+        elif kind == "derived-root":
+            derived_roots.add(uf.find(data[0]))
+    for v, why in problems:
+        space(v).reasons.append(why)
+    for n in graph.nodes:
+        for o in n.outputs:
+            if _channels(o) is not None:
+                sp = space(o)
+                if o not in sp.values:
+                    sp.values.append(o)
+    for v in graph.inputs:
+        if _channels(v) is not None:
+            space(v).reasons.append(f"graph input '{v.name}'")
+    for v in graph.outputs:
+        if _channels(v) is not None:
+            space(v).reasons.append(f"graph output '{v.name}'")
+    for r in derived_roots:  # a concat/split result: pruned through its sources, never on its own
+        sp = spaces.get(r)
+        if sp is not None:
+            if sp.producers:
+                sp.reasons.append("channels that come from a Concat/Split are also produced by a layer")
+            sp.producers.clear()
+    # a problem in a derived space blocks the sources it is made of, and the other way round
+    changed = True
+    while changed:
+        changed = False
+        for sp in spaces.values():
+            for kind, n, _ in sp.derived:
+                linked = [space(o) for o in n.outputs] if kind == "split" else [space(n.outputs[0])]
+                if kind == "concat":
+                    linked += [space(v) for v in n.inputs if v is not None]
+                bad = [x for x in linked + [sp] if x.reasons]
+                if bad:
+                    for x in linked + [sp]:
+                        if not x.reasons:
+                            x.reasons.append(f"coupled through {n.op_type} '{n.name}' to an unprunable group")
+                            changed = True
+    return list(spaces.values())
+
+
+# ---------------------------------------------------------------------------- selection
+def _importance(graph: Graph, sp: Space, criterion: str, rng: np.random.Generator) -> np.ndarray:
+    c = sp.channels
+    if criterion == "random":
+        return rng.random(c)
+    if criterion == "bn_scale":
+        scores = np.zeros(c)
+        found = False
+        for n, i in sp.params:
+            if n.op_type == "BatchNormalization" and i == 1:
+                scores += np.abs(np.asarray(graph.const_value(n.inputs[1]), np.float64))
+                found = True
+        for p in sp.producers:
+            meta = p.outputs[0].meta.get("bn")
+            if meta is not None:
+                scores += np.abs(np.asarray(meta["gamma"], np.float64))
+                found = True
+        if not found:
+            raise GraphOptError(f"criterion bn_scale: group {sp.names} has no BatchNorm (statistics)")
+        return scores
+    p = 1 if criterion == "l1" else 2
+    scores = np.zeros(c)
+    for n in sp.producers + sp.depthwise:
+        rows = np.abs(L.out_view(n, L.weight(graph, n)).astype(np.float64)) ** p
+        scores += rows.sum(1)
+    for n, s in sp.consumers:
+        cols = np.abs(L.in_view(n, L.weight(graph, n)).astype(np.float64)) ** p  # [C*s, rest]
+        scores += cols.reshape(c, -1).sum(1)
+    return scores ** (1.0 / p)
+
+
+@register_pass("prune-channels")
+@dataclass(kw_only=True)
+class PruneChannels(Pass):
+    """Choose channels to remove and record them as masks (fold-prune removes them).
+
+    A group of coupled channels (see the dependency analysis) is scored as a whole: the
+    importance of all its members is summed (L1 or L2 of every weight that touches a channel,
+    or |BN scale|, or random). ``ratio`` removes that fraction of each prunable group. With
+    ``global_ranking`` scores are normalised per group and one threshold picks channels across
+    all groups. Kept channel counts are rounded to multiples of ``round_to``; layers whose name
+    matches a ``skip`` pattern keep all their channels."""
+
+    ratio: float = option(0.3, "fraction of channels to remove from each prunable group, in [0, 1)", minimum=0.0,
+                          maximum=0.999999)
+    criterion: Literal["l1", "l2", "bn_scale", "random"] = option("l1", "channel importance")
+    round_to: int = option(1, "keep a multiple of this many channels (8 or 16 for SIMD)", minimum=1)
+    skip: list[str] = option([], "layer name/source patterns (fnmatch) whose groups are not pruned")
+    global_ranking: bool = option(False, "one threshold across groups instead of the same ratio in each")
+    seed: int = option(0, "seed for criterion=random")
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        if not 0.0 <= self.ratio < 1.0:
+            raise GraphOptError(f"ratio must be in [0, 1), got {self.ratio}")
+        rng = np.random.default_rng(self.seed)
+        spaces = analyze(graph)
+        candidates, reasons = [], {}
+        for sp in spaces:
+            if not sp.prunable:
+                for name in sp.names or [v.name for v in sp.values[:1]]:
+                    reasons[name] = "; ".join(sp.reasons) or "no producing layer"
+                continue
+            if any(fnmatch.fnmatchcase(n.source, p) or fnmatch.fnmatchcase(n.name, p)
+                   for n in sp.producers + sp.depthwise for p in self.skip):
+                continue
+            candidates.append(sp)
+        masks: dict[str, list[int]] = {}
+        scores = {sp.id: _importance(graph, sp, self.criterion, rng) for sp in candidates}
+        threshold = None
+        if self.global_ranking and candidates:
+            allnorm = np.concatenate([scores[sp.id] / max(scores[sp.id].mean(), 1e-12) for sp in candidates])
+            threshold = np.quantile(allnorm, self.ratio) if self.ratio > 0 else -np.inf
+        for sp in candidates:
+            sc = scores[sp.id]
+            if threshold is not None:
+                n_remove = int((sc / max(sc.mean(), 1e-12) < threshold).sum())
+            else:
+                n_remove = int(np.floor(sp.channels * self.ratio))
+            keep_n = sp.channels - n_remove
+            keep_n = max(self.round_to, int(round(keep_n / self.round_to)) * self.round_to)
+            keep_n = min(keep_n, sp.channels)
+            if keep_n <= 0:
+                raise GraphOptError(f"pruning would remove every channel of {sp.names}")
+            if keep_n == sp.channels:
+                continue
+            keep = np.sort(np.argsort(-sc, kind="stable")[:keep_n])
+            masks[sp.key] = keep.tolist()
+        prev = graph.model_meta.get(MASK_KEY) or {}
+        graph.model_meta[MASK_KEY] = masks
+        for name, why in reasons.items():
+            log.info("prune-channels: '%s' not prunable: %s", name, why)
+        removed = sum(sp.channels - len(masks[sp.key]) for sp in candidates if sp.key in masks)
+        return PassResult(graph, masks != prev, {"groups": len(candidates), "pruned_groups": len(masks),
+                                                 "channels_removed": removed, "unprunable": reasons})
+
+
+@register_pass("fold-prune")
+@dataclass(kw_only=True)
+class FoldPrune(Pass):
+    """Physically remove the channels prune-channels masked: weight rows of producers and depthwise
+    convs (``group`` shrinks), weight columns of every consumer (flatten -> Gemm columns in
+    blocks), per-channel constants (BN, PReLU, Min/Mul/Add), Concat/Split offsets and Split
+    sizes. The result is a smaller dense graph, exactly equal to the masked model."""
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        masks = graph.model_meta.get(MASK_KEY) or {}
+        if not masks:
+            return PassResult(graph, False, {"groups": 0})
+        spaces = {sp.key: sp for sp in analyze(graph)}
+        keep_of: dict[int, np.ndarray] = {}
+        for key, keep in masks.items():
+            sp = spaces.get(key)
+            if sp is None or not sp.prunable:
+                raise GraphOptError(f"mask for '{key}' no longer matches a prunable group (re-run prune-channels)")
+            keep_of[sp.id] = np.asarray(keep, np.int64)
+        by_value = {v: sp for sp in spaces.values() for v in sp.values}
+        for sp in spaces.values():
+            for n in sp.producers:
+                by_value.setdefault(n.outputs[0], sp)
+        # derived spaces: concat outputs and split outputs get mapped keep lists
+        for n in graph.nodes:
+            if n.op_type == "Concat" and n.outputs[0] in by_value and by_value[n.outputs[0]].id not in keep_of:
+                parts, off, touched = [], 0, False
+                for v in n.inputs:
+                    sp = by_value.get(v)
+                    k = keep_of.get(sp.id) if sp is not None else None
+                    touched |= k is not None
+                    parts.append(off + (k if k is not None else np.arange(_channels(v))))
+                    off += _channels(v)
+                if touched:
+                    keep_of[by_value[n.outputs[0]].id] = np.concatenate(parts)
+            if n.op_type == "Split" and n.inputs[0] in by_value and by_value[n.inputs[0]].id in keep_of:
+                k = keep_of[by_value[n.inputs[0]].id]
+                off, sizes = 0, []
+                for o in n.outputs:
+                    c = _channels(o)
+                    seg = k[(k >= off) & (k < off + c)] - off
+                    if seg.size == 0:
+                        raise GraphOptError(f"pruning would empty output '{o.name}' of Split '{n.name}'")
+                    if o in by_value:
+                        keep_of[by_value[o].id] = seg
+                    sizes.append(seg.size)
+                    off += c
+                L.set_input_const(graph, n, 1, np.asarray(sizes, np.int64))
+        changed = 0
+        for sp in spaces.values():
+            k = keep_of.get(sp.id)
+            if k is None:
+                continue
+            for n in sp.producers:
+                w = L.weight(graph, n)
+                L.set_input_const(graph, n, 1, L.from_out_view(n, L.out_view(n, w)[k], _shape_rows(n, w, len(k))))
+                b = L.bias(graph, n)
+                if b is not None:
+                    L.set_input_const(graph, n, 2, b[k])
+            for n in sp.depthwise:
+                w = L.weight(graph, n)
+                L.set_input_const(graph, n, 1, w[k])
+                b = L.bias(graph, n)
+                if b is not None:
+                    L.set_input_const(graph, n, 2, b[k])
+                n.attrs["group"] = int(len(k))
+            for n, s in sp.consumers:
+                cols = np.concatenate([np.arange(c * s, (c + 1) * s) for c in k]) if s > 1 else k
+                w = L.weight(graph, n)
+                view = L.in_view(n, w)[cols]
+                L.set_input_const(graph, n, 1, L.from_in_view(n, view, _shape_cols(n, w, len(cols))))
+            for n, i in sp.params:
+                c = np.asarray(graph.const_value(n.inputs[i]))
+                # BN parameters are 1-D per channel; other constants broadcast right-aligned
+                axis = 0 if n.op_type == "BatchNormalization" else 1 - (len(n.outputs[0].shape) - c.ndim)
+                L.set_input_const(graph, n, i, np.take(c, k, axis=axis))
+            changed += 1
+        for v in graph.values.values():  # shapes change: infer them again
+            if v.const is None and v.producer is not None:
+                v.shape = None
+        graph.infer_shapes()
+        graph.model_meta.pop(MASK_KEY, None)
+        graph.remove_unused_constants()
+        return PassResult(graph, changed > 0, {"groups": changed})
+
+
+def _shape_rows(n: Node, w: np.ndarray, rows: int) -> np.ndarray:
+    shape = list(w.shape)
+    if n.op_type == "Conv" or (n.op_type == "Gemm" and n.attr("transB", 0)):
+        shape[0] = rows
+    else:
+        shape[1] = rows
+    return np.empty(shape, w.dtype)
+
+
+def _shape_cols(n: Node, w: np.ndarray, cols: int) -> np.ndarray:
+    shape = list(w.shape)
+    if n.op_type == "Conv":
+        shape[1] = cols
+    elif n.op_type == "Gemm" and n.attr("transB", 0):
+        shape[1] = cols
+    else:
+        shape[0] = cols
+    return np.empty(shape, w.dtype)

@@ -1,0 +1,157 @@
+"""Dependency analysis, prune-channels and fold-prune."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from nets import build, rel_err, run_ort
+from torch import nn
+
+from graphopt import PassError, from_torch, load_onnx, to_onnx
+from graphopt.analysis import total_macs
+from graphopt.passmanager import Context, PassManager
+from passes import _layers as L
+from passes.prune import analyze
+
+
+class GroupedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.g(torch.relu(self.a(x)))))
+
+
+class OneChannel(nn.Module):
+    """A conv with one output channel is not depthwise (Torch-Pruning #179)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.one = nn.Conv2d(6, 1, 1)
+        self.b = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.b(y) * torch.sigmoid(self.one(y))  # [N,1,H,W] broadcast: does not couple
+
+
+def masked_model(g):
+    """The masked model: the same graph where every pruned channel is multiplied by 0 wherever it
+    leaves its group (independent of fold-prune's index mapping)."""
+    from passes.prune import MASK_KEY
+
+    m = g.copy()
+    masks = m.model_meta[MASK_KEY]
+    for sp in analyze(m):
+        if sp.key not in masks:
+            continue
+        keep = np.zeros(sp.channels, np.float32)
+        keep[masks[sp.key]] = 1.0
+        members = set(sp.values)
+        for v in list(sp.values):
+            for u, i in list(v.uses):
+                if i < 0 or (u.outputs and u.outputs[0] in members):
+                    continue
+                rank = len(v.shape)
+                c = m.add_const(keep.reshape((sp.channels,) + (1,) * (rank - 2)), v.name + "_mask")
+                mul = m.add_node("Mul", [v, c], [v.name + "_masked"])
+                m.set_input(u, i, mul.outputs[0])
+    return m
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2", "concat", "split", "se", "mlp"])
+@pytest.mark.parametrize("bn", [True, False])
+def test_folded_model_equals_masked_model(name, bn):
+    model, x = build(name)
+    g = from_torch(model, torch.from_numpy(x))
+    if bn:
+        g = PassManager("canonicalize,fold-bn").run(g).graph
+    p0, m0 = g.num_params(), total_macs(g)
+    r = PassManager("prune-channels{ratio=0.3}", verify_each=True).run(g)
+    masked = to_onnx(masked_model(r.graph))
+    folded = PassManager("fold-prune", verify_each=True).run(r.graph)
+    out = to_onnx(folded.graph)
+    onnx.checker.check_model(out, full_check=True)
+    assert rel_err(run_ort(out, x), run_ort(masked, x)) <= 1e-5
+    if r.stats["prune-channels"][0]["pruned_groups"]:
+        assert folded.graph.num_params() < p0 and total_macs(folded.graph) < m0
+    assert not PassManager("fold-prune").run(folded.graph).modified  # masks are consumed
+
+
+def test_params_and_macs_drop_as_predicted():
+    model = nn.Sequential(nn.Conv2d(3, 10, 3, padding=1), nn.ReLU(), nn.Conv2d(10, 6, 1))
+    x = torch.randn(2, 3, 8, 8)
+    g = from_torch(model, x)
+    r = PassManager("prune-channels{ratio=0.5},fold-prune").run(g)
+    # 5 of 10 channels go: conv1 loses 5*(27+1) params, conv2 loses 5*6; MACs per position likewise
+    assert r.graph.num_params() == (10 * 28 + 6 * 11) - (5 * 28 + 5 * 6)
+    assert total_macs(r.graph) == 64 * (5 * 27) + 64 * (6 * 5)
+
+
+def test_residual_add_couples_all_branches():
+    model, x = build("resnet")
+    g = PassManager("canonicalize,fold-bn").run(from_torch(model, torch.from_numpy(x))).graph
+    spaces = analyze(g)
+    l1 = next(sp for sp in spaces if any(n.source == "l1.conv2" for n in sp.producers))
+    assert {"conv", "l1.conv2"} <= {n.source for n in l1.producers}  # stem and residual branch share channels
+
+
+def test_broadcast_mul_and_one_channel_conv_do_not_couple():
+    g = from_torch(OneChannel(), torch.randn(2, 3, 8, 8))
+    spaces = analyze(g)
+    a = next(sp for sp in spaces if any(n.source == "a" for n in sp.producers))
+    assert a.prunable and [n.source for n in a.producers] == ["a"]
+    assert not a.depthwise  # the 1-output-channel conv reads the channels, it does not pass them through
+    assert {n.source for n, _ in a.consumers} == {"one", "b"}
+
+
+def test_unknown_op_makes_its_group_unprunable_and_says_so():
+    model, x = build("resnet")
+    proto = to_onnx(PassManager("canonicalize,fold-bn").run(from_torch(model, torch.from_numpy(x))).graph)
+    g = load_onnx(proto)
+    relu = next(n for n in g.nodes if n.op_type == "Relu" and n.source.startswith("l1"))
+    relu.op_type, relu.domain = "MysteryAct", "vendor.ops"
+    g.opset_imports["vendor.ops"] = 1
+    r = PassManager("prune-channels{ratio=0.5}").run(g)
+    reasons = r.stats["prune-channels"][0]["unprunable"]
+    assert any("vendor.ops::MysteryAct" in why for why in reasons.values())
+
+
+def test_grouped_conv_is_reported_not_guessed():
+    g = from_torch(GroupedNet(), torch.randn(2, 3, 8, 8))
+    r = PassManager("prune-channels{ratio=0.5}").run(g)
+    reasons = r.stats["prune-channels"][0]["unprunable"]
+    assert any("grouped conv" in why for why in reasons.values())
+
+
+def test_round_to_and_skip():
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 24, 1), nn.ReLU(), nn.Conv2d(24, 4, 1))
+    g = from_torch(model, torch.randn(1, 3, 8, 8))
+    r = PassManager("prune-channels{ratio=0.3,round_to=8,skip=[2]},fold-prune").run(g)
+    convs = r.graph.find_nodes("Conv")
+    assert L.weight(r.graph, convs[0]).shape[0] == 24  # 32 * 0.7 = 22.4 -> 24
+    assert L.weight(r.graph, convs[1]).shape[0] == 24  # skipped
+
+
+def test_bad_ratio_and_empty_groups():
+    model, x = build("mlp")
+    g = from_torch(model, torch.from_numpy(x))
+    with pytest.raises(Exception, match=r"must be <"):
+        PassManager("prune-channels{ratio=1.0}").run(g)
+    with pytest.raises(PassError, match="ratio must be in"):
+        from passes.prune import PruneChannels
+        PassManager([PruneChannels(ratio=-0.1)]).run(g)
+
+
+def test_effnet_prune_and_fold_runs(effnet_path):
+    g = load_onnx(effnet_path)
+    r = PassManager("canonicalize,prune-channels{ratio=0.3},fold-prune").run(g, Context())
+    out = to_onnx(r.graph)
+    onnx.checker.check_model(out, full_check=True)
+    assert total_macs(r.graph) < 0.8 * total_macs(load_onnx(effnet_path))
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
+    assert run_ort(out, x).shape == (1, 1000)
