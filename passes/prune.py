@@ -114,6 +114,9 @@ def analyze(graph: Graph) -> list[Space]:
         if n.domain != "":
             for _, v in chan_ins:
                 problems.append((v, f"op {n.qualified_op} '{n.name}' is not understood"))
+            for o in n.outputs:
+                if _channels(o) is not None:
+                    problems.append((o, f"channels produced by op {n.qualified_op} '{n.name}', which is not understood"))
             continue
         if op in ("Conv", "Gemm", "MatMul") and L.is_linear_layer(graph, n):
             x = n.inputs[0]
@@ -184,6 +187,9 @@ def analyze(graph: Graph) -> list[Space]:
                 continue
         for _, v in chan_ins:  # anything else reading channels: not understood
             problems.append((v, f"op {op} '{n.name}' is not understood"))
+        for o in n.outputs:  # ...and channels it produces cannot be removed either
+            if _channels(o) is not None:
+                problems.append((o, f"channels produced by op {op} '{n.name}', which is not understood"))
 
     spaces: dict[Value, Space] = {}
 
@@ -275,7 +281,7 @@ def _importance(graph: Graph, sp: Space, criterion: str, rng: np.random.Generato
     for n in sp.producers + sp.depthwise:
         rows = np.abs(L.out_view(n, L.weight(graph, n)).astype(np.float64)) ** p
         scores += rows.sum(1)
-    for n, s in sp.consumers:
+    for n, _s in sp.consumers:
         cols = np.abs(L.in_view(n, L.weight(graph, n)).astype(np.float64)) ** p  # [C*s, rest]
         scores += cols.reshape(c, -1).sum(1)
     return scores ** (1.0 / p)

@@ -155,3 +155,32 @@ def test_effnet_prune_and_fold_runs(effnet_path):
     assert total_macs(r.graph) < 0.8 * total_macs(load_onnx(effnet_path))
     x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
     assert run_ort(out, x).shape == (1, 1000)
+
+
+class PadShortcut(nn.Module):
+    """The CIFAR ResNet 'option A' shortcut: subsample and zero-pad channels, then add."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        z = self.b(y) + torch.nn.functional.pad(y[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))
+        return self.c(torch.relu(z))
+
+
+def test_channels_made_by_an_unknown_op_are_not_pruned():
+    g = from_torch(PadShortcut(), torch.randn(2, 3, 8, 8))
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    before = to_onnx(g)
+    r = PassManager("prune-channels{ratio=0.5},fold-prune", verify_each=True).run(g)
+    reasons = r.stats["prune-channels"][0]["unprunable"]
+    assert any("Pad" in why for why in reasons.values())
+    b = next(n for n in r.graph.nodes if n.source == "b")
+    assert L.weight(r.graph, b).shape[0] == 8  # coupled to the Pad output by the Add: untouched
+    out = to_onnx(r.graph)
+    onnx.checker.check_model(out, full_check=True)
+    assert run_ort(out, x).shape == run_ort(before, x).shape
