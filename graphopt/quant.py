@@ -283,14 +283,19 @@ class HessianObserver:
 
 
 def gptq(w_rows: np.ndarray, H: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int,
-         damp: float = 0.01) -> np.ndarray:
+         damp: float = 0.01, act_order: bool = True) -> np.ndarray:
     """GPTQ rounding of weights ``w_rows`` [G, R, K] (G groups of R rows over K inputs) with
     per-row ``scale``/``zp`` [G, R] and input Hessians ``H`` [G, K, K]. Returns the dequantized
     weights (on the quantization grid). Columns are rounded in order; each rounding error is
     spread over the columns still to come through the inverse Hessian, which keeps
-    E[(W_q x - W x)^2] small."""
+    E[(W_q x - W x)^2] small. With ``act_order`` the columns whose inputs carry the most energy
+    (largest Hessian diagonal, summed over groups) go first."""
     W = torch.from_numpy(np.array(w_rows, np.float64))
     Hm = torch.from_numpy(np.array(H, np.float64))
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(Hm, dim1=1, dim2=2).sum(0), descending=True)
+        W, Hm = W[:, :, perm], Hm[:, perm][:, :, perm]
     G, R, K = W.shape
     dead = torch.diagonal(Hm, dim1=1, dim2=2) == 0
     idx = torch.arange(K)
@@ -309,4 +314,6 @@ def gptq(w_rows: np.ndarray, H: np.ndarray, scale: np.ndarray, zp: np.ndarray, q
         err = (w - q) / U[:, j, j][:, None]
         if j + 1 < K:
             W[:, :, j + 1:] -= err[:, :, None] * U[:, j, j + 1:][:, None, :]
+    if perm is not None:
+        Q = Q[:, :, torch.argsort(perm)]
     return Q.numpy()
