@@ -103,7 +103,7 @@ def analyze(graph: Graph) -> list[Space]:
         log.warning("prune: shape inference failed (%s); using the recorded shapes", str(e).splitlines()[0])
     graph.toposort()
     uf = _UF()
-    roles: list[tuple[str, object]] = []  # deferred facts keyed by value, resolved after unions
+    roles: list[tuple[str, Value, object]] = []  # (Space list to append to, value, item), resolved after unions
     problems: list[tuple[Value, str]] = []
     for n in graph.nodes:
         op = n.op_type
@@ -122,7 +122,7 @@ def analyze(graph: Graph) -> list[Space]:
             x = n.inputs[0]
             if op == "Conv" and _is_depthwise(graph, n):
                 uf.union(x, out)
-                roles.append(("depthwise", (x, n)))
+                roles.append(("depthwise", x, n))
                 continue
             if op == "Conv" and n.attr("group", 1) > 1:
                 problems.append((x, f"grouped conv '{n.name}' (equal removal per group is not supported yet)"))
@@ -131,8 +131,8 @@ def analyze(graph: Graph) -> list[Space]:
             if op == "MatMul" and (x.shape is None or len(x.shape) != 2):
                 problems.append((x, f"MatMul '{n.name}' on a rank-{len(x.shape) if x.shape else '?'} input"))
             elif _channels(x) is not None:
-                roles.append(("consumer", (x, n, 1)))
-            roles.append(("producer", (out, n)))
+                roles.append(("consumers", x, (n, 1)))
+            roles.append(("producers", out, n))
             continue
         if op in CHANNELWISE:
             if chan_ins and out is not None:
@@ -142,7 +142,7 @@ def analyze(graph: Graph) -> list[Space]:
                 for i, v in enumerate(n.inputs[1:], start=1):
                     c = graph.const_value(v) if v is not None else None
                     if c is not None and np.asarray(c).size == _channels(x) and np.asarray(c).size > 1:
-                        roles.append(("param", (x, n, i)))
+                        roles.append(("params", x, (n, i)))
                     elif v is not None and c is None:
                         problems.append((x, f"{op} '{n.name}' with a computed parameter"))
             continue
@@ -157,7 +157,7 @@ def analyze(graph: Graph) -> list[Space]:
                     rank = len(out.shape)
                     shape = (1,) * (rank - c.ndim) + c.shape
                     if shape[1] == cout and cout > 1:
-                        roles.append(("param", (out, n, i)))
+                        roles.append(("params", out, (n, i)))
                     continue
                 ch = _channels(v)
                 if ch == cout:
@@ -168,13 +168,13 @@ def analyze(graph: Graph) -> list[Space]:
         if op == "Concat" and out is not None and n.attr("axis") in (1, -len(out.shape or [0, 0]) + 1) and \
                 all(_channels(v) is not None for v in ins):
             for i, v in enumerate(n.inputs):
-                roles.append(("concat", (v, n, i)))
-            roles.append(("derived-root", (out, n)))
+                roles.append(("derived", v, ("concat", n, i)))
+            roles.append(("derived-root", out, n))
             continue
         if op == "Split" and n.attr("axis", 0) == 1 and _channels(n.inputs[0]) is not None:
-            roles.append(("split", (n.inputs[0], n)))
+            roles.append(("derived", n.inputs[0], ("split", n, 0)))
             for o in n.outputs:
-                roles.append(("derived-root", (o, n)))
+                roles.append(("derived-root", o, n))
             continue
         if op == "Flatten" and n.attr("axis", 1) == 1 and _channels(n.inputs[0]) is not None and out is not None:
             users = out.users()
@@ -183,7 +183,7 @@ def analyze(graph: Graph) -> list[Space]:
             if s is not None and users and all(u.op_type in ("Gemm", "MatMul") and L.is_linear_layer(graph, u)
                                                and u.inputs[0] is out for u in users) and not out.is_graph_output:
                 for u in users:
-                    roles.append(("consumer", (n.inputs[0], u, s)))
+                    roles.append(("consumers", n.inputs[0], (u, s)))
                 continue
         for _, v in chan_ins:  # anything else reading channels: not understood
             problems.append((v, f"op {op} '{n.name}' is not understood"))
@@ -200,24 +200,11 @@ def analyze(graph: Graph) -> list[Space]:
         return spaces[r]
 
     derived_roots: set[Value] = set()
-    for kind, data in roles:
-        if kind == "producer":
-            out, n = data
-            space(out).producers.append(n)
-        elif kind == "consumer":
-            v, n, s = data
-            space(v).consumers.append((n, s))
-        elif kind == "depthwise":
-            v, n = data
-            space(v).depthwise.append(n)
-        elif kind == "param":
-            v, n, i = data
-            space(v).params.append((n, i))
-        elif kind in ("concat", "split"):
-            v, n, *rest = data
-            space(v).derived.append((kind, n, rest[0] if rest else 0))
-        elif kind == "derived-root":
-            derived_roots.add(uf.find(data[0]))
+    for kind, v, item in roles:
+        if kind == "derived-root":
+            derived_roots.add(uf.find(v))
+        else:
+            getattr(space(v), kind).append(item)
     for v, why in problems:
         space(v).reasons.append(why)
     for n in graph.nodes:
