@@ -190,3 +190,10 @@ def test_convert_torchscript_and_refuse_pickled_module(tmp_path):
     _one_line_error(cli("convert", tmp_path / "pickled.pt", "--input-shape", "2,3,16,16", "-o", tmp_path / "p.onnx"),
                     "not a TorchScript archive")
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    r = cli("demo", "-o", tmp_path / "demo.onnx")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "demo.onnx").is_file() and (tmp_path / "demo.int8.onnx").is_file()
+    assert "0 Conv/Gemm left in float" in r.stdout and "relative error" in r.stdout
