@@ -63,6 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "source) to --plot-out, like DFQ's Figure 2")
     i.add_argument("--plot-out", metavar="FILE.png", default="ranges.png", help="PNG for --plot (default ranges.png)")
 
+    a = sub.add_parser("analyze", help="analyses: sensitivity of each prunable channel group")
+    asub = a.add_subparsers(dest="analysis", metavar="ANALYSIS", parser_class=_Parser, required=True)
+    sens = asub.add_parser("sensitivity", help="prune each group alone at several ratios; table (+ PNG plot)")
+    sens.add_argument("model", help="FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
+    _torch_args(sens)
+    sens.add_argument("--calib", required=True, metavar="FILE.npy|DIR", help="inputs to measure on")
+    sens.add_argument("--calib-limit", type=int, metavar="N", default=64, help="samples to use (default 64)")
+    sens.add_argument("--resize", type=int, default=256)
+    sens.add_argument("--crop", type=int, default=224)
+    sens.add_argument("--mean", default="0.485,0.456,0.406")
+    sens.add_argument("--std", default="0.229,0.224,0.225")
+    sens.add_argument("--eval", metavar="LABELS.npy", help="integer labels for the samples: report top-1 too")
+    sens.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated ratios (default 0.1,0.3,0.5,0.7)")
+    sens.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "random"))
+    sens.add_argument("--round-to", type=int, default=1)
+    sens.add_argument("--plot", metavar="FILE.png", help="write the curves as a PNG (needs matplotlib)")
+
     d = sub.add_parser("demo", help="run the main job on a built-in network (no files needed)")
     d.add_argument("-o", "--output", default="graphopt-demo.onnx", help="ONNX file to write (default: %(default)s)")
     d.add_argument("--pipeline", default=None, help="pipeline to run (default: the demo's own)")
@@ -86,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_allocator()  # our own process: keep large freed blocks for reuse (see its doc)
     try:
-        return {"convert": cmd_convert, "passes": cmd_passes, "inspect": cmd_inspect, "demo": cmd_demo}[args.command](args)
+        return {"convert": cmd_convert, "passes": cmd_passes, "inspect": cmd_inspect, "demo": cmd_demo,
+                "analyze": cmd_analyze}[args.command](args)
     except BrokenPipeError:  # e.g. `graphopt passes | head`
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -322,6 +340,66 @@ def _inspect_ranges(graph, args) -> int:
 
         plot_channel_ranges(graph, args.plot, args.plot_out)
         print(f"wrote {args.plot_out}")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    import numpy as np
+
+    from passes.prune import sensitivity
+
+    graph = load_model(args.model, args)
+    data = load_calib(args, graph)
+    try:
+        ratios = tuple(float(r) for r in args.ratios.split(","))
+    except ValueError:
+        raise GraphOptError(f"--ratios must be comma-separated numbers, got '{args.ratios}'") from None
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise GraphOptError("--ratios must lie in (0, 1)")
+    labels = None
+    if args.eval:
+        if not Path(args.eval).is_file():
+            raise GraphOptError(f"labels file not found: {args.eval}")
+        labels = np.load(args.eval, allow_pickle=False)
+    rows = sensitivity(graph, data, ratios, labels, args.criterion, args.round_to)
+    if not rows:
+        raise GraphOptError("the model has no prunable channel group")
+    metric = "top1" if labels is not None else "rel_error"
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    w = min(56, max(len(r["layers"]) for r in rows))
+    print(f"{'group (layers)':<{w}} {'ch':>5} " + " ".join(f"{'r=' + str(r):>10}" for r in ratios)
+          + f"   ({'top-1 %' if labels is not None else 'output rel. error'}; MACs saved at the largest ratio)")
+    for gname in groups:
+        rs = {r["ratio"]: r for r in rows if r["group"] == gname}
+        first = next(iter(rs.values()))
+        name = first["layers"] if len(first["layers"]) <= w else first["layers"][: w - 1] + "…"
+        cells = " ".join(f"{rs[r][metric]:10.4g}" if r in rs else f"{'-':>10}" for r in ratios)
+        last = rs[max(rs)]
+        print(f"{name:<{w}} {first['channels']:5d} {cells}   {100 * last['macs_saved']:.1f}%")
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise GraphOptError("--plot needs matplotlib: pip install 'graphopt[plot]'") from e
+        from .atomic import atomic_paths
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for gname in groups:
+            rs = sorted((r for r in rows if r["group"] == gname), key=lambda r: r["ratio"])
+            ax.plot([r["ratio"] for r in rs], [r[metric] for r in rs], marker="o", label=rs[0]["layers"][:40])
+        ax.set_xlabel("pruning ratio of the group")
+        ax.set_ylabel("top-1 %" if labels is not None else "output relative error")
+        ax.set_title("sensitivity per channel group")
+        if len(groups) <= 12:
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        with atomic_paths(args.plot) as (tmp,):
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        print(f"wrote {args.plot}")
     return 0
 
 

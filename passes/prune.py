@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -292,6 +292,9 @@ class PruneChannels(Pass):
     round_to: int = option(1, "keep a multiple of this many channels (8 or 16 for SIMD)", minimum=1)
     skip: list[str] = option([], "layer name/source patterns (fnmatch) whose groups are not pruned")
     global_ranking: bool = option(False, "one threshold across groups instead of the same ratio in each")
+    target_macs: Optional[float] = option(None, "instead of ratio: reach this fraction of the MACs, with per-group "
+                                                "ratios chosen by a sensitivity scan on the calibration data",
+                                          minimum=0.05, maximum=1.0)
     seed: int = option(0, "seed for criterion=random")
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
@@ -310,6 +313,8 @@ class PruneChannels(Pass):
                 continue
             candidates.append(sp)
         masks: dict[str, list[int]] = {}
+        if self.target_macs is not None:
+            return self._by_target(graph, ctx, candidates, reasons, rng)
         scores = {sp.id: _importance(graph, sp, self.criterion, rng) for sp in candidates}
         threshold = None
         if self.global_ranking and candidates:
@@ -337,6 +342,25 @@ class PruneChannels(Pass):
         removed = sum(sp.channels - len(masks[sp.key]) for sp in candidates if sp.key in masks)
         return PassResult(graph, masks != prev, {"groups": len(candidates), "pruned_groups": len(masks),
                                                  "channels_removed": removed, "unprunable": reasons})
+
+
+    def _by_target(self, graph: Graph, ctx: Context, candidates: list[Space], reasons, rng) -> PassResult:
+        if ctx.calib is None:
+            raise GraphOptError("prune-channels{target_macs=...} needs calibration data for its sensitivity scan")
+        rows = [r for r in sensitivity(graph, ctx.calib, ratios=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                                       criterion=self.criterion, round_to=self.round_to, progress=ctx.show_progress)
+                if r["group"] in {sp.key for sp in candidates}]
+        plan = allocate_ratios(rows, 1.0 - self.target_macs)
+        masks = {}
+        for sp in candidates:
+            if sp.key in plan:
+                keep = _keep_top(graph, sp, plan[sp.key], self.criterion, self.round_to, rng)
+                if keep is not None:
+                    masks[sp.key] = keep
+        prev = graph.model_meta.get(MASK_KEY) or {}
+        graph.model_meta[MASK_KEY] = masks
+        return PassResult(graph, masks != prev, {"groups": len(candidates), "pruned_groups": len(masks),
+                                                 "ratios": plan, "unprunable": reasons})
 
 
 @register_pass("fold-prune")
@@ -443,3 +467,81 @@ def _shape_cols(n: Node, w: np.ndarray, cols: int) -> np.ndarray:
     else:
         shape[0] = cols
     return np.empty(shape, w.dtype)
+
+
+# ---------------------------------------------------------------------------- sensitivity
+def _keep_top(graph: Graph, sp: Space, ratio: float, criterion: str, round_to: int, rng) -> list[int] | None:
+    keep_n = sp.channels - int(np.floor(sp.channels * ratio))
+    keep_n = min(sp.channels, max(round_to, int(round(keep_n / round_to)) * round_to))
+    if keep_n >= sp.channels:
+        return None
+    sc = _importance(graph, sp, criterion, rng)
+    return np.sort(np.argsort(-sc, kind="stable")[:keep_n]).tolist()
+
+
+def sensitivity(graph: Graph, data, ratios=(0.1, 0.3, 0.5, 0.7), labels: np.ndarray | None = None,
+                criterion: str = "l1", round_to: int = 1, progress: bool = False) -> list[dict]:
+    """Prune each prunable group alone at each ratio and measure the damage on ``data``: the
+    output's relative L2 error against the unpruned graph, and top-1 accuracy if ``labels``.
+    Returns one row per (group, ratio) with the MACs saved."""
+    from graphopt.analysis import total_macs
+    from graphopt.calibration import CalibrationData, collect
+
+    data = data if isinstance(data, CalibrationData) else CalibrationData(data)
+    out_name = graph.outputs[0].name
+    ref = collect(graph, data, [out_name])[out_name]
+    macs0 = total_macs(graph)
+    rng = np.random.default_rng(0)
+    rows = []
+    spaces = [sp for sp in analyze(graph) if sp.prunable]
+    jobs = [(sp, r) for sp in spaces for r in ratios]
+    it = jobs
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(jobs, desc="sensitivity", leave=False)
+    for sp, r in it:
+        keep = _keep_top(graph, sp, r, criterion, round_to, rng)
+        if keep is None:
+            continue
+        g = graph.copy()
+        g.model_meta[MASK_KEY] = {sp.key: keep}
+        g = FoldPrune()(g).graph
+        got = collect(g, data, [g.outputs[0].name])[g.outputs[0].name]
+        row = {"group": sp.key, "layers": ", ".join(sp.names), "ratio": r, "channels": sp.channels,
+               "kept": len(keep), "macs_saved": 1.0 - total_macs(g) / macs0,
+               "rel_error": float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))}
+        if labels is not None:
+            row["top1"] = float((got.argmax(1) == np.asarray(labels)[: len(got)]).mean() * 100)
+        rows.append(row)
+    return rows
+
+
+def allocate_ratios(rows: list[dict], target_saving: float) -> dict[str, float]:
+    """Greedy: raise, one step at a time, the ratio of the group whose next step costs the least
+    output error per MAC saved, until the summed savings reach ``target_saving``."""
+    by_group: dict[str, list[dict]] = {}
+    for r in rows:
+        by_group.setdefault(r["group"], []).append(r)
+    for v in by_group.values():
+        v.sort(key=lambda r: r["ratio"])
+    level = {g: -1 for g in by_group}
+    saved = 0.0
+    while saved < target_saving:
+        best, best_cost = None, np.inf
+        for g, steps in by_group.items():
+            i = level[g] + 1
+            if i >= len(steps):
+                continue
+            prev_err = steps[i - 1]["rel_error"] if i > 0 else 0.0
+            prev_save = steps[i - 1]["macs_saved"] if i > 0 else 0.0
+            gain = steps[i]["macs_saved"] - prev_save
+            cost = (steps[i]["rel_error"] - prev_err) / max(gain, 1e-12)
+            if gain > 0 and cost < best_cost:
+                best, best_cost = g, cost
+        if best is None:
+            break
+        i = level[best] + 1
+        saved += by_group[best][i]["macs_saved"] - (by_group[best][i - 1]["macs_saved"] if i > 0 else 0.0)
+        level[best] = i
+    return {g: by_group[g][i]["ratio"] for g, i in level.items() if i >= 0}

@@ -184,3 +184,42 @@ def test_channels_made_by_an_unknown_op_are_not_pruned():
     out = to_onnx(r.graph)
     onnx.checker.check_model(out, full_check=True)
     assert run_ort(out, x).shape == run_ort(before, x).shape
+
+
+def test_sensitivity_and_target_macs():
+    from passes.prune import allocate_ratios, sensitivity
+
+    model, x = build("mobilenetv2")
+    g = PassManager("canonicalize,fold-bn").run(from_torch(model, torch.from_numpy(x))).graph
+    data = np.random.default_rng(0).standard_normal((16,) + x.shape[1:]).astype(np.float32)
+    rows = sensitivity(g, data, ratios=(0.25, 0.5), labels=np.zeros(16, np.int64))
+    assert rows and all({"group", "ratio", "rel_error", "macs_saved", "top1"} <= set(r) for r in rows)
+    for grp in {r["group"] for r in rows}:  # more pruning of one group never saves fewer MACs
+        rs = sorted((r for r in rows if r["group"] == grp), key=lambda r: r["ratio"])
+        assert all(a["macs_saved"] <= b["macs_saved"] for a, b in zip(rs, rs[1:]))
+    plan = allocate_ratios(rows, 0.2)
+    assert plan and sum(next(r["macs_saved"] for r in rows if r["group"] == k and r["ratio"] == v)
+                        for k, v in plan.items()) >= 0.2 - 1e-9
+    m0 = total_macs(g)
+    r = PassManager("prune-channels{target_macs=0.8},fold-prune").run(g, Context(calib=data))
+    assert total_macs(r.graph) <= 0.8 * m0 + 1
+    with pytest.raises(PassError, match="needs calibration data"):
+        PassManager("prune-channels{target_macs=0.8}").run(g)
+
+
+def test_cli_analyze_sensitivity(tmp_path):
+    import subprocess
+    import sys
+
+    model, x = build("mobilenetv2")
+    p = tmp_path / "m.onnx"
+    p.write_bytes(to_onnx(from_torch(model, torch.from_numpy(x))).SerializeToString())
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).standard_normal((8,) + x.shape[1:]).astype(np.float32))
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "analyze", "sensitivity", str(p), "--calib",
+                        str(tmp_path / "c.npy"), "--ratios", "0.25,0.5", "--plot", str(tmp_path / "s.png")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "r=0.25" in r.stdout and (tmp_path / "s.png").stat().st_size > 1000
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "analyze", "sensitivity", str(p), "--calib",
+                        str(tmp_path / "c.npy"), "--ratios", "1.5"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--ratios must lie in (0, 1)" in r.stderr
