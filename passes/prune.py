@@ -350,13 +350,27 @@ class PruneChannels(Pass):
         rows = [r for r in sensitivity(graph, ctx.calib, ratios=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
                                        criterion=self.criterion, round_to=self.round_to, progress=ctx.show_progress)
                 if r["group"] in {sp.key for sp in candidates}]
-        plan = allocate_ratios(rows, 1.0 - self.target_macs)
-        masks = {}
-        for sp in candidates:
-            if sp.key in plan:
-                keep = _keep_top(graph, sp, plan[sp.key], self.criterion, self.round_to, rng)
-                if keep is not None:
-                    masks[sp.key] = keep
+        from graphopt.analysis import total_macs
+
+        # Savings of neighbouring groups are not additive (a conv losing inputs and outputs keeps
+        # (1-a)(1-b) of its MACs), so measure the plan and ask for more until the target holds.
+        macs0, want = total_macs(graph), 1.0 - self.target_macs
+        for _ in range(20):
+            plan = allocate_ratios(rows, want)
+            masks = {}
+            for sp in candidates:
+                if sp.key in plan:
+                    keep = _keep_top(graph, sp, plan[sp.key], self.criterion, self.round_to, rng)
+                    if keep is not None:
+                        masks[sp.key] = keep
+            trial = graph.copy()
+            trial.model_meta[MASK_KEY] = masks
+            got = total_macs(FoldPrune()(trial).graph) / macs0 if masks else 1.0
+            if got <= self.target_macs + 1e-9:
+                break
+            want += got - self.target_macs
+        else:
+            log.warning("prune-channels: reached %.3f of the MACs, not the %.3f asked for", got, self.target_macs)
         prev = graph.model_meta.get(MASK_KEY) or {}
         graph.model_meta[MASK_KEY] = masks
         return PassResult(graph, masks != prev, {"groups": len(candidates), "pruned_groups": len(masks),
