@@ -80,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--round-to", type=int, default=1)
     sens.add_argument("--plot", metavar="FILE.png", help="write the curves as a PNG (needs matplotlib)")
 
+    f = sub.add_parser("finetune", help="recovery fine-tuning (distillation from a teacher and/or labels)")
+    f.add_argument("model", help="student model: FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
+    _torch_args(f)
+    f.add_argument("-o", "--output", required=True, help="ONNX file to write with the trained weights")
+    f.add_argument("--data", required=True, metavar="X.npy", help="float32 training inputs [N, ...]")
+    f.add_argument("--labels", metavar="Y.npy", help="integer labels [N] (adds cross-entropy)")
+    f.add_argument("--teacher", metavar="FILE.onnx", help="teacher for knowledge distillation (e.g. the unpruned model)")
+    f.add_argument("--epochs", type=int, default=1)
+    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--lr", type=float, default=0.01)
+    f.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    f.add_argument("--temperature", type=float, default=4.0)
+    f.add_argument("--kd-weight", type=float, default=0.7, help="with labels: weight of the distillation loss")
+    f.add_argument("--checkpoint", metavar="FILE.pt", help="written after every epoch and on Ctrl-C")
+    f.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    f.add_argument("--max-steps", type=int, help="stop after this many steps")
+
     d = sub.add_parser("demo", help="run the main job on a built-in network (no files needed)")
     d.add_argument("-o", "--output", default="graphopt-demo.onnx", help="ONNX file to write (default: %(default)s)")
     d.add_argument("--pipeline", default=None, help="pipeline to run (default: the demo's own)")
@@ -104,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()  # our own process: keep large freed blocks for reuse (see its doc)
     try:
         return {"convert": cmd_convert, "passes": cmd_passes, "inspect": cmd_inspect, "demo": cmd_demo,
-                "analyze": cmd_analyze}[args.command](args)
+                "analyze": cmd_analyze, "finetune": cmd_finetune}[args.command](args)
     except BrokenPipeError:  # e.g. `graphopt passes | head`
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -401,6 +418,34 @@ def cmd_analyze(args) -> int:
         plt.close(fig)
         print(f"wrote {args.plot}")
     return 0
+
+
+def cmd_finetune(args) -> int:
+    import numpy as np
+
+    from .finetune import FinetuneConfig, finetune
+    from .onnx_backend import save_onnx
+
+    student = load_model(args.model, args)
+    for what, path in (("training data", args.data), ("labels", args.labels)):
+        if path and not Path(path).is_file():
+            raise GraphOptError(f"{what} file not found: {path}")
+    x = np.load(args.data, mmap_mode="r", allow_pickle=False)
+    y = np.load(args.labels, allow_pickle=False) if args.labels else None
+    from .calibration import CalibrationData
+
+    CalibrationData(x).check_against(student)
+    teacher = load_model(args.teacher) if args.teacher else None
+    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                         temperature=args.temperature, kd_weight=args.kd_weight, checkpoint=args.checkpoint,
+                         resume=args.resume, max_steps=args.max_steps)
+    stats = finetune(student, x, y, teacher, cfg)
+    save_onnx(student, args.output)
+    losses = ", ".join(f"{v:.4f}" for v in stats["loss"])
+    print(f"fine-tuned {stats['steps']} steps over {stats['epochs']} epoch(s) on {stats['world_size']} process(es); "
+          f"loss per epoch: {losses}" + (" (interrupted: kept the last completed step)" if stats["interrupted"] else ""))
+    print(f"wrote {args.output}")
+    return 130 if stats["interrupted"] else 0
 
 
 def cmd_demo(args) -> int:

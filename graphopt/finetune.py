@@ -1,0 +1,162 @@
+"""Recovery fine-tuning through the torch back end (after pruning; the same loop serves QAT).
+
+``finetune(student, x, y=None, teacher=None, config)`` trains the student graph's weights in
+place (written back with ``graph.update_from``):
+* **loss:** knowledge distillation from ``teacher`` (KL divergence of temperature-softened
+  outputs, scaled by T^2), plus cross-entropy when labels ``y`` are given (``kd_weight``
+  mixes the two);
+* **optimizer:** SGD with momentum, or Adam, with a cosine learning-rate schedule;
+* **checkpoints** after every epoch, written atomically (tensors only: ``torch.load`` reads
+  them with ``weights_only=True``); ``resume`` continues from one;
+* **Ctrl-C** stops cleanly: the weights of the last *completed* step are kept, written back
+  and checkpointed;
+* **distributed:** under ``torchrun`` (or any initialised ``torch.distributed`` group, e.g. gloo
+  on CPU) each process takes its share of every global batch and DDP averages the gradients,
+  so N processes compute the same updates as one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import GraphOptError
+from .ir import Graph
+
+log = logging.getLogger("graphopt.finetune")
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.01
+    optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    temperature: float = 4.0
+    kd_weight: float = 1.0  # with labels: loss = kd_weight * KD + (1 - kd_weight) * CE
+    checkpoint: str | None = None
+    resume: bool = False
+    seed: int = 0
+    progress: bool | None = None
+    max_steps: int | None = None  # stop early (tests, time budgets)
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _save_checkpoint(path: str, module: torch.nn.Module, epoch: int, step: int) -> None:
+    from .atomic import atomic_paths
+
+    state = {"model": {k: v.detach().clone() for k, v in module.state_dict().items()},
+             "epoch": torch.tensor(epoch), "step": torch.tensor(step)}
+    with atomic_paths(path) as (tmp,):
+        torch.save(state, tmp)
+
+
+def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher: Graph | None = None,
+             config: FinetuneConfig | None = None) -> dict[str, Any]:
+    from .torch_backend import to_torch
+
+    cfg = config or FinetuneConfig()
+    if teacher is None and y is None:
+        raise GraphOptError("fine-tuning needs a teacher model (distillation) or labels")
+    x = np.asarray(x, np.float32)
+    if y is not None and len(y) != len(x):
+        raise GraphOptError(f"{len(x)} inputs but {len(y)} labels")
+    rank, world = _dist()
+    if cfg.batch_size % world:
+        raise GraphOptError(f"batch size {cfg.batch_size} does not split evenly over {world} processes")
+    torch.manual_seed(cfg.seed)
+    module = to_torch(student)
+    start_epoch, step = 0, 0
+    if cfg.resume and cfg.checkpoint and os.path.isfile(cfg.checkpoint):
+        state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["model"])
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        log.info("resuming from %s at epoch %d", cfg.checkpoint, start_epoch)
+    t_module = to_torch(teacher).eval() if teacher is not None else None
+    net = module
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(module)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise GraphOptError(f"unknown optimizer '{cfg.optimizer}' (sgd, adam)")
+    steps_per_epoch = len(x) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise GraphOptError(f"{len(x)} samples are fewer than one batch of {cfg.batch_size}")
+    total = steps_per_epoch * cfg.epochs
+    step0 = step  # resuming: the cosine schedule continues where the checkpoint left it
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + step0, total) / total)))
+    show = cfg.progress if cfg.progress is not None else (sys.stderr.isatty() and not os.environ.get("CI"))
+    history: list[float] = []
+    interrupted = False
+    last_good = copy.deepcopy(module.state_dict())
+    local = cfg.batch_size // world
+    T = cfg.temperature
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            perm = np.random.default_rng(cfg.seed + epoch).permutation(len(x))
+            net.train()
+            losses = []
+            it = range(steps_per_epoch)
+            if show and rank == 0:
+                from tqdm import tqdm
+
+                it = tqdm(it, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+            for b in it:
+                idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * local:(rank + 1) * local]
+                xb = torch.from_numpy(x[idx])
+                out = net(xb)
+                loss = torch.zeros(())
+                if t_module is not None:
+                    with torch.no_grad():
+                        tout = t_module(xb)
+                    kd = F.kl_div(F.log_softmax(out / T, 1), F.softmax(tout / T, 1), reduction="batchmean") * T * T
+                    loss = loss + (cfg.kd_weight if y is not None else 1.0) * kd
+                if y is not None:
+                    ce = F.cross_entropy(out, torch.from_numpy(np.asarray(y)[idx]).long())
+                    loss = loss + (1.0 - cfg.kd_weight if t_module is not None else 1.0) * ce
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                last_good = copy.deepcopy(module.state_dict())
+                losses.append(float(loss.detach()))
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+            history.append(float(np.mean(losses)) if losses else float("nan"))
+            log.info("epoch %d: loss %.4f", epoch + 1, history[-1])
+            if cfg.checkpoint and rank == 0:
+                _save_checkpoint(cfg.checkpoint, module, epoch, step)
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        module.load_state_dict(last_good)  # the weights of the last completed step
+        log.warning("interrupted: keeping the weights of step %d", step)
+        if cfg.checkpoint and rank == 0:
+            _save_checkpoint(cfg.checkpoint, module, max(start_epoch, len(history) + start_epoch - 1), step)
+    module.eval()
+    student.update_from(module)
+    return {"epochs": len(history), "steps": step, "loss": history, "interrupted": interrupted,
+            "world_size": world}
