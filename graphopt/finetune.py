@@ -50,6 +50,7 @@ class FinetuneConfig:
     seed: int = 0
     progress: bool | None = None
     max_steps: int | None = None  # stop early (tests, time budgets)
+    transform: Any = None  # optional callable(batch: np.ndarray, rng) -> np.ndarray, e.g. augmentation
 
 
 def _dist():
@@ -112,6 +113,7 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
     last_good = copy.deepcopy(module.state_dict())
     local = cfg.batch_size // world
     T = cfg.temperature
+    aug_rng = np.random.default_rng(cfg.seed + 1000 * rank)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             perm = np.random.default_rng(cfg.seed + epoch).permutation(len(x))
@@ -124,7 +126,10 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
                 it = tqdm(it, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
             for b in it:
                 idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * local:(rank + 1) * local]
-                xb = torch.from_numpy(x[idx])
+                xb_np = x[idx]
+                if cfg.transform is not None:
+                    xb_np = cfg.transform(xb_np, aug_rng)
+                xb = torch.from_numpy(np.ascontiguousarray(xb_np, np.float32))
                 out = net(xb)
                 loss = torch.zeros(())
                 if t_module is not None:
