@@ -294,6 +294,19 @@ def _quant_summary(args, graph, float_graph, ctx, report) -> None:
             print(f"    {db:6.1f} dB  {src.get(name, name)}")
 
 
+def _short_type(tp) -> str:
+    import typing
+
+    origin, args_ = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args_)
+    if origin is list:
+        return f"list[{_short_type(args_[0])}]"
+    if args_ and type(None) in args_:
+        return _short_type(next(a for a in args_ if a is not type(None))) + "|none"
+    return getattr(tp, "__name__", str(tp))
+
+
 def cmd_passes(args) -> int:
     import dataclasses
 
@@ -305,7 +318,7 @@ def cmd_passes(args) -> int:
         hints = cls.option_types()
         for f in cls.options():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            tp = _short_type(hints[f.name])
             print(f"    {f.name}: {tp} = {format_value(default)}  -- {f.metadata.get('doc', '')}")
     print("\npresets:")
     for name, (text, doc) in presets().items():
