@@ -27,7 +27,7 @@ from onnx import TensorProto
 
 from .errors import GraphOptError
 from .ir import Graph, Node
-from .quant import DOMAIN, FAKE_QUANT, broadcast_param, quantize_np
+from .quant import DOMAIN, FAKE_QUANT, broadcast_param, fq_range, quantize_np
 
 INT_TYPES = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8, (16, True): TensorProto.INT16,
              (16, False): TensorProto.UINT16, (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4}
@@ -51,11 +51,8 @@ def _np_dtype(elem: int):
 
 
 def _fq_attrs(n: Node):
-    bits, signed = n.attr("bits", 8), bool(n.attr("signed", 1))
-    narrow = n.attr("narrow", 0)
-    qmin = (-(1 << (bits - 1)) + (1 if narrow else 0)) if signed else 0
-    qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
-    return bits, signed, qmin, qmax, n.attr("axis"), n.attr("block_size", 0), n.attr("kind", "act")
+    qmin, qmax = fq_range(n)
+    return n.attr("bits", 8), bool(n.attr("signed", 1)), qmin, qmax, n.attr("axis"), n.attr("block_size", 0), n.attr("kind", "act")
 
 
 def is_quantized(graph: Graph) -> bool:

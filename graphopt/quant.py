@@ -28,6 +28,18 @@ DOMAIN = "ai.graphopt"
 FAKE_QUANT = "FakeQuant"
 
 
+def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
+    """Integer range of a quantizer: [-2^(b-1) (+1 if narrow), 2^(b-1) - 1] or [0, 2^b - 1]."""
+    if signed:
+        return -(1 << (bits - 1)) + (1 if narrow else 0), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def fq_range(node) -> tuple[int, int]:
+    """qmin, qmax of a FakeQuant node from its attributes."""
+    return qrange(node.attr("bits", 8), bool(node.attr("signed", 1)), bool(node.attr("narrow", 0)))
+
+
 @dataclass(frozen=True)
 class QSpec:
     """What a quantizer is: bits, signedness, granularity, symmetry."""
@@ -41,11 +53,11 @@ class QSpec:
 
     @property
     def qmin(self) -> int:
-        return -(1 << (self.bits - 1)) + (1 if self.narrow else 0) if self.signed else 0
+        return qrange(self.bits, self.signed, self.narrow)[0]
 
     @property
     def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+        return qrange(self.bits, self.signed, self.narrow)[1]
 
     def __str__(self) -> str:
         s = f"{'int' if self.signed else 'uint'}{self.bits}:{self.granularity}"

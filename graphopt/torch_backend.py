@@ -654,11 +654,9 @@ def _variadic(b, n):
 
 @lowering("FakeQuant", domain="ai.graphopt")
 def _fake_quant(b, n):
-    from .quant import fake_quant
+    from .quant import fake_quant, fq_range
 
-    bits, signed, narrow = n.attr("bits", 8), n.attr("signed", 1), n.attr("narrow", 0)
-    qmin = (-(1 << (bits - 1)) + (1 if narrow else 0)) if signed else 0
-    qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    qmin, qmax = fq_range(n)
     scale = b.value(n.inputs[1], trainable=bool(n.attr("learnable", 0)))
     zp = b.value(n.inputs[2], trainable=False)
     return [b.call(fake_quant, b.inp(n, 0), scale, zp, qmin, qmax, n.attr("axis"), n.attr("block_size", 0))]

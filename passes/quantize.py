@@ -32,9 +32,9 @@ def is_fake_quant(n: Node | None) -> bool:
 
 
 def fq_params(graph: Graph, n: Node) -> tuple[np.ndarray, np.ndarray, int, int]:
-    bits, signed, narrow = n.attr("bits", 8), n.attr("signed", 1), n.attr("narrow", 0)
-    qmin = (-(1 << (bits - 1)) + (1 if narrow else 0)) if signed else 0
-    qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    from graphopt.quant import fq_range
+
+    qmin, qmax = fq_range(n)
     return np.asarray(graph.const_value(n.inputs[1])), np.asarray(graph.const_value(n.inputs[2])), qmin, qmax
 
 
