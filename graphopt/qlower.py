@@ -183,11 +183,8 @@ def _qdq(g: Graph, n: Node, elem: int, qmin: int, qmax: int, axis, block: int, i
     out = n.outputs[0]
     if is_const:
         w = np.asarray(g.const_value(x), np.float32)
-        if block:
-            sb, zb = broadcast_param(s, w.ndim, axis, block, w.shape[axis]), broadcast_param(z, w.ndim, axis, block,
-                                                                                             w.shape[axis])
-        else:
-            sb, zb = broadcast_param(s, w.ndim, axis), broadcast_param(z, w.ndim, axis)
+        dim = w.shape[axis] if axis is not None else None
+        sb, zb = (broadcast_param(p, w.ndim, axis, block, dim) for p in (s, z))
         q = quantize_np(w, sb, zb, qmin, qmax).astype(_np_dtype(elem))
         qc = g.add_const(q, f"{x.name}_quantized")
         dq = g.add_node("DequantizeLinear", [qc, sc, zc], [out.name + "_dq"], attrs=attrs, source=n.source,

@@ -44,11 +44,8 @@ def fq_apply(graph: Graph, n: Node, x: np.ndarray) -> np.ndarray:
 
     s, z, qmin, qmax = fq_params(graph, n)
     axis, block = n.attr("axis"), n.attr("block_size", 0)
-    if block:
-        sb = broadcast_param(s, x.ndim, axis, block, x.shape[axis])
-        zb = broadcast_param(z, x.ndim, axis, block, x.shape[axis])
-    else:
-        sb, zb = broadcast_param(s, x.ndim, axis), broadcast_param(z, x.ndim, axis)
+    dim = x.shape[axis] if axis is not None else None
+    sb, zb = (broadcast_param(p, x.ndim, axis, block, dim) for p in (s, z))
     return fake_quant_np(x, sb, zb, qmin, qmax)
 
 
