@@ -140,6 +140,12 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
                 if y is not None:
                     ce = F.cross_entropy(out, torch.from_numpy(np.asarray(y)[idx]).long())
                     loss = loss + (1.0 - cfg.kd_weight if t_module is not None else 1.0) * ce
+                if not torch.isfinite(loss):
+                    module.load_state_dict(last_good)
+                    student.update_from(module)
+                    raise GraphOptError(f"training diverged: the loss is {float(loss.detach())} at step {step + 1}; "
+                                        f"the weights of step {step} were kept. Lower the learning rate "
+                                        f"(now {cfg.lr})")
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

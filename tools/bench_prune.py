@@ -42,6 +42,8 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="CIFAR test images to evaluate")
     ap.add_argument("--finetune-epochs", type=int, default=0,
                     help="recovery fine-tuning budget for ResNet-56 (epochs over the 50k training images)")
+    ap.add_argument("--ft-optimizer", default="adam", choices=("adam", "sgd"))
+    ap.add_argument("--ft-lr", type=float, default=1e-3)
     args = ap.parse_args()
     import graphopt
     from graphopt.analysis import total_macs
@@ -119,11 +121,12 @@ def main() -> int:
         xtr = cifar_normalize(xtr8)
         t = time.perf_counter()
         stats = finetune(rp.graph, xtr, ytr, teacher=g, config=FinetuneConfig(
-            epochs=args.finetune_epochs, batch_size=128, lr=0.02, kd_weight=0.7, temperature=4.0,
-            weight_decay=5e-4, transform=cifar_augment))
+            epochs=args.finetune_epochs, batch_size=128, lr=args.ft_lr, optimizer=args.ft_optimizer, kd_weight=0.7,
+            temperature=4.0, weight_decay=5e-4, transform=cifar_augment))
         dt = time.perf_counter() - t
         a_ft = acc(run(ort_session(graphopt.to_onnx(rp.graph))))
-        print(f"after {stats['epochs']} epochs of distillation + labels ({stats['steps']} steps, {dt / 60:.1f} min on "
+        print(f"after {stats['epochs']} epochs of distillation + labels ({args.ft_optimizer} lr {args.ft_lr}, "
+              f"{stats['steps']} steps, {dt / 60:.1f} min on "
               f"{torch.get_num_threads()} threads): top-1 {a_ft:.2f} % vs FP32 {rows[0][1]:.2f} % "
               f"(loss {rows[0][1] - a_ft:+.2f} pt) at {rows[1][2]:.3f} of the MACs")
     return 0
