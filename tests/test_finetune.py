@@ -138,3 +138,12 @@ def test_cli_finetune(tmp_path):
                         str(tmp_path / "o2.onnx"), "--data", str(tmp_path / "missing.npy")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "training data file not found" in r.stderr and not (tmp_path / "o2.onnx").exists()
+
+
+def test_divergence_is_a_clear_error_and_keeps_finite_weights():
+    from graphopt import GraphOptError
+
+    teacher, student, data = pruned_pair()
+    with pytest.raises(GraphOptError, match="training diverged"):
+        finetune(student, data, teacher=teacher, config=FinetuneConfig(batch_size=16, lr=1e12, optimizer="sgd"))
+    assert all(np.isfinite(v.const).all() for v in student.constants.values())
