@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -55,8 +55,3 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 def load_image_batch(files: Sequence[str | os.PathLike], **kw) -> np.ndarray:
     return np.stack([preprocess_image(f, **kw) for f in files])
-
-
-def iter_batches(data: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    for i in range(0, len(data), batch_size):
-        yield data[i:i + batch_size]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -678,14 +678,3 @@ def _fmt_attr(a: Any, limit: int) -> str:
     else:
         s = repr(a)
     return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
-def topo_nodes(graph: Graph) -> list[Node]:
-    graph.toposort()
-    return graph.nodes
-
-
-def iter_values(nodes: Iterable[Node]) -> Iterator[Value]:
-    for n in nodes:
-        yield from (v for v in n.inputs if v is not None)
-        yield from n.outputs

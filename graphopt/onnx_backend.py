@@ -16,7 +16,6 @@ import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
 from .atomic import atomic_paths
-from .errors import GraphOptError
 from .ir import Graph, Node, Value
 from .util import with_gc_paused
 
@@ -171,11 +170,3 @@ def save_onnx(graph: Graph, path: str | os.PathLike, *, external_data: bool | No
         # SerializeToString would fail past 2 GB; by construction the proto is small now.
         with open(tmp_model, "wb") as fm:
             fm.write(model.SerializeToString())
-
-
-def check_model(model: onnx.ModelProto | str | os.PathLike) -> None:
-    """Run ``onnx.checker`` (full check) and turn a failure into a GraphOptError."""
-    try:
-        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
-    except Exception as e:
-        raise GraphOptError(f"onnx.checker rejects the model: {str(e).splitlines()[0]}") from e

@@ -224,14 +224,6 @@ def _check_bounds(cls: type[Pass], name: str, value: Any) -> str | None:
     return None
 
 
-def make_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
-    """Build a registered pass from string-valued options (as the parser does)."""
-    text = name
-    if options:
-        text += "{" + ",".join(f"{k}={format_value(v)}" for k, v in options.items()) + "}"
-    (p,) = parse_pipeline(text).passes
-    return p
-
 
 def parse_pipeline(text: str, _depth: int = 0) -> Pipeline:
     """Parse a pipeline string into pass instances (see module doc for the grammar)."""

@@ -41,9 +41,6 @@ def lowering(*op_types: str, domain: str = ""):
     return deco
 
 
-def supported_ops() -> list[str]:
-    return sorted(f"{d}::{o}" if d else o for d, o in _LOWERINGS)
-
 
 # --------------------------------------------------------------------------- runtime helpers
 # (module-level functions: fx's generated code calls them by name)
