@@ -15,8 +15,8 @@ def from_torch(module, example_inputs, **kw):
     return _f(module, example_inputs, **kw)
 
 
-def to_torch(graph, outputs=None):
+def to_torch(graph, outputs=None, train_bn=False):
     """``Graph`` -> ``nn.Module`` that runs it (see ``graphopt.torch_backend.to_torch``)."""
     from .torch_backend import to_torch as _t
 
-    return _t(graph, outputs)
+    return _t(graph, outputs, train_bn=train_bn)

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--std", default="0.229,0.224,0.225")
     sens.add_argument("--eval", metavar="LABELS.npy", help="integer labels for the samples: report top-1 too")
     sens.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated ratios (default 0.1,0.3,0.5,0.7)")
-    sens.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "random"))
+    sens.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "taylor", "random"))
     sens.add_argument("--round-to", type=int, default=1)
     sens.add_argument("--plot", metavar="FILE.png", help="write the curves as a PNG (needs matplotlib)")
 
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--checkpoint", metavar="FILE.pt", help="written after every epoch and on Ctrl-C")
     f.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     f.add_argument("--max-steps", type=int, help="stop after this many steps")
+    f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--freeze-bn", action="store_true",
+                   help="keep BatchNormalization statistics fixed (default: they train, as in torch)")
 
     d = sub.add_parser("demo", help="run the main job on a built-in network (no files needed)")
     d.add_argument("-o", "--output", default="graphopt-demo.onnx", help="ONNX file to write (default: %(default)s)")
@@ -391,7 +394,10 @@ def cmd_analyze(args) -> int:
         if not Path(args.eval).is_file():
             raise GraphOptError(f"labels file not found: {args.eval}")
         labels = np.load(args.eval, allow_pickle=False)
-    rows = sensitivity(graph, data, ratios, labels, args.criterion, args.round_to)
+    from .passmanager import Context
+
+    rows = sensitivity(graph, data, ratios, labels, args.criterion, args.round_to,
+                       progress=Context().show_progress)
     if not rows:
         raise GraphOptError("the model has no prunable channel group")
     metric = "top1" if labels is not None else "rel_error"
@@ -451,7 +457,8 @@ def cmd_finetune(args) -> int:
     teacher = load_model(args.teacher) if args.teacher else None
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          temperature=args.temperature, kd_weight=args.kd_weight, checkpoint=args.checkpoint,
-                         resume=args.resume, max_steps=args.max_steps)
+                         resume=args.resume, max_steps=args.max_steps, weight_decay=args.weight_decay,
+                         train_bn=not args.freeze_bn)
     stats = finetune(student, x, y, teacher, cfg)
     save_onnx(student, args.output)
     losses = ", ".join(f"{v:.4f}" for v in stats["loss"])

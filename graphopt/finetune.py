@@ -6,6 +6,9 @@ place (written back with ``graph.update_from``):
   outputs, scaled by T^2), plus cross-entropy when labels ``y`` are given (``kd_weight``
   mixes the two);
 * **optimizer:** SGD with momentum, or Adam, with a cosine learning-rate schedule;
+* **BatchNormalization** (when not folded) trains as in torch: batch statistics, running
+  statistics updated and written back (``train_bn=False`` freezes them). Under DDP each
+  process normalizes with its own share of the batch, as DDP without SyncBatchNorm does;
 * **checkpoints** after every epoch, written atomically (tensors only: ``torch.load`` reads
   them with ``weights_only=True``); ``resume`` continues from one;
 * **Ctrl-C** stops cleanly: the weights of the last *completed* step are kept, written back
@@ -51,6 +54,7 @@ class FinetuneConfig:
     progress: bool | None = None
     max_steps: int | None = None  # stop early (tests, time budgets)
     transform: Any = None  # optional callable(batch: np.ndarray, rng) -> np.ndarray, e.g. augmentation
+    train_bn: bool = True  # BN layers normalize with batch statistics and update their running statistics
 
 
 def _dist():
@@ -82,7 +86,7 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
     if cfg.batch_size % world:
         raise GraphOptError(f"batch size {cfg.batch_size} does not split evenly over {world} processes")
     torch.manual_seed(cfg.seed)
-    module = to_torch(student)
+    module = to_torch(student, train_bn=cfg.train_bn)
     start_epoch, step = 0, 0
     if cfg.resume and cfg.checkpoint and os.path.isfile(cfg.checkpoint):
         state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)

@@ -7,9 +7,11 @@ calls torch ops directly, so execution pays no per-node interpretation cost.
   graph born from an ONNX file can be fine-tuned; other constants are buffers, or plain
   Python values where an op needs them static (shapes, axes, pads, clip bounds).
 * ``write_back(graph, module)`` copies trained parameters into the graph's constants.
-* BatchNormalization always uses its stored statistics (ONNX inference semantics) and
-  Dropout is the identity, in ``train()`` as in ``eval()``: fine-tuning an exported graph
-  trains the weights, not BN statistics. Fold BN first (``fold-bn``) if it should train.
+* BatchNormalization uses its stored statistics (ONNX inference semantics), in ``train()`` as
+  in ``eval()``, unless ``to_torch(graph, train_bn=True)``: then each BN whose four tensors are
+  constants becomes a module that, like ``nn.BatchNorm2d``, normalizes with batch statistics
+  and updates its running statistics in ``train()``; ``write_back`` stores those statistics
+  too. Dropout is always the identity.
 * An op with no lowering raises ``UnsupportedOpError`` naming the op and the node.
 """
 
@@ -314,7 +316,9 @@ class _Builder:
         self.env: dict[Value, torch.fx.Node] = {}
         self.taken: set[str] = set()
         self.param_names: dict[str, str] = {}  # IR value name -> module attribute
+        self.buffer_names: dict[str, str] = {}  # IR value name -> module buffer written back (BN statistics)
         self.outputs = outputs
+        self.train_bn = False
 
     # inputs --------------------------------------------------------------
     def value(self, v: Value | None, trainable: bool = True):
@@ -406,11 +410,39 @@ def _matmul(b, n):
     return [b.call(torch.matmul, b.inp(n, 0), b.inp(n, 1))]
 
 
+class TrainableBatchNorm(nn.Module):
+    """BatchNormalization as ``nn.BatchNorm2d`` trains it (any rank >= 2): batch statistics
+    and a running-average update in ``train()``, the running statistics in ``eval()``."""
+
+    def __init__(self, scale, bias, mean, var, eps: float, momentum: float):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(scale), nn.Parameter(bias)
+        self.register_buffer("running_mean", mean)
+        self.register_buffer("running_var", var)
+        self.eps, self.momentum = eps, momentum
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
+
+
 @lowering("BatchNormalization")
 def _bn(b, n):
     if n.attr("training_mode", 0):
         raise UnsupportedOpError(f"torch back end: BatchNormalization training_mode=1 (node '{n.name}')")
-    return [b.call(onnx_batch_norm, *(b.inp(n, i) for i in range(5)), float(n.attr("epsilon", 1e-5)))]
+    eps = float(n.attr("epsilon", 1e-5))
+    consts = [b.graph.const_value(v) if v is not None else None for v in n.inputs[1:5]]
+    if b.train_bn and len(n.inputs) == 5 and all(c is not None for c in consts) and \
+            not any(v in b.env or len(v.users()) > 1 for v in n.inputs[1:5]):
+        attr = _attr_name(n.name or "bn", b.taken)
+        t = [torch.from_numpy(np.array(c, np.float32, copy=True)) for c in consts]
+        b.root.add_module(attr, TrainableBatchNorm(*t, eps, 1.0 - float(n.attr("momentum", 0.9))))
+        b.param_names[n.inputs[1].name], b.param_names[n.inputs[2].name] = f"{attr}.weight", f"{attr}.bias"
+        b.buffer_names[n.inputs[3].name] = f"{attr}.running_mean"
+        b.buffer_names[n.inputs[4].name] = f"{attr}.running_var"
+        return [b.fx.call_module(attr, (b.inp(n, 0),))]
+    mean, var = (b.value(n.inputs[i], trainable=False) for i in (3, 4))  # statistics are never gradient-trained
+    return [b.call(onnx_batch_norm, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), mean, var, eps)]
 
 
 _UNARY = {"Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf, "Exp": torch.exp,
@@ -665,12 +697,16 @@ class TorchGraphModule(torch.fx.GraphModule):
     parameter attribute names; ``input_names``/``output_names`` follow the graph."""
 
     param_names: dict[str, str]
+    buffer_names: dict[str, str]
     input_names: list[str]
     output_names: list[str]
 
 
-def to_torch(graph: Graph, outputs: list[str] | None = None) -> TorchGraphModule:
+def to_torch(graph: Graph, outputs: list[str] | None = None, train_bn: bool = False) -> TorchGraphModule:
     """Lower ``graph`` to an ``nn.Module``.
+
+    ``train_bn``: BatchNormalization nodes become trainable BN modules (batch statistics in
+    ``train()``; see the module doc). By default BN always uses its stored statistics.
 
     ``outputs``: value names to return instead of the graph outputs (for calibration and
     sensitivity scans); the module then returns a tuple in that order. With the default,
@@ -686,6 +722,7 @@ def to_torch(graph: Graph, outputs: list[str] | None = None) -> TorchGraphModule
         out_values = [graph.values[o] for o in outputs]
     root = nn.Module()
     b = _Builder(graph, root, out_values)
+    b.train_bn = train_bn
     for v in graph.inputs:
         b.env[v] = b.fx.placeholder(_attr_name(v.name, b.taken))
     needed = _needed_nodes(graph, out_values)
@@ -702,9 +739,11 @@ def to_torch(graph: Graph, outputs: list[str] | None = None) -> TorchGraphModule
                 b.env[v] = r
     outs = [b.value(v) for v in out_values]
     b.fx.output(outs[0] if len(outs) == 1 and outputs is None else tuple(outs))
-    b.fx.eliminate_dead_code()
     gm = TorchGraphModule(root, b.fx, class_name="GraphoptModule")
+    if gm.graph.eliminate_dead_code():
+        gm.recompile()
     gm.param_names = b.param_names
+    gm.buffer_names = b.buffer_names
     gm.input_names = [v.name for v in graph.inputs]
     gm.output_names = [v.name for v in out_values]
     return gm
@@ -723,10 +762,12 @@ def _needed_nodes(graph: Graph, outputs: list[Value]) -> set[Node]:
 
 
 def write_back(graph: Graph, module: TorchGraphModule) -> int:
-    """Copy ``module``'s (trained) parameters into the graph's constants. Returns how many."""
+    """Copy ``module``'s (trained) parameters, and the BN running statistics of a
+    ``train_bn`` module, into the graph's constants. Returns how many."""
     params = dict(module.named_parameters())
+    params.update(module.named_buffers())
     n = 0
-    for value_name, attr in module.param_names.items():
+    for value_name, attr in {**module.param_names, **getattr(module, "buffer_names", {})}.items():
         v = graph.values.get(value_name)
         if v is None or v.const is None:
             raise GraphOptError(f"graph has no constant '{value_name}' to write parameter '{attr}' into")

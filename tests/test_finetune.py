@@ -147,3 +147,17 @@ def test_divergence_is_a_clear_error_and_keeps_finite_weights():
     with pytest.raises(GraphOptError, match="training diverged"):
         finetune(student, data, teacher=teacher, config=FinetuneConfig(batch_size=16, lr=1e12, optimizer="sgd"))
     assert all(np.isfinite(v.const).all() for v in student.constants.values())
+
+
+@pytest.mark.parametrize("train_bn", [True, False])
+def test_unfolded_bn_trains_its_statistics_unless_frozen(train_bn):
+    model, x = build("resnet", 0)
+    teacher = PassManager("canonicalize").run(from_torch(model, torch.from_numpy(x))).graph
+    student = PassManager("prune-channels{ratio=0.4},fold-prune").run(teacher.copy()).graph
+    bn = student.find_nodes("BatchNormalization")[0]
+    mean0 = student.const_value(bn.inputs[3]).copy()
+    data = np.random.default_rng(1).standard_normal((32,) + x.shape[1:]).astype(np.float32) * 3 + 1
+    finetune(student, data, teacher=teacher,
+             config=FinetuneConfig(epochs=1, batch_size=16, lr=1e-3, optimizer="adam", train_bn=train_bn))
+    moved = not np.allclose(student.const_value(bn.inputs[3]), mean0)
+    assert moved == train_bn

@@ -238,3 +238,33 @@ def test_efficientnet_lite0_from_torch_matches():
     ref = torch_out(model, x)
     assert rel_err(run_ort(to_onnx(g), x.numpy()), ref) <= 1e-5
     assert rel_err(torch_out(to_torch(g), x), ref) <= 1e-5
+
+
+def test_train_bn_matches_torch_batchnorm_training():
+    """to_torch(train_bn=True): BN trains exactly as nn.BatchNorm2d does (batch statistics,
+    running-average update), and write_back stores the running statistics."""
+    model, x = build("resnet")
+    g = from_torch(model.eval(), torch.from_numpy(x))
+    assert g.find_nodes("BatchNormalization")
+    m = to_torch(g, train_bn=True)
+    xs = torch.randn(8, *x.shape[1:])
+    model.train(), m.train()
+    with torch.no_grad():
+        ref, got = model(xs), m(xs)  # both update their running statistics once
+    assert rel_err(got.numpy(), ref.numpy()) <= 1e-5
+    model.eval(), m.eval()
+    assert rel_err(torch_out(m, xs), torch_out(model, xs)) <= 1e-5  # same running statistics afterwards
+    before = run_ort(to_onnx(g), xs.numpy())
+    g.update_from(m)
+    after = run_ort(to_onnx(g), xs.numpy())
+    assert rel_err(after, torch_out(model, xs)) <= 1e-5
+    assert rel_err(after, before) > 1e-4  # the statistics really were written back
+
+
+def test_bn_uses_stored_statistics_by_default():
+    model, x = build("resnet")
+    g = from_torch(model.eval(), torch.from_numpy(x))
+    m = to_torch(g).train()
+    xs = torch.randn(8, *x.shape[1:])
+    assert rel_err(torch_out(m, xs), torch_out(model, xs)) <= 1e-5  # model is in eval(): stored statistics
+    assert not m.buffer_names
