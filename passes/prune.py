@@ -244,8 +244,13 @@ def analyze(graph: Graph) -> list[Space]:
 
 
 # ---------------------------------------------------------------------------- selection
-def _importance(graph: Graph, sp: Space, criterion: str, rng: np.random.Generator) -> np.ndarray:
+def _importance(graph: Graph, sp: Space, criterion: str, rng: np.random.Generator,
+                taylor: dict[str, np.ndarray] | None = None) -> np.ndarray:
     c = sp.channels
+    if criterion == "taylor":
+        if taylor is None or sp.key not in taylor:
+            raise GraphOptError("criterion taylor needs calibration data (its gradients come from it)")
+        return taylor[sp.key]
     if criterion == "random":
         return rng.random(c)
     if criterion == "bn_scale":
@@ -274,6 +279,68 @@ def _importance(graph: Graph, sp: Space, criterion: str, rng: np.random.Generato
     return scores ** (1.0 / p)
 
 
+def taylor_scores(graph: Graph, spaces: list[Space], data, max_batches: int | None = None) -> dict[str, np.ndarray]:
+    """First-order Taylor importance of every channel of ``spaces`` (Molchanov et al. 2019):
+    for each calibration batch, the loss change estimated for removing channel c is the sum of
+    gradient x weight over every parameter the channel owns in its group (producer rows and
+    biases, depthwise rows, consumer columns, BN scale and shift, per-channel constants); the
+    score is the mean of its square over batches. The loss is cross-entropy against the
+    model's own top-1 when the output is [N, classes] logits (no labels needed), else half the
+    squared output norm. Gradients come from the torch back end in ``eval()`` mode."""
+    import torch
+    import torch.nn.functional as F
+
+    from graphopt.calibration import CalibrationData
+    from graphopt.torch_backend import to_torch
+
+    data = data if isinstance(data, CalibrationData) else CalibrationData(data)
+    module = to_torch(graph).eval()
+    params = dict(module.named_parameters())
+    attr_of = module.param_names  # IR constant name -> parameter attribute
+
+    def gw_of(v: Value):
+        a = attr_of.get(v.name) if v is not None else None
+        if a is None or params[a].grad is None:
+            return None
+        return (params[a].grad * params[a]).detach().double().numpy()
+
+    sums = {sp.key: np.zeros(sp.channels) for sp in spaces}
+    batches = 0
+    for batch in data:
+        module.zero_grad(set_to_none=True)
+        out = module(torch.from_numpy(np.ascontiguousarray(batch)))
+        out = out[0] if isinstance(out, tuple) else out
+        if out.dim() == 2 and out.shape[1] > 1:
+            loss = F.cross_entropy(out, out.detach().argmax(1))
+        else:
+            loss = 0.5 * (out * out).sum() / out.shape[0]
+        loss.backward()
+        for sp in spaces:
+            t = np.zeros(sp.channels)
+            for n in sp.producers + sp.depthwise:
+                gw = gw_of(n.inputs[1])
+                if gw is not None:
+                    t += L.out_view(n, gw).sum(1)
+                b = gw_of(n.inputs[2]) if len(n.inputs) > 2 else None
+                if b is not None:
+                    t += b
+            for n, _s in sp.consumers:
+                gw = gw_of(n.inputs[1])
+                if gw is not None:
+                    t += L.in_view(n, gw).reshape(sp.channels, -1).sum(1)
+            for n, i in sp.params:
+                gw = gw_of(n.inputs[i])
+                if gw is not None and gw.size == sp.channels:
+                    t += gw.reshape(-1)
+            sums[sp.key] += t * t
+        batches += 1
+        if max_batches is not None and batches >= max_batches:
+            break
+    if batches == 0:
+        raise GraphOptError("criterion taylor: the calibration data has no batches")
+    return {k: v / batches for k, v in sums.items()}
+
+
 @register_pass("prune-channels")
 @dataclass(kw_only=True)
 class PruneChannels(Pass):
@@ -288,7 +355,8 @@ class PruneChannels(Pass):
 
     ratio: float = option(0.3, "fraction of channels to remove from each prunable group, in [0, 1)", minimum=0.0,
                           maximum=0.999999)
-    criterion: Literal["l1", "l2", "bn_scale", "random"] = option("l1", "channel importance")
+    criterion: Literal["l1", "l2", "bn_scale", "taylor", "random"] = option(
+        "l1", "channel importance (taylor: gradient x weight on the calibration data)")
     round_to: int = option(1, "keep a multiple of this many channels (8 or 16 for SIMD)", minimum=1)
     skip: list[str] = option([], "layer name/source patterns (fnmatch) whose groups are not pruned")
     global_ranking: bool = option(False, "one threshold across groups instead of the same ratio in each")
@@ -313,9 +381,14 @@ class PruneChannels(Pass):
                 continue
             candidates.append(sp)
         masks: dict[str, list[int]] = {}
+        taylor = None
+        if self.criterion == "taylor":
+            if ctx.calib is None:
+                raise GraphOptError("prune-channels{criterion=taylor} needs calibration data (--calib)")
+            taylor = taylor_scores(graph, candidates, ctx.calib)
         if self.target_macs is not None:
-            return self._by_target(graph, ctx, candidates, reasons, rng)
-        scores = {sp.id: _importance(graph, sp, self.criterion, rng) for sp in candidates}
+            return self._by_target(graph, ctx, candidates, reasons, rng, taylor)
+        scores = {sp.id: _importance(graph, sp, self.criterion, rng, taylor) for sp in candidates}
         threshold = None
         if self.global_ranking and candidates:
             allnorm = np.concatenate([scores[sp.id] / max(scores[sp.id].mean(), 1e-12) for sp in candidates])
@@ -344,11 +417,12 @@ class PruneChannels(Pass):
                                                  "channels_removed": removed, "unprunable": reasons})
 
 
-    def _by_target(self, graph: Graph, ctx: Context, candidates: list[Space], reasons, rng) -> PassResult:
+    def _by_target(self, graph: Graph, ctx: Context, candidates: list[Space], reasons, rng, taylor) -> PassResult:
         if ctx.calib is None:
             raise GraphOptError("prune-channels{target_macs=...} needs calibration data for its sensitivity scan")
         rows = [r for r in sensitivity(graph, ctx.calib, ratios=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-                                       criterion=self.criterion, round_to=self.round_to, progress=ctx.show_progress)
+                                       criterion=self.criterion, round_to=self.round_to, progress=ctx.show_progress,
+                                       taylor=taylor)
                 if r["group"] in {sp.key for sp in candidates}]
         from graphopt.analysis import total_macs
 
@@ -360,7 +434,7 @@ class PruneChannels(Pass):
             masks = {}
             for sp in candidates:
                 if sp.key in plan:
-                    keep = _keep_top(graph, sp, plan[sp.key], self.criterion, self.round_to, rng)
+                    keep = _keep_top(graph, sp, plan[sp.key], self.criterion, self.round_to, rng, taylor)
                     if keep is not None:
                         masks[sp.key] = keep
             trial = graph.copy()
@@ -484,17 +558,19 @@ def _shape_cols(n: Node, w: np.ndarray, cols: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- sensitivity
-def _keep_top(graph: Graph, sp: Space, ratio: float, criterion: str, round_to: int, rng) -> list[int] | None:
+def _keep_top(graph: Graph, sp: Space, ratio: float, criterion: str, round_to: int, rng,
+              taylor: dict[str, np.ndarray] | None = None) -> list[int] | None:
     keep_n = sp.channels - int(np.floor(sp.channels * ratio))
     keep_n = min(sp.channels, max(round_to, int(round(keep_n / round_to)) * round_to))
     if keep_n >= sp.channels:
         return None
-    sc = _importance(graph, sp, criterion, rng)
+    sc = _importance(graph, sp, criterion, rng, taylor)
     return np.sort(np.argsort(-sc, kind="stable")[:keep_n]).tolist()
 
 
 def sensitivity(graph: Graph, data, ratios=(0.1, 0.3, 0.5, 0.7), labels: np.ndarray | None = None,
-                criterion: str = "l1", round_to: int = 1, progress: bool = False) -> list[dict]:
+                criterion: str = "l1", round_to: int = 1, progress: bool = False,
+                taylor: dict[str, np.ndarray] | None = None) -> list[dict]:
     """Prune each prunable group alone at each ratio and measure the damage on ``data``: the
     output's relative L2 error against the unpruned graph, and top-1 accuracy if ``labels``.
     Returns one row per (group, ratio) with the MACs saved."""
@@ -508,6 +584,8 @@ def sensitivity(graph: Graph, data, ratios=(0.1, 0.3, 0.5, 0.7), labels: np.ndar
     rng = np.random.default_rng(0)
     rows = []
     spaces = [sp for sp in analyze(graph) if sp.prunable]
+    if criterion == "taylor" and taylor is None:
+        taylor = taylor_scores(graph, spaces, data)
     jobs = [(sp, r) for sp in spaces for r in ratios]
     it = jobs
     if progress:
@@ -515,7 +593,7 @@ def sensitivity(graph: Graph, data, ratios=(0.1, 0.3, 0.5, 0.7), labels: np.ndar
 
         it = tqdm(jobs, desc="sensitivity", leave=False)
     for sp, r in it:
-        keep = _keep_top(graph, sp, r, criterion, round_to, rng)
+        keep = _keep_top(graph, sp, r, criterion, round_to, rng, taylor)
         if keep is None:
             continue
         g = graph.copy()
