@@ -410,20 +410,23 @@ def _matmul(b, n):
     return [b.call(torch.matmul, b.inp(n, 0), b.inp(n, 1))]
 
 
-class TrainableBatchNorm(nn.Module):
-    """BatchNormalization as ``nn.BatchNorm2d`` trains it (any rank >= 2): batch statistics
-    and a running-average update in ``train()``, the running statistics in ``eval()``."""
+class TrainableBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNormalization as ``nn.BatchNorm2d`` trains it, for any rank >= 2: batch statistics
+    and a running-average update in ``train()``, the running statistics in ``eval()``. It is a
+    torch ``_BatchNorm``, so ``SyncBatchNorm.convert_sync_batchnorm`` and
+    ``torch.optim.swa_utils.update_bn`` work on it."""
 
     def __init__(self, scale, bias, mean, var, eps: float, momentum: float):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(scale), nn.Parameter(bias)
-        self.register_buffer("running_mean", mean)
-        self.register_buffer("running_var", var)
-        self.eps, self.momentum = eps, momentum
+        super().__init__(scale.numel(), eps=eps, momentum=momentum)
+        with torch.no_grad():
+            self.weight.copy_(scale)
+            self.bias.copy_(bias)
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
 
-    def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
-                            self.momentum, self.eps)
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (got {input.dim()}-D input)")
 
 
 @lowering("BatchNormalization")

@@ -6,6 +6,8 @@ Dependency analysis. A *channel space* is a set of values whose channel axis (ax
 the same channels. Union-find joins them through:
 - channel-wise ops: BN, activations, pooling, Identity;
 - depthwise convs: channels pass through, and ``group`` shrinks with them;
+- grouped convs: their input and output channels leave every group in equal numbers, and
+  ``group`` stays (a grouped conv with one channel per group on a side leaves that side alone);
 - element-wise binary ops whose operands both carry the channels. A residual Add couples its
   branches. A [N,1,H,W] operand or a broadcast constant does not couple.
 Derived spaces map a base space's channels onto other values:
@@ -51,6 +53,7 @@ class Space:
     consumers: list[tuple[Node, int]] = field(default_factory=list)  # (layer, factor s): reads columns
     params: list[tuple[Node, int]] = field(default_factory=list)  # per-channel constant inputs to slice
     derived: list[tuple[str, Node, int]] = field(default_factory=list)  # ("concat"|"split"|"flatten", node, index)
+    blocks: list[int] = field(default_factory=list)  # group counts of grouped convs: equal removal per group
     reasons: list[str] = field(default_factory=list)
 
     @property
@@ -124,9 +127,19 @@ def analyze(graph: Graph) -> list[Space]:
                 uf.union(x, out)
                 roles.append(("depthwise", x, n))
                 continue
-            if op == "Conv" and n.attr("group", 1) > 1:
-                problems.append((x, f"grouped conv '{n.name}' (equal removal per group is not supported yet)"))
-                problems.append((out, f"grouped conv '{n.name}' output"))
+            g = n.attr("group", 1)
+            if op == "Conv" and g > 1:  # grouped: channels leave each group in equal numbers, `group` stays
+                w = L.weight(graph, n)
+                if w.shape[1] > 1 and _channels(x) is not None:
+                    roles.append(("consumers", x, (n, 1)))
+                    roles.append(("blocks", x, g))
+                else:
+                    problems.append((x, f"grouped conv '{n.name}' reads one channel per group"))
+                if w.shape[0] // g > 1:
+                    roles.append(("producers", out, n))
+                    roles.append(("blocks", out, g))
+                else:
+                    problems.append((out, f"grouped conv '{n.name}' writes one channel per group"))
                 continue
             if op == "MatMul" and (x.shape is None or len(x.shape) != 2):
                 problems.append((x, f"MatMul '{n.name}' on a rank-{len(x.shape) if x.shape else '?'} input"))
@@ -224,7 +237,14 @@ def analyze(graph: Graph) -> list[Space]:
         if sp is not None:
             if sp.producers:
                 sp.reasons.append("channels that come from a Concat/Split are also produced by a layer")
+            if sp.blocks:
+                sp.reasons.append("a grouped conv reads channels that come from a Concat/Split")
             sp.producers.clear()
+    for sp in spaces.values():
+        if len(set(sp.blocks)) > 1:
+            sp.reasons.append(f"grouped convs with different group counts {sorted(set(sp.blocks))} share channels")
+        elif sp.blocks and sp.channels % sp.blocks[0]:
+            sp.reasons.append(f"{sp.channels} channels do not split into {sp.blocks[0]} groups")
     # a problem in a derived space blocks the sources it is made of, and the other way round
     changed = True
     while changed:
@@ -399,15 +419,12 @@ class PruneChannels(Pass):
                 n_remove = int((sc / max(sc.mean(), 1e-12) < threshold).sum())
             else:
                 n_remove = int(np.floor(sp.channels * self.ratio))
-            keep_n = sp.channels - n_remove
-            keep_n = max(self.round_to, int(round(keep_n / self.round_to)) * self.round_to)
-            keep_n = min(keep_n, sp.channels)
+            keep_n = _round_keep(sp, sp.channels - n_remove, self.round_to)
             if keep_n <= 0:
                 raise GraphOptError(f"pruning would remove every channel of {sp.names}")
             if keep_n == sp.channels:
                 continue
-            keep = np.sort(np.argsort(-sc, kind="stable")[:keep_n])
-            masks[sp.key] = keep.tolist()
+            masks[sp.key] = _select(sp, sc, keep_n)
         prev = graph.model_meta.get(MASK_KEY) or {}
         graph.model_meta[MASK_KEY] = masks
         for name, why in reasons.items():
@@ -549,7 +566,7 @@ def _shape_rows(n: Node, w: np.ndarray, rows: int) -> np.ndarray:
 def _shape_cols(n: Node, w: np.ndarray, cols: int) -> np.ndarray:
     shape = list(w.shape)
     if n.op_type == "Conv":
-        shape[1] = cols
+        shape[1] = cols // n.attr("group", 1)
     elif n.op_type == "Gemm" and n.attr("transB", 0):
         shape[1] = cols
     else:
@@ -558,14 +575,29 @@ def _shape_cols(n: Node, w: np.ndarray, cols: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- sensitivity
+def _round_keep(sp: Space, keep_n: int, round_to: int) -> int:
+    """``keep_n`` rounded to a multiple of ``round_to`` (and of the group count of grouped convs)."""
+    unit = int(np.lcm(round_to, sp.blocks[0])) if sp.blocks else round_to
+    return min(sp.channels, max(unit, int(round(keep_n / unit)) * unit))
+
+
+def _select(sp: Space, scores: np.ndarray, keep_n: int) -> list[int]:
+    """The ``keep_n`` most important channels; with grouped convs, the same number from each group."""
+    if not sp.blocks:
+        return np.sort(np.argsort(-scores, kind="stable")[:keep_n]).tolist()
+    g = sp.blocks[0]
+    per, size = keep_n // g, sp.channels // g
+    blocks = scores.reshape(g, size)
+    top = np.sort(np.argsort(-blocks, axis=1, kind="stable")[:, :per], axis=1)
+    return (top + (np.arange(g) * size)[:, None]).reshape(-1).tolist()
+
+
 def _keep_top(graph: Graph, sp: Space, ratio: float, criterion: str, round_to: int, rng,
               taylor: dict[str, np.ndarray] | None = None) -> list[int] | None:
-    keep_n = sp.channels - int(np.floor(sp.channels * ratio))
-    keep_n = min(sp.channels, max(round_to, int(round(keep_n / round_to)) * round_to))
+    keep_n = _round_keep(sp, sp.channels - int(np.floor(sp.channels * ratio)), round_to)
     if keep_n >= sp.channels:
         return None
-    sc = _importance(graph, sp, criterion, rng, taylor)
-    return np.sort(np.argsort(-sc, kind="stable")[:keep_n]).tolist()
+    return _select(sp, _importance(graph, sp, criterion, rng, taylor), keep_n)
 
 
 def sensitivity(graph: Graph, data, ratios=(0.1, 0.3, 0.5, 0.7), labels: np.ndarray | None = None,
@@ -637,3 +669,39 @@ def allocate_ratios(rows: list[dict], target_saving: float) -> dict[str, float]:
         saved += by_group[best][i]["macs_saved"] - (by_group[best][i - 1]["macs_saved"] if i > 0 else 0.0)
         level[best] = i
     return {g: by_group[g][i]["ratio"] for g, i in level.items() if i >= 0}
+
+
+# ---------------------------------------------------------------------------- BN re-estimation
+@register_pass("recalibrate-bn")
+@dataclass(kw_only=True)
+class RecalibrateBatchNorm(Pass):
+    """Re-estimate the statistics of every (unfolded) BatchNormalization from the calibration
+    data: after pruning, a BN's stored mean and variance describe the unpruned network and no
+    longer match its input (the "adaptive BN" of EagleEye, Li et al. 2020). The graph runs in
+    torch training mode, so each BN normalizes with batch statistics, and the running
+    statistics become the average over all batches (``torch.optim.swa_utils.update_bn``).
+    Weights are not touched. Run it before fold-bn; a graph without BN is left alone."""
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        bns = [n for n in graph.nodes if n.op_type == "BatchNormalization"]
+        if not bns:
+            return PassResult(graph, False, {"recalibrated": 0, "reason": "no BatchNormalization (folded already?)"})
+        if ctx.calib is None:
+            raise GraphOptError("recalibrate-bn needs calibration data (--calib)")
+        import torch
+        from torch.optim.swa_utils import update_bn
+
+        from graphopt.calibration import CalibrationData
+        from graphopt.torch_backend import to_torch
+
+        data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(ctx.calib)
+        module = to_torch(graph, train_bn=True)
+        if not module.buffer_names:
+            return PassResult(graph, False, {"recalibrated": 0, "reason": "no BN with constant statistics"})
+        before = {name: np.asarray(graph.const_value(graph.values[name])).copy() for name in module.buffer_names}
+        with torch.no_grad():
+            update_bn((torch.from_numpy(np.ascontiguousarray(b)) for b in data), module)
+        module.eval()
+        graph.update_from(module)
+        changed = sum(not np.array_equal(np.asarray(graph.const_value(graph.values[k])), v) for k, v in before.items())
+        return PassResult(graph, changed > 0, {"recalibrated": len(module.buffer_names) // 2})

@@ -121,11 +121,47 @@ def test_unknown_op_makes_its_group_unprunable_and_says_so():
     assert any("vendor.ops::MysteryAct" in why for why in reasons.values())
 
 
-def test_grouped_conv_is_reported_not_guessed():
-    g = from_torch(GroupedNet(), torch.randn(2, 3, 8, 8))
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_grouped_conv_loses_channels_equally_per_group(round_to):
+    x = torch.randn(2, 3, 8, 8)
+    g = from_torch(GroupedNet(), x)
+    r = PassManager(f"prune-channels{{ratio=0.5,round_to={round_to}}}").run(g)
+    masks = r.graph.model_meta["prune_keep"]
+    assert len(masks) == 2  # the grouped conv's input and output groups
+    for keep in masks.values():
+        keep = np.asarray(keep)
+        assert (keep < 4).sum() == (keep >= 4).sum() == 2  # 2 of the 4 channels of each group
+    masked = to_onnx(masked_model(r.graph))
+    folded = PassManager("fold-prune", verify_each=True).run(r.graph).graph
+    out = to_onnx(folded)
+    onnx.checker.check_model(out, full_check=True)
+    assert rel_err(run_ort(out, x.numpy()), run_ort(masked, x.numpy())) <= 1e-5
+    conv = next(n for n in folded.nodes if n.op_type == "Conv" and n.attr("group", 1) > 1)
+    assert conv.attr("group") == 2 and list(L.weight(folded, conv).shape) == [4, 2, 3, 3]
+
+
+class DepthMultiplier(nn.Module):
+    """group == in_channels but 2 outputs per group: not depthwise, and one input channel per group."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.dm = nn.Conv2d(4, 8, 3, padding=1, groups=4)
+        self.b = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.dm(torch.relu(self.a(x)))))
+
+
+def test_grouped_conv_with_one_input_channel_per_group_is_reported():
+    g = from_torch(DepthMultiplier(), torch.randn(2, 3, 8, 8))
     r = PassManager("prune-channels{ratio=0.5}").run(g)
     reasons = r.stats["prune-channels"][0]["unprunable"]
-    assert any("grouped conv" in why for why in reasons.values())
+    assert any("reads one channel per group" in why for why in reasons.values())
+    keep = r.graph.model_meta["prune_keep"]
+    assert len(keep) == 1 and len(next(iter(keep.values()))) == 4  # dm's output: one of 2 per group
+    folded = PassManager("fold-prune").run(r.graph).graph
+    assert next(n for n in folded.nodes if n.source == "dm").attr("group") == 4
 
 
 def test_round_to_and_skip():
@@ -267,3 +303,27 @@ def test_taylor_criterion_prunes_and_needs_calibration():
     assert masks_t.keys() == masks_l1.keys() and masks_t != masks_l1  # same groups, its own choice
     folded = PassManager("fold-prune").run(r.graph).graph
     assert total_macs(folded) < total_macs(g)
+
+
+def test_recalibrate_bn_matches_data_statistics():
+    """The first BN's new statistics are the mean and (unbiased) variance of its input over the
+    calibration data, computed here with numpy; a second run changes nothing; no data: an error."""
+    from graphopt.calibration import CalibrationData, collect
+
+    model, x = build("resnet")
+    g = PassManager("canonicalize").run(from_torch(model, torch.from_numpy(x))).graph
+    g = PassManager("prune-channels{ratio=0.5},fold-prune").run(g).graph
+    data = np.random.default_rng(0).standard_normal((16,) + x.shape[1:]).astype(np.float32) * 2 + 0.5
+    calib = CalibrationData(data, batch_size=16)  # one batch: the average over batches is exact
+    bn = next(n for n in g.nodes if n.op_type == "BatchNormalization")
+    act = collect(g, calib, [bn.inputs[0].name])[bn.inputs[0].name].astype(np.float64)
+    with pytest.raises(PassError, match="recalibrate-bn needs calibration data"):
+        PassManager("recalibrate-bn").run(g.copy())
+    r = PassManager("recalibrate-bn", verify_each=True).run(g, Context(calib=calib))
+    assert r.modified and r.stats["recalibrate-bn"][0]["recalibrated"] == len(g.find_nodes("BatchNormalization"))
+    np.testing.assert_allclose(g.const_value(bn.inputs[3]), act.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g.const_value(bn.inputs[4]), act.transpose(1, 0, 2, 3).reshape(act.shape[1], -1)
+                               .var(1, ddof=1), rtol=1e-4, atol=1e-5)
+    assert not PassManager("recalibrate-bn").run(g, Context(calib=calib)).modified  # idempotent
+    folded = PassManager("fold-bn").run(g.copy()).graph
+    assert not PassManager("recalibrate-bn").run(folded, Context(calib=calib)).modified  # nothing to do
