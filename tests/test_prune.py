@@ -327,3 +327,25 @@ def test_recalibrate_bn_matches_data_statistics():
     assert not PassManager("recalibrate-bn").run(g, Context(calib=calib)).modified  # idempotent
     folded = PassManager("fold-bn").run(g.copy()).graph
     assert not PassManager("recalibrate-bn").run(folded, Context(calib=calib)).modified  # nothing to do
+
+
+def test_cli_taylor_prune_recalibrate_then_fold(tmp_path):
+    import subprocess
+    import sys
+
+    model, x = build("resnet")
+    p = tmp_path / "m.onnx"
+    g = PassManager("canonicalize").run(from_torch(model, torch.from_numpy(x))).graph  # BN kept
+    p.write_bytes(to_onnx(g).SerializeToString())
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).standard_normal((16,) + x.shape[1:]).astype(np.float32))
+    pipe = "prune-channels{ratio=0.5,criterion=taylor},fold-prune,recalibrate-bn,fold-bn"
+    out = tmp_path / "small.onnx"
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "convert", str(p), "-o", str(out), "--pipeline", pipe,
+                        "--calib", str(tmp_path / "c.npy")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    small = load_onnx(out)
+    onnx.checker.check_model(to_onnx(small), full_check=True)
+    assert not small.find_nodes("BatchNormalization") and total_macs(small) < total_macs(g)
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "convert", str(p), "-o", str(tmp_path / "x.onnx"),
+                        "--pipeline", pipe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "needs calibration data" in r.stderr and not (tmp_path / "x.onnx").exists()
