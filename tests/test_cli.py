@@ -197,3 +197,24 @@ def test_demo_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "demo.onnx").is_file() and (tmp_path / "demo.int8.onnx").is_file()
     assert "0 Conv/Gemm left in float" in r.stdout and "relative error" in r.stdout
+
+
+def test_prune_then_quantize_in_one_pipeline(tmp_path):
+    """The issue's composition: prune, fold, then quantize, written as integer QDQ ONNX."""
+    import onnx
+
+    model, x = build("mobilenetv2")
+    p = tmp_path / "m.onnx"
+    p.write_bytes(export(model, x, fold=False).SerializeToString())
+    calib = np.random.default_rng(0).standard_normal((32,) + x.shape[1:]).astype(np.float32)
+    np.save(tmp_path / "c.npy", calib)
+    prune = "canonicalize,fold-bn,prune-channels{ratio=0.25,round_to=4},fold-prune"
+    r = cli("convert", p, "-o", tmp_path / "f.onnx", "--pipeline", prune)
+    assert r.returncode == 0, r.stderr
+    r = cli("convert", p, "-o", tmp_path / "q.onnx", "--pipeline", prune + ",quantize{weights=int8:channel}",
+            "--calib", tmp_path / "c.npy", "--format", "qdq")
+    assert r.returncode == 0, r.stderr
+    q = onnx.load(tmp_path / "q.onnx")
+    int8_weights = sum(int(np.prod(t.dims)) for t in q.graph.initializer if t.data_type == onnx.TensorProto.INT8)
+    assert 0 < int8_weights < load_onnx(p).num_params() * 0.9  # the integer weights are the pruned ones
+    assert rel_err(run_ort(str(tmp_path / "q.onnx"), calib), run_ort(str(tmp_path / "f.onnx"), calib)) <= 0.1
