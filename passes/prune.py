@@ -647,8 +647,10 @@ def allocate_ratios(rows: list[dict], target_saving: float) -> dict[str, float]:
     by_group: dict[str, list[dict]] = {}
     for r in rows:
         by_group.setdefault(r["group"], []).append(r)
-    for v in by_group.values():
+    for g, v in by_group.items():
         v.sort(key=lambda r: r["ratio"])
+        # ratios that round to the same kept count (round_to) are one step, not a zero-gain wall
+        by_group[g] = [r for i, r in enumerate(v) if i == 0 or r["macs_saved"] > v[i - 1]["macs_saved"] + 1e-12]
     level = {g: -1 for g in by_group}
     saved = 0.0
     while saved < target_saving:

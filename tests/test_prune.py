@@ -349,3 +349,14 @@ def test_cli_taylor_prune_recalibrate_then_fold(tmp_path):
     r = subprocess.run([sys.executable, "-m", "graphopt.cli", "convert", str(p), "-o", str(tmp_path / "x.onnx"),
                         "--pipeline", pipe], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "needs calibration data" in r.stderr and not (tmp_path / "x.onnx").exists()
+
+
+def test_allocation_steps_over_ratios_that_round_to_the_same_count():
+    """With round_to, neighbouring ratios can keep the same channels (zero gain); the greedy
+    allocation must step over them rather than stop there."""
+    from passes.prune import allocate_ratios
+
+    rows = [{"group": "a", "ratio": r, "macs_saved": s, "rel_error": e}
+            for r, s, e in ((0.2, 0.1, 0.01), (0.3, 0.1, 0.01), (0.5, 0.3, 0.05))]
+    rows += [{"group": "b", "ratio": 0.5, "macs_saved": 0.05, "rel_error": 0.9}]
+    assert allocate_ratios(rows, 0.25) == {"a": 0.5}  # b is far costlier per MAC saved
