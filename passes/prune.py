@@ -14,6 +14,11 @@ Derived spaces map a base space's channels onto other values:
 - Concat outputs: offsets;
 - Split outputs: segments;
 - Flatten -> Gemm: channel c is features [c*s, (c+1)*s).
+Channel padding (a Pad that only adds zero channels, as the option-A shortcut of CIFAR ResNets
+does) puts a smaller space inside a larger one at an offset. Such a tree of spaces is pruned as
+one group from its root: a channel of the inner space goes wherever it goes in the outer one,
+and the kept zero channels stay as (smaller) pads. A Slice or Pad that leaves axis 1 alone is
+channel-wise.
 A space can be pruned only when every producer is a Conv/Gemm/MatMul with constant weights, and
 every reader is understood. An op the analysis does not understand makes its space unprunable,
 and the reason names the op and the node; nothing is guessed.
@@ -55,10 +60,22 @@ class Space:
     derived: list[tuple[str, Node, int]] = field(default_factory=list)  # ("concat"|"split"|"flatten", node, index)
     blocks: list[int] = field(default_factory=list)  # group counts of grouped convs: equal removal per group
     reasons: list[str] = field(default_factory=list)
+    # channel padding (Pad on axis 1, zeros): this space is channels [offset, offset + channels)
+    # of ``parent``; the tree of such spaces is selected and pruned as one group from its root
+    parent: Optional[tuple["Space", int, Node]] = None
+    children: list["Space"] = field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
-        return not self.reasons and bool(self.producers)
+        return not self.reasons and bool(self.producers) and self.parent is None
+
+    def tree(self) -> list[tuple["Space", int]]:
+        """This space and every space padded into it, with offsets in this space's channels."""
+        out = [(self, 0)]
+        for ch in self.children:
+            off = ch.parent[1]
+            out += [(s, off + o) for s, o in ch.tree()]
+        return out
 
     @property
     def key(self) -> str:
@@ -96,6 +113,40 @@ def _is_depthwise(graph: Graph, n: Node) -> bool:
     w = L.weight(graph, n)
     g = n.attr("group", 1)
     return n.op_type == "Conv" and g > 1 and w.shape[1] == 1 and w.shape[0] == g and _channels(n.inputs[0]) == g
+
+
+def _slice_or_pad_channels(graph: Graph, n: Node):
+    """"channelwise" when a Slice/Pad leaves axis 1 alone; (before, after) for a Pad that only adds
+    zero channels around the input (option-A ResNet shortcuts); None when not understood."""
+    x = n.inputs[0]
+    rank = len(x.shape) if x.shape is not None else None
+    if rank is None:
+        return None
+    consts = [graph.const_value(v) if v is not None else None for v in n.inputs[1:]]
+    if any(v is not None and c is None for v, c in zip(n.inputs[1:], consts)):
+        return None  # computed starts/ends/pads
+    if n.op_type == "Slice":
+        if len(consts) < 2:
+            return None
+        axes = np.asarray(consts[2]).tolist() if len(consts) > 2 and consts[2] is not None else list(range(rank))
+        return "channelwise" if 1 not in [a % rank for a in axes] else None
+    if n.attr("mode", "constant") not in ("constant", b"constant"):
+        return None
+    if len(consts) > 1 and consts[1] is not None and np.asarray(consts[1]).size and np.any(np.asarray(consts[1])):
+        return None  # a non-zero pad value
+    if len(consts) > 2 and consts[2] is not None:
+        return None  # explicit axes input: not handled
+    pads = np.asarray(consts[0]).tolist() if consts and consts[0] is not None else None
+    if pads is None or len(pads) != 2 * rank:
+        return None
+    before, after = int(pads[1]), int(pads[1 + rank])
+    if before < 0 or after < 0 or pads[0] or pads[rank]:
+        return None
+    if before == after == 0:
+        return "channelwise"
+    if any(pads[i] or pads[i + rank] for i in range(2, rank)):
+        return None  # channel and spatial padding at once: keep it simple
+    return before, after
 
 
 def analyze(graph: Graph) -> list[Space]:
@@ -178,6 +229,14 @@ def analyze(graph: Graph) -> list[Space]:
                 elif ch != 1:
                     problems.append((out, f"{op} '{n.name}' broadcasts in an unknown way"))
             continue
+        if op in ("Slice", "Pad") and out is not None and _channels(n.inputs[0]) is not None:
+            how = _slice_or_pad_channels(graph, n)
+            if how == "channelwise":
+                uf.union(n.inputs[0], out)
+                continue
+            if isinstance(how, tuple):  # zero-padding of the channels: out = [0]*before ++ x ++ [0]*after
+                roles.append(("embed", out, (n.inputs[0], how[0], n)))
+                continue
         if op == "Concat" and out is not None and n.attr("axis") in (1, -len(out.shape or [0, 0]) + 1) and \
                 all(_channels(v) is not None for v in ins):
             for i, v in enumerate(n.inputs):
@@ -213,9 +272,13 @@ def analyze(graph: Graph) -> list[Space]:
         return spaces[r]
 
     derived_roots: set[Value] = set()
+    embeds: list[tuple[Space, Space, int, Node]] = []
     for kind, v, item in roles:
         if kind == "derived-root":
             derived_roots.add(uf.find(v))
+        elif kind == "embed":
+            x, before, pad = item
+            embeds.append((space(x), space(v), before, pad))
         else:
             getattr(space(v), kind).append(item)
     for v, why in problems:
@@ -245,6 +308,28 @@ def analyze(graph: Graph) -> list[Space]:
             sp.reasons.append(f"grouped convs with different group counts {sorted(set(sp.blocks))} share channels")
         elif sp.blocks and sp.channels % sp.blocks[0]:
             sp.reasons.append(f"{sp.channels} channels do not split into {sp.blocks[0]} groups")
+    for child, parent, before, pad in embeds:
+        if child.parent is not None or child is parent:
+            why = f"channels padded by more than one Pad ('{pad.name}', '{child.parent[2].name}')" \
+                if child.parent is not None else f"Pad '{pad.name}' pads a group into itself"
+            child.reasons.append(why)
+            parent.reasons.append(why)
+            continue
+        child.parent = (parent, before, pad)
+        parent.children.append(child)
+    roots = [sp for sp in spaces.values() if sp.parent is None]
+    for root in roots:  # a padded tree is pruned as one group: one problem blocks all of it
+        members = [m for m, _ in root.tree()]
+        if len(members) == 1:
+            continue
+        bad = [m for m in members if m.reasons]
+        if any(m.blocks for m in members):
+            bad = members
+            root.reasons.append("a grouped conv in a group with channel padding")
+        if bad:
+            for m in members:
+                if not m.reasons:
+                    m.reasons.append(f"coupled through channel padding to an unprunable group ({bad[0].reasons[0]})")
     # a problem in a derived space blocks the sources it is made of, and the other way round
     changed = True
     while changed:
@@ -266,6 +351,20 @@ def analyze(graph: Graph) -> list[Space]:
 # ---------------------------------------------------------------------------- selection
 def _importance(graph: Graph, sp: Space, criterion: str, rng: np.random.Generator,
                 taylor: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Importance of every channel of ``sp``, summed with that of the spaces padded into it."""
+    total, found = np.zeros(sp.channels), False
+    for m, off in sp.tree():
+        sc = _own_importance(graph, m, criterion, rng, taylor)
+        if sc is not None:
+            total[off:off + m.channels] += sc
+            found = True
+    if not found:
+        raise GraphOptError(f"criterion bn_scale: group {sp.names} has no BatchNorm (statistics)")
+    return total
+
+
+def _own_importance(graph: Graph, sp: Space, criterion: str, rng: np.random.Generator,
+                    taylor: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
     c = sp.channels
     if criterion == "taylor":
         if taylor is None or sp.key not in taylor:
@@ -285,9 +384,7 @@ def _importance(graph: Graph, sp: Space, criterion: str, rng: np.random.Generato
             if meta is not None:
                 scores += np.abs(np.asarray(meta["gamma"], np.float64))
                 found = True
-        if not found:
-            raise GraphOptError(f"criterion bn_scale: group {sp.names} has no BatchNorm (statistics)")
-        return scores
+        return scores if found else None
     p = 1 if criterion == "l1" else 2
     scores = np.zeros(c)
     for n in sp.producers + sp.depthwise:
@@ -392,6 +489,8 @@ class PruneChannels(Pass):
         spaces = analyze(graph)
         candidates, reasons = [], {}
         for sp in spaces:
+            if sp.parent is not None:
+                continue  # pruned as part of the space it is padded into
             if not sp.prunable:
                 for name in sp.names or [v.name for v in sp.values[:1]]:
                     reasons[name] = "; ".join(sp.reasons) or "no producing layer"
@@ -405,7 +504,7 @@ class PruneChannels(Pass):
         if self.criterion == "taylor":
             if ctx.calib is None:
                 raise GraphOptError("prune-channels{criterion=taylor} needs calibration data (--calib)")
-            taylor = taylor_scores(graph, candidates, ctx.calib)
+            taylor = taylor_scores(graph, [m for sp in candidates for m, _ in sp.tree()], ctx.calib)
         if self.target_macs is not None:
             return self._by_target(graph, ctx, candidates, reasons, rng, taylor)
         scores = {sp.id: _importance(graph, sp, self.criterion, rng, taylor) for sp in candidates}
@@ -419,6 +518,11 @@ class PruneChannels(Pass):
                 n_remove = int((sc / max(sc.mean(), 1e-12) < threshold).sum())
             else:
                 n_remove = int(np.floor(sp.channels * self.ratio))
+            if sp.children:
+                keep = _select_tree(sp, sc, n_remove / sp.channels, self.round_to)
+                if len(keep) < sp.channels:
+                    masks[sp.key] = keep
+                continue
             keep_n = _round_keep(sp, sp.channels - n_remove, self.round_to)
             if keep_n <= 0:
                 raise GraphOptError(f"pruning would remove every channel of {sp.names}")
@@ -486,7 +590,7 @@ class FoldPrune(Pass):
             sp = spaces.get(key)
             if sp is None or not sp.prunable:
                 raise GraphOptError(f"mask for '{key}' no longer matches a prunable group (re-run prune-channels)")
-            keep_of[sp.id] = np.asarray(keep, np.int64)
+            _assign_tree(graph, sp, np.asarray(keep, np.int64), keep_of)
         by_value = {v: sp for sp in spaces.values() for v in sp.values}
         for sp in spaces.values():
             for n in sp.producers:
@@ -554,6 +658,22 @@ class FoldPrune(Pass):
         return PassResult(graph, changed > 0, {"groups": changed})
 
 
+def _assign_tree(graph: Graph, sp: Space, keep: np.ndarray, keep_of: dict[int, np.ndarray]) -> None:
+    """Give ``sp`` its kept channels, map them into every space padded into it, and shrink the
+    channel pads of those Pads to the zero channels that are kept."""
+    keep_of[sp.id] = keep
+    for ch in sp.children:
+        _, off, pad = ch.parent
+        inner = keep[(keep >= off) & (keep < off + ch.channels)] - off
+        if inner.size == 0:
+            raise GraphOptError(f"pruning would remove every channel that Pad '{pad.name}' pads")
+        pads = np.asarray(graph.const_value(pad.inputs[1])).copy()
+        rank = pads.size // 2
+        pads[1], pads[1 + rank] = int((keep < off).sum()), int((keep >= off + ch.channels).sum())
+        L.set_input_const(graph, pad, 1, pads)
+        _assign_tree(graph, ch, inner, keep_of)
+
+
 def _shape_rows(n: Node, w: np.ndarray, rows: int) -> np.ndarray:
     shape = list(w.shape)
     if n.op_type == "Conv" or (n.op_type == "Gemm" and n.attr("transB", 0)):
@@ -592,8 +712,28 @@ def _select(sp: Space, scores: np.ndarray, keep_n: int) -> list[int]:
     return (top + (np.arange(g) * size)[:, None]).reshape(-1).tolist()
 
 
+def _select_tree(sp: Space, scores: np.ndarray, ratio: float, round_to: int) -> list[int]:
+    """Selection for a space with channel-padded spaces inside it: each member's own channels
+    (those not padded in from a smaller space) lose ``ratio`` of their count separately, rounded
+    to ``round_to``, so every member of the tree keeps a multiple of ``round_to``; the innermost
+    spaces keep at least ``round_to``."""
+    keep = []
+    for m, off in sp.tree():
+        own = np.ones(m.channels, bool)
+        for ch in m.children:
+            own[ch.parent[1]:ch.parent[1] + ch.channels] = False
+        idx = off + np.flatnonzero(own)
+        k = int(round(idx.size * (1.0 - ratio) / round_to)) * round_to
+        k = min(idx.size, max(k, min(round_to, idx.size) if not m.children else 0))
+        keep.append(idx[np.argsort(-scores[idx], kind="stable")[:k]])
+    return np.sort(np.concatenate(keep)).tolist()
+
+
 def _keep_top(graph: Graph, sp: Space, ratio: float, criterion: str, round_to: int, rng,
               taylor: dict[str, np.ndarray] | None = None) -> list[int] | None:
+    if sp.children:
+        keep = _select_tree(sp, _importance(graph, sp, criterion, rng, taylor), ratio, round_to)
+        return keep if len(keep) < sp.channels else None
     keep_n = _round_keep(sp, sp.channels - int(np.floor(sp.channels * ratio)), round_to)
     if keep_n >= sp.channels:
         return None
@@ -617,7 +757,7 @@ def sensitivity(graph: Graph, data, ratios=(0.1, 0.3, 0.5, 0.7), labels: np.ndar
     rows = []
     spaces = [sp for sp in analyze(graph) if sp.prunable]
     if criterion == "taylor" and taylor is None:
-        taylor = taylor_scores(graph, spaces, data)
+        taylor = taylor_scores(graph, [m for sp in spaces for m, _ in sp.tree()], data)
     jobs = [(sp, r) for sp in spaces for r in ratios]
     it = jobs
     if progress:

@@ -46,11 +46,17 @@ def masked_model(g):
 
     m = g.copy()
     masks = m.model_meta[MASK_KEY]
+    keeps = {}
     for sp in analyze(m):
-        if sp.key not in masks:
+        if sp.key in masks:  # a space padded into this one keeps the channels in its range
+            k = np.asarray(masks[sp.key])
+            for member, off in sp.tree():
+                keeps[member.id] = k[(k >= off) & (k < off + member.channels)] - off
+    for sp in analyze(m):
+        if sp.id not in keeps:
             continue
         keep = np.zeros(sp.channels, np.float32)
-        keep[masks[sp.key]] = 1.0
+        keep[keeps[sp.id]] = 1.0
         members = set(sp.values)
         for v in list(sp.values):
             for u, i in list(v.uses):
@@ -194,7 +200,7 @@ def test_effnet_prune_and_fold_runs(effnet_path):
 
 
 class PadShortcut(nn.Module):
-    """The CIFAR ResNet 'option A' shortcut: subsample and zero-pad channels, then add."""
+    """A shortcut that pads channels with ones: not a zero padding, so not understood."""
 
     def __init__(self):
         super().__init__()
@@ -204,7 +210,7 @@ class PadShortcut(nn.Module):
 
     def forward(self, x):
         y = torch.relu(self.a(x))
-        z = self.b(y) + torch.nn.functional.pad(y[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))
+        z = self.b(y) + torch.nn.functional.pad(y[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2), value=1.0)
         return self.c(torch.relu(z))
 
 
@@ -360,3 +366,61 @@ def test_allocation_steps_over_ratios_that_round_to_the_same_count():
             for r, s, e in ((0.2, 0.1, 0.01), (0.3, 0.1, 0.01), (0.5, 0.3, 0.05))]
     rows += [{"group": "b", "ratio": 0.5, "macs_saved": 0.05, "rel_error": 0.9}]
     assert allocate_ratios(rows, 0.25) == {"a": 0.5}  # b is far costlier per MAC saved
+
+
+class OptionA(nn.Module):
+    """A CIFAR ResNet with option-A shortcuts: subsample and zero-pad the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.a1, self.a2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(8, 16, 3, 2, 1), nn.Conv2d(16, 16, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(x + self.a2(torch.relu(self.a1(x))))
+        short = torch.nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))
+        x = torch.relu(short + self.b2(torch.relu(self.b1(x))))
+        x = torch.relu(x + self.c2(torch.relu(self.c1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_option_a_shortcut_prunes_the_residual_stream(round_to):
+    x = torch.randn(2, 3, 8, 8)
+    g = from_torch(OptionA().eval(), x)
+    stream = next(sp for sp in analyze(g) if any(n.source == "c2" for n in sp.producers))
+    assert stream.prunable and [c.channels for c in stream.children] == [8]  # stage 1 padded into stage 2
+    assert {n.source for n in stream.children[0].producers} == {"stem", "a2"}
+    r = PassManager(f"prune-channels{{ratio=0.5,round_to={round_to}}}").run(g)
+    assert not r.stats["prune-channels"][0]["unprunable"].get("stem")
+    masked = to_onnx(masked_model(r.graph))
+    folded = PassManager("fold-prune", verify_each=True).run(r.graph).graph
+    out = to_onnx(folded)
+    onnx.checker.check_model(out, full_check=True)
+    assert rel_err(run_ort(out, x.numpy()), run_ort(masked, x.numpy())) <= 1e-5
+    widths = {n.source: L.weight(folded, n).shape[0] for n in folded.nodes if n.op_type == "Conv"}
+    assert widths["stem"] == widths["a2"] == 4 and widths["b2"] == widths["c2"] == 8  # half of every stream
+    assert all(w % round_to == 0 for w in widths.values())
+    pad = next(n for n in folded.nodes if n.op_type == "Pad")
+    pads = folded.const_value(pad.inputs[1]).tolist()
+    assert pads[1] + pads[5] == 4  # of the 8 zero channels, the kept ones remain as padding
+
+
+def test_pad_with_a_value_or_two_pads_of_one_group_are_refused():
+    class TwoPads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 6, 1), nn.Conv2d(4, 8, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            f = torch.nn.functional.pad
+            return self.b(y) + f(y, (0, 0, 0, 0, 1, 1)), self.c(y) + f(y, (0, 0, 0, 0, 2, 2), value=1.0)
+
+    g = from_torch(TwoPads(), torch.randn(2, 3, 4, 4))
+    a = next(sp for sp in analyze(g) if [n.source for n in sp.producers] == ["a"])
+    assert not a.prunable and any("Pad" in why for why in a.reasons)

@@ -1,0 +1,126 @@
+"""How much of a MAC reduction onnxruntime turns into speed on CIFAR ResNet-56 shapes.
+
+Builds ResNet-56-shaped networks (random weights: only the shapes matter) with chosen widths
+of the residual stream and of each block's inner channels, and measures onnxruntime latency
+against the full-width network in the same run. With --profile, prints onnxruntime's per-op
+kernel time for the full network and for halved inner channels (what prune-channels{ratio=0.5}
+does to ResNet-56), so the layers that do not speed up are visible.
+
+  python tools/resnet_widths.py [--batch 256] [--repeat 5] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import median_time, ort_session
+from torch import nn
+
+CONFIGS = {  # name: (residual stream widths per stage, inner widths per stage)
+    "full width": ((16, 32, 64), (16, 32, 64)),
+    "inner /2 (graphopt ratio 0.5)": ((16, 32, 64), (8, 16, 32)),
+    "inner 16,8,16": ((16, 32, 64), (16, 8, 16)),
+    "inner 16,16,32": ((16, 32, 64), (16, 16, 32)),
+    "stream and inner 16,16,32": ((16, 16, 32), (16, 16, 32)),
+    "stream and inner /2": ((8, 16, 32), (8, 16, 32)),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, mid: int, cout: int, stride: int):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(cin, mid, 3, stride, 1), nn.Conv2d(mid, cout, 3, 1, 1)
+        self.stride, self.cin, self.cout = stride, cin, cout
+
+    def forward(self, x):
+        out = self.c2(F.relu(self.c1(x)))
+        if self.stride != 1 or self.cin != self.cout:  # option A: subsample, zero-pad the channels
+            p = self.cout - self.cin
+            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p // 2, p - p // 2))
+        return F.relu(out + x)
+
+
+class Net(nn.Module):
+    def __init__(self, stream, inner, n: int = 9):
+        super().__init__()
+        self.stem = nn.Conv2d(3, stream[0], 3, 1, 1)
+        blocks, cin = [], stream[0]
+        for i in range(3):
+            for j in range(n):
+                blocks.append(Block(cin, inner[i], stream[i], 2 if (j == 0 and i) else 1))
+                cin = stream[i]
+        self.blocks, self.fc = nn.Sequential(*blocks), nn.Linear(cin, 10)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.blocks(F.relu(self.stem(x))), 1).flatten(1))
+
+
+def profile(model_proto, x: np.ndarray, runs: int = 6) -> tuple[dict, dict]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.intra_op_num_threads = 2
+    so.profile_file_prefix = "/tmp/graphopt_resnet_widths"
+    sess = ort.InferenceSession(model_proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        sess.run(None, {sess.get_inputs()[0].name: x})
+    with open(sess.end_profiling()) as f:
+        events = json.load(f)
+    by_op, by_node = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"] / runs / 1e3
+            by_node[e["name"][: -len("_kernel_time")]] += e["dur"] / runs / 1e3
+    return by_op, by_node
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    import graphopt
+    from graphopt.analysis import total_macs
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
+    protos, macs = {}, {}
+    for name, (stream, inner) in CONFIGS.items():
+        g = graphopt.from_torch(Net(stream, inner).eval(), torch.from_numpy(x[:2]))
+        protos[name], macs[name] = graphopt.to_onnx(g), total_macs(g)
+    sess = {k: ort_session(p) for k, p in protos.items()}
+    times = {k: [] for k in sess}
+    for _ in range(args.repeat):  # interleaved, so drift hits every model alike
+        for k, s in sess.items():
+            feed = {s.get_inputs()[0].name: x}
+            times[k].append(median_time(lambda s=s, feed=feed: s.run(None, feed), 3, 1))
+    full = "full width"
+    print(f"onnxruntime, batch {args.batch}, median of {args.repeat} interleaved rounds")
+    print(f"{'widths':32s} {'MACs':>6s} {'latency':>8s} {'realized':>9s}")
+    for k in sess:
+        mr, lr = macs[k] / macs[full], float(np.median(times[k]) / np.median(times[full]))
+        realized = f"{(1 - lr) / (1 - mr):.0%}" if mr < 1 else "-"
+        print(f"{k:32s} {mr:6.3f} {lr:8.3f} {realized:>9s}")
+    if args.profile:
+        half = "inner /2 (graphopt ratio 0.5)"
+        (op_f, node_f), (op_h, node_h) = profile(protos[full], x), profile(protos[half], x)
+        print(f"\nper-op kernel time, ms per run: {full} -> {half}")
+        for op in sorted(set(op_f) | set(op_h), key=lambda o: -op_f.get(o, 0)):
+            print(f"  {op:20s} {op_f.get(op, 0):8.1f} -> {op_h.get(op, 0):8.1f}")
+        convs = [n for n in node_f if n in node_h and "nchwc" in n]
+        print("first conv nodes (stage 1), ms per run:")
+        for n in convs[:5]:
+            print(f"  {n:40s} {node_f[n]:6.2f} -> {node_h[n]:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
