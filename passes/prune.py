@@ -475,7 +475,8 @@ class PruneChannels(Pass):
     criterion: Literal["l1", "l2", "bn_scale", "taylor", "random"] = option(
         "l1", "channel importance (taylor: gradient x weight on the calibration data)")
     round_to: int = option(1, "keep a multiple of this many channels (8 or 16 for SIMD)", minimum=1)
-    skip: list[str] = option([], "layer name/source patterns (fnmatch) whose groups are not pruned")
+    skip: list[str] = option([], "layer name/source patterns (fnmatch) whose groups are not pruned; "
+                                 "in a channel-padded tree, that member keeps its own channels")
     global_ranking: bool = option(False, "one threshold across groups instead of the same ratio in each")
     target_macs: Optional[float] = option(None, "instead of ratio: reach this fraction of the MACs, with per-group "
                                                 "ratios chosen by a sensitivity scan on the calibration data",
@@ -495,8 +496,7 @@ class PruneChannels(Pass):
                 for name in sp.names or [v.name for v in sp.values[:1]]:
                     reasons[name] = "; ".join(sp.reasons) or "no producing layer"
                 continue
-            if any(fnmatch.fnmatchcase(n.source, p) or fnmatch.fnmatchcase(n.name, p)
-                   for n in sp.producers + sp.depthwise for p in self.skip):
+            if _skipped(sp, self.skip):
                 continue
             candidates.append(sp)
         masks: dict[str, list[int]] = {}
@@ -519,7 +519,7 @@ class PruneChannels(Pass):
             else:
                 n_remove = int(np.floor(sp.channels * self.ratio))
             if sp.children:
-                keep = _select_tree(sp, sc, n_remove / sp.channels, self.round_to)
+                keep = _select_tree(sp, sc, n_remove / sp.channels, self.round_to, self.skip)
                 if len(keep) < sp.channels:
                     masks[sp.key] = keep
                 continue
@@ -712,11 +712,16 @@ def _select(sp: Space, scores: np.ndarray, keep_n: int) -> list[int]:
     return (top + (np.arange(g) * size)[:, None]).reshape(-1).tolist()
 
 
-def _select_tree(sp: Space, scores: np.ndarray, ratio: float, round_to: int) -> list[int]:
+def _skipped(sp: Space, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(n.source, p) or fnmatch.fnmatchcase(n.name, p)
+               for n in sp.producers + sp.depthwise for p in patterns)
+
+
+def _select_tree(sp: Space, scores: np.ndarray, ratio: float, round_to: int, skip: list[str] = ()) -> list[int]:
     """Selection for a space with channel-padded spaces inside it: each member's own channels
     (those not padded in from a smaller space) lose ``ratio`` of their count separately, rounded
     to ``round_to``, so every member of the tree keeps a multiple of ``round_to``; the innermost
-    spaces keep at least ``round_to``."""
+    spaces keep at least ``round_to``. A member whose layers match ``skip`` keeps its own."""
     keep = []
     for m, off in sp.tree():
         own = np.ones(m.channels, bool)
@@ -725,6 +730,8 @@ def _select_tree(sp: Space, scores: np.ndarray, ratio: float, round_to: int) -> 
         idx = off + np.flatnonzero(own)
         k = int(round(idx.size * (1.0 - ratio) / round_to)) * round_to
         k = min(idx.size, max(k, min(round_to, idx.size) if not m.children else 0))
+        if m is not sp and _skipped(m, skip):
+            k = idx.size
         keep.append(idx[np.argsort(-scores[idx], kind="stable")[:k]])
     return np.sort(np.concatenate(keep)).tolist()
 

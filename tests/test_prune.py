@@ -424,3 +424,16 @@ def test_pad_with_a_value_or_two_pads_of_one_group_are_refused():
     g = from_torch(TwoPads(), torch.randn(2, 3, 4, 4))
     a = next(sp for sp in analyze(g) if [n.source for n in sp.producers] == ["a"])
     assert not a.prunable and any("Pad" in why for why in a.reasons)
+
+
+def test_skip_keeps_one_member_of_a_padded_tree():
+    x = torch.randn(2, 3, 8, 8)
+    g = from_torch(OptionA().eval(), x)
+    r = PassManager("prune-channels{ratio=0.5,skip=[stem]}").run(g)
+    masked = to_onnx(masked_model(r.graph))
+    folded = PassManager("fold-prune").run(r.graph).graph
+    assert rel_err(run_ort(to_onnx(folded), x.numpy()), run_ort(masked, x.numpy())) <= 1e-5
+    widths = {n.source: L.weight(folded, n).shape[0] for n in folded.nodes if n.op_type == "Conv"}
+    assert widths["stem"] == widths["a2"] == 8  # stage 1 kept whole
+    assert widths["b2"] == widths["c2"] == 12  # stage 2: its 8 own (padding) channels halved
+    assert widths["a1"] == 4 and widths["b1"] == widths["c1"] == 8  # inner groups are pruned as usual
