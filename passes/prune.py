@@ -718,21 +718,27 @@ def _skipped(sp: Space, patterns: list[str]) -> bool:
 
 
 def _select_tree(sp: Space, scores: np.ndarray, ratio: float, round_to: int, skip: list[str] = ()) -> list[int]:
-    """Selection for a space with channel-padded spaces inside it: each member's own channels
-    (those not padded in from a smaller space) lose ``ratio`` of their count separately, rounded
-    to ``round_to``, so every member of the tree keeps a multiple of ``round_to``; the innermost
-    spaces keep at least ``round_to``. A member whose layers match ``skip`` keeps its own."""
-    keep = []
-    for m, off in sp.tree():
+    """Selection for a space with channel-padded spaces inside it. Every member of the tree keeps
+    ``1 - ratio`` of its channels, rounded to ``round_to`` (at least ``round_to``): first the
+    inner spaces choose theirs, then each outer space tops up from its own channels (the ones
+    not padded in) by importance. A member whose layers match ``skip`` keeps all its own."""
+    keep: list[np.ndarray] = []
+
+    def visit(m: Space, off: int) -> int:
+        inner = sum(visit(ch, off + ch.parent[1]) for ch in m.children)
         own = np.ones(m.channels, bool)
         for ch in m.children:
             own[ch.parent[1]:ch.parent[1] + ch.channels] = False
         idx = off + np.flatnonzero(own)
-        k = int(round(idx.size * (1.0 - ratio) / round_to)) * round_to
-        k = min(idx.size, max(k, min(round_to, idx.size) if not m.children else 0))
         if m is not sp and _skipped(m, skip):
             k = idx.size
+        else:
+            target = min(m.channels, max(round_to, int(round(m.channels * (1.0 - ratio) / round_to)) * round_to))
+            k = int(np.clip(target - inner, 0, idx.size))
         keep.append(idx[np.argsort(-scores[idx], kind="stable")[:k]])
+        return inner + k
+
+    visit(sp, 0)
     return np.sort(np.concatenate(keep)).tolist()
 
 
