@@ -90,7 +90,12 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
     start_epoch, step = 0, 0
     if cfg.resume and cfg.checkpoint and os.path.isfile(cfg.checkpoint):
         state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
-        module.load_state_dict(state["model"])
+        try:
+            module.load_state_dict(state["model"])
+        except RuntimeError as e:
+            first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+            raise GraphOptError(f"checkpoint {cfg.checkpoint} does not match this model ({first}); "
+                                f"delete it or drop --resume") from None
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
         log.info("resuming from %s at epoch %d", cfg.checkpoint, start_epoch)
     t_module = to_torch(teacher).eval() if teacher is not None else None

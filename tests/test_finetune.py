@@ -11,6 +11,7 @@ import torch
 from nets import build, rel_err, run_ort
 
 from graphopt import from_torch, load_onnx, to_onnx
+from graphopt.errors import GraphOptError
 from graphopt.finetune import FinetuneConfig, finetune
 from graphopt.passmanager import PassManager
 
@@ -63,6 +64,9 @@ def test_checkpoint_and_resume(tmp_path):
     cfg2 = FinetuneConfig(epochs=2, batch_size=16, lr=0.05, checkpoint=str(ck), resume=True)
     stats = finetune(student, data, teacher=teacher, config=cfg2)
     assert stats["steps"] == 8 and stats["epochs"] == 1  # only the second epoch ran
+    other = PassManager("prune-channels{ratio=0.7},fold-prune").run(teacher.copy()).graph  # other shapes
+    with pytest.raises(GraphOptError, match=r"checkpoint .* does not match this model \(size mismatch"):
+        finetune(other, data, teacher=teacher, config=cfg2)
 
 
 def test_errors():
@@ -80,6 +84,7 @@ import os, sys, numpy as np, torch
 sys.path.insert(0, {tests!r})
 import torch.distributed as dist
 from graphopt import load_onnx, save_onnx
+from graphopt.errors import GraphOptError
 from graphopt.finetune import FinetuneConfig, finetune
 rank, world = int(sys.argv[1]), int(sys.argv[2])
 if world > 1:
