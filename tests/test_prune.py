@@ -439,3 +439,14 @@ def test_skip_keeps_one_member_of_a_padded_tree():
     pad = next(n for n in folded.nodes if n.op_type == "Pad")
     assert folded.const_value(pad.inputs[1]).tolist()[1::4] == [0, 0]  # no zero channels left to add
     assert widths["a1"] == 4 and widths["b1"] == widths["c1"] == 8  # inner groups are pruned as usual
+
+
+def test_target_macs_and_taylor_on_a_padded_tree():
+    x = torch.randn(2, 3, 8, 8)
+    g = from_torch(OptionA().eval(), x)
+    data = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    m0 = total_macs(g)
+    r = PassManager("prune-channels{target_macs=0.6,criterion=taylor},fold-prune", verify_each=True).run(
+        g.copy(), Context(calib=data))
+    assert total_macs(r.graph) <= 0.6 * m0 + 1
+    onnx.checker.check_model(to_onnx(r.graph), full_check=True)
