@@ -577,8 +577,9 @@ class PruneChannels(Pass):
 class FoldPrune(Pass):
     """Physically remove the channels prune-channels masked: weight rows of producers and depthwise
     convs (``group`` shrinks), weight columns of every consumer (flatten -> Gemm columns in
-    blocks), per-channel constants (BN, PReLU, Min/Mul/Add), Concat/Split offsets and Split
-    sizes. The result is a smaller dense graph, exactly equal to the masked model."""
+    blocks; grouped convs per group), per-channel constants (BN, PReLU, Min/Mul/Add), Concat/Split
+    offsets, Split sizes and the channel pads of zero-padding Pads. The result is a smaller dense
+    graph, exactly equal to the masked model."""
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         masks = graph.model_meta.get(MASK_KEY) or {}
