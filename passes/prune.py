@@ -386,14 +386,33 @@ def _own_importance(graph: Graph, sp: Space, criterion: str, rng: np.random.Gene
                 found = True
         return scores if found else None
     p = 1 if criterion == "l1" else 2
-    scores = np.zeros(c)
+    return _channel_sums(sp, lambda v: np.abs(np.asarray(graph.const_value(v), np.float64)) ** p) ** (1.0 / p)
+
+
+def _channel_sums(sp: Space, per_element, biases_and_params: bool = False) -> np.ndarray:
+    """Per channel of ``sp``, the sum of ``per_element(constant)`` over the weights the channel owns:
+    producer and depthwise rows, consumer columns (flatten -> Gemm: a block of columns each) and,
+    with ``biases_and_params``, biases and per-channel constants. ``per_element`` returns an array
+    shaped like the constant, or None to leave it out."""
+    total = np.zeros(sp.channels)
     for n in sp.producers + sp.depthwise:
-        rows = np.abs(L.out_view(n, L.weight(graph, n)).astype(np.float64)) ** p
-        scores += rows.sum(1)
+        a = per_element(n.inputs[1])
+        if a is not None:
+            total += L.out_view(n, a).sum(1)
+        if biases_and_params and len(n.inputs) > 2 and n.inputs[2] is not None:
+            b = per_element(n.inputs[2])
+            if b is not None:
+                total += b
     for n, _s in sp.consumers:
-        cols = np.abs(L.in_view(n, L.weight(graph, n)).astype(np.float64)) ** p  # [C*s, rest]
-        scores += cols.reshape(c, -1).sum(1)
-    return scores ** (1.0 / p)
+        a = per_element(n.inputs[1])
+        if a is not None:
+            total += L.in_view(n, a).reshape(sp.channels, -1).sum(1)  # [C*s, rest]
+    if biases_and_params:
+        for n, i in sp.params:
+            a = per_element(n.inputs[i])
+            if a is not None and a.size == sp.channels:
+                total += a.reshape(-1)
+    return total
 
 
 def taylor_scores(graph: Graph, spaces: list[Space], data, max_batches: int | None = None) -> dict[str, np.ndarray]:
@@ -415,11 +434,14 @@ def taylor_scores(graph: Graph, spaces: list[Space], data, max_batches: int | No
     params = dict(module.named_parameters())
     attr_of = module.param_names  # IR constant name -> parameter attribute
 
-    def gw_of(v: Value):
-        a = attr_of.get(v.name) if v is not None else None
-        if a is None or params[a].grad is None:
-            return None
-        return (params[a].grad * params[a]).detach().double().numpy()
+    gw: dict[str, np.ndarray | None] = {}  # grad x weight of the current batch, once per constant
+
+    def gw_of(v: Value) -> np.ndarray | None:
+        if v.name not in gw:
+            a = attr_of.get(v.name)
+            grad = params[a].grad if a is not None else None
+            gw[v.name] = None if grad is None else (grad * params[a]).detach().double().numpy()
+        return gw[v.name]
 
     sums = {sp.key: np.zeros(sp.channels) for sp in spaces}
     batches = 0
@@ -432,23 +454,9 @@ def taylor_scores(graph: Graph, spaces: list[Space], data, max_batches: int | No
         else:
             loss = 0.5 * (out * out).sum() / out.shape[0]
         loss.backward()
+        gw.clear()
         for sp in spaces:
-            t = np.zeros(sp.channels)
-            for n in sp.producers + sp.depthwise:
-                gw = gw_of(n.inputs[1])
-                if gw is not None:
-                    t += L.out_view(n, gw).sum(1)
-                b = gw_of(n.inputs[2]) if len(n.inputs) > 2 else None
-                if b is not None:
-                    t += b
-            for n, _s in sp.consumers:
-                gw = gw_of(n.inputs[1])
-                if gw is not None:
-                    t += L.in_view(n, gw).reshape(sp.channels, -1).sum(1)
-            for n, i in sp.params:
-                gw = gw_of(n.inputs[i])
-                if gw is not None and gw.size == sp.channels:
-                    t += gw.reshape(-1)
+            t = _channel_sums(sp, gw_of, biases_and_params=True)
             sums[sp.key] += t * t
         batches += 1
         if max_batches is not None and batches >= max_batches:
