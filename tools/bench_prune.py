@@ -66,8 +66,9 @@ def main() -> int:
     small = graphopt.to_onnx(r.graph)
     x1 = np.random.default_rng(0).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
     x32 = np.random.default_rng(0).uniform(-1, 1, (32, 3, 224, 224)).astype(np.float32)
-    lat1 = interleaved_latency({"fp32": graphopt.to_onnx(g0), "pruned": small}, x1, args.repeat)
-    lat32 = interleaved_latency({"fp32": graphopt.to_onnx(g0), "pruned": small}, x32, max(3, args.repeat // 3))
+    models = {"fp32": graphopt.to_onnx(g0), "pruned": small}
+    lat1 = interleaved_latency(models, x1, args.repeat)
+    lat32 = interleaved_latency(models, x32, max(3, args.repeat // 3))
     mr = total_macs(r.graph) / total_macs(g0)
     print(f"== EfficientNet-Lite0: prune-channels{{ratio={args.ratio},round_to={args.round_to}}},fold-prune in {dt:.2f} s "
           f"({r.stats['prune-channels'][0]['pruned_groups']} groups pruned, "
@@ -87,9 +88,10 @@ def main() -> int:
     g_bn = PassManager("canonicalize").run(graphopt.from_torch(resnet_cifar(56), ex)).graph
     folded = lambda gr: PassManager("fold-bn").run(gr.copy()).graph  # noqa: E731
     g = folded(g_bn)
+    g_onnx = graphopt.to_onnx(g)
     run = lambda s: batched(lambda b: s.run(None, {s.get_inputs()[0].name: b})[0], xt, 500)  # noqa: E731
-    rows = [("FP32 ResNet-56", acc(run(ort_session(graphopt.to_onnx(g)))), 1.0, 1.0, None)]
-    pruned = {}
+    rows = [("FP32 ResNet-56", acc(run(ort_session(g_onnx))), 1.0, 1.0, None)]
+    pruned = {}  # (criterion, variant) -> (pruned graph with BN, BN folded, top-1 before fine-tuning)
     # "inner": each block's inner channels only; the residual stream (every layer writing into it,
     # found by the analysis through the option-A padding) is skipped, as Torch-Pruning needs by hand.
     # "stream": the residual stream too, at --stream-ratio, with stage 1 (16 channels wide: one SIMD
@@ -101,11 +103,11 @@ def main() -> int:
         rp = PassManager(f"prune-channels{{ratio={ratio},criterion={crit},round_to={args.round_to}{skip}}},"
                          "fold-prune").run(g_bn.copy())
         t_ours = time.perf_counter() - t
-        pruned[(crit, what)] = rp.graph
         gf = folded(rp.graph)
+        a = acc(run(ort_session(graphopt.to_onnx(gf))))
+        pruned[(crit, what)] = (rp.graph, gf, a)
         label = f"graphopt {crit.upper()} " + ("inner only" if what == "inner" else f"+ stream, stage 1 kept, {ratio}")
-        rows.append((label, acc(run(ort_session(graphopt.to_onnx(gf)))), total_macs(gf) / total_macs(g),
-                     gf.num_params() / g.num_params(), t_ours))
+        rows.append((label, a, total_macs(gf) / total_macs(g), gf.num_params() / g.num_params(), t_ours))
     try:
         import torch_pruning as tp
 
@@ -143,17 +145,15 @@ def main() -> int:
     for name, a, mr_, pr_, secs in rows:
         print(f"{name:40s} {a:8.2f} {mr_:6.3f} {pr_:7.3f} {'-' if secs is None else f'{secs:8.2f}'}")
     for key in ((args.criterion, "inner"), (args.criterion, "stream")):
-        fp = folded(pruned[key])
-        lat = interleaved_latency({"fp32": graphopt.to_onnx(g), "pruned": graphopt.to_onnx(fp)},
-                                  xt[:256], max(3, args.repeat // 3))
-        lat1 = interleaved_latency({"fp32": graphopt.to_onnx(g), "pruned": graphopt.to_onnx(fp)}, xt[:1], args.repeat)
+        fp = pruned[key][1]
+        models = {"fp32": g_onnx, "pruned": graphopt.to_onnx(fp)}
+        lat = interleaved_latency(models, xt[:256], max(3, args.repeat // 3))
+        lat1 = interleaved_latency(models, xt[:1], args.repeat)
         mr = total_macs(fp) / total_macs(g)
         r256, r1 = lat["pruned"] / lat["fp32"], lat1["pruned"] / lat1["fp32"]
         print(f"graphopt {key[0].upper()} {key[1]:6s}: MACs {mr:.3f}; onnxruntime latency ratio batch 256 {r256:.3f}, batch 1 "
               f"{r1:.3f}; realized share of the MACs reduction {(1 - r256) / (1 - mr):.0%} / {(1 - r1) / (1 - mr):.0%} "
               f"(target >= 80%)")
-    student = pruned[(args.criterion, args.ft_model)]
-    mr = total_macs(folded(student)) / total_macs(g)
     if args.finetune_epochs:
         from graphopt.finetune import FinetuneConfig, finetune
         from graphopt.util import tune_allocator
@@ -161,7 +161,8 @@ def main() -> int:
         tune_allocator()
         xtr8, ytr = cifar10("train")
         xtr = cifar_normalize(xtr8)
-        a0 = acc(run(ort_session(graphopt.to_onnx(folded(student)))))
+        student, student_folded, a0 = pruned[(args.criterion, args.ft_model)]
+        mr = total_macs(student_folded) / total_macs(g)
         t = time.perf_counter()
         stats = finetune(student, xtr, ytr, teacher=g, config=FinetuneConfig(
             epochs=args.finetune_epochs, batch_size=128, lr=args.ft_lr, optimizer=args.ft_optimizer, kd_weight=0.7,
