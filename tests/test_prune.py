@@ -15,11 +15,14 @@ from passes.prune import analyze
 
 
 class GroupedNet(nn.Module):
-    def __init__(self):
+    """a -> grouped conv g -> b. The default is 2 groups of 4 channels; ``GroupedNet(4, 8, 4)`` has
+    group == in_channels but 2 outputs per group: not depthwise, one input channel per group."""
+
+    def __init__(self, cin: int = 8, cout: int = 8, groups: int = 2, out: int = 4):
         super().__init__()
-        self.a = nn.Conv2d(3, 8, 1)
-        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.b = nn.Conv2d(8, 4, 1)
+        self.a = nn.Conv2d(3, cin, 1)
+        self.g = nn.Conv2d(cin, cout, 3, padding=1, groups=groups)
+        self.b = nn.Conv2d(cout, out, 1)
 
     def forward(self, x):
         return self.b(torch.relu(self.g(torch.relu(self.a(x)))))
@@ -146,28 +149,15 @@ def test_grouped_conv_loses_channels_equally_per_group(round_to):
     assert conv.attr("group") == 2 and list(L.weight(folded, conv).shape) == [4, 2, 3, 3]
 
 
-class DepthMultiplier(nn.Module):
-    """group == in_channels but 2 outputs per group: not depthwise, and one input channel per group."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 1)
-        self.dm = nn.Conv2d(4, 8, 3, padding=1, groups=4)
-        self.b = nn.Conv2d(8, 2, 1)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.dm(torch.relu(self.a(x)))))
-
-
 def test_grouped_conv_with_one_input_channel_per_group_is_reported():
-    g = from_torch(DepthMultiplier(), torch.randn(2, 3, 8, 8))
+    g = from_torch(GroupedNet(4, 8, groups=4, out=2), torch.randn(2, 3, 8, 8))
     r = PassManager("prune-channels{ratio=0.5}").run(g)
     reasons = r.stats["prune-channels"][0]["unprunable"]
     assert any("reads one channel per group" in why for why in reasons.values())
     keep = r.graph.model_meta["prune_keep"]
     assert len(keep) == 1 and len(next(iter(keep.values()))) == 4  # dm's output: one of 2 per group
     folded = PassManager("fold-prune").run(r.graph).graph
-    assert next(n for n in folded.nodes if n.source == "dm").attr("group") == 4
+    assert next(n for n in folded.nodes if n.source == "g").attr("group") == 4
 
 
 def test_round_to_and_skip():
