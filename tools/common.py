@@ -84,6 +84,42 @@ def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def paired_latency_ratios(ref, model, feed_ref: dict, feed_model: dict, rounds: int, inner: int = 0) -> np.ndarray:
+    """Latency ratio model/ref of two onnxruntime sessions, one per round.
+
+    Each round times both sides back to back (the order alternates between rounds), each side as
+    the best of `inner` runs (default: about 0.2 s worth), so the slow drift of a shared machine
+    hits both sides of a ratio alike. Summarize with the median and quartiles of the result.
+    """
+
+    def best(s, f, n):
+        t = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            t.append(time.perf_counter() - t0)
+        return min(t)
+
+    one = best(ref, feed_ref, 2)  # warm-up, and the size of one run
+    best(model, feed_model, 2)
+    inner = inner or max(3, min(20, int(0.2 / max(one, 1e-4))))
+    out = []
+    for i in range(rounds):
+        if i % 2:
+            tm, tr = best(model, feed_model, inner), best(ref, feed_ref, inner)
+        else:
+            tr, tm = best(ref, feed_ref, inner), best(model, feed_model, inner)
+        out.append(tm / tr)
+    return np.array(out)
+
+
+def ratio_summary(r: np.ndarray, macs_ratio: float) -> str:
+    """'0.612 (0.60-0.62), realized 78% (76-80%)': median latency ratio, quartiles, MAC share."""
+    q1, med, q3 = np.percentile(r, [25, 50, 75])
+    share = lambda v: (1 - v) / (1 - macs_ratio)  # noqa: E731
+    return f"{med:.3f} ({q1:.3f}-{q3:.3f}), realized {share(med):.0%} ({share(q3):.0%}-{share(q1):.0%})"
+
+
 def ort_session(model, threads: int | None = None):
     import onnxruntime as ort
 
