@@ -19,26 +19,30 @@ import time
 
 import numpy as np
 import torch
-from common import SHARED, batched, cifar10, cifar_normalize, median_time, need_shared, ort_session
+from common import (
+    SHARED,
+    batched,
+    cifar10,
+    cifar_normalize,
+    need_shared,
+    ort_session,
+    paired_latency_ratios,
+    ratio_summary,
+)
 
 
-def interleaved_latency(models: dict, x: np.ndarray, repeat: int) -> dict:
-    sess = {k: ort_session(m) for k, m in models.items()}
-    names = {k: s.get_inputs()[0].name for k, s in sess.items()}
-    for k, s in sess.items():
-        s.run(None, {names[k]: x})
-    t = {k: [] for k in sess}
-    for _ in range(repeat):
-        for k, s in sess.items():
-            t[k].append(median_time(lambda s=s, k=k: s.run(None, {names[k]: x}), 3, 0))
-    return {k: float(np.median(v)) for k, v in t.items()}
+def latency(ref, model, x: np.ndarray, rounds: int, macs_ratio: float) -> str:
+    """Paired onnxruntime latency ratio model/ref on input x: median (quartiles) and realized share."""
+    sr, sm = ort_session(ref), ort_session(model)
+    r = paired_latency_ratios(sr, sm, {sr.get_inputs()[0].name: x}, {sm.get_inputs()[0].name: x}, rounds)
+    return ratio_summary(r, macs_ratio)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--resnet-ratio", type=float, default=0.5, help="channel ratio for ResNet-56's prunable groups")
-    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=30, help="paired latency rounds (median and quartiles)")
     ap.add_argument("--round-to", type=int, default=8, help="keep channel counts multiples of this (SIMD blocks)")
     ap.add_argument("--limit", type=int, default=None, help="CIFAR test images to evaluate")
     ap.add_argument("--finetune-epochs", type=int, default=0,
@@ -66,17 +70,16 @@ def main() -> int:
     small = graphopt.to_onnx(r.graph)
     x1 = np.random.default_rng(0).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
     x32 = np.random.default_rng(0).uniform(-1, 1, (32, 3, 224, 224)).astype(np.float32)
-    models = {"fp32": graphopt.to_onnx(g0), "pruned": small}
-    lat1 = interleaved_latency(models, x1, args.repeat)
-    lat32 = interleaved_latency(models, x32, max(3, args.repeat // 3))
+    full = graphopt.to_onnx(g0)
     mr = total_macs(r.graph) / total_macs(g0)
     print(f"== EfficientNet-Lite0: prune-channels{{ratio={args.ratio},round_to={args.round_to}}},fold-prune in {dt:.2f} s "
           f"({r.stats['prune-channels'][0]['pruned_groups']} groups pruned, "
           f"{len(r.stats['prune-channels'][0]['unprunable'])} layers unprunable)")
-    print(f"MACs ratio {mr:.3f}, params ratio {r.graph.num_params() / g0.num_params():.3f}; onnxruntime latency ratio "
-          f"batch 1 {lat1['pruned'] / lat1['fp32']:.3f}, batch 32 {lat32['pruned'] / lat32['fp32']:.3f}")
-    print(f"realized share of the MACs reduction: batch 1 {(1 - lat1['pruned'] / lat1['fp32']) / (1 - mr):.0%}, "
-          f"batch 32 {(1 - lat32['pruned'] / lat32['fp32']) / (1 - mr):.0%} (target >= 80%)")
+    print(f"MACs ratio {mr:.3f}, params ratio {r.graph.num_params() / g0.num_params():.3f}; onnxruntime latency ratio, "
+          f"median (quartiles) of {args.rounds} paired rounds, and the realized share of the MACs reduction "
+          f"(target >= 80%):")
+    print(f"  batch  1: {latency(full, small, x1, args.rounds, mr)}")
+    print(f"  batch 32: {latency(full, small, x32, max(5, args.rounds // 3), mr)}")
 
     from cifar_resnet import resnet_cifar
 
@@ -144,16 +147,15 @@ def main() -> int:
     print(f"{'method':40s} {'top-1 %':>8s} {'MACs':>6s} {'params':>7s} {'prune s':>8s}")
     for name, a, mr_, pr_, secs in rows:
         print(f"{name:40s} {a:8.2f} {mr_:6.3f} {pr_:7.3f} {'-' if secs is None else f'{secs:8.2f}'}")
+    print(f"onnxruntime latency ratio against FP32, median (quartiles) of {args.rounds} paired rounds, and the "
+          f"realized share of the MACs reduction (target >= 80%):")
     for key in ((args.criterion, "inner"), (args.criterion, "stream")):
         fp = pruned[key][1]
-        models = {"fp32": g_onnx, "pruned": graphopt.to_onnx(fp)}
-        lat = interleaved_latency(models, xt[:256], max(3, args.repeat // 3))
-        lat1 = interleaved_latency(models, xt[:1], args.repeat)
-        mr = total_macs(fp) / total_macs(g)
-        r256, r1 = lat["pruned"] / lat["fp32"], lat1["pruned"] / lat1["fp32"]
-        print(f"graphopt {key[0].upper()} {key[1]:6s}: MACs {mr:.3f}; onnxruntime latency ratio batch 256 {r256:.3f}, batch 1 "
-              f"{r1:.3f}; realized share of the MACs reduction {(1 - r256) / (1 - mr):.0%} / {(1 - r1) / (1 - mr):.0%} "
-              f"(target >= 80%)")
+        mr, small = total_macs(fp) / total_macs(g), graphopt.to_onnx(fp)
+        print(f"  graphopt {key[0].upper()} {key[1]:6s} (MACs {mr:.3f}) batch 256: "
+              f"{latency(g_onnx, small, xt[:256], max(5, args.rounds // 3), mr)}")
+        print(f"  graphopt {key[0].upper()} {key[1]:6s} (MACs {mr:.3f}) batch   1: "
+              f"{latency(g_onnx, small, xt[:1], args.rounds, mr)}")
     if args.finetune_epochs:
         from graphopt.finetune import FinetuneConfig, finetune
         from graphopt.util import tune_allocator
