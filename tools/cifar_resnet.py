@@ -77,7 +77,7 @@ def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=20, choices=(20, 56))
-    ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate on N test images (a fixed sample of all classes)")
     args = ap.parse_args()
     import graphopt
 

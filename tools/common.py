@@ -45,14 +45,19 @@ def imagenet_sample(limit: int | None = None, mean=(0.5,) * 3, std=(0.5,) * 3) -
 
 
 def cifar10(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10 from the JPEG tarball as uint8 NHWC + labels (decoded once, cached in /tmp)."""
+    """CIFAR-10 from the JPEG tarball as uint8 NHWC + labels (decoded once, cached in /tmp).
+
+    The archive lists the images class by class, so the test split comes back in a fixed
+    shuffled order: any prefix (``--limit N``) is then a sample of every class, not of the first
+    one or two. The training split keeps the archive's order (fine-tuning shuffles it anyway).
+    """
     from PIL import Image
 
     tar_path = need_shared(SHARED / "data" / "cifar10" / f"{split}.tar.gz")
     cache = Path(tempfile.gettempdir()) / f"graphopt-cifar10-{split}.npz"
     if cache.is_file():
         d = np.load(cache)
-        return d["x"], d["y"]
+        return _shuffled(d["x"], d["y"], split)
     xs, ys = [], []
     with tarfile.open(tar_path) as tf:
         for m in tf:
@@ -64,7 +69,14 @@ def cifar10(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
             ys.append(CIFAR_CLASSES.index(cls))
     x, y = np.stack(xs), np.array(ys)
     np.savez(cache, x=x, y=y)
-    return x, y
+    return _shuffled(x, y, split)
+
+
+def _shuffled(x: np.ndarray, y: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+    if split != "test":
+        return x, y
+    perm = np.random.default_rng(0).permutation(len(y))
+    return x[perm], y[perm]
 
 
 def cifar_normalize(x_uint8: np.ndarray) -> np.ndarray:
