@@ -46,7 +46,7 @@ def main() -> int:
     ap.add_argument("--round-to", type=int, default=8, help="ResNet-56: keep channel counts multiples of this")
     ap.add_argument("--effnet-round-to", type=int, nargs="+", default=[8, 16],
                     help="EfficientNet-Lite0: one row per value (16 = onnxruntime's NCHWc block on AVX-512)")
-    ap.add_argument("--limit", type=int, default=None, help="CIFAR test images to evaluate")
+    ap.add_argument("--limit", type=int, default=None, help="CIFAR test images to evaluate (a fixed sample of all classes)")
     ap.add_argument("--finetune-epochs", type=int, default=0,
                     help="recovery fine-tuning budget for ResNet-56 (epochs over the 50k training images)")
     ap.add_argument("--ft-optimizer", default="sgd", choices=("adam", "sgd"))
@@ -59,10 +59,12 @@ def main() -> int:
                     help="fine-tune the inner-only or the stream-and-inner pruned ResNet-56")
     ap.add_argument("--ft-max-steps", type=int, help="stop fine-tuning after this many steps (a smoke run)")
     ap.add_argument("--save", help="write the fine-tuned pruned ResNet-56 here (ONNX)")
+    ap.add_argument("--recal-images", type=int, default=512,
+                    help="unlabeled training images for the recalibrate-bn rows (adaptive BN)")
     args = ap.parse_args()
     import graphopt
     from graphopt.analysis import total_macs
-    from graphopt.passmanager import PassManager
+    from graphopt.passmanager import Context, PassManager
 
     src = need_shared(SHARED / "models" / "efficientnet_lite0.onnx")
     g0 = PassManager("canonicalize").run(graphopt.load_onnx(src)).graph
@@ -104,6 +106,9 @@ def main() -> int:
     # block of onnxruntime's NCHWc convs on AVX-512) kept whole.
     variants = [("l1", "inner", args.resnet_ratio, ",skip=[*conv2]"), ("l2", "inner", args.resnet_ratio, ",skip=[*conv2]"),
                 (args.criterion, "stream", args.stream_ratio, ",skip=[conv1,layer1.*]")]
+    # adaptive BN rows: each pruned model's unfolded BN statistics re-estimated on unlabeled training images
+    xtr8, ytr = cifar10("train")
+    calib = cifar_normalize(xtr8[np.random.default_rng(0).choice(len(xtr8), args.recal_images, replace=False)])
     for crit, what, ratio, skip in variants:
         t = time.perf_counter()
         rp = PassManager(f"prune-channels{{ratio={ratio},criterion={crit},round_to={args.round_to}{skip}}},"
@@ -114,6 +119,10 @@ def main() -> int:
         pruned[(crit, what)] = (rp.graph, gf, a)
         label = f"graphopt {crit.upper()} " + ("inner only" if what == "inner" else f"+ stream, stage 1 kept, {ratio}")
         rows.append((label, a, total_macs(gf) / total_macs(g), gf.num_params() / g.num_params(), t_ours))
+        t = time.perf_counter()
+        gr = folded(PassManager("recalibrate-bn").run(rp.graph.copy(), Context(calib=calib)).graph)
+        rows.append((f"  + recalibrate-bn ({args.recal_images} images)", acc(run(ort_session(graphopt.to_onnx(gr)))),
+                     total_macs(gr) / total_macs(g), gr.num_params() / g.num_params(), time.perf_counter() - t))
     try:
         import torch_pruning as tp
 
@@ -164,7 +173,6 @@ def main() -> int:
         from graphopt.util import tune_allocator
 
         tune_allocator()
-        xtr8, ytr = cifar10("train")
         xtr = cifar_normalize(xtr8)
         student, student_folded, a0 = pruned[(args.criterion, args.ft_model)]
         mr = total_macs(student_folded) / total_macs(g)
