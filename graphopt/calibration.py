@@ -225,7 +225,7 @@ def observe(graph: Graph, data: Any, observers: dict[str, Observer | Sequence[Ob
         it = tqdm(data, total=data.num_batches(), desc=desc, leave=False)
     with torch.no_grad():
         for batch in it:
-            outs = module(torch.from_numpy(np.ascontiguousarray(batch)))
+            outs = module(torch.from_numpy(np.require(batch, requirements=["C", "W"])))
             for name, t in zip(names, outs):
                 for o in obs[name]:
                     o.update(t)
@@ -260,7 +260,7 @@ def compare(reference: Graph, test: Graph, data: Any, names: Sequence[str], *, b
         it = tqdm(data, total=data.num_batches(), desc="SQNR", leave=False)
     with torch.no_grad():
         for batch in it:
-            xb = torch.from_numpy(np.ascontiguousarray(batch))
+            xb = torch.from_numpy(np.require(batch, requirements=["C", "W"]))
             for i, (a, b) in enumerate(zip(ma(xb), mb(xb))):
                 a, b = a.double(), b.double()
                 sig[i] += (a * a).sum()
