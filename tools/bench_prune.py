@@ -1,14 +1,17 @@
 """Benchmark structured pruning.
 
-  python tools/bench_prune.py [--ratio 0.3] [--resnet-ratio 0.5] [--finetune-epochs 15]
+  python tools/bench_prune.py [--ratio 0.3] [--effnet-round-to 8 16] [--resnet-ratio 0.5]
+                              [--finetune-epochs 20 [--ft-model inner|stream]] [--limit N]
 
-1. EfficientNet-Lite0 ONNX (../shared): `prune-channels{ratio},fold-prune` on every prunable group;
-   the MACs ratio next to onnxruntime's measured latency ratio (the realized speed-up).
+1. EfficientNet-Lite0 ONNX (../shared): `prune-channels{ratio,round_to},fold-prune` on every
+   prunable group, one row per round_to; the MACs ratio next to onnxruntime's latency ratio,
+   measured as paired rounds (median and quartiles), and the share of the MAC reduction realized.
 2. ResNet-56 / CIFAR-10 (../shared): L1/L2 pruning of about half the MACs by graphopt and by
    Torch-Pruning (DepGraph, `pip install --no-deps torch-pruning`) on the same model and ratio, in
-   the same run: accuracy *before* fine-tuning, MACs and parameter ratios, time to prune, and
-   onnxruntime latency. With --finetune-epochs N: recovery fine-tuning (distillation + labels,
-   BN training) of graphopt's pruned model, and its accuracy on the test set.
+   the same run: accuracy *before* fine-tuning (and after graphopt's recalibrate-bn), MACs and
+   parameter ratios, time to prune, and onnxruntime latency. With --finetune-epochs N: recovery
+   fine-tuning (distillation + labels, BN training) of graphopt's pruned model, and its accuracy
+   on the test set.
 """
 
 from __future__ import annotations
