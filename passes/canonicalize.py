@@ -30,10 +30,19 @@ def _bypass(graph: Graph, node: Node) -> bool:
     return True
 
 
+def is_zero_pad(graph: Graph, n: Node) -> bool:
+    """A Pad (opset >= 11: pads is an input) whose pads are a constant of all zeros: an identity."""
+    if n.op_type != "Pad" or n.domain != "" or len(n.inputs) < 2 or n.inputs[1] is None:
+        return False
+    pads = graph.const_value(n.inputs[1])
+    return pads is not None and not np.asarray(pads).any()
+
+
 @register_pass("remove-identity")
 @dataclass(kw_only=True)
 class RemoveIdentity(Pass):
-    """Remove Identity and inference-mode Dropout nodes. Preserves the function exactly.
+    """Remove Identity nodes, Pads that pad nothing, and inference-mode Dropout nodes.
+    Preserves the function exactly.
 
     A Dropout is removed only when its mask output is unused and its training_mode input is
     absent or a constant false. An Identity that separates a graph input from a graph output
@@ -46,7 +55,7 @@ class RemoveIdentity(Pass):
         for node in graph.nodes:
             if node.domain != "":
                 continue
-            if node.op_type == "Identity":
+            if node.op_type == "Identity" or is_zero_pad(graph, node):
                 removed += _bypass(graph, node)
             elif node.op_type == "Dropout" and self.dropout:
                 if len(node.outputs) > 1 and (node.outputs[1].uses or node.outputs[1].is_graph_output):

@@ -587,8 +587,8 @@ class FoldPrune(Pass):
     """Physically remove the channels prune-channels masked: weight rows of producers and depthwise
     convs (``group`` shrinks), weight columns of every consumer (flatten -> Gemm columns in
     blocks; grouped convs per group), per-channel constants (BN, PReLU, Min/Mul/Add), Concat/Split
-    offsets, Split sizes and the channel pads of zero-padding Pads. The result is a smaller dense
-    graph, exactly equal to the masked model."""
+    offsets, Split sizes and the channel pads of zero-padding Pads (a Pad left padding nothing is
+    removed). The result is a smaller dense graph, exactly equal to the masked model."""
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         masks = graph.model_meta.get(MASK_KEY) or {}
@@ -601,6 +601,11 @@ class FoldPrune(Pass):
             if sp is None or not sp.prunable:
                 raise GraphOptError(f"mask for '{key}' no longer matches a prunable group (re-run prune-channels)")
             _assign_tree(graph, sp, np.asarray(keep, np.int64), keep_of)
+        # a channel Pad left with nothing to pad (all its zero channels pruned) is an identity
+        from passes.canonicalize import _bypass, is_zero_pad
+
+        zero_pads = [n for n in graph.nodes if is_zero_pad(graph, n)]
+        dropped_pads = sum(_bypass(graph, n) for n in zero_pads)
         by_value = {v: sp for sp in spaces.values() for v in sp.values}
         for sp in spaces.values():
             for n in sp.producers:
@@ -665,7 +670,7 @@ class FoldPrune(Pass):
         graph.infer_shapes()
         graph.model_meta.pop(MASK_KEY, None)
         graph.remove_unused_constants()
-        return PassResult(graph, changed > 0, {"groups": changed})
+        return PassResult(graph, changed > 0 or dropped_pads > 0, {"groups": changed, "pads_removed": dropped_pads})
 
 
 def _assign_tree(graph: Graph, sp: Space, keep: np.ndarray, keep_of: dict[int, np.ndarray]) -> None:

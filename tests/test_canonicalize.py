@@ -41,6 +41,19 @@ def test_remove_identity_and_dropout():
     assert not run("remove-identity", g).modified  # idempotent
 
 
+def test_remove_identity_drops_a_pad_that_pads_nothing():
+    zero = helper.make_tensor("p0", TensorProto.INT64, [4], [0, 0, 0, 0])
+    some = helper.make_tensor("p1", TensorProto.INT64, [4], [0, 1, 0, 1])
+    proto = _model([helper.make_node("Pad", ["x", "p0"], ["a"], mode="reflect"), helper.make_node("Relu", ["a"], ["b"]),
+                    helper.make_node("Pad", ["b", "p1"], ["y"])], [zero, some], out_shape=(2, 5))
+    g = load_onnx(proto)
+    r = run("remove-identity", g)
+    assert r.modified and r.stats["removed"] == 1  # the Pad that pads by 1 stays
+    assert [n.op_type for n in g.nodes] == ["Relu", "Pad"]
+    check_same(proto, g, X)
+    assert not run("remove-identity", g).modified
+
+
 def test_remove_identity_negative_cases():
     # a training-mode Dropout and an Identity joining graph input to output must stay
     t = helper.make_tensor("tm", TensorProto.BOOL, [], [True])
