@@ -92,13 +92,14 @@ class CalibrationData:
     def __iter__(self) -> Iterator[np.ndarray]:
         if self._array is not None:
             for i in range(0, len(self._array), self.batch_size):
-                yield np.ascontiguousarray(self._array[i:i + self.batch_size], dtype=np.float32)
+                # a memmapped .npy is read-only; torch.from_numpy warns on (and may not write) such arrays
+                yield np.require(self._array[i:i + self.batch_size], np.float32, ["C", "W"])
         elif self._files is not None:
             for i in range(0, len(self._files), self.batch_size):
                 yield load_image_batch(self._files[i:i + self.batch_size], **self.pre)
         else:
             for b in self._iterable:
-                yield b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, np.float32)
+                yield b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else np.require(b, np.float32, ["C", "W"])
 
     def check_against(self, graph: Graph) -> None:
         """Raise a clear error if the samples do not fit the graph's (single) input."""
@@ -225,7 +226,7 @@ def observe(graph: Graph, data: Any, observers: dict[str, Observer | Sequence[Ob
         it = tqdm(data, total=data.num_batches(), desc=desc, leave=False)
     with torch.no_grad():
         for batch in it:
-            outs = module(torch.from_numpy(np.require(batch, requirements=["C", "W"])))
+            outs = module(torch.from_numpy(np.ascontiguousarray(batch)))
             for name, t in zip(names, outs):
                 for o in obs[name]:
                     o.update(t)
@@ -260,7 +261,7 @@ def compare(reference: Graph, test: Graph, data: Any, names: Sequence[str], *, b
         it = tqdm(data, total=data.num_batches(), desc="SQNR", leave=False)
     with torch.no_grad():
         for batch in it:
-            xb = torch.from_numpy(np.require(batch, requirements=["C", "W"]))
+            xb = torch.from_numpy(np.ascontiguousarray(batch))
             for i, (a, b) in enumerate(zip(ma(xb), mb(xb))):
                 a, b = a.double(), b.double()
                 sig[i] += (a * a).sum()

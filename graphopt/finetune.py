@@ -138,7 +138,7 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
                 xb_np = x[idx]
                 if cfg.transform is not None:
                     xb_np = cfg.transform(xb_np, aug_rng)
-                xb = torch.from_numpy(np.require(xb_np, np.float32, ["C", "W"]))
+                xb = torch.from_numpy(np.ascontiguousarray(xb_np, np.float32))
                 out = net(xb)
                 loss = torch.zeros(())
                 if t_module is not None:

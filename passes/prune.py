@@ -447,7 +447,7 @@ def taylor_scores(graph: Graph, spaces: list[Space], data, max_batches: int | No
     batches = 0
     for batch in data:
         module.zero_grad(set_to_none=True)
-        out = module(torch.from_numpy(np.require(batch, requirements=["C", "W"])))
+        out = module(torch.from_numpy(np.ascontiguousarray(batch)))
         out = out[0] if isinstance(out, tuple) else out
         if out.dim() == 2 and out.shape[1] > 1:
             loss = F.cross_entropy(out, out.detach().argmax(1))
@@ -870,7 +870,7 @@ class RecalibrateBatchNorm(Pass):
             return PassResult(graph, False, {"recalibrated": 0, "reason": "no BN with constant statistics"})
         before = {name: np.asarray(graph.const_value(graph.values[name])).copy() for name in module.buffer_names}
         with torch.no_grad():
-            update_bn((torch.from_numpy(np.require(b, requirements=["C", "W"])) for b in data), module)
+            update_bn((torch.from_numpy(np.ascontiguousarray(b)) for b in data), module)
         module.eval()
         graph.update_from(module)
         changed = sum(not np.array_equal(np.asarray(graph.const_value(graph.values[k])), v) for k, v in before.items())
