@@ -38,6 +38,7 @@ from graphopt.ir import Graph, Node, Value
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
 
 from . import _layers as L
+from .canonicalize import _bypass, is_zero_pad
 
 log = logging.getLogger("graphopt.passes.prune")
 
@@ -602,8 +603,6 @@ class FoldPrune(Pass):
                 raise GraphOptError(f"mask for '{key}' no longer matches a prunable group (re-run prune-channels)")
             _assign_tree(graph, sp, np.asarray(keep, np.int64), keep_of)
         # a channel Pad left with nothing to pad (all its zero channels pruned) is an identity
-        from passes.canonicalize import _bypass, is_zero_pad
-
         zero_pads = [n for n in graph.nodes if is_zero_pad(graph, n)]
         dropped_pads = sum(_bypass(graph, n) for n in zero_pads)
         by_value = {v: sp for sp in spaces.values() for v in sp.values}
