@@ -71,8 +71,6 @@ def test_checkpoint_and_resume(tmp_path):
 
 def test_errors():
     teacher, student, data = pruned_pair()
-    from graphopt import GraphOptError
-
     with pytest.raises(GraphOptError, match="needs a teacher"):
         finetune(student, data)
     with pytest.raises(GraphOptError, match="fewer than one batch"):
@@ -84,7 +82,6 @@ import os, sys, numpy as np, torch
 sys.path.insert(0, {tests!r})
 import torch.distributed as dist
 from graphopt import load_onnx, save_onnx
-from graphopt.errors import GraphOptError
 from graphopt.finetune import FinetuneConfig, finetune
 rank, world = int(sys.argv[1]), int(sys.argv[2])
 if world > 1:
@@ -146,8 +143,6 @@ def test_cli_finetune(tmp_path):
 
 
 def test_divergence_is_a_clear_error_and_keeps_finite_weights():
-    from graphopt import GraphOptError
-
     teacher, student, data = pruned_pair()
     with pytest.raises(GraphOptError, match="training diverged"):
         finetune(student, data, teacher=teacher, config=FinetuneConfig(batch_size=16, lr=1e12, optimizer="sgd"))
