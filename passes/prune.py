@@ -565,7 +565,7 @@ class PruneChannels(Pass):
             masks = {}
             for sp in candidates:
                 if sp.key in plan:
-                    keep = _keep_top(graph, sp, plan[sp.key], self.criterion, self.round_to, rng, taylor)
+                    keep = _keep_top(graph, sp, plan[sp.key], self.criterion, self.round_to, rng, taylor, self.skip)
                     if keep is not None:
                         masks[sp.key] = keep
             trial = graph.copy()
@@ -757,9 +757,9 @@ def _select_tree(sp: Space, scores: np.ndarray, ratio: float, round_to: int, ski
 
 
 def _keep_top(graph: Graph, sp: Space, ratio: float, criterion: str, round_to: int, rng,
-              taylor: dict[str, np.ndarray] | None = None) -> list[int] | None:
+              taylor: dict[str, np.ndarray] | None = None, skip: list[str] = ()) -> list[int] | None:
     if sp.children:
-        keep = _select_tree(sp, _importance(graph, sp, criterion, rng, taylor), ratio, round_to)
+        keep = _select_tree(sp, _importance(graph, sp, criterion, rng, taylor), ratio, round_to, skip)
         return keep if len(keep) < sp.channels else None
     keep_n = _round_keep(sp, sp.channels - int(np.floor(sp.channels * ratio)), round_to)
     if keep_n >= sp.channels:

@@ -434,6 +434,19 @@ def test_skip_keeps_one_member_of_a_padded_tree():
     assert widths["a1"] == 4 and widths["b1"] == widths["c1"] == 8  # inner groups are pruned as usual
 
 
+def test_target_macs_selection_honours_skip_inside_a_padded_tree():
+    """target_macs selects through _keep_top; a skipped member of a tree keeps its channels there too."""
+    from passes.prune import _keep_top
+
+    g = from_torch(OptionA().eval(), torch.randn(2, 3, 8, 8))
+    stream = next(sp for sp in analyze(g) if any(n.source == "c2" for n in sp.producers))
+    off = stream.children[0].parent[1]  # stage 1's 8 channels sit at [off, off + 8) of the stream
+    rng = np.random.default_rng(0)
+    stage1 = lambda keep: [k for k in keep if off <= k < off + 8]  # noqa: E731
+    assert len(stage1(_keep_top(g, stream, 0.5, "l1", 1, rng))) == 4
+    assert len(stage1(_keep_top(g, stream, 0.5, "l1", 1, rng, skip=["stem"]))) == 8
+
+
 def test_target_macs_and_taylor_on_a_padded_tree():
     x = torch.randn(2, 3, 8, 8)
     g = from_torch(OptionA().eval(), x)
