@@ -1,7 +1,7 @@
 """Benchmark structured pruning.
 
   python tools/bench_prune.py [--ratio 0.3] [--effnet-round-to 8 16] [--resnet-ratio 0.5]
-                              [--finetune-epochs 20 [--ft-model inner|stream]] [--limit N]
+                              [--finetune-epochs 20 [--ft-model inner|stream|depth]] [--limit N]
 
 1. EfficientNet-Lite0 ONNX (../shared): `prune-channels{ratio,round_to},fold-prune` on every
    prunable group, one row per round_to; the MACs ratio next to onnxruntime's latency ratio,
@@ -58,8 +58,10 @@ def main() -> int:
     ap.add_argument("--criterion", default="l2", choices=("l1", "l2"), help="the pruned ResNet-56 to fine-tune")
     ap.add_argument("--stream-ratio", type=float, default=0.5,
                     help="channel ratio of stages 2-3 when their residual stream is pruned too")
-    ap.add_argument("--ft-model", default="inner", choices=("inner", "stream"),
-                    help="fine-tune the inner-only or the stream-and-inner pruned ResNet-56")
+    ap.add_argument("--ft-model", default="inner", choices=("inner", "stream", "depth"),
+                    help="fine-tune the inner-only, the stream-and-inner, or the block-pruned ResNet-56")
+    ap.add_argument("--depth-macs", type=float, default=0.52,
+                    help="prune-blocks{target_macs}: remove residual blocks until at most this share of the MACs")
     ap.add_argument("--ft-max-steps", type=int, help="stop fine-tuning after this many steps (a smoke run)")
     ap.add_argument("--save", help="write the fine-tuned pruned ResNet-56 here (ONNX)")
     ap.add_argument("--recal-images", type=int, default=512,
@@ -126,6 +128,20 @@ def main() -> int:
         gr = folded(PassManager("recalibrate-bn").run(rp.graph.copy(), Context(calib=calib)).graph)
         rows.append((f"  + recalibrate-bn ({args.recal_images} images)", acc(run(ort_session(graphopt.to_onnx(gr)))),
                      total_macs(gr) / total_macs(g), gr.num_params() / g.num_params(), time.perf_counter() - t))
+    # "depth": whole residual blocks removed (greedy, least output error on the calibration images)
+    t = time.perf_counter()
+    rp = PassManager(f"prune-blocks{{target_macs={args.depth_macs}}}").run(g_bn.copy(), Context(calib=calib))
+    t_ours = time.perf_counter() - t
+    gf = folded(rp.graph)
+    a = acc(run(ort_session(graphopt.to_onnx(gf))))
+    pruned[("blocks", "depth")] = (rp.graph, gf, a)
+    n_removed = rp.stats["prune-blocks"][0]["removed"]
+    rows.append((f"graphopt prune-blocks, {n_removed} of 27 blocks", a, total_macs(gf) / total_macs(g),
+                 gf.num_params() / g.num_params(), t_ours))
+    t = time.perf_counter()
+    gr = folded(PassManager("recalibrate-bn").run(rp.graph.copy(), Context(calib=calib)).graph)
+    rows.append((f"  + recalibrate-bn ({args.recal_images} images)", acc(run(ort_session(graphopt.to_onnx(gr)))),
+                 total_macs(gr) / total_macs(g), gr.num_params() / g.num_params(), time.perf_counter() - t))
     try:
         import torch_pruning as tp
 
@@ -164,20 +180,19 @@ def main() -> int:
         print(f"{name:40s} {a:8.2f} {mr_:6.3f} {pr_:7.3f} {'-' if secs is None else f'{secs:8.2f}'}")
     print(f"onnxruntime latency ratio against FP32, median (quartiles) of {args.rounds} paired rounds, and the "
           f"realized share of the MACs reduction (target >= 80%):")
-    for key in ((args.criterion, "inner"), (args.criterion, "stream")):
+    for key in ((args.criterion, "inner"), (args.criterion, "stream"), ("blocks", "depth")):
         fp = pruned[key][1]
         mr, small = total_macs(fp) / total_macs(g), graphopt.to_onnx(fp)
-        print(f"  graphopt {key[0].upper()} {key[1]:6s} (MACs {mr:.3f}) batch 256: "
-              f"{latency(g_onnx, small, xt[:256], max(5, args.rounds // 3), mr)}")
-        print(f"  graphopt {key[0].upper()} {key[1]:6s} (MACs {mr:.3f}) batch   1: "
-              f"{latency(g_onnx, small, xt[:1], args.rounds, mr)}")
+        for b, rounds in ((256, max(5, args.rounds // 3)), (1, args.rounds)):
+            print(f"  graphopt {key[0].upper():6s} {key[1]:6s} (MACs {mr:.3f}) batch {b:3d}: "
+                  f"{latency(g_onnx, small, xt[:b], rounds, mr)}")
     if args.finetune_epochs:
         from graphopt.finetune import FinetuneConfig, finetune
         from graphopt.util import tune_allocator
 
         tune_allocator()
         xtr = cifar_normalize(xtr8)
-        student, student_folded, a0 = pruned[(args.criterion, args.ft_model)]
+        student, student_folded, a0 = pruned[("blocks" if args.ft_model == "depth" else args.criterion, args.ft_model)]
         mr = total_macs(student_folded) / total_macs(g)
         t = time.perf_counter()
         stats = finetune(student, xtr, ytr, teacher=g, config=FinetuneConfig(

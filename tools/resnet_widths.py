@@ -32,6 +32,9 @@ CONFIGS = {  # name: (residual stream widths per stage, inner widths per stage[,
     "stream and inner /2": ((8, 16, 32), (8, 16, 32)),
     "depth: stage 1 of 4 blocks, inner 16,16,32": ((16, 32, 64), (16, 16, 32), (4, 9, 9)),
     "depth: stage 1 of 6, stream 16,16,64, inner 16,16,32": ((16, 16, 64), (16, 16, 32), (6, 9, 9)),
+    "depth only: 5,5,4 blocks": ((16, 32, 64), (16, 32, 64), (5, 5, 4)),
+    "depth only: 4,5,5 blocks": ((16, 32, 64), (16, 32, 64), (4, 5, 5)),
+    "depth only: 5,4,5 blocks": ((16, 32, 64), (16, 32, 64), (5, 4, 5)),
 }
 
 
@@ -92,6 +95,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-config", default="inner /2 (graphopt ratio 0.5)", choices=list(CONFIGS),
                     help="the configuration --profile compares with full width")
+    ap.add_argument("--only", nargs="*", help="measure only the configurations whose name starts so")
     args = ap.parse_args()
     import graphopt
     from graphopt.analysis import total_macs
@@ -100,6 +104,8 @@ def main() -> int:
     x = np.random.default_rng(0).standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
     protos, macs = {}, {}
     for name, shape in CONFIGS.items():
+        if args.only and name != "full width" and not any(name.startswith(o) for o in args.only):
+            continue
         g = graphopt.from_torch(Net(*shape).eval(), torch.from_numpy(x[:2]))
         protos[name], macs[name] = graphopt.to_onnx(g), total_macs(g)
     full = "full width"
