@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "source) to --plot-out, like DFQ's Figure 2")
     i.add_argument("--plot-out", metavar="FILE.png", default="ranges.png", help="PNG for --plot (default ranges.png)")
 
-    a = sub.add_parser("analyze", help="analyses: sensitivity of each prunable channel group")
+    a = sub.add_parser("analyze", help="analyses: sensitivity of each prunable channel group, or of each residual block")
     asub = a.add_subparsers(dest="analysis", metavar="ANALYSIS", parser_class=_Parser, required=True)
     sens = asub.add_parser("sensitivity", help="prune each group alone at several ratios; table (+ PNG plot)")
     sens.add_argument("model", help="FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "taylor", "random"))
     sens.add_argument("--round-to", type=int, default=1)
     sens.add_argument("--plot", metavar="FILE.png", help="write the curves as a PNG (needs matplotlib)")
+    blk = asub.add_parser("blocks", help="remove each residual block alone; table of the damage (what prune-blocks "
+                                         "weighs)")
+    blk.add_argument("model", help="FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
+    _torch_args(blk)
+    blk.add_argument("--calib", required=True, metavar="FILE.npy|DIR", help="inputs to measure on")
+    blk.add_argument("--calib-limit", type=int, metavar="N", default=64, help="samples to use (default 64)")
+    blk.add_argument("--resize", type=int, default=256)
+    blk.add_argument("--crop", type=int, default=224)
+    blk.add_argument("--mean", default="0.485,0.456,0.406")
+    blk.add_argument("--std", default="0.229,0.224,0.225")
+    blk.add_argument("--eval", metavar="LABELS.npy", help="integer labels for the samples: report top-1 too")
 
     f = sub.add_parser("finetune", help="recovery fine-tuning (distillation from a teacher and/or labels)")
     f.add_argument("model", help="student model: FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
@@ -376,26 +387,32 @@ def _inspect_ranges(graph, args) -> int:
     return 0
 
 
-def cmd_analyze(args) -> int:
+def _labels(args):
     import numpy as np
 
+    if not args.eval:
+        return None
+    if not Path(args.eval).is_file():
+        raise GraphOptError(f"labels file not found: {args.eval}")
+    return np.load(args.eval, allow_pickle=False)
+
+
+def cmd_analyze(args) -> int:
     from passes.prune import sensitivity
+
+    from .passmanager import Context
 
     graph = load_model(args.model, args)
     data = load_calib(args, graph)
+    if args.analysis == "blocks":
+        return _analyze_blocks(graph, data, _labels(args), Context().show_progress)
     try:
         ratios = tuple(float(r) for r in args.ratios.split(","))
     except ValueError:
         raise GraphOptError(f"--ratios must be comma-separated numbers, got '{args.ratios}'") from None
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise GraphOptError("--ratios must lie in (0, 1)")
-    labels = None
-    if args.eval:
-        if not Path(args.eval).is_file():
-            raise GraphOptError(f"labels file not found: {args.eval}")
-        labels = np.load(args.eval, allow_pickle=False)
-    from .passmanager import Context
-
+    labels = _labels(args)
     rows = sensitivity(graph, data, ratios, labels, args.criterion, args.round_to,
                        progress=Context().show_progress)
     if not rows:
@@ -436,6 +453,22 @@ def cmd_analyze(args) -> int:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _analyze_blocks(graph, data, labels, progress: bool) -> int:
+    from passes.depth import block_sensitivity
+
+    rows = block_sensitivity(graph, data, labels, progress=progress)
+    if not rows:
+        raise GraphOptError("the model has no removable residual block (an Add of two paths from one tensor)")
+    w = min(48, max(len(r["layers"]) for r in rows))
+    metric = "top1" if labels is not None else "rel_error"
+    print(f"{'block (Add)':<16} {'branch layers':<{w}} {'MACs':>6} {'top-1 %' if labels is not None else 'rel. error':>10}"
+          f"   (each block removed alone)")
+    for r in rows:
+        name = r["layers"] if len(r["layers"]) <= w else r["layers"][: w - 1] + "…"
+        print(f"{r['block']:<16} {name:<{w}} {100 * r['macs_saved']:5.1f}% {r[metric]:10.4g}")
     return 0
 
 

@@ -217,22 +217,59 @@ class PruneBlocks(Pass):
 
     def _least_damaging(self, graph: Graph, blocks: list[Block], data, ref, ctx: Context):
         from graphopt.analysis import total_macs
-        from graphopt.calibration import collect
 
         best, best_cost, best_err = None, np.inf, np.nan
         macs = total_macs(graph)
-        names = [b.name for b in blocks]
-        for name in ctx.progress(names, total=len(names), desc="prune-blocks"):
-            trial = graph.copy()
-            block = next(b for b in residual_blocks(trial) if b.name == name)
-            saved = block.macs
-            if not remove_block(trial, block):
+        for block in ctx.progress(blocks, total=len(blocks), desc="prune-blocks"):
+            err, _ = _removal_error(graph, block.name, data, ref)
+            if err is None:
                 continue
-            got = collect(trial, data, [trial.outputs[0].name])[trial.outputs[0].name]
-            err = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
-            # count: least error; target_macs: least error per MAC saved (ties: more MACs)
-            cost = err if self.target_macs is None else err / max(saved / max(macs, 1), 1e-12)
+            # count: least error; target_macs: least error per MAC saved
+            cost = err if self.target_macs is None else err / max(block.macs / max(macs, 1), 1e-12)
             if cost < best_cost:
-                best_cost, best_err = cost, err
-                best = next(b for b in residual_blocks(graph) if b.name == name)
+                best, best_cost, best_err = block, cost, err
         return best, best_err
+
+
+def _removal_error(graph: Graph, add_name: str, data, ref: np.ndarray) -> tuple[float | None, np.ndarray | None]:
+    """Output of ``graph`` without the block whose Add is ``add_name`` (on a copy), and its
+    relative L2 error against ``ref``. (None, None) if the block cannot be removed."""
+    from graphopt.calibration import collect
+
+    trial = graph.copy()
+    block = next(b for b in residual_blocks(trial) if b.name == add_name)
+    if not remove_block(trial, block):
+        return None, None
+    got = collect(trial, data, [trial.outputs[0].name])[trial.outputs[0].name]
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)), got
+
+
+def block_sensitivity(graph: Graph, data, labels: np.ndarray | None = None, progress: bool = False) -> list[dict]:
+    """Remove each residual block alone and measure the damage on ``data``: the output's relative
+    L2 error against the intact graph, and top-1 accuracy if ``labels``. One row per block, in
+    graph order, with the share of the MACs its branch holds."""
+    from graphopt.analysis import total_macs
+    from graphopt.calibration import CalibrationData, collect
+
+    data = data if isinstance(data, CalibrationData) else CalibrationData(data)
+    out = graph.outputs[0].name
+    ref = collect(graph, data, [out])[out]
+    macs0 = max(total_macs(graph), 1)
+    blocks = residual_blocks(graph)
+    it = blocks
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(blocks, desc="blocks", leave=False)
+    rows = []
+    for b in it:
+        err, got = _removal_error(graph, b.name, data, ref)
+        if err is None:
+            continue
+        convs = [n for n in b.branch if n.op_type in ("Conv", "Gemm", "MatMul")]
+        row = {"block": b.name, "layers": ", ".join(n.source or n.name for n in convs), "macs_saved": b.macs / macs0,
+               "rel_error": err}
+        if labels is not None:
+            row["top1"] = float((got.argmax(1) == np.asarray(labels)[: len(got)]).mean() * 100)
+        rows.append(row)
+    return rows

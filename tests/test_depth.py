@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from nets import build, randomize_bn, rel_err, run_ort
+from nets import build, export, randomize_bn, rel_err, run_ort
 from torch import nn
 
 from graphopt import PassError, from_torch, load_onnx, to_onnx
@@ -198,3 +198,34 @@ def test_cli_prune_blocks_then_fold_bn(tmp_path):
     r = subprocess.run(cli + ["prune-blocks{count=2},fold-bn"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "needs calibration data" in r.stderr and not out.exists()
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_block_sensitivity_and_cli_analyze_blocks(tmp_path):
+    from passes.depth import block_sensitivity
+
+    model, x, _ = tiny()
+    with torch.no_grad():
+        model.blocks[1].bn2.weight.mul_(1e-3)
+        model.blocks[1].bn2.bias.mul_(1e-3)
+    g = PassManager("canonicalize").run(from_torch(model, torch.from_numpy(x))).graph
+    calib = np.random.default_rng(1).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    labels = torch_out(model, calib).argmax(1)
+    rows = block_sensitivity(g, calib, labels)
+    assert len(rows) == 5 and int(np.argmin([r["rel_error"] for r in rows])) == 1
+    assert rows[1]["top1"] == 100.0 and min(r["top1"] for r in rows) < 100.0
+    assert all(0 < r["macs_saved"] < 0.5 for r in rows)
+    p = tmp_path / "m.onnx"
+    p.write_bytes(to_onnx(g).SerializeToString())
+    np.save(tmp_path / "c.npy", calib)
+    np.save(tmp_path / "y.npy", labels)
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "analyze", "blocks", str(p), "--calib",
+                        str(tmp_path / "c.npy"), "--eval", str(tmp_path / "y.npy")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 6 and "top-1" in lines[0] and rows[1]["block"] in lines[2] and "100" in lines[2]
+    flat = tmp_path / "flat.onnx"
+    flat.write_bytes(export(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), calib[:2]).SerializeToString())
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "analyze", "blocks", str(flat), "--calib",
+                        str(tmp_path / "c.npy")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "no removable residual block" in r.stderr

@@ -9,9 +9,11 @@
 2. ResNet-56 / CIFAR-10 (../shared): L1/L2 pruning of about half the MACs by graphopt and by
    Torch-Pruning (DepGraph, `pip install --no-deps torch-pruning`) on the same model and ratio, in
    the same run: accuracy *before* fine-tuning (and after graphopt's recalibrate-bn), MACs and
-   parameter ratios, time to prune, and onnxruntime latency. With --finetune-epochs N: recovery
-   fine-tuning (distillation + labels, BN training) of graphopt's pruned model, and its accuracy
-   on the test set.
+   parameter ratios, time to prune, and onnxruntime latency. Also depth pruning
+   (`prune-blocks{target_macs}`, greedy by output error on 512 training images), which has no
+   Torch-Pruning counterpart. With --finetune-epochs N: recovery fine-tuning (distillation +
+   labels, BN training) of one of graphopt's pruned models (--ft-model), and its accuracy on the
+   test set.
 """
 
 from __future__ import annotations

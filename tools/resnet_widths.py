@@ -2,12 +2,13 @@
 
 Builds ResNet-56-shaped networks (random weights: only the shapes matter) with chosen widths
 of the residual stream and of each block's inner channels (and, for the "depth" rows, fewer
-stage-1 blocks: graphopt does not remove blocks yet), and measures onnxruntime latency against
+blocks per stage: what prune-blocks does), and measures onnxruntime latency against
 the full-width network in the same run. With --profile, prints onnxruntime's per-op
 kernel time for the full network and for halved inner channels (what prune-channels{ratio=0.5}
 does to ResNet-56), so the layers that do not speed up are visible.
 
-  python tools/resnet_widths.py [--batch 256] [--rounds 10] [--profile [--profile-config NAME]]
+  python tools/resnet_widths.py [--batch 256] [--rounds 10] [--only NAME_PREFIX ...]
+                                [--profile [--profile-config NAME]]
 """
 
 from __future__ import annotations
