@@ -464,6 +464,11 @@ def _analyze_blocks(graph, data, labels, progress: bool) -> int:
         raise GraphOptError("the model has no removable residual block (an Add of two paths from one tensor)")
     w = min(48, max(len(r["layers"]) for r in rows))
     metric = "top1" if labels is not None else "rel_error"
+    if labels is not None:
+        from .calibration import collect
+
+        out = collect(graph, data, [graph.outputs[0].name])[graph.outputs[0].name]
+        print(f"intact model: top-1 {100 * float((out.argmax(1) == labels[: len(out)]).mean()):.2f} %")
     print(f"{'block (Add)':<16} {'branch layers':<{w}} {'MACs':>6} {'top-1 %' if labels is not None else 'rel. error':>10}"
           f"   (each block removed alone)")
     for r in rows:

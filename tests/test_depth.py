@@ -223,7 +223,8 @@ def test_block_sensitivity_and_cli_analyze_blocks(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 6 and "top-1" in lines[0] and rows[1]["block"] in lines[2] and "100" in lines[2]
+    assert lines[0] == "intact model: top-1 100.00 %"
+    assert len(lines) == 7 and "top-1" in lines[1] and rows[1]["block"] in lines[3] and "100" in lines[3]
     flat = tmp_path / "flat.onnx"
     flat.write_bytes(export(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), calib[:2]).SerializeToString())
     r = subprocess.run([sys.executable, "-m", "graphopt.cli", "analyze", "blocks", str(flat), "--calib",
