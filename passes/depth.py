@@ -183,9 +183,9 @@ class PruneBlocks(Pass):
             ref = collect(graph, data, [out])[out]
         rng = np.random.default_rng(self.seed)
         errors: list[float] = []
-        done_now = 0
+        done_now, stuck = 0, set()  # stuck: blocks the graph's output names keep in place
         while not self._reached(graph, macs0, len(removed)):
-            blocks = [b for b in residual_blocks(graph) if not _skipped(b, self.skip)]
+            blocks = [b for b in residual_blocks(graph) if not _skipped(b, self.skip) and b.name not in stuck]
             if not blocks:
                 log.warning("prune-blocks: no removable block left at %.3f of the MACs", total_macs(graph) / macs0)
                 break
@@ -197,7 +197,8 @@ class PruneBlocks(Pass):
                 break
             name = pick.name
             if not remove_block(graph, pick):
-                break
+                stuck.add(name)
+                continue
             removed.append(name)
             errors.append(err)
             done_now += 1

@@ -230,3 +230,26 @@ def test_block_sensitivity_and_cli_analyze_blocks(tmp_path):
     r = subprocess.run([sys.executable, "-m", "graphopt.cli", "analyze", "blocks", str(flat), "--calib",
                         str(tmp_path / "c.npy")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "no removable residual block" in r.stderr
+
+
+class WholeModelBlock(nn.Module):
+    """One block from the graph input to the graph output: removing it would make the output
+    the input itself, which ONNX names cannot express, so it stays."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.b(torch.relu(self.a(x)))
+
+
+def test_a_block_the_graph_names_pin_is_kept(caplog):
+    g = PassManager("canonicalize").run(from_torch(WholeModelBlock().eval(), torch.randn(2, 4, 8, 8))).graph
+    assert len(residual_blocks(g)) == 1
+    n = len(g.nodes)
+    with caplog.at_level("WARNING"):
+        r = PassManager("prune-blocks{count=1,criterion=random}").run(g)
+    assert not r.modified and len(r.graph.nodes) == n and "no removable block left" in caplog.text
+    r = PassManager("prune-blocks{count=1}").run(g, Context(calib=np.zeros((2, 4, 8, 8), np.float32)))
+    assert not r.modified and len(r.graph.nodes) == n
