@@ -1,5 +1,6 @@
 """Shared helpers for passes that rescale weights: per-channel views of linear layers and the
-search for layer -> (channel-wise ops) -> layer chains.
+search for layer -> (channel-wise ops) -> layer chains; and the ``skip``-pattern match that
+every pass with a ``skip`` option uses.
 
 A *linear layer* is a Conv (any ``group``, depthwise included), a Gemm, or a MatMul whose
 weight is a graph constant. For such a layer:
@@ -12,6 +13,7 @@ Both views have inverses, so a pass can scale rows and put the weights back.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +21,12 @@ import numpy as np
 from graphopt.ir import Graph, Node, Value
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def matches(node: Node, patterns) -> bool:
+    """True if the node's name or its source (ONNX node name, torch module path) matches one of
+    the fnmatch ``patterns``."""
+    return any(fnmatch.fnmatchcase(node.source, p) or fnmatch.fnmatchcase(node.name, p) for p in patterns)
 
 
 def is_linear_layer(graph: Graph, n: Node) -> bool:

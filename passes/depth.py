@@ -14,7 +14,6 @@ remaining layer at full width, so the runtime realizes nearly all of the MACs sa
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -24,6 +23,8 @@ import numpy as np
 from graphopt.errors import GraphError, GraphOptError
 from graphopt.ir import Graph, Node, Value
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
+
+from . import _layers as L
 
 log = logging.getLogger("graphopt.passes.depth")
 
@@ -128,8 +129,7 @@ def remove_block(graph: Graph, block: Block) -> bool:
 
 
 def _skipped(block: Block, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(n.name, p) or fnmatch.fnmatchcase(n.source, p)
-               for n in [block.add, *block.branch] for p in patterns)
+    return any(L.matches(n, patterns) for n in [block.add, *block.branch])
 
 
 @register_pass("prune-blocks")

@@ -26,7 +26,6 @@ and the reason names the op and the node; nothing is guessed.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -727,8 +726,7 @@ def _select(sp: Space, scores: np.ndarray, keep_n: int) -> list[int]:
 
 
 def _skipped(sp: Space, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(n.source, p) or fnmatch.fnmatchcase(n.name, p)
-               for n in sp.producers + sp.depthwise for p in patterns)
+    return any(L.matches(n, patterns) for n in sp.producers + sp.depthwise)
 
 
 def _select_tree(sp: Space, scores: np.ndarray, ratio: float, round_to: int, skip: list[str] = ()) -> list[int]:

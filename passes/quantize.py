@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 from dataclasses import dataclass
@@ -107,10 +106,6 @@ def _gptq_weights(n: Node, w: np.ndarray, H: np.ndarray, s: np.ndarray, z: np.nd
     return q if (n.op_type == "Gemm" and n.attr("transB", 0)) else np.ascontiguousarray(q.T)
 
 
-def _match(patterns: list[str], node: Node) -> bool:
-    return any(fnmatch.fnmatchcase(node.source, p) or fnmatch.fnmatchcase(node.name, p) for p in patterns)
-
-
 @register_pass("quantize")
 @dataclass(kw_only=True)
 class Quantize(Pass):
@@ -164,8 +159,8 @@ class Quantize(Pass):
 
         graph.toposort()
         compute = [n for n in graph.nodes if n.op_type in COMPUTE_OPS and n.domain == "" and
-                   L.is_linear_layer(graph, n) and not _match(self.skip, n)]
-        skipped = [n.source for n in graph.nodes if n.op_type in COMPUTE_OPS and _match(self.skip, n)]
+                   L.is_linear_layer(graph, n) and not L.matches(n, self.skip)]
+        skipped = [n.source for n in graph.nodes if n.op_type in COMPUTE_OPS and L.matches(n, self.skip)]
         targets = self._activation_targets(graph, compute)
         mins = [n for n in graph.nodes if n.op_type == "Min" and L.per_channel_min_bound(graph, n) is not None] \
             if self.drop_inactive_bounds else []
@@ -219,7 +214,7 @@ class Quantize(Pass):
         n_w = 0
         first_last = {compute[0], compute[-1]} if compute and self.first_last_bits else set()
         for n in compute:
-            bits = next((b for p, b in overrides.items() if _match([p], n)), None)
+            bits = next((b for p, b in overrides.items() if L.matches(n, [p])), None)
             if bits is None and n in first_last:
                 bits = self.first_last_bits
             spec = wspec if bits is None else QSpec(bits, True, wspec.granularity, wspec.block_size, True)
@@ -232,7 +227,7 @@ class Quantize(Pass):
 
     # ---------------------------------------------------------------- placement
     def _activation_targets(self, graph: Graph, compute: list[Node]) -> list[Value]:
-        skip = {n for n in graph.nodes if _match(self.skip, n)}
+        skip = {n for n in graph.nodes if L.matches(n, self.skip)}
         chosen: dict[Value, None] = {}
 
         def want(v: Value | None):
