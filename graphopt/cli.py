@@ -66,30 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="analyses: sensitivity of each prunable channel group, or of each residual block")
     asub = a.add_subparsers(dest="analysis", metavar="ANALYSIS", parser_class=_Parser, required=True)
     sens = asub.add_parser("sensitivity", help="prune each group alone at several ratios; table (+ PNG plot)")
-    sens.add_argument("model", help="FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
-    _torch_args(sens)
-    sens.add_argument("--calib", required=True, metavar="FILE.npy|DIR", help="inputs to measure on")
-    sens.add_argument("--calib-limit", type=int, metavar="N", default=64, help="samples to use (default 64)")
-    sens.add_argument("--resize", type=int, default=256)
-    sens.add_argument("--crop", type=int, default=224)
-    sens.add_argument("--mean", default="0.485,0.456,0.406")
-    sens.add_argument("--std", default="0.229,0.224,0.225")
-    sens.add_argument("--eval", metavar="LABELS.npy", help="integer labels for the samples: report top-1 too")
+    _analysis_args(sens)
     sens.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated ratios (default 0.1,0.3,0.5,0.7)")
     sens.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "taylor", "random"))
     sens.add_argument("--round-to", type=int, default=1)
     sens.add_argument("--plot", metavar="FILE.png", help="write the curves as a PNG (needs matplotlib)")
     blk = asub.add_parser("blocks", help="remove each residual block alone; table of the damage (what prune-blocks "
                                          "weighs)")
-    blk.add_argument("model", help="FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
-    _torch_args(blk)
-    blk.add_argument("--calib", required=True, metavar="FILE.npy|DIR", help="inputs to measure on")
-    blk.add_argument("--calib-limit", type=int, metavar="N", default=64, help="samples to use (default 64)")
-    blk.add_argument("--resize", type=int, default=256)
-    blk.add_argument("--crop", type=int, default=224)
-    blk.add_argument("--mean", default="0.485,0.456,0.406")
-    blk.add_argument("--std", default="0.229,0.224,0.225")
-    blk.add_argument("--eval", metavar="LABELS.npy", help="integer labels for the samples: report top-1 too")
+    _analysis_args(blk)
 
     f = sub.add_parser("finetune", help="recovery fine-tuning (distillation from a teacher and/or labels)")
     f.add_argument("model", help="student model: FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
@@ -121,6 +105,19 @@ def _torch_args(p) -> None:
     p.add_argument("--input-shape", metavar="N,C,H,W", help="example input shape (PyTorch models only)")
     p.add_argument("--weights", metavar="FILE", help="state dict for MODULE:CALLABLE, loaded with weights_only=True")
 
+
+
+def _analysis_args(p) -> None:
+    """The model, its measurement data and optional labels: what every `analyze` command reads."""
+    p.add_argument("model", help="FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
+    _torch_args(p)
+    p.add_argument("--calib", required=True, metavar="FILE.npy|DIR", help="inputs to measure on")
+    p.add_argument("--calib-limit", type=int, metavar="N", default=64, help="samples to use (default 64)")
+    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--mean", default="0.485,0.456,0.406")
+    p.add_argument("--std", default="0.229,0.224,0.225")
+    p.add_argument("--eval", metavar="LABELS.npy", help="integer labels for the samples: report top-1 too")
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -459,16 +456,16 @@ def cmd_analyze(args) -> int:
 def _analyze_blocks(graph, data, labels, progress: bool) -> int:
     from passes.depth import block_sensitivity
 
-    rows = block_sensitivity(graph, data, labels, progress=progress)
+    from .calibration import collect
+
+    ref = collect(graph, data, [graph.outputs[0].name])[graph.outputs[0].name]
+    rows = block_sensitivity(graph, data, labels, progress=progress, ref=ref)
     if not rows:
         raise GraphOptError("the model has no removable residual block (an Add of two paths from one tensor)")
     w = min(48, max(len(r["layers"]) for r in rows))
     metric = "top1" if labels is not None else "rel_error"
     if labels is not None:
-        from .calibration import collect
-
-        out = collect(graph, data, [graph.outputs[0].name])[graph.outputs[0].name]
-        print(f"intact model: top-1 {100 * float((out.argmax(1) == labels[: len(out)]).mean()):.2f} %")
+        print(f"intact model: top-1 {100 * float((ref.argmax(1) == labels[: len(ref)]).mean()):.2f} %")
     print(f"{'block (Add)':<16} {'branch layers':<{w}} {'MACs':>6} {'top-1 %' if labels is not None else 'rel. error':>10}"
           f"   (each block removed alone)")
     for r in rows:

@@ -34,7 +34,6 @@ META_KEY = "prune_blocks"  # {"macs0": MACs before any block was removed, "remov
 @dataclass
 class Block:
     add: Node
-    entry: Value  # the tensor both paths start from
     branch: list[Node]  # removed with the block
     shortcut: Value  # the operand that replaces the Add's output
     macs: int  # MACs of the branch
@@ -96,7 +95,7 @@ def residual_blocks(graph: Graph) -> list[Block]:
         if macs[0] == macs[1]:
             continue  # no path is the branch (e.g. two shortcuts, or two identical branches)
         b = int(np.argmax(macs))
-        blocks.append(Block(add, graph.values[next(iter(ents[0]))], paths[b][0], paths[1 - b][1], macs[b]))
+        blocks.append(Block(add, paths[b][0], paths[1 - b][1], macs[b]))
     return blocks
 
 
@@ -245,16 +244,19 @@ def _removal_error(graph: Graph, add_name: str, data, ref: np.ndarray) -> tuple[
     return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)), got
 
 
-def block_sensitivity(graph: Graph, data, labels: np.ndarray | None = None, progress: bool = False) -> list[dict]:
+def block_sensitivity(graph: Graph, data, labels: np.ndarray | None = None, progress: bool = False,
+                      ref: np.ndarray | None = None) -> list[dict]:
     """Remove each residual block alone and measure the damage on ``data``: the output's relative
-    L2 error against the intact graph, and top-1 accuracy if ``labels``. One row per block, in
-    graph order, with the share of the MACs its branch holds."""
+    L2 error against the intact graph (``ref``: its output on ``data``, if already at hand), and
+    top-1 accuracy if ``labels``. One row per block, in graph order, with the share of the MACs
+    its branch holds."""
     from graphopt.analysis import total_macs
     from graphopt.calibration import CalibrationData, collect
 
     data = data if isinstance(data, CalibrationData) else CalibrationData(data)
-    out = graph.outputs[0].name
-    ref = collect(graph, data, [out])[out]
+    if ref is None:
+        out = graph.outputs[0].name
+        ref = collect(graph, data, [out])[out]
     macs0 = max(total_macs(graph), 1)
     blocks = residual_blocks(graph)
     it = blocks
