@@ -111,39 +111,33 @@ def main() -> int:
     # found by the analysis through the option-A padding) is skipped, as Torch-Pruning needs by hand.
     # "stream": the residual stream too, at --stream-ratio, with stage 1 (16 channels wide: one SIMD
     # block of onnxruntime's NCHWc convs on AVX-512) kept whole.
-    variants = [("l1", "inner", args.resnet_ratio, ",skip=[*conv2]"), ("l2", "inner", args.resnet_ratio, ",skip=[*conv2]"),
-                (args.criterion, "stream", args.stream_ratio, ",skip=[conv1,layer1.*]")]
+    # "depth": whole residual blocks removed (greedy, least output error on the calibration images).
+    chan = "prune-channels{{ratio={},criterion={},round_to={}{}}},fold-prune"
+    variants = [(("l1", "inner"), chan.format(args.resnet_ratio, "l1", args.round_to, ",skip=[*conv2]"),
+                 "graphopt L1 inner only"),
+                (("l2", "inner"), chan.format(args.resnet_ratio, "l2", args.round_to, ",skip=[*conv2]"),
+                 "graphopt L2 inner only"),
+                ((args.criterion, "stream"), chan.format(args.stream_ratio, args.criterion, args.round_to,
+                                                         ",skip=[conv1,layer1.*]"),
+                 f"graphopt {args.criterion.upper()} + stream, stage 1 kept, {args.stream_ratio}"),
+                (("blocks", "depth"), f"prune-blocks{{target_macs={args.depth_macs}}}", "graphopt prune-blocks")]
     # adaptive BN rows: each pruned model's unfolded BN statistics re-estimated on unlabeled training images
     xtr8, ytr = cifar10("train")
     calib = cifar_normalize(xtr8[np.random.default_rng(0).choice(len(xtr8), args.recal_images, replace=False)])
-    for crit, what, ratio, skip in variants:
+    for key, pipe, label in variants:
         t = time.perf_counter()
-        rp = PassManager(f"prune-channels{{ratio={ratio},criterion={crit},round_to={args.round_to}{skip}}},"
-                         "fold-prune").run(g_bn.copy())
+        rp = PassManager(pipe).run(g_bn.copy(), Context(calib=calib))
         t_ours = time.perf_counter() - t
         gf = folded(rp.graph)
         a = acc(run(ort_session(graphopt.to_onnx(gf))))
-        pruned[(crit, what)] = (rp.graph, gf, a)
-        label = f"graphopt {crit.upper()} " + ("inner only" if what == "inner" else f"+ stream, stage 1 kept, {ratio}")
+        pruned[key] = (rp.graph, gf, a)
+        if "prune-blocks" in rp.stats:
+            label += f", {rp.stats['prune-blocks'][0]['removed']} of 27 blocks"
         rows.append((label, a, total_macs(gf) / total_macs(g), gf.num_params() / g.num_params(), t_ours))
         t = time.perf_counter()
         gr = folded(PassManager("recalibrate-bn").run(rp.graph.copy(), Context(calib=calib)).graph)
         rows.append((f"  + recalibrate-bn ({args.recal_images} images)", acc(run(ort_session(graphopt.to_onnx(gr)))),
                      total_macs(gr) / total_macs(g), gr.num_params() / g.num_params(), time.perf_counter() - t))
-    # "depth": whole residual blocks removed (greedy, least output error on the calibration images)
-    t = time.perf_counter()
-    rp = PassManager(f"prune-blocks{{target_macs={args.depth_macs}}}").run(g_bn.copy(), Context(calib=calib))
-    t_ours = time.perf_counter() - t
-    gf = folded(rp.graph)
-    a = acc(run(ort_session(graphopt.to_onnx(gf))))
-    pruned[("blocks", "depth")] = (rp.graph, gf, a)
-    n_removed = rp.stats["prune-blocks"][0]["removed"]
-    rows.append((f"graphopt prune-blocks, {n_removed} of 27 blocks", a, total_macs(gf) / total_macs(g),
-                 gf.num_params() / g.num_params(), t_ours))
-    t = time.perf_counter()
-    gr = folded(PassManager("recalibrate-bn").run(rp.graph.copy(), Context(calib=calib)).graph)
-    rows.append((f"  + recalibrate-bn ({args.recal_images} images)", acc(run(ort_session(graphopt.to_onnx(gr)))),
-                 total_macs(gr) / total_macs(g), gr.num_params() / g.num_params(), time.perf_counter() - t))
     try:
         import torch_pruning as tp
 
