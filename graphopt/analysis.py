@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ir import Graph, Node, format_shape, is_param
+from graphopt.ir import Graph, Node, format_shape, is_param
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -100,7 +100,7 @@ def weight_ranges(graph: Graph) -> list[dict]:
     """Per linear layer: the robust spread (p99/p1) of per-output-channel max|w|, ignoring
     all-zero channels (counted separately). A large spread means one per-tensor scale cannot
     serve every channel."""
-    from passes import _layers as L
+    from graphopt.passes import _layers as L
 
     rows = []
     graph.toposort()
@@ -121,9 +121,9 @@ def weight_ranges(graph: Graph) -> list[dict]:
 
 def plot_channel_ranges(graph: Graph, layer: str, path: str) -> None:
     """Box plot of each output channel's weights for one layer (DFQ Figure 2). Needs matplotlib."""
-    from passes import _layers as L
+    from graphopt.passes import _layers as L
 
-    from .errors import GraphOptError
+    from graphopt.errors import GraphOptError
 
     node = next((n for n in graph.nodes if layer in (n.name, n.source)), None)
     if node is None or not L.is_linear_layer(graph, node):
@@ -135,7 +135,7 @@ def plot_channel_ranges(graph: Graph, layer: str, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise GraphOptError("--plot needs matplotlib: pip install 'graphopt[plot]'") from e
-    from .atomic import atomic_paths
+    from graphopt.atomic import atomic_paths
 
     view = L.out_view(node, L.weight(graph, node))
     fig, ax = plt.subplots(figsize=(max(6, min(24, view.shape[0] / 6)), 4))

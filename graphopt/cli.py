@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
-from .errors import GraphOptError
+from graphopt import __version__
+from graphopt.errors import GraphOptError
 
 log = logging.getLogger("graphopt")
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    from .util import tune_allocator
+    from graphopt.util import tune_allocator
 
     tune_allocator()  # our own process: keep large freed blocks for reuse (see its doc)
     try:
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------- helpers
 def load_model(path: str, args=None):
     """An .onnx file, a TorchScript archive, or MODULE:CALLABLE -> Graph."""
-    from .onnx_frontend import load_onnx
-    from .torch_io import is_factory_spec, load_torch_model
+    from graphopt.frontends.onnx_file import load_onnx
+    from graphopt.frontends.torch_io import is_factory_spec, load_torch_model
 
     input_shape = getattr(args, "input_shape", None)
     weights = getattr(args, "weights", None)
@@ -180,7 +180,7 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 
 def load_calib(args, graph):
     """--calib as a CalibrationData, checked against the model input."""
-    from .calibration import CalibrationData
+    from graphopt.training.calibration import CalibrationData
 
     data = CalibrationData(args.calib, limit=args.calib_limit, resize=args.resize, crop=args.crop,
                            mean=_floats(args.mean, "mean"), std=_floats(args.std, "std"))
@@ -199,10 +199,10 @@ def _size(graph) -> int:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_convert(args) -> int:
-    from .analysis import human, total_macs
-    from .onnx_backend import save_onnx
-    from .passmanager import Context, DumpIRInstrument, PassManager, TimingInstrument
-    from .pipeline import parse_pipeline, presets
+    from graphopt.analysis import human, total_macs
+    from graphopt.backends.onnx_file import save_onnx
+    from graphopt.passmanager import Context, DumpIRInstrument, PassManager, TimingInstrument
+    from graphopt.pipeline import parse_pipeline, presets
 
     if args.preset:
         pre = presets()
@@ -225,12 +225,12 @@ def cmd_convert(args) -> int:
     instruments = [timing, keeper] + ([DumpIRInstrument(args.dump_ir)] if args.dump_ir else [])
     result = PassManager(pipeline, verify_each=args.verify_each, instruments=instruments).run(graph, ctx)
     graph = result.graph
-    from .qlower import is_quantized
+    from graphopt.backends.lowering import is_quantized
 
     report = None
     if args.format != "float" or is_quantized(graph):
-        from .atomic import atomic_paths
-        from .qlower import lower, to_model
+        from graphopt.atomic import atomic_paths
+        from graphopt.backends.lowering import lower, to_model
 
         lowered, report = lower(graph, args.format)
         model = to_model(lowered, report.opset)
@@ -274,7 +274,7 @@ class _KeepBeforeQuantize:
 def _quant_summary(args, graph, float_graph, ctx, report) -> None:
     import os
 
-    from .qlower import ort_kernel_report
+    from graphopt.backends.lowering import ort_kernel_report
 
     in_size = os.path.getsize(args.input) if os.path.isfile(args.input) else None
     out_size = os.path.getsize(args.output)
@@ -294,7 +294,7 @@ def _quant_summary(args, graph, float_graph, ctx, report) -> None:
     else:
         print("  every Conv/Gemm/MatMul runs as an integer kernel")
     if float_graph is not None and ctx.calib is not None:
-        from .calibration import compare
+        from graphopt.training.calibration import compare
 
         names = [n.outputs[0].name for n in graph.nodes if n.op_type in ("Conv", "Gemm", "MatMul")]
         sq = compare(float_graph, graph, ctx.calib, names, progress=ctx.show_progress)
@@ -321,8 +321,8 @@ def _short_type(tp) -> str:
 def cmd_passes(args) -> int:
     import dataclasses
 
-    from .passmanager import registry
-    from .pipeline import format_value, presets
+    from graphopt.passmanager import registry
+    from graphopt.pipeline import format_value, presets
 
     for name, cls in registry().items():
         print(f"{name}\n    {cls.summary()}")
@@ -338,7 +338,7 @@ def cmd_passes(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .analysis import human, layer_table
+    from graphopt.analysis import human, layer_table
 
     graph = load_model(args.model, args)
     if args.plot and not args.ranges:
@@ -362,7 +362,7 @@ def cmd_inspect(args) -> int:
 def _inspect_ranges(graph, args) -> int:
     import numpy as np
 
-    from .analysis import weight_ranges
+    from graphopt.analysis import weight_ranges
 
     rows = weight_ranges(graph)
     if not rows:
@@ -377,7 +377,7 @@ def _inspect_ranges(graph, args) -> int:
     allsp = [r["spread"] for r in rows if np.isfinite(r["spread"])]
     print(f"median spread: all layers {np.median(allsp):.1f}" + (f", depthwise {np.median(dw):.1f}" if dw else ""))
     if args.plot:
-        from .analysis import plot_channel_ranges
+        from graphopt.analysis import plot_channel_ranges
 
         plot_channel_ranges(graph, args.plot, args.plot_out)
         print(f"wrote {args.plot_out}")
@@ -395,9 +395,9 @@ def _labels(args):
 
 
 def cmd_analyze(args) -> int:
-    from passes.prune import sensitivity
+    from graphopt.passes.prune import sensitivity
 
-    from .passmanager import Context
+    from graphopt.passmanager import Context
 
     graph = load_model(args.model, args)
     data = load_calib(args, graph)
@@ -434,7 +434,7 @@ def cmd_analyze(args) -> int:
             import matplotlib.pyplot as plt
         except ImportError as e:
             raise GraphOptError("--plot needs matplotlib: pip install 'graphopt[plot]'") from e
-        from .atomic import atomic_paths
+        from graphopt.atomic import atomic_paths
 
         fig, ax = plt.subplots(figsize=(8, 5))
         for gname in groups:
@@ -454,9 +454,9 @@ def cmd_analyze(args) -> int:
 
 
 def _analyze_blocks(graph, data, labels, progress: bool) -> int:
-    from passes.depth import block_sensitivity
+    from graphopt.passes.depth import block_sensitivity
 
-    from .calibration import collect
+    from graphopt.training.calibration import collect
 
     ref = collect(graph, data, [graph.outputs[0].name])[graph.outputs[0].name]
     rows = block_sensitivity(graph, data, labels, progress=progress, ref=ref)
@@ -477,8 +477,8 @@ def _analyze_blocks(graph, data, labels, progress: bool) -> int:
 def cmd_finetune(args) -> int:
     import numpy as np
 
-    from .finetune import FinetuneConfig, finetune
-    from .onnx_backend import save_onnx
+    from graphopt.training.finetune import FinetuneConfig, finetune
+    from graphopt.backends.onnx_file import save_onnx
 
     student = load_model(args.model, args)
     for what, path in (("training data", args.data), ("labels", args.labels)):
@@ -486,7 +486,7 @@ def cmd_finetune(args) -> int:
             raise GraphOptError(f"{what} file not found: {path}")
     x = np.load(args.data, mmap_mode="r", allow_pickle=False)
     y = np.load(args.labels, allow_pickle=False) if args.labels else None
-    from .calibration import CalibrationData
+    from graphopt.training.calibration import CalibrationData
 
     CalibrationData(x).check_against(student)
     teacher = load_model(args.teacher) if args.teacher else None
@@ -504,7 +504,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from graphopt.demo import run_demo
 
     return run_demo(args.output, args.pipeline)
 

@@ -33,11 +33,11 @@ def run_demo(output: str, pipeline: str | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from .analysis import human, total_macs
-    from .models.efficientnet_lite import efficientnet_lite0, pretrained_weights_path
-    from .onnx_backend import save_onnx
-    from .passmanager import PassManager
-    from .torch_frontend import from_torch
+    from graphopt.analysis import human, total_macs
+    from graphopt.models.efficientnet_lite import efficientnet_lite0, pretrained_weights_path
+    from graphopt.backends.onnx_file import save_onnx
+    from graphopt.passmanager import PassManager
+    from graphopt.frontends.torch_fx import from_torch
 
     pretrained = pretrained_weights_path() is not None
     if not pretrained:
@@ -83,9 +83,9 @@ def _int8(graph, output: str, x: np.ndarray, ref: np.ndarray) -> int:
 
     import onnxruntime as ort
 
-    from .atomic import atomic_paths
-    from .passmanager import Context, PassManager
-    from .qlower import lower, ort_kernel_report, to_model
+    from graphopt.atomic import atomic_paths
+    from graphopt.passmanager import Context, PassManager
+    from graphopt.backends.lowering import lower, ort_kernel_report, to_model
 
     calib = _input(32, seed=1)
     t0 = _time.perf_counter()

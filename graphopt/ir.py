@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, helper
 
-from .errors import GraphError
+from graphopt.errors import GraphError
 
 Shape = tuple  # tuple of int (static), str (symbolic) or None (unknown dim)
 
@@ -549,7 +549,7 @@ class Graph:
             raise GraphError(f"graph '{self.name}' is invalid: " + "; ".join(problems[:20]) + more)
 
     def _type_problems(self) -> list[str]:
-        from .shapes import infer_types
+        from graphopt.shapes import infer_types
 
         problems = []
         try:
@@ -570,7 +570,7 @@ class Graph:
 
     def infer_shapes(self) -> None:
         """Fill in dtypes and shapes of every value that ONNX shape inference can tell."""
-        from .shapes import infer_types
+        from graphopt.shapes import infer_types
 
         for name, (dtype, shape) in infer_types(self).items():
             v = self.values.get(name)
@@ -583,7 +583,7 @@ class Graph:
 
     def update_from(self, module) -> int:
         """Write trained parameters of a ``to_torch`` module back into this graph's constants."""
-        from .torch_backend import write_back
+        from graphopt.backends.torch_module import write_back
 
         return write_back(self, module)
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from .errors import GraphOptError, PassError, PostconditionError
-from .ir import Graph
-from .util import gc_paused
+from graphopt.errors import GraphOptError, PassError, PostconditionError
+from graphopt.ir import Graph
+from graphopt.util import gc_paused
 
 log = logging.getLogger("graphopt.passes")
 
@@ -104,7 +104,7 @@ class Pass:
         return out
 
     def __str__(self) -> str:
-        from .pipeline import format_value
+        from graphopt.pipeline import format_value
 
         opts = self.non_default_options()
         if not opts:
@@ -129,7 +129,7 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
 
 def registry() -> dict[str, type[Pass]]:
     """Every registered pass by name (imports the ``passes`` library on first use)."""
-    import passes  # noqa: F401  - registers the library's passes
+    import graphopt.passes  # noqa: F401  - registers the library's passes
 
     return dict(sorted(_REGISTRY.items()))
 
@@ -227,7 +227,7 @@ class PassManager:
 
     def __init__(self, passes: "list[Pass] | Any", *, verify_each: bool = False,
                  instruments: list[Instrument] | None = None, fixed_point: bool = False, max_iterations: int = 10):
-        from .pipeline import Pipeline, parse_pipeline
+        from graphopt.pipeline import Pipeline, parse_pipeline
 
         if isinstance(passes, str):
             passes = parse_pipeline(passes)

@@ -20,8 +20,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from .errors import PipelineError
-from .passmanager import Pass, registry
+from graphopt.errors import PipelineError
+from graphopt.passmanager import Pass, registry
 
 _PRESETS: dict[str, tuple[str, str]] = {}
 _SPECIAL = set(',{}[]"= ')  # characters that make format_value quote a string

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .ir import Graph, Shape
+from graphopt.ir import Graph, Shape
 
 SMALL_INT_CONST = 4096
 
@@ -36,7 +36,7 @@ def _shape_of(tp: onnx.TypeProto) -> tuple[int | None, Shape | None]:
 
 def skeleton_model(graph: Graph) -> onnx.ModelProto:
     """The graph as a model whose float weights are typed graph inputs (no data copied)."""
-    from .onnx_backend import build_model, node_to_proto, value_info
+    from graphopt.backends.onnx_file import build_model, node_to_proto, value_info
 
     graph.toposort()
     small, big = [], []

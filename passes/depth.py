@@ -175,7 +175,7 @@ class PruneBlocks(Pass):
             if ctx.calib is None:
                 raise GraphOptError("prune-blocks{criterion=sensitivity} needs calibration data (--calib); "
                                     "criterion=random does not")
-            from graphopt.calibration import CalibrationData, collect
+            from graphopt.training.calibration import CalibrationData, collect
 
             data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(ctx.calib)
             out = graph.outputs[0].name
@@ -234,7 +234,7 @@ class PruneBlocks(Pass):
 def _removal_error(graph: Graph, add_name: str, data, ref: np.ndarray) -> tuple[float | None, np.ndarray | None]:
     """Output of ``graph`` without the block whose Add is ``add_name`` (on a copy), and its
     relative L2 error against ``ref``. (None, None) if the block cannot be removed."""
-    from graphopt.calibration import collect
+    from graphopt.training.calibration import collect
 
     trial = graph.copy()
     block = next(b for b in residual_blocks(trial) if b.name == add_name)
@@ -251,7 +251,7 @@ def block_sensitivity(graph: Graph, data, labels: np.ndarray | None = None, prog
     top-1 accuracy if ``labels``. One row per block, in graph order, with the share of the MACs
     its branch holds."""
     from graphopt.analysis import total_macs
-    from graphopt.calibration import CalibrationData, collect
+    from graphopt.training.calibration import CalibrationData, collect
 
     data = data if isinstance(data, CalibrationData) else CalibrationData(data)
     if ref is None:

@@ -360,7 +360,7 @@ class AbsorbBias(Pass):
         mins = {}
         data_chains = [ch for ch, src in todo if src == "data"]
         if data_chains:
-            from graphopt.calibration import MinMax, observe
+            from graphopt.training.calibration import MinMax, observe
 
             axis = {ch.l1.outputs[0].name: ch.channel_axis for ch in data_chains}
             res = observe(graph, ctx.calib, {name: MinMax(axis=ax) for name, ax in axis.items()},

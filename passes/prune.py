@@ -426,8 +426,8 @@ def taylor_scores(graph: Graph, spaces: list[Space], data, max_batches: int | No
     import torch
     import torch.nn.functional as F
 
-    from graphopt.calibration import CalibrationData
-    from graphopt.torch_backend import to_torch
+    from graphopt.training.calibration import CalibrationData
+    from graphopt.backends.torch_module import to_torch
 
     data = data if isinstance(data, CalibrationData) else CalibrationData(data)
     module = to_torch(graph).eval()
@@ -772,7 +772,7 @@ def sensitivity(graph: Graph, data, ratios=(0.1, 0.3, 0.5, 0.7), labels: np.ndar
     output's relative L2 error against the unpruned graph, and top-1 accuracy if ``labels``.
     Returns one row per (group, ratio) with the MACs saved."""
     from graphopt.analysis import total_macs
-    from graphopt.calibration import CalibrationData, collect
+    from graphopt.training.calibration import CalibrationData, collect
 
     data = data if isinstance(data, CalibrationData) else CalibrationData(data)
     out_name = graph.outputs[0].name
@@ -858,8 +858,8 @@ class RecalibrateBatchNorm(Pass):
         import torch
         from torch.optim.swa_utils import update_bn
 
-        from graphopt.calibration import CalibrationData
-        from graphopt.torch_backend import to_torch
+        from graphopt.training.calibration import CalibrationData
+        from graphopt.backends.torch_module import to_torch
 
         data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(ctx.calib)
         module = to_torch(graph, train_bn=True)

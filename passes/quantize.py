@@ -13,7 +13,7 @@ import numpy as np
 from graphopt.errors import GraphOptError
 from graphopt.ir import Graph, Node, Value
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
-from graphopt.quant import DOMAIN, FAKE_QUANT, QSpec, parse_spec, range_from_histogram, scale_zp, weight_qparams
+from graphopt.quantizers.uniform import DOMAIN, FAKE_QUANT, QSpec, parse_spec, range_from_histogram, scale_zp, weight_qparams
 
 from . import _layers as L
 
@@ -31,7 +31,7 @@ def is_fake_quant(n: Node | None) -> bool:
 
 
 def fq_params(graph: Graph, n: Node) -> tuple[np.ndarray, np.ndarray, int, int]:
-    from graphopt.quant import fq_range
+    from graphopt.quantizers.uniform import fq_range
 
     qmin, qmax = fq_range(n)
     return np.asarray(graph.const_value(n.inputs[1])), np.asarray(graph.const_value(n.inputs[2])), qmin, qmax
@@ -39,7 +39,7 @@ def fq_params(graph: Graph, n: Node) -> tuple[np.ndarray, np.ndarray, int, int]:
 
 def fq_apply(graph: Graph, n: Node, x: np.ndarray) -> np.ndarray:
     """The FakeQuant ``n`` applied to the constant ``x`` (numpy, exact ONNX Q/DQ maths)."""
-    from graphopt.quant import broadcast_param, fake_quant_np
+    from graphopt.quantizers.uniform import broadcast_param, fake_quant_np
 
     s, z, qmin, qmax = fq_params(graph, n)
     axis, block = n.attr("axis"), n.attr("block_size", 0)
@@ -89,7 +89,7 @@ def _weight_axes(n: Node) -> tuple[int, int]:
 
 def _gptq_weights(n: Node, w: np.ndarray, H: np.ndarray, s: np.ndarray, z: np.ndarray, spec: QSpec) -> np.ndarray:
     """GPTQ-rounded weights (on the grid of scale ``s``), in ``w``'s layout."""
-    from graphopt.quant import gptq
+    from graphopt.quantizers.uniform import gptq
 
     if n.op_type == "Conv":
         g = n.attr("group", 1)
@@ -165,7 +165,7 @@ class Quantize(Pass):
         mins = [n for n in graph.nodes if n.op_type == "Min" and L.per_channel_min_bound(graph, n) is not None] \
             if self.drop_inactive_bounds else []
 
-        from graphopt.calibration import CalibrationData, Histogram, MinMax, observe
+        from graphopt.training.calibration import CalibrationData, Histogram, MinMax, observe
 
         data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(ctx.calib,
                                                                                         batch_size=self.batch_size)
@@ -174,7 +174,7 @@ class Quantize(Pass):
             obs.setdefault(m.inputs[0].name, []).append(MinMax(axis=1))
         hessians: dict[Node, object] = {}
         if self.weight_method == "gptq":
-            from graphopt.quant import HessianObserver
+            from graphopt.quantizers.uniform import HessianObserver
 
             for n in compute:
                 h = HessianObserver(n.op_type, n.attr("kernel_shape", list(L.weight(graph, n).shape[2:])),
@@ -355,7 +355,7 @@ class CorrectBias(Pass):
             else:
                 need_data.append(n)
         if need_data:
-            from graphopt.calibration import Moments, observe
+            from graphopt.training.calibration import Moments, observe
 
             # E[x] of the *float* model: the correction then depends only on W, W_q and float
             # activations, never on earlier corrections, so running the pass twice changes nothing.

@@ -4,7 +4,7 @@ import torch
 from nets import build
 
 from graphopt import GraphOptError, from_torch
-from graphopt.calibration import CalibrationData, Collect, MinMax, Moments, collect, observe
+from graphopt.training.calibration import CalibrationData, Collect, MinMax, Moments, collect, observe
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ def test_effnet_cli_convert_matches_on_real_images(effnet_path, tmp_path):
     files = sorted(folder.glob("*.JPEG"))[:8]
     if not files:
         pytest.skip("imagenet-sample not present")
-    from graphopt.data import load_image_batch
+    from graphopt.training.data import load_image_batch
     x = load_image_batch(files, resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
     out = tmp_path / "out.onnx"
     r = cli("convert", effnet_path, "-o", out)

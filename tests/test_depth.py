@@ -13,7 +13,7 @@ from torch import nn
 from graphopt import PassError, from_torch, load_onnx, to_onnx
 from graphopt.analysis import total_macs
 from graphopt.passmanager import Context, PassManager
-from passes.depth import remove_block, residual_blocks
+from graphopt.passes.depth import remove_block, residual_blocks
 
 
 class Block(nn.Module):
@@ -201,7 +201,7 @@ def test_cli_prune_blocks_then_fold_bn(tmp_path):
 
 
 def test_block_sensitivity_and_cli_analyze_blocks(tmp_path):
-    from passes.depth import block_sensitivity
+    from graphopt.passes.depth import block_sensitivity
 
     model, x, _ = tiny()
     with torch.no_grad():

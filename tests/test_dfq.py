@@ -10,10 +10,10 @@ from nets import build, rel_err, run_ort
 from torch import nn
 
 from graphopt import from_torch, load_onnx, to_onnx
-from graphopt.calibration import collect
+from graphopt.training.calibration import collect
 from graphopt.passmanager import Context, PassManager
 from graphopt.pipeline import parse_pipeline
-from passes import _layers as L
+from graphopt.passes import _layers as L
 
 ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "leaky": lambda: nn.LeakyReLU(0.1), "prelu": lambda: nn.PReLU(8),
         "none": nn.Identity}

@@ -12,7 +12,7 @@ from nets import build, rel_err, run_ort
 
 from graphopt import from_torch, load_onnx, to_onnx
 from graphopt.errors import GraphOptError
-from graphopt.finetune import FinetuneConfig, finetune
+from graphopt.training.finetune import FinetuneConfig, finetune
 from graphopt.passmanager import PassManager
 
 
@@ -82,7 +82,7 @@ import os, sys, numpy as np, torch
 sys.path.insert(0, {tests!r})
 import torch.distributed as dist
 from graphopt import load_onnx, save_onnx
-from graphopt.finetune import FinetuneConfig, finetune
+from graphopt.training.finetune import FinetuneConfig, finetune
 rank, world = int(sys.argv[1]), int(sys.argv[2])
 if world > 1:
     dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=rank, world_size=world)

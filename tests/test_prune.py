@@ -10,8 +10,8 @@ from torch import nn
 from graphopt import PassError, from_torch, load_onnx, to_onnx
 from graphopt.analysis import total_macs
 from graphopt.passmanager import Context, PassManager
-from passes import _layers as L
-from passes.prune import analyze
+from graphopt.passes import _layers as L
+from graphopt.passes.prune import analyze
 
 
 class GroupedNet(nn.Module):
@@ -45,7 +45,7 @@ class OneChannel(nn.Module):
 def masked_model(g):
     """The masked model: the same graph where every pruned channel is multiplied by 0 wherever it
     leaves its group (independent of fold-prune's index mapping)."""
-    from passes.prune import MASK_KEY
+    from graphopt.passes.prune import MASK_KEY
 
     m = g.copy()
     masks = m.model_meta[MASK_KEY]
@@ -175,7 +175,7 @@ def test_bad_ratio_and_empty_groups():
     with pytest.raises(Exception, match=r"must be <"):
         PassManager("prune-channels{ratio=1.0}").run(g)
     with pytest.raises(PassError, match="ratio must be in"):
-        from passes.prune import PruneChannels
+        from graphopt.passes.prune import PruneChannels
         PassManager([PruneChannels(ratio=-0.1)]).run(g)
 
 
@@ -219,7 +219,7 @@ def test_channels_made_by_an_unknown_op_are_not_pruned():
 
 
 def test_sensitivity_and_target_macs():
-    from passes.prune import allocate_ratios, sensitivity
+    from graphopt.passes.prune import allocate_ratios, sensitivity
 
     model, x = build("mobilenetv2")
     g = PassManager("canonicalize,fold-bn").run(from_torch(model, torch.from_numpy(x))).graph
@@ -270,7 +270,7 @@ class TwoConv(nn.Module):
 def test_taylor_scores_equal_gradient_times_weight_by_hand():
     """One batch: score[c] = (sum of grad*weight over conv a's row c, bias c and conv b's column c)^2,
     computed here with plain torch autograd on the original module."""
-    from passes.prune import taylor_scores
+    from graphopt.passes.prune import taylor_scores
 
     torch.manual_seed(0)
     model = TwoConv()
@@ -304,7 +304,7 @@ def test_taylor_criterion_prunes_and_needs_calibration():
 def test_recalibrate_bn_matches_data_statistics():
     """The first BN's new statistics are the mean and (unbiased) variance of its input over the
     calibration data, computed here with numpy; a second run changes nothing; no data: an error."""
-    from graphopt.calibration import CalibrationData, collect
+    from graphopt.training.calibration import CalibrationData, collect
 
     model, x = build("resnet")
     g = PassManager("canonicalize").run(from_torch(model, torch.from_numpy(x))).graph
@@ -351,7 +351,7 @@ def test_cli_taylor_prune_recalibrate_then_fold(tmp_path):
 def test_allocation_steps_over_ratios_that_round_to_the_same_count():
     """With round_to, neighbouring ratios can keep the same channels (zero gain); the greedy
     allocation must step over them rather than stop there."""
-    from passes.prune import allocate_ratios
+    from graphopt.passes.prune import allocate_ratios
 
     rows = [{"group": "a", "ratio": r, "macs_saved": s, "rel_error": e}
             for r, s, e in ((0.2, 0.1, 0.01), (0.3, 0.1, 0.01), (0.5, 0.3, 0.05))]
@@ -436,7 +436,7 @@ def test_skip_keeps_one_member_of_a_padded_tree():
 
 def test_target_macs_selection_honours_skip_inside_a_padded_tree():
     """target_macs selects through _keep_top; a skipped member of a tree keeps its channels there too."""
-    from passes.prune import _keep_top
+    from graphopt.passes.prune import _keep_top
 
     g = from_torch(OptionA().eval(), torch.randn(2, 3, 8, 8))
     stream = next(sp for sp in analyze(g) if any(n.source == "c2" for n in sp.producers))

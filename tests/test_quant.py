@@ -12,8 +12,8 @@ from nets import build, rel_err, run_ort
 import graphopt
 from graphopt import GraphOptError, PassError, from_torch
 from graphopt.passmanager import Context, PassManager
-from graphopt.qlower import lower, ort_kernel_report, to_model
-from graphopt.quant import QSpec, fake_quant, fake_quant_np, parse_spec, scale_zp, weight_qparams
+from graphopt.backends.lowering import lower, ort_kernel_report, to_model
+from graphopt.quantizers.uniform import QSpec, fake_quant, fake_quant_np, parse_spec, scale_zp, weight_qparams
 
 # ------------------------------------------------------------------ quantizer properties
 specs = st.builds(QSpec, bits=st.integers(2, 8), signed=st.booleans(), symmetric=st.booleans())
@@ -203,7 +203,7 @@ def test_quantize_errors():
 
 # ------------------------------------------------------------------ bias correction
 def _mean_layer_error(g_float, g_q, data, name):
-    from graphopt.calibration import collect
+    from graphopt.training.calibration import collect
 
     a = collect(g_float, data, [name])[name]
     b = collect(g_q, data, [name])[name]
@@ -253,7 +253,7 @@ def test_presets_parse():
 
 
 def test_gptq_beats_round_to_nearest_on_layer_output():
-    from graphopt.quant import HessianObserver, fake_quant_np, gptq
+    from graphopt.quantizers.uniform import HessianObserver, fake_quant_np, gptq
 
     rng = np.random.default_rng(0)
     mix = rng.standard_normal((16, 16))

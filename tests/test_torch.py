@@ -10,7 +10,7 @@ from torch import nn
 
 import graphopt
 from graphopt import FrontendError, UnsupportedOpError, from_torch, load_onnx, to_onnx, to_torch
-from graphopt.torch_backend import write_back
+from graphopt.backends.torch_module import write_back
 
 
 def torch_out(model, x):

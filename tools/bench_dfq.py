@@ -34,7 +34,7 @@ def logits(model, x: np.ndarray) -> np.ndarray:
 
 
 def dw_spreads(graph) -> list[float]:
-    from passes import _layers as L
+    from graphopt.passes import _layers as L
 
     return [L.spread(L.out_view(n, L.weight(graph, n)))[0] for n in graph.find_nodes("Conv") if n.attr("group", 1) > 1]
 

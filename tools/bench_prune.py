@@ -183,7 +183,7 @@ def main() -> int:
             print(f"  graphopt {key[0].upper():6s} {key[1]:6s} (MACs {mr:.3f}) batch {b:3d}: "
                   f"{latency(g_onnx, small, xt[:b], rounds, mr)}")
     if args.finetune_epochs:
-        from graphopt.finetune import FinetuneConfig, finetune
+        from graphopt.training.finetune import FinetuneConfig, finetune
         from graphopt.util import tune_allocator
 
         tune_allocator()

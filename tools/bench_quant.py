@@ -66,7 +66,7 @@ def ours(src: Path, out: Path, calib: np.ndarray, pipeline: str) -> tuple[float,
     import graphopt
     from graphopt.passmanager import Context, PassManager
     from graphopt.pipeline import presets
-    from graphopt.qlower import lower, to_model
+    from graphopt.backends.lowering import lower, to_model
 
     t = time.perf_counter()
     text = presets()[pipeline][0] if pipeline in presets() else pipeline
@@ -108,7 +108,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=15, help="latency rounds")
     ap.add_argument("--extra", action="store_true", help="also the w4a8 variant with 8-bit depthwise layers")
     args = ap.parse_args()
-    from graphopt.qlower import ort_kernel_report
+    from graphopt.backends.lowering import ort_kernel_report
 
     src = need_shared(SHARED / "models" / "efficientnet_lite0.onnx")
     x, y = imagenet_sample()

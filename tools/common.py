@@ -30,7 +30,7 @@ def need_shared(path: Path) -> Path:
 
 def imagenet_sample(limit: int | None = None, mean=(0.5,) * 3, std=(0.5,) * 3) -> tuple[np.ndarray, np.ndarray]:
     """The 500 imagenet-sample images, preprocessed as models/README.md says, and labels."""
-    from graphopt.data import load_image_batch
+    from graphopt.training.data import load_image_batch
 
     folder = need_shared(SHARED / "data" / "imagenet-sample")
     rows = list(csv.DictReader(open(folder / "labels.csv")))[:limit]

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import FrontendError, GraphOptError
-from .ir import Graph
+from graphopt.errors import FrontendError, GraphOptError
+from graphopt.ir import Graph
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -86,7 +86,7 @@ def load_state_dict(model: torch.nn.Module, path: str) -> None:
 
 
 def load_torch_model(spec: str, input_shape: str | None, weights: str | None = None) -> Graph:
-    from .torch_frontend import from_torch
+    from graphopt.frontends.torch_fx import from_torch
 
     if not input_shape:
         raise GraphOptError("--input-shape is required for PyTorch models (e.g. --input-shape 1,3,224,224)")
@@ -109,7 +109,7 @@ def load_torch_model(spec: str, input_shape: str | None, weights: str | None = N
     except Exception as e:
         raise FrontendError(f"{p}: not a TorchScript archive. For a state dict use MODULE:CALLABLE --weights {p} "
                             "(loaded with weights_only=True); pickled nn.Modules are never loaded") from e
-    from .onnx_frontend import load_onnx
+    from graphopt.frontends.onnx_file import load_onnx
 
     buf = io.BytesIO()
     with warnings.catch_warnings():

@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
-from .errors import FrontendError
-from .ir import OPAQUE_ATTR_TYPES, Graph, Node, Value, _free_names_of_graph, _names_in_graph
-from .shapes import _shape_of
-from .util import with_gc_paused
+from graphopt.errors import FrontendError
+from graphopt.ir import OPAQUE_ATTR_TYPES, Graph, Node, Value, _free_names_of_graph, _names_in_graph
+from graphopt.shapes import _shape_of
+from graphopt.util import with_gc_paused
 
 log = logging.getLogger("graphopt.onnx")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import GraphOptError
+from graphopt.errors import GraphOptError
 
 DOMAIN = "ai.graphopt"
 FAKE_QUANT = "FakeQuant"

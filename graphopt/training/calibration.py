@@ -3,7 +3,7 @@
 Data sources (``CalibrationData``):
 * a numpy array or torch tensor ``[N, ...]``;
 * a ``.npy`` file (memory-mapped, read a batch at a time);
-* an image folder, preprocessed as documented in ``graphopt.data`` (resize short side,
+* an image folder, preprocessed as documented in ``graphopt.training.data`` (resize short side,
   center crop, scale to [0, 1], normalize with mean/std), decoded a batch at a time;
 * any iterable of arrays/tensors (each item is one batch).
 
@@ -21,9 +21,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .data import list_images, load_image_batch
-from .errors import GraphOptError
-from .ir import Graph, format_shape
+from graphopt.training.data import list_images, load_image_batch
+from graphopt.errors import GraphOptError
+from graphopt.ir import Graph, format_shape
 
 
 class CalibrationData:
@@ -212,7 +212,7 @@ def observe(graph: Graph, data: Any, observers: dict[str, Observer | Sequence[Ob
             batch_size: int = 32, progress: bool = False, desc: str = "calibrating") -> dict[str, Any]:
     """Run ``data`` through ``graph`` (torch back end, no grad) and feed each named value's
     batches to its observers. Returns ``{name: result}`` (a list where a list was given)."""
-    from .torch_backend import to_torch
+    from graphopt.backends.torch_module import to_torch
 
     data = data if isinstance(data, CalibrationData) else CalibrationData(data, batch_size=batch_size)
     data.check_against(graph)
@@ -247,7 +247,7 @@ def compare(reference: Graph, test: Graph, data: Any, names: Sequence[str], *, b
             progress: bool = False) -> dict[str, float]:
     """SQNR in dB of each named value of ``test`` against the same value of ``reference``,
     from one pass of ``data`` through both (streaming sums, no tensors kept)."""
-    from .torch_backend import to_torch
+    from graphopt.backends.torch_module import to_torch
 
     data = data if isinstance(data, CalibrationData) else CalibrationData(data, batch_size=batch_size)
     names = [n for n in names if n in reference.values and n in test.values]

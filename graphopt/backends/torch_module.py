@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import GraphOptError, UnsupportedOpError
-from .ir import Graph, Node, Value, is_param
+from graphopt.errors import GraphOptError, UnsupportedOpError
+from graphopt.ir import Graph, Node, Value, is_param
 
 _LOWERINGS: dict[tuple[str, str], Callable[["_Builder", Node], list]] = {}
 _INT64_MAX = 2 ** 63 - 1
@@ -686,7 +686,7 @@ def _variadic(b, n):
 
 @lowering("FakeQuant", domain="ai.graphopt")
 def _fake_quant(b, n):
-    from .quant import fake_quant, fq_range
+    from graphopt.quantizers.uniform import fake_quant, fq_range
 
     qmin, qmax = fq_range(n)
     scale = b.value(n.inputs[1], trainable=bool(n.attr("learnable", 0)))

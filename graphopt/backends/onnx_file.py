@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
-from .atomic import atomic_paths
-from .ir import Graph, Node, Value
-from .util import with_gc_paused
+from graphopt.atomic import atomic_paths
+from graphopt.ir import Graph, Node, Value
+from graphopt.util import with_gc_paused
 
 SOURCE_KEY = "graphopt.source"
 # Above this total of constant bytes a model must use external data (protobuf's 2 GB cap).

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import GraphOptError
-from .ir import Graph
+from graphopt.errors import GraphOptError
+from graphopt.ir import Graph
 
-log = logging.getLogger("graphopt.finetune")
+log = logging.getLogger("graphopt.training.finetune")
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _dist():
 
 
 def _save_checkpoint(path: str, module: torch.nn.Module, epoch: int, step: int) -> None:
-    from .atomic import atomic_paths
+    from graphopt.atomic import atomic_paths
 
     state = {"model": {k: v.detach().clone() for k, v in module.state_dict().items()},
              "epoch": torch.tensor(epoch), "step": torch.tensor(step)}
@@ -74,7 +74,7 @@ def _save_checkpoint(path: str, module: torch.nn.Module, epoch: int, step: int) 
 
 def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher: Graph | None = None,
              config: FinetuneConfig | None = None) -> dict[str, Any]:
-    from .torch_backend import to_torch
+    from graphopt.backends.torch_module import to_torch
 
     cfg = config or FinetuneConfig()
     if teacher is None and y is None:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import GraphOptError
+from graphopt.errors import GraphOptError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .errors import GraphOptError
-from .ir import Graph, Node
-from .quant import DOMAIN, FAKE_QUANT, broadcast_param, fq_range, quantize_np
+from graphopt.errors import GraphOptError
+from graphopt.ir import Graph, Node
+from graphopt.quantizers.uniform import DOMAIN, FAKE_QUANT, broadcast_param, fq_range, quantize_np
 
 INT_TYPES = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8, (16, True): TensorProto.INT16,
              (16, False): TensorProto.UINT16, (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4}
@@ -97,7 +97,7 @@ def lower(graph: Graph, fmt: str) -> tuple[Graph, LowerReport]:
         g.opset_imports.pop(DOMAIN, None)
     if fmt == "qoperator":
         rep.fused = _to_qoperator(g)
-    from passes.canonicalize import EliminateDead
+    from graphopt.passes.canonicalize import EliminateDead
 
     EliminateDead()(g)
     rep.opset = max(g.opset_imports.get("", 13), need)
@@ -112,8 +112,8 @@ def to_model(g: Graph, opset: int) -> onnx.ModelProto:
     form changed on the way (ReduceMean, Split, ...). The float ops are converted with
     ``onnx.version_converter`` while stand-ins take the place of every Q/DQ node; the original
     Q/DQ nodes are then put back."""
-    from .onnx_backend import to_onnx
-    from .onnx_frontend import from_model_proto
+    from graphopt.backends.onnx_file import to_onnx
+    from graphopt.frontends.onnx_file import from_model_proto
 
     cur = g.opset_imports.get("", opset)
     model = to_onnx(g)
@@ -274,7 +274,7 @@ def _act_implied(g: Graph, acts: list[Node], q: Node) -> bool:
     a = acts[0]
     if a.op_type == "Relu":
         return lo >= 0.0
-    from passes._layers import clip_bounds
+    from graphopt.passes._layers import clip_bounds
 
     b = clip_bounds(g, a)
     if b is None:

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import FrontendError, UnsupportedOpError
-from .ir import Graph, Value
-from .util import with_gc_paused
+from graphopt.errors import FrontendError, UnsupportedOpError
+from graphopt.ir import Graph, Value
+from graphopt.util import with_gc_paused
 
 DEFAULT_OPSET = 17
 _ONNX_DTYPE = {torch.float32: onnx.TensorProto.FLOAT, torch.float64: onnx.TensorProto.DOUBLE,
@@ -66,7 +66,7 @@ class _Converter:
         self.batch_dim = batch_dim
         self.g = Graph("main")
         self.g.opset_imports = {"": opset}
-        self.g.model_meta = {"producer_name": "graphopt.torch_frontend"}
+        self.g.model_meta = {"producer_name": "graphopt.frontends.torch_fx"}
         self.env: dict[torch.fx.Node, Any] = {}
         self.fx_node: torch.fx.Node | None = None
         self.param_cache: dict[int, Value] = {}
