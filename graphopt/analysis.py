@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, format_shape, is_param
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -107,7 +108,7 @@ def weight_ranges(graph: Graph) -> list[dict]:
     for n in graph.nodes:
         if not L.is_linear_layer(graph, n):
             continue
-        view = L.out_view(n, L.weight(graph, n))
+        view = geometry(n).out_view(L.weight(graph, n))
         r = np.abs(view).max(axis=1)
         sp, zeros = L.spread(view)
         kind = n.op_type
@@ -121,9 +122,8 @@ def weight_ranges(graph: Graph) -> list[dict]:
 
 def plot_channel_ranges(graph: Graph, layer: str, path: str) -> None:
     """Box plot of each output channel's weights for one layer (DFQ Figure 2). Needs matplotlib."""
-    from graphopt.passes import _layers as L
-
     from graphopt.errors import GraphOptError
+    from graphopt.passes import _layers as L
 
     node = next((n for n in graph.nodes if layer in (n.name, n.source)), None)
     if node is None or not L.is_linear_layer(graph, node):
@@ -137,7 +137,7 @@ def plot_channel_ranges(graph: Graph, layer: str, path: str) -> None:
         raise GraphOptError("--plot needs matplotlib: pip install 'graphopt[plot]'") from e
     from graphopt.atomic import atomic_paths
 
-    view = L.out_view(node, L.weight(graph, node))
+    view = geometry(node).out_view(L.weight(graph, node))
     fig, ax = plt.subplots(figsize=(max(6, min(24, view.shape[0] / 6)), 4))
     ax.boxplot(list(view), whis=(0, 100), showfliers=False)
     ax.set_xlabel("output channel")

@@ -396,7 +396,6 @@ def _labels(args):
 
 def cmd_analyze(args) -> int:
     from graphopt.passes.prune import sensitivity
-
     from graphopt.passmanager import Context
 
     graph = load_model(args.model, args)
@@ -455,7 +454,6 @@ def cmd_analyze(args) -> int:
 
 def _analyze_blocks(graph, data, labels, progress: bool) -> int:
     from graphopt.passes.depth import block_sensitivity
-
     from graphopt.training.calibration import collect
 
     ref = collect(graph, data, [graph.outputs[0].name])[graph.outputs[0].name]
@@ -477,8 +475,8 @@ def _analyze_blocks(graph, data, labels, progress: bool) -> int:
 def cmd_finetune(args) -> int:
     import numpy as np
 
-    from graphopt.training.finetune import FinetuneConfig, finetune
     from graphopt.backends.onnx_file import save_onnx
+    from graphopt.training.finetune import FinetuneConfig, finetune
 
     student = load_model(args.model, args)
     for what, path in (("training data", args.data), ("labels", args.labels)):

@@ -34,10 +34,10 @@ def run_demo(output: str, pipeline: str | None = None) -> int:
     import torch
 
     from graphopt.analysis import human, total_macs
-    from graphopt.models.efficientnet_lite import efficientnet_lite0, pretrained_weights_path
     from graphopt.backends.onnx_file import save_onnx
-    from graphopt.passmanager import PassManager
     from graphopt.frontends.torch_fx import from_torch
+    from graphopt.models.efficientnet_lite import efficientnet_lite0, pretrained_weights_path
+    from graphopt.passmanager import PassManager
 
     pretrained = pretrained_weights_path() is not None
     if not pretrained:
@@ -84,8 +84,8 @@ def _int8(graph, output: str, x: np.ndarray, ref: np.ndarray) -> int:
     import onnxruntime as ort
 
     from graphopt.atomic import atomic_paths
-    from graphopt.passmanager import Context, PassManager
     from graphopt.backends.lowering import lower, ort_kernel_report, to_model
+    from graphopt.passmanager import Context, PassManager
 
     calib = _input(32, seed=1)
     t0 = _time.perf_counter()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, Value
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
@@ -55,47 +56,7 @@ def bias(graph: Graph, n: Node) -> np.ndarray | None:
 
 
 def out_channels(graph: Graph, n: Node) -> int:
-    return out_view(n, weight(graph, n)).shape[0]
-
-
-def out_view(n: Node, w: np.ndarray) -> np.ndarray:
-    if n.op_type == "Conv":
-        return w.reshape(w.shape[0], -1)
-    if n.op_type == "Gemm" and n.attr("transB", 0):
-        return w  # [N, K]
-    return w.T  # Gemm B[K, N] / MatMul W[K, N]
-
-
-def from_out_view(n: Node, view: np.ndarray, like: np.ndarray) -> np.ndarray:
-    if n.op_type == "Conv":
-        return view.reshape(like.shape)
-    if n.op_type == "Gemm" and n.attr("transB", 0):
-        return view
-    return np.ascontiguousarray(view.T)
-
-
-def in_view(n: Node, w: np.ndarray) -> np.ndarray:
-    if n.op_type == "Conv":
-        g = n.attr("group", 1)
-        cout, cin_g = w.shape[0], w.shape[1]
-        k = int(np.prod(w.shape[2:]))
-        v = w.reshape(g, cout // g, cin_g, k).transpose(0, 2, 1, 3)  # [g, cin_g, cout_g, k]
-        return v.reshape(g * cin_g, (cout // g) * k)
-    if n.op_type == "Gemm" and n.attr("transB", 0):
-        return w.T  # B[N, K] -> [K, N]
-    return w  # [K, N]
-
-
-def from_in_view(n: Node, view: np.ndarray, like: np.ndarray) -> np.ndarray:
-    if n.op_type == "Conv":
-        g = n.attr("group", 1)
-        cout, cin_g = like.shape[0], like.shape[1]
-        k = int(np.prod(like.shape[2:]))
-        v = view.reshape(g, cin_g, cout // g, k).transpose(0, 2, 1, 3)
-        return np.ascontiguousarray(v.reshape(like.shape))
-    if n.op_type == "Gemm" and n.attr("transB", 0):
-        return np.ascontiguousarray(view.T)
-    return view
+    return geometry(n).out_channels(weight(graph, n).shape)
 
 
 def set_input_const(graph: Graph, n: Node, i: int, array: np.ndarray, suffix: str = "") -> None:

@@ -10,6 +10,7 @@ from typing import Literal
 import numpy as np
 
 from graphopt.errors import GraphOptError
+from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
 
@@ -21,18 +22,6 @@ BN_META = "bn"  # value.meta["bn"] = {"gamma": [C], "beta": [C]}: the folded BN'
 
 
 # ============================================================================ fold-bn
-def _conv_t_out_view(w: np.ndarray, g: int) -> np.ndarray:
-    cin, cout_g = w.shape[0], w.shape[1]
-    k = int(np.prod(w.shape[2:]))
-    return w.reshape(g, cin // g, cout_g, k).transpose(0, 2, 1, 3).reshape(g * cout_g, -1)
-
-
-def _conv_t_from_out_view(view: np.ndarray, like: np.ndarray, g: int) -> np.ndarray:
-    cin, cout_g = like.shape[0], like.shape[1]
-    k = int(np.prod(like.shape[2:]))
-    return np.ascontiguousarray(view.reshape(g, cout_g, cin // g, k).transpose(0, 2, 1, 3).reshape(like.shape))
-
-
 @register_pass("fold-bn")
 @dataclass(kw_only=True)
 class FoldBatchNorm(Pass):
@@ -79,24 +68,18 @@ class FoldBatchNorm(Pass):
         eps = float(bn.attr("epsilon", 1e-5))
         scale = gamma / np.sqrt(var + eps)
         shift = beta - mean * scale
-        if p.op_type == "Conv":
-            view = L.out_view(p, w)
-            new_w = L.from_out_view(p, view * scale[:, None], w)
-        elif p.op_type == "ConvTranspose":
-            g = p.attr("group", 1)
-            new_w = _conv_t_from_out_view(_conv_t_out_view(w, g) * scale[:, None], w, g)
-        elif p.op_type == "Gemm":
+        if p.op_type == "Gemm":
             if p.attr("transA", 0) or x.shape is None or len(x.shape) != 2:
                 return "Gemm with transA or not rank 2"
             alpha, beta_g = float(p.attr("alpha", 1.0)), float(p.attr("beta", 1.0))
             if alpha != 1.0 or beta_g != 1.0:
                 return "Gemm with alpha/beta != 1"
-            new_w = L.from_out_view(p, L.out_view(p, w) * scale[:, None], w)
-        else:  # MatMul
+        elif p.op_type == "MatMul":
             if x.shape is None or len(x.shape) != 2 or w.ndim != 2 or p.inputs[0].shape is None \
                     or len(p.inputs[0].shape) != 2:
                 return "MatMul whose input is not rank 2 (BN channels would not be its columns)"
-            new_w = w * scale[None, :]
+        geo = geometry(p)
+        new_w = geo.from_out_view(geo.out_view(w) * scale[:, None], w.shape)
         old_b = L.bias(graph, p) if p.op_type != "MatMul" else None
         if old_b is not None and old_b.shape != scale.shape:
             return "bias that is not per output channel"
@@ -190,8 +173,8 @@ def _has_bounded_clip(graph: Graph, chain: L.Chain) -> bool:
 
 
 def _ranges(graph: Graph, chain: L.Chain) -> tuple[np.ndarray, np.ndarray]:
-    r1 = np.abs(L.out_view(chain.l1, L.weight(graph, chain.l1))).max(axis=1).astype(np.float64)
-    r2 = np.abs(L.in_view(chain.l2, L.weight(graph, chain.l2))).max(axis=1).astype(np.float64)
+    r1 = np.abs(geometry(chain.l1).out_view(L.weight(graph, chain.l1))).max(axis=1).astype(np.float64)
+    r2 = np.abs(geometry(chain.l2).in_view(L.weight(graph, chain.l2))).max(axis=1).astype(np.float64)
     return r1, r2
 
 
@@ -199,11 +182,13 @@ def equalize_chain(graph: Graph, chain: L.Chain, s: np.ndarray, mode: str) -> No
     """Layer 1's output channel c / s_c, layer 2's input channel c * s_c."""
     l1, l2 = chain.l1, chain.l2
     w1, w2 = L.weight(graph, l1), L.weight(graph, l2)
-    L.set_input_const(graph, l1, 1, L.from_out_view(l1, L.out_view(l1, w1) / s[:, None].astype(w1.dtype), w1))
+    g1 = geometry(l1)
+    L.set_input_const(graph, l1, 1, g1.from_out_view(g1.out_view(w1) / s[:, None].astype(w1.dtype), w1.shape))
     b1 = L.bias(graph, l1)
     if b1 is not None:
         L.set_input_const(graph, l1, 2, (b1 / s).astype(b1.dtype))
-    L.set_input_const(graph, l2, 1, L.from_in_view(l2, L.in_view(l2, w2) * s[:, None].astype(w2.dtype), w2))
+    g2 = geometry(l2)
+    L.set_input_const(graph, l2, 1, g2.from_in_view(g2.in_view(w2) * s[:, None].astype(w2.dtype), w2.shape))
     _scale_chain_ops(graph, chain, (1.0 / s).astype(np.float32), mode)
     meta = l1.outputs[0].meta.get(BN_META)
     if meta is not None:
@@ -246,8 +231,8 @@ class Equalize(Pass):
             else:
                 rank_ok.append(c)
         chains = rank_ok
-        before = {c.name: (L.spread(L.out_view(c.l1, L.weight(graph, c.l1)))[0],
-                           L.spread(L.in_view(c.l2, L.weight(graph, c.l2)))[0]) for c in chains}
+        before = {c.name: (L.spread(geometry(c.l1).out_view(L.weight(graph, c.l1)))[0],
+                           L.spread(geometry(c.l2).in_view(L.weight(graph, c.l2)))[0]) for c in chains}
         if self.relu6 == "relu" and any(_has_bounded_clip(graph, c) for c in chains):
             log.warning("equalize{relu6=relu}: replacing Clip(0, M) by ReLU changes the model's function")
         iterations, changed = 0, False
@@ -269,8 +254,8 @@ class Equalize(Pass):
                 break
         pairs = []
         for c in chains:
-            after = (L.spread(L.out_view(c.l1, L.weight(graph, c.l1)))[0],
-                     L.spread(L.in_view(c.l2, L.weight(graph, c.l2)))[0])
+            after = (L.spread(geometry(c.l1).out_view(L.weight(graph, c.l1)))[0],
+                     L.spread(geometry(c.l2).in_view(L.weight(graph, c.l2)))[0])
             pairs.append({"pair": c.name, "spread1_before": before[c.name][0], "spread1_after": after[0],
                           "spread2_before": before[c.name][1], "spread2_after": after[1]})
             log.info("equalize %s: layer1 spread %.1f -> %.1f, layer2 spread %.1f -> %.1f", c.name,
@@ -310,15 +295,7 @@ def _absorbable(graph: Graph, chain: L.Chain, padded: bool) -> str | None:
 
 def _bias_delta(graph: Graph, l2: Node, c: np.ndarray) -> np.ndarray:
     """What layer 2 adds to its output when its input channel i carries the constant c_i."""
-    w = L.weight(graph, l2).astype(np.float64)
-    if l2.op_type == "Conv":
-        g = l2.attr("group", 1)
-        cout, cin_g = w.shape[0], w.shape[1]
-        wr = w.reshape(g, cout // g, cin_g, -1)
-        return np.einsum("goik,gi->go", wr, c.reshape(g, cin_g)).reshape(cout)
-    if l2.attr("transB", 0):
-        return w @ c
-    return c @ w
+    return geometry(l2).mean_output(L.weight(graph, l2), c)
 
 
 @register_pass("absorb-bias")

@@ -33,6 +33,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from graphopt.errors import GraphOptError
+from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, Value
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
 
@@ -398,7 +399,7 @@ def _channel_sums(sp: Space, per_element, biases_and_params: bool = False) -> np
     for n in sp.producers + sp.depthwise:
         a = per_element(n.inputs[1])
         if a is not None:
-            total += L.out_view(n, a).sum(1)
+            total += geometry(n).out_view(a).sum(1)
         if biases_and_params and len(n.inputs) > 2 and n.inputs[2] is not None:
             b = per_element(n.inputs[2])
             if b is not None:
@@ -406,7 +407,7 @@ def _channel_sums(sp: Space, per_element, biases_and_params: bool = False) -> np
     for n, _s in sp.consumers:
         a = per_element(n.inputs[1])
         if a is not None:
-            total += L.in_view(n, a).reshape(sp.channels, -1).sum(1)  # [C*s, rest]
+            total += geometry(n).in_view(a).reshape(sp.channels, -1).sum(1)  # [C*s, rest]
     if biases_and_params:
         for n, i in sp.params:
             a = per_element(n.inputs[i])
@@ -426,8 +427,8 @@ def taylor_scores(graph: Graph, spaces: list[Space], data, max_batches: int | No
     import torch
     import torch.nn.functional as F
 
-    from graphopt.training.calibration import CalibrationData
     from graphopt.backends.torch_module import to_torch
+    from graphopt.training.calibration import CalibrationData
 
     data = data if isinstance(data, CalibrationData) else CalibrationData(data)
     module = to_torch(graph).eval()
@@ -640,7 +641,8 @@ class FoldPrune(Pass):
                 continue
             for n in sp.producers:
                 w = L.weight(graph, n)
-                L.set_input_const(graph, n, 1, L.from_out_view(n, L.out_view(n, w)[k], _shape_rows(n, w, len(k))))
+                geo = geometry(n)
+                L.set_input_const(graph, n, 1, geo.from_out_view(geo.out_view(w)[k], geo.resized(w.shape, out=len(k))))
                 b = L.bias(graph, n)
                 if b is not None:
                     L.set_input_const(graph, n, 2, b[k])
@@ -654,8 +656,8 @@ class FoldPrune(Pass):
             for n, s in sp.consumers:
                 cols = np.concatenate([np.arange(c * s, (c + 1) * s) for c in k]) if s > 1 else k
                 w = L.weight(graph, n)
-                view = L.in_view(n, w)[cols]
-                L.set_input_const(graph, n, 1, L.from_in_view(n, view, _shape_cols(n, w, len(cols))))
+                view = geometry(n).in_view(w)[cols]
+                L.set_input_const(graph, n, 1, geometry(n).from_in_view(view, geometry(n).resized(w.shape, inp=len(cols))))
             for n, i in sp.params:
                 c = np.asarray(graph.const_value(n.inputs[i]))
                 # BN parameters are 1-D per channel; other constants broadcast right-aligned
@@ -685,26 +687,6 @@ def _assign_tree(graph: Graph, sp: Space, keep: np.ndarray, keep_of: dict[int, n
         pads[1], pads[1 + rank] = int((keep < off).sum()), int((keep >= off + ch.channels).sum())
         L.set_input_const(graph, pad, 1, pads)
         _assign_tree(graph, ch, inner, keep_of)
-
-
-def _shape_rows(n: Node, w: np.ndarray, rows: int) -> np.ndarray:
-    shape = list(w.shape)
-    if n.op_type == "Conv" or (n.op_type == "Gemm" and n.attr("transB", 0)):
-        shape[0] = rows
-    else:
-        shape[1] = rows
-    return np.empty(shape, w.dtype)
-
-
-def _shape_cols(n: Node, w: np.ndarray, cols: int) -> np.ndarray:
-    shape = list(w.shape)
-    if n.op_type == "Conv":
-        shape[1] = cols // n.attr("group", 1)
-    elif n.op_type == "Gemm" and n.attr("transB", 0):
-        shape[1] = cols
-    else:
-        shape[0] = cols
-    return np.empty(shape, w.dtype)
 
 
 # ---------------------------------------------------------------------------- sensitivity
@@ -858,8 +840,8 @@ class RecalibrateBatchNorm(Pass):
         import torch
         from torch.optim.swa_utils import update_bn
 
-        from graphopt.training.calibration import CalibrationData
         from graphopt.backends.torch_module import to_torch
+        from graphopt.training.calibration import CalibrationData
 
         data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(ctx.calib)
         module = to_torch(graph, train_bn=True)

@@ -11,9 +11,18 @@ from typing import Literal, Optional
 import numpy as np
 
 from graphopt.errors import GraphOptError
+from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, Value
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
-from graphopt.quantizers.uniform import DOMAIN, FAKE_QUANT, QSpec, parse_spec, range_from_histogram, scale_zp, weight_qparams
+from graphopt.quantizers.uniform import (
+    DOMAIN,
+    FAKE_QUANT,
+    QSpec,
+    parse_spec,
+    range_from_histogram,
+    scale_zp,
+    weight_qparams,
+)
 
 from . import _layers as L
 
@@ -78,32 +87,17 @@ def add_fake_quant(graph: Graph, v: Value, scale: np.ndarray, zp: np.ndarray, sp
     return fq
 
 
-def _weight_axes(n: Node) -> tuple[int, int]:
-    """(output-channel axis, input axis) of the weight of a compute node."""
-    if n.op_type == "Conv":
-        return 0, 1
-    if n.op_type == "Gemm" and n.attr("transB", 0):
-        return 0, 1
-    return 1, 0  # Gemm B[K, N] / MatMul W[K, N]
-
-
 def _gptq_weights(n: Node, w: np.ndarray, H: np.ndarray, s: np.ndarray, z: np.ndarray, spec: QSpec) -> np.ndarray:
     """GPTQ-rounded weights (on the grid of scale ``s``), in ``w``'s layout."""
     from graphopt.quantizers.uniform import gptq
 
-    if n.op_type == "Conv":
-        g = n.attr("group", 1)
-        rows = w.reshape(g, w.shape[0] // g, -1)
-    else:
-        rows = (w if (n.op_type == "Gemm" and n.attr("transB", 0)) else w.T)[None]
+    geo = geometry(n)
+    rows = geo.grouped_rows(w)
     G, R, _ = rows.shape
     sb = np.broadcast_to(np.asarray(s, np.float64).reshape(-1), (G * R,)).reshape(G, R)
     zb = np.broadcast_to(np.asarray(z, np.float64).reshape(-1), (G * R,)).reshape(G, R)
     q = gptq(rows, H, sb, zb, spec.qmin, spec.qmax).astype(np.float32)
-    if n.op_type == "Conv":
-        return q.reshape(w.shape)
-    q = q[0]
-    return q if (n.op_type == "Gemm" and n.attr("transB", 0)) else np.ascontiguousarray(q.T)
+    return geo.from_out_view(q.reshape(G * R, -1), w.shape)
 
 
 @register_pass("quantize")
@@ -275,8 +269,8 @@ class Quantize(Pass):
     @staticmethod
     def _quantize_weights(graph: Graph, n: Node, spec: QSpec, method: str, hessian=None) -> None:
         w = L.weight(graph, n)
-        out_axis, in_axis = _weight_axes(n)
-        axis = {"tensor": None, "channel": out_axis, "block": in_axis}[spec.granularity]
+        geo = geometry(n)
+        axis = {"tensor": None, "channel": geo.out_axis, "block": geo.in_axis}[spec.granularity]
         s, z = weight_qparams(w, spec, axis if axis is not None else 0, "mse" if method == "gptq" else method)
         if axis is None:
             s, z = s.reshape(()), z.reshape(())
@@ -371,7 +365,7 @@ class CorrectBias(Pass):
             wq = fq_apply(graph, fq, np.asarray(graph.const_value(fq.inputs[0]), np.float32)).astype(np.float64)
             w = np.asarray(fq.meta.get("float_weight", graph.const_value(fq.inputs[0])), np.float64)
             eps = wq - w
-            shift = _mean_output(n, eps, np.asarray(ex, np.float64))
+            shift = geometry(n).mean_output(eps, ex)
             bias_v, bias_fq = _bias_value(graph, n)
             b = np.zeros(shift.shape) if bias_v is None else np.asarray(graph.const_value(bias_v), np.float64)
             # correct from the bias as it was before any correction: running twice must not double it
@@ -425,15 +419,6 @@ def _bias_value(graph: Graph, n: Node) -> tuple[Value | None, Node | None]:
     if is_fake_quant(v.producer):
         return v.producer.inputs[0], v.producer
     return v, None
-
-
-def _mean_output(n: Node, eps: np.ndarray, ex: np.ndarray) -> np.ndarray:
-    """E[eps x] per output channel given per-input-channel means ex (constant input)."""
-    if n.op_type == "Conv":
-        g = n.attr("group", 1)
-        cout, cin_g = eps.shape[0], eps.shape[1]
-        return np.einsum("goik,gi->go", eps.reshape(g, cout // g, cin_g, -1), ex.reshape(g, cin_g)).reshape(cout)
-    return eps @ ex if n.attr("transB", 0) else ex @ eps
 
 
 def _analytical_mean(graph: Graph, n: Node) -> np.ndarray | None:

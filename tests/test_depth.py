@@ -7,13 +7,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from graphopt.passes.depth import remove_block, residual_blocks
 from nets import build, export, randomize_bn, rel_err, run_ort
 from torch import nn
 
 from graphopt import PassError, from_torch, load_onnx, to_onnx
 from graphopt.analysis import total_macs
 from graphopt.passmanager import Context, PassManager
-from graphopt.passes.depth import remove_block, residual_blocks
 
 
 class Block(nn.Module):

@@ -6,14 +6,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from graphopt.passes import _layers as L
 from nets import build, rel_err, run_ort
 from torch import nn
 
 from graphopt import from_torch, load_onnx, to_onnx
-from graphopt.training.calibration import collect
+from graphopt.geometry import geometry
 from graphopt.passmanager import Context, PassManager
 from graphopt.pipeline import parse_pipeline
-from graphopt.passes import _layers as L
+from graphopt.training.calibration import collect
 
 ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "leaky": lambda: nn.LeakyReLU(0.1), "prelu": lambda: nn.PReLU(8),
         "none": nn.Identity}
@@ -170,8 +171,8 @@ def test_equalize_preserves_function_and_balances(act, bias):
     check_equal(before, r.graph, x)
     # property: each pair's per-channel ranges agree (r1 == r2 per channel)
     for chain in L.find_chains(r.graph).chains:
-        r1 = np.abs(L.out_view(chain.l1, L.weight(r.graph, chain.l1))).max(1)
-        r2 = np.abs(L.in_view(chain.l2, L.weight(r.graph, chain.l2))).max(1)
+        r1 = np.abs(geometry(chain.l1).out_view(L.weight(r.graph, chain.l1))).max(1)
+        r2 = np.abs(geometry(chain.l2).in_view(L.weight(r.graph, chain.l2))).max(1)
         np.testing.assert_allclose(r1, r2, rtol=2e-3)
     assert not run(r.graph, "equalize").modified  # idempotent
     if act == "relu6":
@@ -261,10 +262,10 @@ def test_absorb_bias_data_is_exact_on_calibration_data():
 def test_dfq_on_effnet(effnet_path):
     g = load_onnx(effnet_path)
     dw = [n for n in g.find_nodes("Conv") if n.attr("group", 1) > 1]
-    before = np.median([L.spread(L.out_view(n, L.weight(g, n)))[0] for n in dw])
+    before = np.median([L.spread(geometry(n).out_view(L.weight(g, n)))[0] for n in dw])
     r = PassManager("canonicalize,fold-bn,equalize").run(g)
     g2 = r.graph
-    after = np.median([L.spread(L.out_view(n, L.weight(g2, n)))[0] for n in g2.find_nodes("Conv")
+    after = np.median([L.spread(geometry(n).out_view(L.weight(g2, n)))[0] for n in g2.find_nodes("Conv")
                        if n.attr("group", 1) > 1])
     assert after < before / 4
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 224, 224)).astype(np.float32)

@@ -12,8 +12,8 @@ from nets import build, rel_err, run_ort
 
 from graphopt import from_torch, load_onnx, to_onnx
 from graphopt.errors import GraphOptError
-from graphopt.training.finetune import FinetuneConfig, finetune
 from graphopt.passmanager import PassManager
+from graphopt.training.finetune import FinetuneConfig, finetune
 
 
 def pruned_pair(seed=0):

@@ -4,14 +4,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from graphopt.passes import _layers as L
+from graphopt.passes.prune import analyze
 from nets import build, rel_err, run_ort
 from torch import nn
 
 from graphopt import PassError, from_torch, load_onnx, to_onnx
 from graphopt.analysis import total_macs
 from graphopt.passmanager import Context, PassManager
-from graphopt.passes import _layers as L
-from graphopt.passes.prune import analyze
 
 
 class GroupedNet(nn.Module):

@@ -11,8 +11,8 @@ from nets import build, rel_err, run_ort
 
 import graphopt
 from graphopt import GraphOptError, PassError, from_torch
-from graphopt.passmanager import Context, PassManager
 from graphopt.backends.lowering import lower, ort_kernel_report, to_model
+from graphopt.passmanager import Context, PassManager
 from graphopt.quantizers.uniform import QSpec, fake_quant, fake_quant_np, parse_spec, scale_zp, weight_qparams
 
 # ------------------------------------------------------------------ quantizer properties

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from common import SHARED, imagenet_sample, need_shared, ort_session
 
+from graphopt.geometry import geometry
+
 
 def logits(model, x: np.ndarray) -> np.ndarray:
     sess = ort_session(model)
@@ -36,7 +38,7 @@ def logits(model, x: np.ndarray) -> np.ndarray:
 def dw_spreads(graph) -> list[float]:
     from graphopt.passes import _layers as L
 
-    return [L.spread(L.out_view(n, L.weight(graph, n)))[0] for n in graph.find_nodes("Conv") if n.attr("group", 1) > 1]
+    return [L.spread(geometry(n).out_view(L.weight(graph, n)))[0] for n in graph.find_nodes("Conv") if n.attr("group", 1) > 1]
 
 
 def rel(a, b) -> float:

@@ -64,9 +64,9 @@ def ort_quantize(src: Path, out: Path, calib: np.ndarray, kind: str) -> float:
 
 def ours(src: Path, out: Path, calib: np.ndarray, pipeline: str) -> tuple[float, dict]:
     import graphopt
+    from graphopt.backends.lowering import lower, to_model
     from graphopt.passmanager import Context, PassManager
     from graphopt.pipeline import presets
-    from graphopt.backends.lowering import lower, to_model
 
     t = time.perf_counter()
     text = presets()[pipeline][0] if pipeline in presets() else pipeline

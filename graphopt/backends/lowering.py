@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto
 
 from graphopt.errors import GraphOptError
+from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node
 from graphopt.quantizers.uniform import DOMAIN, FAKE_QUANT, broadcast_param, fq_range, quantize_np
 
@@ -333,8 +334,7 @@ def _gemm_integer(g: Graph, n: Node, xp, wp) -> int:
     x_s = np.asarray(g.const_value(xp[1]), np.float32)
     if x_s.size != 1 or np.any(w_z != 0) or w_q.dtype != np.int8:
         return 0
-    if n.attr("transB", 0):
-        w_q = np.ascontiguousarray(w_q.T)
+    w_q = np.ascontiguousarray(geometry(n).in_view(w_q))  # [K, N], as MatMulInteger reads it
     bias = None
     if len(n.inputs) > 2 and n.inputs[2] is not None:
         bp = _dq_parts(g, n.inputs[2])

@@ -21,9 +21,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from graphopt.training.data import list_images, load_image_batch
 from graphopt.errors import GraphOptError
 from graphopt.ir import Graph, format_shape
+from graphopt.training.data import list_images, load_image_batch
 
 
 class CalibrationData:

@@ -1,0 +1,119 @@
+"""Layer geometry: the one table of which weight axis of a layer holds its output channels and
+which its input channels.
+
+| op | weight | output axis | input axis | groups |
+| --- | --- | --- | --- | --- |
+| Conv | [C_out, C_in / g, k...] | 0 | 1 | ``group`` |
+| ConvTranspose | [C_in, C_out / g, k...] | 1 | 0 | ``group`` |
+| Gemm, ``transB=1`` | [N, K] | 0 | 1 | 1 |
+| Gemm, ``transB=0`` | [K, N] | 1 | 0 | 1 |
+| MatMul (constant right operand) | [K, N] | 1 | 0 | 1 |
+
+Every pass that scales, slices, quantizes or masks a layer's weights by channel asks
+``geometry(node)``; nobody decodes ``group`` or ``transB`` for that again. Views:
+
+* ``out_view(w)`` is [C_out, -1]: row o holds every weight that produces output o, ordered
+  (input channel within the group, kernel position);
+* ``in_view(w)`` is [C_in, -1]: row i holds every weight that reads input channel i. A grouped
+  conv's input channel meets only its group's filters; a depthwise conv's input channel i is
+  exactly the filter of output i.
+
+Both have inverses (``from_out_view``, ``from_in_view``), given the weight's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphopt.errors import GraphOptError
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a layer's channels sit in its weight tensor."""
+
+    op: str
+    out_axis: int
+    in_axis: int
+    groups: int = 1
+
+    # -- views ---------------------------------------------------------------
+    def _view(self, w: np.ndarray, axis: int) -> np.ndarray:
+        """[w.shape[axis] (all groups), -1] for a weight whose axes 0 and 1 are the channel axes
+        (axis 0 holds every channel, axis 1 the channels of one group)."""
+        if axis == 0:
+            return w.reshape(w.shape[0], -1)
+        g, d0, d1 = self.groups, w.shape[0], w.shape[1]
+        k = int(np.prod(w.shape[2:], dtype=np.int64))
+        return w.reshape(g, d0 // g, d1, k).transpose(0, 2, 1, 3).reshape(g * d1, (d0 // g) * k)
+
+    def _unview(self, view: np.ndarray, shape, axis: int) -> np.ndarray:
+        shape = tuple(shape)
+        if axis == 0:
+            return np.ascontiguousarray(view.reshape(shape))
+        g, d0, d1 = self.groups, shape[0], shape[1]
+        k = int(np.prod(shape[2:], dtype=np.int64))
+        return np.ascontiguousarray(view.reshape(g, d1, d0 // g, k).transpose(0, 2, 1, 3).reshape(shape))
+
+    def out_view(self, w: np.ndarray) -> np.ndarray:
+        return self._view(np.asarray(w), self.out_axis)
+
+    def from_out_view(self, view: np.ndarray, shape) -> np.ndarray:
+        return self._unview(view, shape, self.out_axis)
+
+    def in_view(self, w: np.ndarray) -> np.ndarray:
+        return self._view(np.asarray(w), self.in_axis)
+
+    def from_in_view(self, view: np.ndarray, shape) -> np.ndarray:
+        return self._unview(view, shape, self.in_axis)
+
+    # -- sizes ---------------------------------------------------------------
+    def out_channels(self, shape) -> int:
+        return int(shape[self.out_axis]) * (self.groups if self.out_axis == 1 else 1)
+
+    def in_channels(self, shape) -> int:
+        return int(shape[self.in_axis]) * (self.groups if self.in_axis == 1 else 1)
+
+    def resized(self, shape, *, out: int | None = None, inp: int | None = None) -> tuple[int, ...]:
+        """The weight shape with ``out`` output channels and/or ``inp`` input channels (totals
+        over all groups; the group count stays)."""
+        s = list(shape)
+        for axis, n in ((self.out_axis, out), (self.in_axis, inp)):
+            if n is not None:
+                s[axis] = n // self.groups if axis == 1 else n
+        return tuple(s)
+
+    # -- arithmetic ----------------------------------------------------------
+    def grouped_rows(self, w: np.ndarray) -> np.ndarray:
+        """[G, C_out / G, K]: each group's output rows over that group's K = (C_in / G) x kernel
+        inputs, in the im2col order a layer reads them (GPTQ's layout)."""
+        v = self.out_view(w)
+        return v.reshape(self.groups, v.shape[0] // self.groups, -1)
+
+    def mean_output(self, w: np.ndarray, ex: np.ndarray) -> np.ndarray:
+        """Per output channel, what the layer adds when input channel i carries the constant
+        ``ex[i]`` everywhere (no bias; exact away from zero-padded borders)."""
+        rows = self.grouped_rows(np.asarray(w, np.float64))  # [G, R, cin_g * k]
+        g, r = rows.shape[:2]
+        ex = np.asarray(ex, np.float64).reshape(g, -1)
+        cin_g = ex.shape[1]
+        return np.einsum("goik,gi->go", rows.reshape(g, r, cin_g, -1), ex).reshape(g * r)
+
+
+def geometry(node) -> Geometry:
+    """The geometry of a Conv/ConvTranspose/Gemm/MatMul node's weight (input 1)."""
+    op = node.op_type
+    if node.domain != "" or op not in LAYER_OPS:
+        raise GraphOptError(f"{node.qualified_op if hasattr(node, 'qualified_op') else op} node '{node.name}' "
+                            "is not a layer with a weight (Conv, ConvTranspose, Gemm, MatMul)")
+    if op == "Conv":
+        return Geometry(op, 0, 1, int(node.attr("group", 1)))
+    if op == "ConvTranspose":
+        return Geometry(op, 1, 0, int(node.attr("group", 1)))
+    if op == "Gemm" and node.attr("transB", 0):
+        return Geometry(op, 0, 1)
+    return Geometry(op, 1, 0)
