@@ -101,7 +101,7 @@ def weight_ranges(graph: Graph) -> list[dict]:
     """Per linear layer: the robust spread (p99/p1) of per-output-channel max|w|, ignoring
     all-zero channels (counted separately). A large spread means one per-tensor scale cannot
     serve every channel."""
-    from graphopt.passes import _layers as L
+    from graphopt import geometry as L
 
     rows = []
     graph.toposort()
@@ -110,7 +110,7 @@ def weight_ranges(graph: Graph) -> list[dict]:
             continue
         view = geometry(n).out_view(L.weight(graph, n))
         r = np.abs(view).max(axis=1)
-        sp, zeros = L.spread(view)
+        sp, zeros = spread(view)
         kind = n.op_type
         if n.op_type == "Conv" and n.attr("group", 1) > 1:
             kind = "depthwise" if n.attr("group", 1) == view.shape[0] else "grouped"
@@ -122,8 +122,8 @@ def weight_ranges(graph: Graph) -> list[dict]:
 
 def plot_channel_ranges(graph: Graph, layer: str, path: str) -> None:
     """Box plot of each output channel's weights for one layer (DFQ Figure 2). Needs matplotlib."""
+    from graphopt import geometry as L
     from graphopt.errors import GraphOptError
-    from graphopt.passes import _layers as L
 
     node = next((n for n in graph.nodes if layer in (n.name, n.source)), None)
     if node is None or not L.is_linear_layer(graph, node):
@@ -149,3 +149,15 @@ def plot_channel_ranges(graph: Graph, layer: str, path: str) -> None:
     with atomic_paths(path) as (tmp,):
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def spread(w_out_view: np.ndarray) -> tuple[float, int]:
+    """Robust range spread: p99 / p1 of the per-channel max |w|, ignoring all-zero channels.
+    Returns (spread, number of all-zero channels)."""
+    r = np.abs(w_out_view).max(axis=1)
+    nz = r[r > 0]
+    zeros = int((r == 0).sum())
+    if nz.size == 0:
+        return float("nan"), zeros
+    lo, hi = np.percentile(nz, [1, 99])
+    return float(hi / lo), zeros

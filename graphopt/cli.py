@@ -251,6 +251,7 @@ def cmd_convert(args) -> int:
     print(f"nodes {before[0]} -> {after[0]}, params {human(before[1])} -> {human(after[1])}, "
           f"weights {human(before[2], 'B')} -> {human(after[2], 'B')}, MACs {human(before[3])} -> {human(after[3])}")
     if report is not None:
+        args._stats = result.stats
         _quant_summary(args, graph, keeper.graph, ctx, report)
     if args.timing:
         print(timing.report())
@@ -271,6 +272,27 @@ class _KeepBeforeQuantize:
         pass
 
 
+def _pass_reasons(args, key: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for runs in getattr(args, "_stats", {}).get("quantize", []), :
+        for st in runs:
+            out.update(st.get(key) or {})
+    return out
+
+
+def _why_lines(title: str, reasons: dict[str, str], limit: int = 12) -> None:
+    """Every fall-back with its reason (grouped by reason when there are many)."""
+    if not reasons:
+        return
+    print(f"  {title}: {len(reasons)}")
+    by_reason: dict[str, list[str]] = {}
+    for name, why in reasons.items():
+        by_reason.setdefault(why, []).append(name)
+    for why, names in by_reason.items():
+        shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+        print(f"    {why}: {shown}")
+
+
 def _quant_summary(args, graph, float_graph, ctx, report) -> None:
     import os
 
@@ -280,9 +302,12 @@ def _quant_summary(args, graph, float_graph, ctx, report) -> None:
     out_size = os.path.getsize(args.output)
     print(f"format {report.format}: {report.qdq_pairs} activation quantizers, {report.weights} quantized "
           f"initializers, opset {report.opset}" + (f", {report.fused} layers as QOperator" if report.fused else ""))
-    if report.simulated:
-        print(f"  simulated in float (no ONNX integer type for that bit width): {len(report.simulated)} quantizers, "
-              f"e.g. {', '.join(report.simulated[:3])}")
+    if report.schemes:
+        print("  quantizers: " + "; ".join(f"{k} x{v}" for k, v in report.schemes.items()))
+    _why_lines("layers left in float by quantize", _pass_reasons(args, "float_layers"))
+    _why_lines("biases left in float", _pass_reasons(args, "float_biases"))
+    _why_lines("quantizers simulated in float", report.simulated_why)
+    _why_lines("layers not lowered to QOperator", report.not_fused)
     sizes = f"size {in_size / 1e6:.2f} MB -> {out_size / 1e6:.2f} MB" if in_size else f"size {out_size / 1e6:.2f} MB"
     print(f"  {sizes}")
     kr = ort_kernel_report(args.output)
@@ -395,7 +420,9 @@ def _labels(args):
 
 
 def cmd_analyze(args) -> int:
-    from graphopt.passes.prune import sensitivity
+    from graphopt.passmanager import pass_library
+
+    sensitivity = pass_library().prune.sensitivity
     from graphopt.passmanager import Context
 
     graph = load_model(args.model, args)
@@ -453,7 +480,9 @@ def cmd_analyze(args) -> int:
 
 
 def _analyze_blocks(graph, data, labels, progress: bool) -> int:
-    from graphopt.passes.depth import block_sensitivity
+    from graphopt.passmanager import pass_library
+
+    block_sensitivity = pass_library().depth.block_sensitivity
     from graphopt.training.calibration import collect
 
     ref = collect(graph, data, [graph.outputs[0].name])[graph.outputs[0].name]

@@ -30,6 +30,8 @@ import numpy as np
 from graphopt.errors import GraphOptError
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# the layers whose weights the rescaling and quantizing passes rewrite by channel
+LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -117,3 +119,27 @@ def geometry(node) -> Geometry:
     if op == "Gemm" and node.attr("transB", 0):
         return Geometry(op, 0, 1)
     return Geometry(op, 1, 0)
+
+
+def is_linear_layer(graph, n) -> bool:
+    """A Conv (any group), Gemm (no transA) or MatMul whose weight (and bias) are float constants."""
+    if n.domain != "" or n.op_type not in LINEAR_OPS or len(n.inputs) < 2:
+        return False
+    w = graph.const_value(n.inputs[1])
+    if w is None or not np.issubdtype(np.asarray(w).dtype, np.floating):
+        return False
+    if n.op_type == "Conv":
+        return w.ndim >= 3 and (len(n.inputs) < 3 or n.inputs[2] is None or graph.const_value(n.inputs[2]) is not None)
+    if n.op_type == "Gemm":
+        if n.attr("transA", 0) or w.ndim != 2:
+            return False
+        return len(n.inputs) < 3 or n.inputs[2] is None or graph.const_value(n.inputs[2]) is not None
+    return w.ndim == 2  # MatMul: x[..., K] @ W[K, N]
+
+def weight(graph, n) -> np.ndarray:
+    return np.asarray(graph.const_value(n.inputs[1]))
+
+def bias(graph, n) -> np.ndarray | None:
+    if n.op_type == "MatMul" or len(n.inputs) < 3 or n.inputs[2] is None:
+        return None
+    return np.asarray(graph.const_value(n.inputs[2]))

@@ -429,6 +429,17 @@ class Graph:
         del self.values[value.name]
         value.graph = None
 
+    def eliminate_dead(self) -> tuple[int, int]:
+        """Remove nodes whose outputs are never used, then unused constants; graph inputs stay.
+        Returns (nodes, constants) removed."""
+        self.toposort()
+        removed = 0
+        for node in reversed(self.nodes):
+            if all(not o.uses and not o.is_graph_output for o in node.outputs):
+                self.remove_node(node)
+                removed += 1
+        return removed, self.remove_unused_constants()
+
     def remove_unused_constants(self) -> int:
         dead = [v for v in self.constants.values() if not v.uses and not v.is_graph_output]
         for v in dead:
@@ -678,3 +689,18 @@ def _fmt_attr(a: Any, limit: int) -> str:
     else:
         s = repr(a)
     return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def clip_bounds(graph: "Graph", n: Node) -> tuple[float | None, float | None] | None:
+    """(min, max) of a Clip with constant scalar bounds, else None."""
+    def scalar(i):
+        if i >= len(n.inputs) or n.inputs[i] is None:
+            return None, True
+        c = graph.const_value(n.inputs[i])
+        if c is None or np.asarray(c).size != 1:
+            return None, False
+        return float(np.asarray(c).reshape(())), True
+
+    lo, ok1 = scalar(1)
+    hi, ok2 = scalar(2)
+    return (lo, hi) if ok1 and ok2 else None

@@ -127,10 +127,18 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
     return deco
 
 
-def registry() -> dict[str, type[Pass]]:
-    """Every registered pass by name (imports the ``passes`` library on first use)."""
-    import graphopt.passes  # noqa: F401  - registers the library's passes
+def pass_library():
+    """The pass library (``graphopt.passes``), imported on first use; importing it registers
+    every pass and preset. This is the one place in the core that loads it: the core never
+    imports the library at module level, so the library can import the core freely."""
+    import graphopt.passes
 
+    return graphopt.passes
+
+
+def registry() -> dict[str, type[Pass]]:
+    """Every registered pass by name (loads the pass library on first use)."""
+    pass_library()
     return dict(sorted(_REGISTRY.items()))
 
 

@@ -18,10 +18,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphopt.geometry import geometry
-from graphopt.ir import Graph, Node, Value
-
-LINEAR_OPS = ("Conv", "Gemm", "MatMul")
+from graphopt.analysis import spread  # noqa: F401 - the passes' view of it
+from graphopt.geometry import LINEAR_OPS, bias, geometry, is_linear_layer, weight  # noqa: F401
+from graphopt.ir import (
+    Graph,
+    Node,
+    Value,
+    clip_bounds,  # noqa: F401
+)
 
 
 def matches(node: Node, patterns) -> bool:
@@ -30,29 +34,7 @@ def matches(node: Node, patterns) -> bool:
     return any(fnmatch.fnmatchcase(node.source, p) or fnmatch.fnmatchcase(node.name, p) for p in patterns)
 
 
-def is_linear_layer(graph: Graph, n: Node) -> bool:
-    if n.domain != "" or n.op_type not in LINEAR_OPS or len(n.inputs) < 2:
-        return False
-    w = graph.const_value(n.inputs[1])
-    if w is None or not np.issubdtype(np.asarray(w).dtype, np.floating):
-        return False
-    if n.op_type == "Conv":
-        return w.ndim >= 3 and (len(n.inputs) < 3 or n.inputs[2] is None or graph.const_value(n.inputs[2]) is not None)
-    if n.op_type == "Gemm":
-        if n.attr("transA", 0) or w.ndim != 2:
-            return False
-        return len(n.inputs) < 3 or n.inputs[2] is None or graph.const_value(n.inputs[2]) is not None
-    return w.ndim == 2  # MatMul: x[..., K] @ W[K, N]
 
-
-def weight(graph: Graph, n: Node) -> np.ndarray:
-    return np.asarray(graph.const_value(n.inputs[1]))
-
-
-def bias(graph: Graph, n: Node) -> np.ndarray | None:
-    if n.op_type == "MatMul" or len(n.inputs) < 3 or n.inputs[2] is None:
-        return None
-    return np.asarray(graph.const_value(n.inputs[2]))
 
 
 def out_channels(graph: Graph, n: Node) -> int:
@@ -109,20 +91,6 @@ class ChainSearch:
     chains: list[Chain] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # l1 source -> reason
 
-
-def clip_bounds(graph: Graph, n: Node) -> tuple[float | None, float | None] | None:
-    """(min, max) of a Clip with constant scalar bounds, else None."""
-    def scalar(i):
-        if i >= len(n.inputs) or n.inputs[i] is None:
-            return None, True
-        c = graph.const_value(n.inputs[i])
-        if c is None or np.asarray(c).size != 1:
-            return None, False
-        return float(np.asarray(c).reshape(())), True
-
-    lo, ok1 = scalar(1)
-    hi, ok2 = scalar(2)
-    return (lo, hi) if ok1 and ok2 else None
 
 
 def per_channel_min_bound(graph: Graph, n: Node) -> np.ndarray | None:
@@ -222,15 +190,3 @@ def channel_shape(rank: int | None, channels: int, axis: int) -> tuple[int, ...]
     if rank is None or axis == -1 or rank <= 2:
         return (channels,)
     return (channels,) + (1,) * (rank - 2)
-
-
-def spread(w_out_view: np.ndarray) -> tuple[float, int]:
-    """Robust range spread: p99 / p1 of the per-channel max |w|, ignoring all-zero channels.
-    Returns (spread, number of all-zero channels)."""
-    r = np.abs(w_out_view).max(axis=1)
-    nz = r[r > 0]
-    zeros = int((r == 0).sum())
-    if nz.size == 0:
-        return float("nan"), zeros
-    lo, hi = np.percentile(nz, [1, 99])
-    return float(hi / lo), zeros

@@ -165,13 +165,7 @@ class EliminateDead(Pass):
     this preserves the function; graph inputs are kept (they are the model's interface)."""
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
-        graph.toposort()
-        removed = 0
-        for node in reversed(graph.nodes):
-            if all(not o.uses and not o.is_graph_output for o in node.outputs):
-                graph.remove_node(node)
-                removed += 1
-        consts = graph.remove_unused_constants()
+        removed, consts = graph.eliminate_dead()
         return PassResult(graph, removed + consts > 0, {"nodes": removed, "constants": consts})
 
 

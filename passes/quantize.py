@@ -14,15 +14,8 @@ from graphopt.errors import GraphOptError
 from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, Value
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
-from graphopt.quantizers.uniform import (
-    DOMAIN,
-    FAKE_QUANT,
-    QSpec,
-    parse_spec,
-    range_from_histogram,
-    scale_zp,
-    weight_qparams,
-)
+from graphopt.quantizers import Uniform, add_fake_quant, apply_node, is_fake_quant, params_of, parse
+from graphopt.quantizers.uniform import range_from_histogram
 
 from . import _layers as L
 
@@ -35,61 +28,9 @@ FUSED_ACTS = ("Relu", "Clip")
 FLOAT_TYPES = (1,)  # FLOAT
 
 
-def is_fake_quant(n: Node | None) -> bool:
-    return n is not None and n.domain == DOMAIN and n.op_type == FAKE_QUANT
-
-
-def fq_params(graph: Graph, n: Node) -> tuple[np.ndarray, np.ndarray, int, int]:
-    from graphopt.quantizers.uniform import fq_range
-
-    qmin, qmax = fq_range(n)
-    return np.asarray(graph.const_value(n.inputs[1])), np.asarray(graph.const_value(n.inputs[2])), qmin, qmax
-
-
-def fq_apply(graph: Graph, n: Node, x: np.ndarray) -> np.ndarray:
-    """The FakeQuant ``n`` applied to the constant ``x`` (numpy, exact ONNX Q/DQ maths)."""
-    from graphopt.quantizers.uniform import broadcast_param, fake_quant_np
-
-    s, z, qmin, qmax = fq_params(graph, n)
-    axis, block = n.attr("axis"), n.attr("block_size", 0)
-    dim = x.shape[axis] if axis is not None else None
-    sb, zb = (broadcast_param(p, x.ndim, axis, block, dim) for p in (s, z))
-    return fake_quant_np(x, sb, zb, qmin, qmax)
-
-
-def add_fake_quant(graph: Graph, v: Value, scale: np.ndarray, zp: np.ndarray, spec: QSpec, kind: str,
-                   axis: int | None = None, source: str | None = None, consumers: list[tuple[Node, int]] | None = None
-                   ) -> Node:
-    """Insert FakeQuant after ``v``; its users (or just ``consumers``) read the quantized value.
-    A graph output keeps its name on the quantized value."""
-    graph.opset_imports.setdefault(DOMAIN, 1)
-    base = v.name
-    s = graph.add_const(np.asarray(scale, np.float32), f"{base}_scale")
-    z = graph.add_const(np.asarray(zp, np.float32), f"{base}_zero_point")
-    attrs = {"bits": spec.bits, "signed": int(spec.signed), "narrow": int(spec.narrow), "kind": kind}
-    if axis is not None:
-        attrs["axis"] = int(axis)
-    if spec.granularity == "block":
-        attrs["block_size"] = spec.block_size
-    uses = list(v.uses) if consumers is None else consumers
-    fq = graph.add_node(FAKE_QUANT, [v, s, z], [f"{base}_q"], attrs=attrs, domain=DOMAIN,
-                        name=graph.unique_node_name(f"{base}_fq"), source=source or (v.producer.source if v.producer else base))
-    out = fq.outputs[0]
-    out.dtype, out.shape = v.dtype, v.shape
-    for node, i in uses:
-        if i >= 0:
-            graph.set_input(node, i, out)
-    if v.is_graph_output and consumers is None:
-        name = v.name
-        graph.outputs = [out if o is v else o for o in graph.outputs]
-        graph.rename_value(v, graph.unique_name(name + "_float"))
-        graph.rename_value(out, name)
-    return fq
-
-
-def _gptq_weights(n: Node, w: np.ndarray, H: np.ndarray, s: np.ndarray, z: np.ndarray, spec: QSpec) -> np.ndarray:
+def _gptq_weights(n: Node, w: np.ndarray, H: np.ndarray, s: np.ndarray, z: np.ndarray, spec: Uniform) -> np.ndarray:
     """GPTQ-rounded weights (on the grid of scale ``s``), in ``w``'s layout."""
-    from graphopt.quantizers.uniform import gptq
+    from graphopt.quantizers.gptq import gptq
 
     geo = geometry(n)
     rows = geo.grouped_rows(w)
@@ -135,8 +76,10 @@ class Quantize(Pass):
             raise PreconditionError("the graph is already quantized (it has FakeQuant nodes)")
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
-        wspec = parse_spec(self.weights, "weights", default_symmetric=True)
-        aspec = parse_spec(self.acts, "acts", default_symmetric=self.acts.strip().lower().startswith("int"))
+        wspec = parse(self.weights, "weights")
+        aspec = parse(self.acts, "acts")
+        if not isinstance(wspec, Uniform) or not isinstance(aspec, Uniform):
+            raise GraphOptError(f"quantize: the {wspec.scheme}/{aspec.scheme} schemes have no calibration here yet")
         if aspec.granularity != "tensor":
             raise GraphOptError(f"acts must be per tensor (got {aspec.granularity}): integer kernels take one "
                                 "activation scale")
@@ -155,6 +98,9 @@ class Quantize(Pass):
         compute = [n for n in graph.nodes if n.op_type in COMPUTE_OPS and n.domain == "" and
                    L.is_linear_layer(graph, n) and not L.matches(n, self.skip)]
         skipped = [n.source for n in graph.nodes if n.op_type in COMPUTE_OPS and L.matches(n, self.skip)]
+        float_layers = {n.source: "matches skip" if L.matches(n, self.skip) else _not_quantizable(graph, n)
+                        for n in graph.nodes if n.op_type in COMPUTE_OPS and n.domain == "" and n not in compute}
+        float_biases: dict[str, str] = {}
         targets = self._activation_targets(graph, compute)
         mins = [n for n in graph.nodes if n.op_type == "Min" and L.per_channel_min_bound(graph, n) is not None] \
             if self.drop_inactive_bounds else []
@@ -168,7 +114,7 @@ class Quantize(Pass):
             obs.setdefault(m.inputs[0].name, []).append(MinMax(axis=1))
         hessians: dict[Node, object] = {}
         if self.weight_method == "gptq":
-            from graphopt.quantizers.uniform import HessianObserver
+            from graphopt.quantizers.gptq import HessianObserver
 
             for n in compute:
                 h = HessianObserver(n.op_type, n.attr("kernel_shape", list(L.weight(graph, n).shape[2:])),
@@ -203,21 +149,24 @@ class Quantize(Pass):
         act_fq: dict[str, Node] = {}
         for v in targets:
             lo, hi = ranges[v.name]
-            s, z = scale_zp(np.array(lo), np.array(hi), aspec)
-            act_fq[v.name] = add_fake_quant(graph, v, s.reshape(()), z.reshape(()), aspec, "act")
+            act_fq[v.name] = add_fake_quant(graph, v, aspec, aspec.act_params(lo, hi), "act")
         n_w = 0
         first_last = {compute[0], compute[-1]} if compute and self.first_last_bits else set()
         for n in compute:
             bits = next((b for p, b in overrides.items() if L.matches(n, [p])), None)
             if bits is None and n in first_last:
                 bits = self.first_last_bits
-            spec = wspec if bits is None else QSpec(bits, True, wspec.granularity, wspec.block_size, True)
+            spec = wspec if bits is None else wspec.with_bits(bits)
             h = hessians.get(n)
             self._quantize_weights(graph, n, spec, self.weight_method, None if h is None else h.result())
-            self._quantize_bias(graph, n)
+            why = self._quantize_bias(graph, n)
+            if why:
+                float_biases[n.source] = why
             n_w += 1
         return PassResult(graph, True, {"weights": n_w, "activations": len(targets), "bounds_dropped": dropped,
-                                        "skipped": skipped, "weight_spec": str(wspec), "act_spec": str(aspec)})
+                                        "skipped": skipped, "float_layers": float_layers,
+                                        "float_biases": float_biases, "weight_spec": str(wspec),
+                                        "act_spec": str(aspec)})
 
     # ---------------------------------------------------------------- placement
     def _activation_targets(self, graph: Graph, compute: list[Node]) -> list[Value]:
@@ -267,38 +216,43 @@ class Quantize(Pass):
                     ranges[k] = (lo, hi)
 
     @staticmethod
-    def _quantize_weights(graph: Graph, n: Node, spec: QSpec, method: str, hessian=None) -> None:
+    def _quantize_weights(graph: Graph, n: Node, spec: Uniform, method: str, hessian=None) -> None:
         w = L.weight(graph, n)
         geo = geometry(n)
-        axis = {"tensor": None, "channel": geo.out_axis, "block": geo.in_axis}[spec.granularity]
-        s, z = weight_qparams(w, spec, axis if axis is not None else 0, "mse" if method == "gptq" else method)
-        if axis is None:
-            s, z = s.reshape(()), z.reshape(())
+        params, axis = spec.weight_params(w, geo.out_axis, geo.in_axis, "mse" if method == "gptq" else method)
+        s, z = params["scale"], params["zero_point"]
         float_w = None
         if method == "gptq":
             if spec.granularity == "block":
                 raise GraphOptError("weight_method=gptq supports per-tensor and per-channel weights, not blocks")
             float_w = w
             L.set_input_const(graph, n, 1, _gptq_weights(n, w, hessian, s, z, spec))
-        fq = add_fake_quant(graph, n.inputs[1], s, z, spec, "weight", axis, source=n.source, consumers=[(n, 1)])
+        fq = add_fake_quant(graph, n.inputs[1], spec, params, "weight", axis, source=n.source, consumers=[(n, 1)])
         if float_w is not None:
             fq.meta["float_weight"] = float_w  # what bias correction measures the error against
 
     @staticmethod
-    def _quantize_bias(graph: Graph, n: Node) -> None:
-        """int32 bias with scale = input scale x weight scale (per channel), zero point 0."""
-        if n.op_type == "MatMul" or len(n.inputs) < 3 or n.inputs[2] is None or graph.const_value(n.inputs[2]) is None:
-            return
+    def _quantize_bias(graph: Graph, n: Node) -> str | None:
+        """int32 bias with scale = input scale x weight scale (per channel), zero point 0.
+        Returns why the bias stays float, or None (no bias, or quantized)."""
+        if n.op_type == "MatMul" or len(n.inputs) < 3 or n.inputs[2] is None:
+            return None
+        if graph.const_value(n.inputs[2]) is None:
+            return "the bias is computed, not a constant"
         x_fq, w_fq = n.inputs[0].producer, n.inputs[1].producer
-        if not is_fake_quant(x_fq) or not is_fake_quant(w_fq) or w_fq.attr("block_size", 0):
-            return
+        if not is_fake_quant(x_fq):
+            return "the layer's input is not quantized"
+        if not is_fake_quant(w_fq):
+            return "the layer's weight is not quantized"
+        if w_fq.attr("block_size", 0):
+            return "blocked weights have no per-channel scale for an int32 bias"
         if n.op_type == "Gemm" and (n.attr("alpha", 1.0) != 1.0 or n.attr("beta", 1.0) != 1.0):
-            return
+            return "Gemm with alpha/beta != 1 scales its bias"
         b = np.asarray(graph.const_value(n.inputs[2]))
-        sx = float(np.asarray(graph.const_value(x_fq.inputs[1])).reshape(()))
-        sw = np.asarray(graph.const_value(w_fq.inputs[1]), np.float32)
+        sx = float(params_of(graph, x_fq)["scale"].reshape(()))
+        sw = params_of(graph, w_fq)["scale"].astype(np.float32)
         if b.ndim != 1 or (sw.size > 1 and sw.size != b.size):
-            return
+            return f"bias of shape {list(b.shape)} is not one value per output channel"
         # A channel with tiny weights has a tiny weight scale; its bias may then not fit in int32.
         # Enlarge that channel's weight scale until it does (onnxruntime's quantizer does the same).
         limit = np.float64(2 ** 31 - 1) * 0.5
@@ -307,9 +261,24 @@ class Quantize(Pass):
             sw = np.maximum(sw.astype(np.float64), need).astype(np.float32)
             L.set_input_const(graph, w_fq, 1, sw.reshape(np.asarray(graph.const_value(w_fq.inputs[1])).shape))
         scale = (sw * np.float32(sx)).astype(np.float32)
-        spec = QSpec(32, True, "channel" if sw.size > 1 else "tensor")
-        add_fake_quant(graph, n.inputs[2], scale, np.zeros_like(scale), spec, "bias",
+        spec = Uniform(32, True, "channel" if sw.size > 1 else "tensor")
+        add_fake_quant(graph, n.inputs[2], spec, {"scale": scale, "zero_point": np.zeros_like(scale)}, "bias",
                        0 if sw.size > 1 else None, source=n.source, consumers=[(n, 2)])
+        return None
+
+
+def _not_quantizable(graph: Graph, n: Node) -> str:
+    """Why a Conv/Gemm/MatMul is not a layer ``quantize`` can give integer weights."""
+    w = graph.const_value(n.inputs[1]) if len(n.inputs) > 1 else None
+    if w is None:
+        return "its weight is computed, not a constant (e.g. a MatMul of two activations)"
+    if not np.issubdtype(np.asarray(w).dtype, np.floating):
+        return f"its weight is {np.asarray(w).dtype}, not float"
+    if n.op_type == "Gemm" and n.attr("transA", 0):
+        return "Gemm with transA"
+    if len(n.inputs) > 2 and n.inputs[2] is not None and graph.const_value(n.inputs[2]) is None:
+        return "its bias is computed, not a constant"
+    return f"a {np.asarray(w).ndim}-D weight is not a {n.op_type} layer"
 
 
 @register_pass("correct-bias")
@@ -362,7 +331,7 @@ class CorrectBias(Pass):
         corrected = 0
         for n, ex in means.items():
             fq = n.inputs[1].producer
-            wq = fq_apply(graph, fq, np.asarray(graph.const_value(fq.inputs[0]), np.float32)).astype(np.float64)
+            wq = apply_node(graph, fq, np.asarray(graph.const_value(fq.inputs[0]), np.float32)).astype(np.float64)
             w = np.asarray(fq.meta.get("float_weight", graph.const_value(fq.inputs[0])), np.float64)
             eps = wq - w
             shift = geometry(n).mean_output(eps, ex)

@@ -13,10 +13,11 @@ import graphopt
 from graphopt import GraphOptError, PassError, from_torch
 from graphopt.backends.lowering import lower, ort_kernel_report, to_model
 from graphopt.passmanager import Context, PassManager
-from graphopt.quantizers.uniform import QSpec, fake_quant, fake_quant_np, parse_spec, scale_zp, weight_qparams
+from graphopt.quantizers import Uniform, parse
+from graphopt.quantizers.uniform import fake_quant, fake_quant_np, scale_zp, weight_qparams
 
 # ------------------------------------------------------------------ quantizer properties
-specs = st.builds(QSpec, bits=st.integers(2, 8), signed=st.booleans(), symmetric=st.booleans())
+specs = st.builds(Uniform, bits=st.integers(2, 8), signed=st.booleans(), symmetric=st.booleans())
 
 
 @settings(max_examples=200, deadline=None)
@@ -50,7 +51,7 @@ def test_clamps_outside_the_range(spec, hi, seed):
 def test_per_channel_scales_are_independent(seed, bits, method):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32) * rng.uniform(0.01, 10, (6, 1, 1, 1)).astype(np.float32)
-    spec = QSpec(bits, True, "channel")
+    spec = Uniform(bits, True, "channel")
     s1, _ = weight_qparams(w, spec, 0, method)
     w2 = w.copy()
     w2[3] *= 100  # change one channel only
@@ -81,16 +82,16 @@ def test_block_quantization_groups_along_input_axis():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 70)).astype(np.float32)
     w[:, 32:64] *= 50  # the second block of every row is larger
-    spec = parse_spec("int4:block32", "weights", True)
+    spec = parse("int4:block32", "weights")
     s, _ = weight_qparams(w, spec, 1)
     assert s.shape == (4, 3) and np.all(s[:, 1] > 10 * s[:, 0])
 
 
 def test_spec_parsing_errors():
-    assert str(parse_spec("int4:block32", "w", True)) == "int4:block32"
+    assert str(parse("int4:block32", "w")) == "int4:block32"
     for bad in ("int1", "int8:row", "float8", "int4:block", "int8:channel4", "int17"):
         with pytest.raises(GraphOptError, match="bad w spec"):
-            parse_spec(bad, "w", True)
+            parse(bad, "w")
 
 
 # ------------------------------------------------------------------ quantize + lowering
@@ -253,13 +254,14 @@ def test_presets_parse():
 
 
 def test_gptq_beats_round_to_nearest_on_layer_output():
-    from graphopt.quantizers.uniform import HessianObserver, fake_quant_np, gptq
+    from graphopt.quantizers.gptq import HessianObserver, gptq
+    from graphopt.quantizers.uniform import fake_quant_np
 
     rng = np.random.default_rng(0)
     mix = rng.standard_normal((16, 16))
     x = torch.from_numpy((rng.standard_normal((256, 16)) @ mix).astype(np.float32))  # correlated inputs
     w = rng.standard_normal((8, 16)).astype(np.float32)
-    spec = QSpec(3, True, "channel")
+    spec = Uniform(3, True, "channel")
     s, z = weight_qparams(w, spec, 0)
     h = HessianObserver("Gemm")
     h.update(x)
@@ -280,3 +282,35 @@ def test_gptq_pass_option():
     with torch.no_grad():
         sim = graphopt.to_torch(g)(torch.from_numpy(calib[:8])).numpy()
     assert np.abs(run_ort(to_model(lowered, rep.opset), calib[:8]) - sim).max() <= output_step(g) * 1.001
+
+
+class _Relu6Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(torch.nn.functional.relu6(self.c1(x)))
+
+
+def test_qoperator_fuses_relu6_whose_top_code_is_six_and_says_why_not_elsewhere():
+    """A uint8 range of [0, 6] has a top code of 6 plus float32 rounding: the ReLU6 is still
+    implied (same codes), so the Conv becomes QLinearConv. A skipped layer is listed with why."""
+    torch.manual_seed(0)
+    model = _Relu6Net().eval()
+    calib = (np.random.default_rng(0).standard_normal((32, 3, 8, 8)) * 50).astype(np.float32)  # saturates ReLU6
+    g = from_torch(model, torch.from_numpy(calib[:2]))
+    q = PassManager("quantize", verify_each=True).run(g.copy(), Context(calib=calib)).graph
+    lowered, rep = lower(q, "qoperator")
+    assert rep.fused == 2 and rep.not_fused == {}
+    proto = to_model(lowered, rep.opset)
+    assert [n.op_type for n in proto.graph.node].count("Conv") == 0
+    with torch.no_grad():
+        sim = graphopt.to_torch(q)(torch.from_numpy(calib[:8])).numpy()
+    assert np.abs(run_ort(proto, calib[:8]) - sim).max() <= output_step(q) * 1.001
+    r = PassManager("quantize{skip=[c2]}").run(g.copy(), Context(calib=calib))
+    assert r.stats["quantize"][0]["float_layers"] == {"c2": "matches skip"}
+    _, rep = lower(r.graph, "qoperator")
+    assert rep.not_fused == {"Conv 'c2'": "its weight is not a quantized constant"}
+    assert any("c2" in line and "not lowered to QOperator" in line for line in rep.lines())

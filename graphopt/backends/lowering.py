@@ -27,11 +27,9 @@ from onnx import TensorProto
 
 from graphopt.errors import GraphOptError
 from graphopt.geometry import geometry
-from graphopt.ir import Graph, Node
-from graphopt.quantizers.uniform import DOMAIN, FAKE_QUANT, broadcast_param, fq_range, quantize_np
+from graphopt.ir import Graph, Node, clip_bounds
+from graphopt.quantizers import DOMAIN, from_node, is_fake_quant
 
-INT_TYPES = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8, (16, True): TensorProto.INT16,
-             (16, False): TensorProto.UINT16, (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4}
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat",
                    "DynamicQuantizeMatMul", "QAttention", "MatMulNBits"}
 FLOAT_KERNELS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "ConvTranspose", "NhwcConv"}
@@ -39,68 +37,68 @@ FLOAT_KERNELS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMu
 
 @dataclass
 class LowerReport:
+    """What ``lower`` did. Every quantizer left in float and every layer not fused into a
+    QOperator kernel is listed with its reason."""
+
     format: str
     qdq_pairs: int = 0
     weights: int = 0
-    simulated: list[str] = field(default_factory=list)
+    simulated: list[str] = field(default_factory=list)  # sources of FakeQuants simulated in float
+    simulated_why: dict[str, str] = field(default_factory=dict)  # FakeQuant node -> reason
     fused: int = 0
+    not_fused: dict[str, str] = field(default_factory=dict)  # "op 'source'" -> why no QOperator kernel
+    schemes: dict[str, int] = field(default_factory=dict)  # report line of each quantizer -> count
     opset: int = 0
 
-
-def _np_dtype(elem: int):
-    return onnx.helper.tensor_dtype_to_np_dtype(elem)
-
-
-def _fq_attrs(n: Node):
-    qmin, qmax = fq_range(n)
-    return n.attr("bits", 8), bool(n.attr("signed", 1)), qmin, qmax, n.attr("axis"), n.attr("block_size", 0), n.attr("kind", "act")
+    def lines(self) -> list[str]:
+        """The fall-backs, one line each, for the conversion summary."""
+        out = [f"quantizer '{k}' simulated in float: {why}" for k, why in self.simulated_why.items()]
+        out += [f"{k} not lowered to QOperator: {why}" for k, why in self.not_fused.items()]
+        return out
 
 
 def is_quantized(graph: Graph) -> bool:
-    return any(n.domain == DOMAIN and n.op_type == FAKE_QUANT for n in graph.nodes)
+    return any(is_fake_quant(n) for n in graph.nodes)
 
 
 def lower(graph: Graph, fmt: str) -> tuple[Graph, LowerReport]:
-    """A lowered copy of ``graph`` (FakeQuant-free) and what was done."""
+    """A lowered copy of ``graph`` (FakeQuant-free) and what was done. Each FakeQuant is
+    lowered by its own scheme (``Quantizer.lower``); QOperator fusion then runs on the Q/DQ form."""
     if fmt not in ("qdq", "qoperator", "float"):
         raise GraphOptError(f"unknown format '{fmt}' (float, qdq, qoperator)")
     g = graph.copy()
     rep = LowerReport(fmt)
-    fqs = [n for n in g.nodes if n.domain == DOMAIN and n.op_type == FAKE_QUANT]
+    fqs = [n for n in g.nodes if is_fake_quant(n)]
     if fmt != "float" and not fqs:
         raise GraphOptError(f"--format {fmt} needs a quantized graph: add 'quantize' to the pipeline "
                             "(or use --preset int8)")
+    quantizers = {n: from_node(n) for n in fqs}
     if fmt == "qoperator":
-        bad = [n for n in fqs if n.attr("kind", "act") != "bias" and n.attr("bits", 8) != 8]
-        if bad:
-            n = bad[0]
-            raise GraphOptError(f"--format qoperator supports 8-bit weights and activations only (QLinearConv/"
-                                f"QLinearMatMul); '{n.source}' has a {n.attr('bits')}-bit {n.attr('kind', 'act')} "
-                                "quantizer: use --format qdq")
+        for n, q in quantizers.items():
+            if n.attr("kind", "act") != "bias" and q.integer_bits() != 8:
+                raise GraphOptError(f"--format qoperator supports 8-bit weights and activations only (QLinearConv/"
+                                    f"QLinearMatMul); '{n.source}' has a {q.describe()} {n.attr('kind', 'act')} "
+                                    "quantizer: use --format qdq")
     need = g.opset_imports.get("", 13)
-    for n in fqs:
-        bits, signed, qmin, qmax, axis, block, kind = _fq_attrs(n)
+    for n, q in quantizers.items():
         is_const = g.const_value(n.inputs[0]) is not None
-        elem = TensorProto.INT32 if (bits == 32 and signed and kind == "bias" and is_const) else INT_TYPES.get((bits, signed))
-        if fmt == "float" or elem is None or (fmt != "float" and not is_const and bits == 32):
-            _simulate(g, n, qmin, qmax)
+        line = q.describe()
+        rep.schemes[line] = rep.schemes.get(line, 0) + 1
+        name = n.name
+        done = q.lower(g, n, fmt)
+        need = max(need, done.opset)
+        if not done.integer:
             if fmt != "float":
                 rep.simulated.append(n.source)
+                rep.simulated_why[name] = done.reason
             continue
-        if bits in (4, 16) or block:
-            need = max(need, 21)
-        else:
-            need = max(need, 13)
-        _qdq(g, n, elem, qmin, qmax, axis, block, is_const)
         rep.weights += int(is_const)
         rep.qdq_pairs += int(not is_const)
     if not any(n.domain == DOMAIN for n in g.nodes):
         g.opset_imports.pop(DOMAIN, None)
     if fmt == "qoperator":
-        rep.fused = _to_qoperator(g)
-    from graphopt.passes.canonicalize import EliminateDead
-
-    EliminateDead()(g)
+        rep.fused = _to_qoperator(g, rep.not_fused)
+    g.eliminate_dead()
     rep.opset = max(g.opset_imports.get("", 13), need)
     g.model_meta["required_opset"] = rep.opset
     return g, rep
@@ -165,75 +163,6 @@ def to_model(g: Graph, opset: int) -> onnx.ModelProto:
     return to_onnx(from_model_proto(conv, infer_shapes=False))
 
 
-def _scale_zp(g: Graph, n: Node, elem: int):
-    s = np.asarray(g.const_value(n.inputs[1]), np.float32)
-    z = np.asarray(g.const_value(n.inputs[2]), np.float32)
-    return s, z, z.astype(_np_dtype(elem))
-
-
-def _qdq(g: Graph, n: Node, elem: int, qmin: int, qmax: int, axis, block: int, is_const: bool) -> None:
-    x = n.inputs[0]
-    s, z, zt = _scale_zp(g, n, elem)
-    attrs = {}
-    if axis is not None and s.size > 1:
-        attrs["axis"] = int(axis)
-    if block:
-        attrs["block_size"] = int(block)
-    sc = g.add_const(s, f"{x.name}_scale")
-    zc = g.add_const(zt, f"{x.name}_zero_point")
-    out = n.outputs[0]
-    if is_const:
-        w = np.asarray(g.const_value(x), np.float32)
-        dim = w.shape[axis] if axis is not None else None
-        sb, zb = (broadcast_param(p, w.ndim, axis, block, dim) for p in (s, z))
-        q = quantize_np(w, sb, zb, qmin, qmax).astype(_np_dtype(elem))
-        qc = g.add_const(q, f"{x.name}_quantized")
-        dq = g.add_node("DequantizeLinear", [qc, sc, zc], [out.name + "_dq"], attrs=attrs, source=n.source,
-                        name=g.unique_node_name(n.name + "_dq"))
-    else:
-        q = g.add_node("QuantizeLinear", [x, sc, zc], [x.name + "_quantized"], attrs=attrs, source=n.source,
-                       name=g.unique_node_name(n.name + "_q"))
-        q.outputs[0].dtype, q.outputs[0].shape = elem, x.shape
-        dq = g.add_node("DequantizeLinear", [q.outputs[0], sc, zc], [out.name + "_dq"], attrs=attrs, source=n.source,
-                        name=g.unique_node_name(n.name + "_dq"))
-    dq.outputs[0].dtype, dq.outputs[0].shape = out.dtype or TensorProto.FLOAT, out.shape
-    g.replace_all_uses(out, dq.outputs[0])
-    g.remove_node(n)
-    if not x.uses and x.const is not None:
-        g.remove_const(x)
-
-
-def _simulate(g: Graph, n: Node, qmin: int, qmax: int) -> None:
-    """FakeQuant as float ops: ((clip(round(x / s) + z, qmin, qmax)) - z) * s, broadcast per axis."""
-    x, out = n.inputs[0], n.outputs[0]
-    s, z, _ = _scale_zp(g, n, TensorProto.FLOAT)
-    axis, block = n.attr("axis"), n.attr("block_size", 0)
-    rank = len(x.shape) if x.shape is not None else (np.asarray(g.const_value(x)).ndim if x.const is not None else None)
-    if axis is not None and s.size > 1:
-        if rank is None:
-            raise GraphOptError(f"cannot simulate per-channel FakeQuant '{n.name}' on a value of unknown rank")
-        dim = x.shape[axis] if x.shape is not None else None
-        s = broadcast_param(s, rank, axis % rank, block, dim)
-        z = broadcast_param(z, rank, axis % rank, block, dim)
-    sc, zc = g.add_const(s.astype(np.float32), f"{x.name}_scale"), g.add_const(z.astype(np.float32), f"{x.name}_zp")
-    lo, hi = g.add_const(np.array(qmin, np.float32), f"{x.name}_qmin"), g.add_const(np.array(qmax, np.float32),
-                                                                                  f"{x.name}_qmax")
-
-    def node(op, ins, tag):
-        m = g.add_node(op, ins, [f"{out.name}_{tag}"], source=n.source, name=g.unique_node_name(f"{n.name}_{tag}"))
-        m.outputs[0].dtype, m.outputs[0].shape = out.dtype or TensorProto.FLOAT, out.shape
-        return m.outputs[0]
-
-    v = node("Div", [x, sc], "div")
-    v = node("Round", [v], "round")
-    v = node("Add", [v, zc], "addzp")
-    v = node("Clip", [v, lo, hi], "clip")
-    v = node("Sub", [v, zc], "subzp")
-    v = node("Mul", [v, sc], "mul")
-    g.replace_all_uses(out, v)
-    g.remove_node(n)
-
-
 # ------------------------------------------------------------------ QOperator
 def _dq_parts(g: Graph, v):
     """(quantized value, scale, zero point, DQ node) if v = DequantizeLinear(...), else None."""
@@ -245,12 +174,14 @@ def _dq_parts(g: Graph, v):
 
 def _output_q(g: Graph, n: Node):
     """Follow n's output through an optional Relu/Clip to a sole QuantizeLinear.
-    Returns (Q node, [activation nodes]) or None."""
+    Returns (Q node, [activation nodes]), or why there is none."""
     v = n.outputs[0]
     acts = []
     while True:
-        if len(v.uses) != 1 or v.is_graph_output:
-            return None
+        if v.is_graph_output:
+            return "its output is a graph output in float"
+        if len(v.uses) != 1:
+            return f"its output has {len(v.uses)} readers (a QLinear op writes one quantized tensor)"
         (u,) = v.users()
         if u.op_type == "QuantizeLinear" and u.inputs[0] is v:
             return u, acts
@@ -258,91 +189,108 @@ def _output_q(g: Graph, n: Node):
             acts.append(u)
             v = u.outputs[0]
             continue
-        return None
+        return f"its output goes to {u.op_type} '{u.source}' in float, not to a quantizer"
 
 
 def _act_implied(g: Graph, acts: list[Node], q: Node) -> bool:
-    """Whether the output quantizer's range already does what the ReLU/Clip does."""
+    """Whether quantizing straight away gives the same codes as the ReLU/Clip then quantizing:
+    the activation's bounds must land on (or beyond) the quantizer's end codes. Compared in
+    codes, with QuantizeLinear's float32 division and rounding, so a scale of 6/255 (whose top
+    code is 6 plus a rounding error) still implies ReLU6."""
     if not acts:
         return True
-    s = float(np.asarray(g.const_value(q.inputs[1])).reshape(-1)[0])
+    s = np.float32(np.asarray(g.const_value(q.inputs[1])).reshape(-1)[0])
     zt = np.asarray(g.const_value(q.inputs[2]))
-    info = np.iinfo(zt.dtype) if zt.dtype.kind in "iu" else None
-    if info is None:
+    if zt.dtype.kind not in "iu":
         return False
-    z = float(zt.reshape(-1)[0])
-    lo, hi = (info.min - z) * s, (info.max - z) * s
+    info = np.iinfo(zt.dtype)
+    z = int(zt.reshape(-1)[0])
     a = acts[0]
-    if a.op_type == "Relu":
-        return lo >= 0.0
-    from graphopt.passes._layers import clip_bounds
-
-    b = clip_bounds(g, a)
+    b = (0.0, None) if a.op_type == "Relu" else clip_bounds(g, a)
     if b is None:
         return False
-    cmin = -np.inf if b[0] is None else b[0]
-    cmax = np.inf if b[1] is None else b[1]
-    return lo >= cmin and hi <= cmax
+
+    def code(c):
+        return int(np.round(np.float32(c) / s)) + z
+
+    low_ok = b[0] is None or code(b[0]) <= info.min
+    high_ok = b[1] is None or code(b[1]) >= info.max
+    return low_ok and high_ok
 
 
-def _to_qoperator(g: Graph) -> int:
+def _to_qoperator(g: Graph, not_fused: dict[str, str]) -> int:
+    """Fuse DQ -> Conv/MatMul/Gemm -> [Relu/Clip] -> Q into integer ops. Every layer left as
+    Q/DQ around a float op is recorded in ``not_fused`` with its reason."""
     fused = 0
     for n in list(g.nodes):
         if n.domain != "" or n.op_type not in ("Conv", "MatMul", "Gemm") or n.graph is None:
             continue
-        xp, wp = _dq_parts(g, n.inputs[0]), _dq_parts(g, n.inputs[1])
-        if xp is None or wp is None or g.const_value(wp[0]) is None or xp[0].producer is None:
-            continue
-        if n.op_type == "Gemm":
-            fused += _gemm_integer(g, n, xp, wp)
-            continue
-        out = _output_q(g, n)
-        if out is None:
-            continue
-        q, acts = out
-        if not _act_implied(g, acts, q):
-            continue
-        if np.asarray(g.const_value(xp[1])).size != 1 or np.asarray(g.const_value(q.inputs[1])).size != 1:
-            continue
-        if n.op_type == "Conv":
-            bias = None
-            if len(n.inputs) > 2 and n.inputs[2] is not None:
-                bp = _dq_parts(g, n.inputs[2])
-                if bp is None or g.const_value(bp[0]) is None:
-                    continue
-                bias = bp[0]
-            ins = [xp[0], xp[1], xp[2], wp[0], wp[1], wp[2], q.inputs[1], q.inputs[2]] + ([bias] if bias else [])
-            new = g.add_node("QLinearConv", ins, [q.outputs[0].name + "_qlinear"], attrs=dict(n.attrs),
-                             source=n.source, name=g.unique_node_name(n.name + "_qlinear"))
+        why = _fuse(g, n)
+        if why is None:
+            fused += 1
         else:
-            new = g.add_node("QLinearMatMul", [xp[0], xp[1], xp[2], wp[0], wp[1], wp[2], q.inputs[1], q.inputs[2]],
-                             [q.outputs[0].name + "_qlinear"], source=n.source,
-                             name=g.unique_node_name(n.name + "_qlinear"))
-        new.outputs[0].dtype, new.outputs[0].shape = q.outputs[0].dtype, q.outputs[0].shape
-        g.replace_all_uses(q.outputs[0], new.outputs[0])
-        fused += 1
+            not_fused[f"{n.op_type} '{n.source}'"] = why
     return fused
 
 
-def _gemm_integer(g: Graph, n: Node, xp, wp) -> int:
+def _fuse(g: Graph, n: Node) -> str | None:
+    """Replace one layer by its QOperator form; None when done, else why it cannot be."""
+    xp, wp = _dq_parts(g, n.inputs[0]), _dq_parts(g, n.inputs[1])
+    if xp is None or xp[0].producer is None:
+        return "its input is not quantized"
+    if wp is None or g.const_value(wp[0]) is None:
+        return "its weight is not a quantized constant"
+    if n.op_type == "Gemm":
+        return _gemm_integer(g, n, xp, wp)
+    out = _output_q(g, n)
+    if isinstance(out, str):
+        return out
+    q, acts = out
+    if not _act_implied(g, acts, q):
+        return (f"the output quantizer's range does not imply the {acts[0].op_type} after the layer, "
+                "and QLinear ops have no fused activation")
+    if np.asarray(g.const_value(xp[1])).size != 1 or np.asarray(g.const_value(q.inputs[1])).size != 1:
+        return "per-channel activation scales (QLinear ops take one input and one output scale)"
+    if n.op_type == "Conv":
+        bias = None
+        if len(n.inputs) > 2 and n.inputs[2] is not None:
+            bp = _dq_parts(g, n.inputs[2])
+            if bp is None or g.const_value(bp[0]) is None:
+                return "its bias is not an int32 constant (QLinearConv takes an int32 bias)"
+            bias = bp[0]
+        ins = [xp[0], xp[1], xp[2], wp[0], wp[1], wp[2], q.inputs[1], q.inputs[2]] + ([bias] if bias else [])
+        new = g.add_node("QLinearConv", ins, [q.outputs[0].name + "_qlinear"], attrs=dict(n.attrs),
+                         source=n.source, name=g.unique_node_name(n.name + "_qlinear"))
+    else:
+        new = g.add_node("QLinearMatMul", [xp[0], xp[1], xp[2], wp[0], wp[1], wp[2], q.inputs[1], q.inputs[2]],
+                         [q.outputs[0].name + "_qlinear"], source=n.source,
+                         name=g.unique_node_name(n.name + "_qlinear"))
+    new.outputs[0].dtype, new.outputs[0].shape = q.outputs[0].dtype, q.outputs[0].shape
+    g.replace_all_uses(q.outputs[0], new.outputs[0])
+    return None
+
+
+def _gemm_integer(g: Graph, n: Node, xp, wp) -> str | None:
     """DQ(x) -> Gemm(DQ(W), DQ(b)) as MatMulInteger(x_q, W^T_q) + b_q -> Cast -> Mul(s_x * s_w)."""
     if n.attr("transA", 0) or n.attr("alpha", 1.0) != 1.0 or n.attr("beta", 1.0) != 1.0:
-        return 0
+        return "Gemm with transA or alpha/beta != 1"
     w_q = np.asarray(g.const_value(wp[0]))
     w_s = np.asarray(g.const_value(wp[1]), np.float32)
     w_z = np.asarray(g.const_value(wp[2]))
     x_s = np.asarray(g.const_value(xp[1]), np.float32)
-    if x_s.size != 1 or np.any(w_z != 0) or w_q.dtype != np.int8:
-        return 0
+    if x_s.size != 1:
+        return "per-channel input scale (MatMulInteger's rescale takes one)"
+    if np.any(w_z != 0) or w_q.dtype != np.int8:
+        return "weights are not symmetric int8"
     w_q = np.ascontiguousarray(geometry(n).in_view(w_q))  # [K, N], as MatMulInteger reads it
     bias = None
     if len(n.inputs) > 2 and n.inputs[2] is not None:
         bp = _dq_parts(g, n.inputs[2])
         if bp is None or g.const_value(bp[0]) is None:
-            return 0
+            return "its bias is not an int32 constant"
         bias = np.asarray(g.const_value(bp[0]))
         if bias.dtype != np.int32:
-            return 0
+            return f"its bias is {bias.dtype}, not int32"
     wc = g.add_const(w_q, f"{n.name}_WT_quantized")
     wz = g.add_const(np.zeros(w_q.shape[1] if w_z.size > 1 else (), np.int8), f"{n.name}_W_zero_point")
     mm = g.add_node("MatMulInteger", [xp[0], wc, xp[2], wz], [n.outputs[0].name + "_int32"], source=n.source,
@@ -360,7 +308,7 @@ def _gemm_integer(g: Graph, n: Node, xp, wp) -> int:
     mul.outputs[0].dtype, mul.outputs[0].shape = n.outputs[0].dtype, n.outputs[0].shape
     g.replace_all_uses(n.outputs[0], mul.outputs[0])
     g.remove_node(n)
-    return 1
+    return None
 
 
 # ------------------------------------------------------------------ onnxruntime's verdict

@@ -321,9 +321,10 @@ class _Builder:
         self.train_bn = False
 
     # inputs --------------------------------------------------------------
-    def value(self, v: Value | None, trainable: bool = True):
-        """The fx node for ``v``; a float constant of rank >= 1 becomes an nn.Parameter
-        unless ``trainable`` is False (then a buffer)."""
+    def value(self, v: Value | None, trainable: bool | None = None):
+        """The fx node for ``v``. A constant becomes an nn.Parameter when ``trainable`` is True
+        (any float constant, scalars included: a learnable quantizer scale) or, by default, when
+        it is a float tensor of rank >= 1 (weights, biases); otherwise a buffer."""
         if v is None:
             return None
         if v in self.env:
@@ -333,7 +334,9 @@ class _Builder:
             raise GraphOptError(f"value '{v.name}' is used before it is defined")
         attr = _attr_name(v.name, self.taken)
         t = torch.from_numpy(np.array(arr, copy=True))
-        if trainable and v.const is not None and is_param(np.asarray(arr)):
+        a = np.asarray(arr)
+        param = is_param(a) if trainable is None else (trainable and np.issubdtype(a.dtype, np.floating))
+        if param and v.const is not None:
             self.root.register_parameter(attr, nn.Parameter(t))
             self.param_names[v.name] = attr
         else:
@@ -686,12 +689,12 @@ def _variadic(b, n):
 
 @lowering("FakeQuant", domain="ai.graphopt")
 def _fake_quant(b, n):
-    from graphopt.quantizers.uniform import fake_quant, fq_range
+    from graphopt.quantizers import from_node
 
-    qmin, qmax = fq_range(n)
-    scale = b.value(n.inputs[1], trainable=bool(n.attr("learnable", 0)))
-    zp = b.value(n.inputs[2], trainable=False)
-    return [b.call(fake_quant, b.inp(n, 0), scale, zp, qmin, qmax, n.attr("axis"), n.attr("block_size", 0))]
+    q = from_node(n)  # the scheme owns the maths and says which parameters train
+    fn, static = q.torch_function(n.attr("axis"))
+    params = [b.value(n.inputs[i], trainable=q.trainable(name)) for i, name in enumerate(q.param_names, start=1)]
+    return [b.call(fn, b.inp(n, 0), *params, *static)]
 
 
 # --------------------------------------------------------------------------- module

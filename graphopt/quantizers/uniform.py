@@ -1,31 +1,41 @@
-"""Quantizer maths: specs, scale/zero-point selection, fake quantization.
+"""The uniform affine scheme (``scheme="uniform"``): ONNX's QuantizeLinear + DequantizeLinear.
 
-A ``FakeQuant`` node (domain ``ai.graphopt``) carries one uniform affine quantizer:
-inputs ``(x, scale, zero_point)``, attributes ``bits``, ``signed``, ``narrow`` (symmetric
-range without the most negative code), ``axis`` (per channel or per block; absent means per
-tensor), ``block_size`` (0 = none) and ``kind`` (``weight``, ``act`` or ``bias``). Its value is
+Spec text: ``(u)int<bits>[:tensor|channel|block<size>][:sym|asym]``, e.g. ``int8:channel``,
+``uint8:tensor``, ``int4:block32``. Signed specs are symmetric by default (zero point 0),
+unsigned ones asymmetric. Parameters: ``scale`` and ``zero_point``. Attributes: ``bits``,
+``signed``, ``narrow`` (symmetric range without the most negative code), ``block_size`` (0 =
+none) and ``learnable`` (the torch back end trains the scale). Its value is
 
     y = (clamp(round_half_even(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
-which is, operation for operation, ONNX's QuantizeLinear followed by DequantizeLinear. So the
-torch simulation and onnxruntime's integer model agree to the last code, except where the
-integer kernels accumulate in a different order.
+which is, operation for operation, QuantizeLinear followed by DequantizeLinear. So the torch
+simulation and onnxruntime's integer model agree to the last code, except where the integer
+kernels accumulate in a different order. In training, the rounding passes the gradient
+straight through; the clamp zeroes it outside the range; and the scale and zero point get
+their true gradients (the LSQ form), so a learnable range can train.
 
-All maths is vectorized over channels (numpy for static weights, torch for data).
+Lowering: Q/DQ on 4-, 8- and 16-bit integer types (int32 for biases), which onnxruntime fuses
+into integer kernels; any other bit width is simulated exactly in float ops, and the report
+says why. All maths is vectorized over channels (numpy for static weights, torch for data).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
+import onnx
 import torch
+from onnx import TensorProto
 
 from graphopt.errors import GraphOptError
+from graphopt.quantizers.base import Lowered, Quantizer, register
 
-DOMAIN = "ai.graphopt"
-FAKE_QUANT = "FakeQuant"
+INT_TYPES = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8, (16, True): TensorProto.INT16,
+             (16, False): TensorProto.UINT16, (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
+             (32, True): TensorProto.INT32}
 
 
 def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
@@ -35,14 +45,18 @@ def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-def fq_range(node) -> tuple[int, int]:
-    """qmin, qmax of a FakeQuant node from its attributes."""
-    return qrange(node.attr("bits", 8), bool(node.attr("signed", 1)), bool(node.attr("narrow", 0)))
+_SPEC_RE = re.compile(r"^(u?int)(\d+)(?::(tensor|channel|block)(\d*))?(?::(sym|asym))?$")
 
 
+@register
 @dataclass(frozen=True)
-class QSpec:
-    """What a quantizer is: bits, signedness, granularity, symmetry."""
+class Uniform(Quantizer):
+    """Uniform affine quantization: bits, signedness, granularity, symmetry."""
+
+    scheme = "uniform"
+    keywords = ("int", "uint")
+    param_names = ("scale", "zero_point")
+    doc = "(u)int<bits>[:tensor|channel|block<size>][:sym|asym]: uniform affine, ONNX Q/DQ (integer kernels)"
 
     bits: int = 8
     signed: bool = True
@@ -50,6 +64,7 @@ class QSpec:
     block_size: int = 0
     symmetric: bool = True
     narrow: bool = False
+    learnable: bool = False
 
     @property
     def qmin(self) -> int:
@@ -63,33 +78,165 @@ class QSpec:
         s = f"{'int' if self.signed else 'uint'}{self.bits}:{self.granularity}"
         if self.granularity == "block":
             s += str(self.block_size)
+        if self.symmetric != self.signed:
+            s += ":sym" if self.symmetric else ":asym"
         return s
 
+    def with_bits(self, bits: int) -> "Uniform":
+        return replace(self, bits=int(bits))
 
-_SPEC_RE = re.compile(r"^(u?int)(\d+)(?::(tensor|channel|block)(\d*))?(?::(sym|asym))?$")
+    # -- spec text -----------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str, what: str) -> "Uniform":
+        m = _SPEC_RE.match(str(text).strip().lower())
+        if not m:
+            raise GraphOptError(f"bad {what} spec '{text}': expected e.g. int8:channel, uint8:tensor, int4:block32")
+        kind, bits, gran, block, sym = m.groups()
+        bits = int(bits)
+        if not 2 <= bits <= 16:
+            raise GraphOptError(f"bad {what} spec '{text}': bits must be 2..16")
+        gran = gran or "tensor"
+        block_size = int(block) if block else 0
+        if gran == "block" and block_size <= 0:
+            raise GraphOptError(f"bad {what} spec '{text}': block needs a size, e.g. block32")
+        if gran != "block" and block:
+            raise GraphOptError(f"bad {what} spec '{text}': only block takes a size")
+        signed = kind == "int"
+        symmetric = signed if sym is None else sym == "sym"
+        return cls(bits, signed, gran, block_size, symmetric)
+
+    # -- node attributes -----------------------------------------------------
+    def to_attrs(self) -> dict[str, Any]:
+        a = {"bits": self.bits, "signed": int(self.signed), "narrow": int(self.narrow)}
+        if self.granularity == "block":
+            a["block_size"] = self.block_size
+        if not self.symmetric:
+            a["symmetric"] = 0
+        if self.learnable:
+            a["learnable"] = 1
+        return a
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "Uniform":
+        block = int(attrs.get("block_size", 0) or 0)
+        gran = "block" if block else ("tensor" if attrs.get("axis") is None else "channel")
+        return cls(int(attrs.get("bits", 8)), bool(attrs.get("signed", 1)), gran, block,
+                   bool(attrs.get("symmetric", 1)), bool(attrs.get("narrow", 0)), bool(attrs.get("learnable", 0)))
+
+    # -- parameters ----------------------------------------------------------
+    def weight_params(self, w, out_axis, in_axis, method="minmax"):
+        axis = {"tensor": None, "channel": out_axis, "block": in_axis}[self.granularity]
+        s, z = weight_qparams(w, self, axis if axis is not None else 0, method)
+        if axis is None:
+            s, z = s.reshape(()), z.reshape(())
+        return {"scale": s, "zero_point": z}, axis
+
+    def act_params(self, lo, hi):
+        s, z = scale_zp(np.array(lo), np.array(hi), self)
+        return {"scale": s.reshape(()), "zero_point": z.reshape(())}
+
+    # -- maths ---------------------------------------------------------------
+    def apply_np(self, x, params, axis):
+        x = np.asarray(x, np.float32)
+        dim = x.shape[axis] if axis is not None else None
+        s, z = (broadcast_param(params[k], x.ndim, axis, self.block_size, dim) for k in ("scale", "zero_point"))
+        return fake_quant_np(x, s, z, self.qmin, self.qmax)
+
+    def codes_np(self, x, params, axis) -> np.ndarray:
+        """The integer codes of ``x`` (as float64)."""
+        x = np.asarray(x, np.float32)
+        dim = x.shape[axis] if axis is not None else None
+        s, z = (broadcast_param(params[k], x.ndim, axis, self.block_size, dim) for k in ("scale", "zero_point"))
+        return quantize_np(x, s, z, self.qmin, self.qmax)
+
+    def torch_function(self, axis):
+        return fake_quant, (self.qmin, self.qmax, axis, self.block_size)
+
+    def trainable(self, param: str) -> bool:
+        return self.learnable and param == "scale"
+
+    # -- ONNX ----------------------------------------------------------------
+    def integer_bits(self) -> int | None:
+        return self.bits
+
+    def integer_type(self, kind: str, is_const: bool) -> tuple[int | None, str]:
+        """The ONNX integer type that holds this quantizer's codes, or (None, why not)."""
+        if self.bits == 32 and not (self.signed and kind == "bias" and is_const):
+            return None, "32-bit codes exist only for constant int32 biases"
+        elem = INT_TYPES.get((self.bits, self.signed))
+        if elem is None:
+            return None, f"no ONNX integer type holds {self.bits}-bit {'signed' if self.signed else 'unsigned'} codes"
+        return elem, ""
+
+    def lower(self, graph, node, fmt):
+        is_const = graph.const_value(node.inputs[0]) is not None
+        elem, why = self.integer_type(node.attr("kind", "act"), is_const)
+        if fmt == "float" or elem is None:
+            _simulate(graph, node, self)
+            return Lowered(False, 13, "float format asked for" if fmt == "float" else why)
+        opset = 21 if (self.bits in (4, 16) or self.block_size) else 13
+        _qdq(graph, node, self, elem, is_const)
+        return Lowered(True, opset)
+
+    def describe(self) -> str:
+        sym = "symmetric" if self.symmetric else "asymmetric"
+        return f"uniform {self} ({sym}{', learnable scale' if self.learnable else ''})"
 
 
-def parse_spec(text: str, what: str, default_symmetric: bool) -> QSpec:
-    """``int8:channel``, ``uint8:tensor``, ``int4:block32``, ``int8:tensor:asym`` ..."""
-    m = _SPEC_RE.match(text.strip().lower())
-    if not m:
-        raise GraphOptError(f"bad {what} spec '{text}': expected e.g. int8:channel, uint8:tensor, int4:block32")
-    kind, bits, gran, block, sym = m.groups()
-    bits = int(bits)
-    if not 2 <= bits <= 16:
-        raise GraphOptError(f"bad {what} spec '{text}': bits must be 2..16")
-    gran = gran or "tensor"
-    block_size = int(block) if block else 0
-    if gran == "block" and block_size <= 0:
-        raise GraphOptError(f"bad {what} spec '{text}': block needs a size, e.g. block32")
-    if gran != "block" and block:
-        raise GraphOptError(f"bad {what} spec '{text}': only block takes a size")
-    symmetric = default_symmetric if sym is None else sym == "sym"
-    return QSpec(bits, kind == "int", gran, block_size, symmetric, narrow=False)
+# ------------------------------------------------------------------ the formula, once per library
+def fake_quant_np(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Broadcasted numpy fake quantization (scale/zp already shaped to broadcast), in x's float
+    dtype (float32 for tensors; the histogram search uses float64)."""
+    x = np.asarray(x)
+    if x.dtype != np.float64:
+        x = x.astype(np.float32)
+    q = np.clip(np.round(x / scale) + zp, qmin, qmax)
+    return ((q - zp) * scale).astype(x.dtype)
 
 
-# ------------------------------------------------------------------ scale selection
-def scale_zp(lo: np.ndarray, hi: np.ndarray, spec: QSpec) -> tuple[np.ndarray, np.ndarray]:
+def quantize_np(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Integer codes as float64 (exact for every bit width up to 32). The division is float32,
+    as in QuantizeLinear; the clip is float64, where 2**31 - 1 is representable."""
+    q = np.round(np.asarray(x, np.float32) / np.asarray(scale, np.float32)).astype(np.float64)
+    return np.clip(q + np.asarray(zp, np.float64), qmin, qmax)
+
+
+def fake_quant_torch(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The formula in torch, scale and zero point already broadcastable; gradient-free rounding."""
+    return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+               axis: int | None, block_size: int) -> torch.Tensor:
+    """QuantizeLinear + DequantizeLinear in float, as the torch back end runs it (calibration,
+    bias correction, QAT). With gradients: the rounding is straight-through, so dy/dx is 1 inside
+    the range and 0 outside; dy/dscale and dy/dzero_point are their exact values given that
+    rounding (LSQ's form), so a learnable scale trains."""
+    s, z = scale, zero_point
+    if axis is not None and s.dim() > 0 and s.numel() > 1:
+        ax = axis % x.dim()
+        if block_size:
+            s = torch.repeat_interleave(s, block_size, dim=ax).narrow(ax, 0, x.shape[ax])
+            z = torch.repeat_interleave(z, block_size, dim=ax).narrow(ax, 0, x.shape[ax])
+        else:
+            shape = [1] * x.dim()
+            shape[ax] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+    if not (x.requires_grad or s.requires_grad or z.requires_grad):
+        return fake_quant_torch(x, s, z, qmin, qmax)
+    u = x / s
+    r = torch.round(u).detach() + (u - u.detach())  # value round(u) exactly, gradient of u
+    return (torch.clamp(r + z, qmin, qmax) - z) * s
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    noise = float(np.sum((np.asarray(ref, np.float64) - test) ** 2))
+    sig = float(np.sum(np.asarray(ref, np.float64) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(max(sig, 1e-30) / noise)
+
+
+# ------------------------------------------------------------------ parameter choice
+def scale_zp(lo: np.ndarray, hi: np.ndarray, spec: Uniform) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point that make [lo, hi] representable (0 always exactly representable)."""
     lo = np.minimum(np.asarray(lo, np.float64), 0.0)
     hi = np.maximum(np.asarray(hi, np.float64), 0.0)
@@ -110,20 +257,6 @@ def scale_zp(lo: np.ndarray, hi: np.ndarray, spec: QSpec) -> tuple[np.ndarray, n
     return scale.astype(np.float32), zp.astype(np.float32)
 
 
-def fake_quant_np(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-    """Broadcasted numpy fake quantization (scale/zp already shaped to broadcast)."""
-    x = np.asarray(x, np.float32)
-    q = np.clip(np.round(x / scale) + zp, qmin, qmax)
-    return ((q - zp) * scale).astype(np.float32)
-
-
-def quantize_np(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-    """Integer codes as float64 (exact for every bit width up to 32). The division is float32,
-    as in QuantizeLinear; the clip is float64, where 2**31 - 1 is representable."""
-    q = np.round(np.asarray(x, np.float32) / np.asarray(scale, np.float32)).astype(np.float64)
-    return np.clip(q + np.asarray(zp, np.float64), qmin, qmax)
-
-
 def broadcast_param(p: np.ndarray, ndim: int, axis: int | None, block: int = 0, dim_size: int | None = None) -> np.ndarray:
     """Shape a per-channel/per-block parameter to broadcast against a tensor of rank ndim."""
     p = np.asarray(p, np.float32)
@@ -139,7 +272,7 @@ def broadcast_param(p: np.ndarray, ndim: int, axis: int | None, block: int = 0, 
     return p.reshape(shape)
 
 
-def weight_qparams(w: np.ndarray, spec: QSpec, axis: int, method: str = "minmax",
+def weight_qparams(w: np.ndarray, spec: Uniform, axis: int, method: str = "minmax",
                    grid: int = 40) -> tuple[np.ndarray, np.ndarray]:
     """Per-tensor / per-channel / per-block scale and zero point for a weight tensor.
 
@@ -162,8 +295,7 @@ def weight_qparams(w: np.ndarray, spec: QSpec, axis: int, method: str = "minmax"
         gt = torch.from_numpy(np.ascontiguousarray(groups))
         for r in ratios:  # grid points in sequence, all channels at once
             s, z = scale_zp(lo * r, hi * r, spec)
-            st, zt = torch.from_numpy(s)[:, None], torch.from_numpy(z)[:, None]
-            q = (torch.clamp(torch.round(gt / st) + zt, spec.qmin, spec.qmax) - zt) * st
+            q = fake_quant_torch(gt, torch.from_numpy(s)[:, None], torch.from_numpy(z)[:, None], spec.qmin, spec.qmax)
             err = ((q - gt) ** 2).sum(1).double().numpy()
             better = err < best_err
             best_err = np.where(better, err, best_err)
@@ -197,37 +329,8 @@ def _block_param_layout(p: np.ndarray, wshape, axis: int, nblocks: int) -> np.nd
     return np.moveaxis(np.asarray(p, np.float32).reshape(moved), -1, axis)
 
 
-# ------------------------------------------------------------------ torch fake quant
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-               axis: int | None, block_size: int) -> torch.Tensor:
-    """QuantizeLinear + DequantizeLinear in float, with a straight-through gradient inside the
-    range (zero outside it). Used by the torch back end for calibration, bias correction and QAT."""
-    s, z = scale, zero_point
-    if axis is not None and s.dim() > 0 and s.numel() > 1:
-        ax = axis % x.dim()
-        if block_size:
-            s = torch.repeat_interleave(s, block_size, dim=ax).narrow(ax, 0, x.shape[ax])
-            z = torch.repeat_interleave(z, block_size, dim=ax).narrow(ax, 0, x.shape[ax])
-        else:
-            shape = [1] * x.dim()
-            shape[ax] = -1
-            s, z = s.reshape(shape), z.reshape(shape)
-    q = torch.round(x / s) + z
-    y = (torch.clamp(q, qmin, qmax) - z) * s
-    if not x.requires_grad:
-        return y
-    inside = ((q >= qmin) & (q <= qmax)).to(x.dtype)
-    return y.detach() + (x - x.detach()) * inside  # STE: d y / d x = 1 inside the range
-
-
-def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    noise = float(np.sum((np.asarray(ref, np.float64) - test) ** 2))
-    sig = float(np.sum(np.asarray(ref, np.float64) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(max(sig, 1e-30) / noise)
-
-
 # ------------------------------------------------------------------ activation ranges
-def range_from_histogram(counts: np.ndarray, lo: float, hi: float, spec: QSpec, method: str,
+def range_from_histogram(counts: np.ndarray, lo: float, hi: float, spec: Uniform, method: str,
                          percentile: float = 99.99, grid: int = 64) -> tuple[float, float]:
     """Pick the quantization range of one tensor from its histogram over [lo, hi].
 
@@ -252,80 +355,78 @@ def range_from_histogram(counts: np.ndarray, lo: float, hi: float, spec: QSpec, 
         cand_lo, cand_hi = lo * ratios, hi * ratios
         scale, zp = scale_zp(cand_lo, cand_hi, spec)  # [grid]
         s, z = scale[:, None].astype(np.float64), zp[:, None].astype(np.float64)
-        q = (np.clip(np.round(centres[None, :] / s) + z, spec.qmin, spec.qmax) - z) * s
+        q = fake_quant_np(np.broadcast_to(centres[None, :], (grid, centres.size)), s, z, spec.qmin, spec.qmax)
         err = ((q - centres[None, :]) ** 2 * counts[None, :]).sum(1)
         best = int(np.argmin(err))
         return float(cand_lo[best]), float(cand_hi[best])
     raise GraphOptError(f"unknown activation calibration method '{method}' (minmax, percentile, mse)")
 
 
-# ------------------------------------------------------------------ GPTQ (optimal brain quantization)
-class HessianObserver:
-    """Streams H = sum x x^T of a linear layer's input, im2col-unfolded like the layer reads it,
-    one K x K matrix per conv group (K = input channels per group x kernel elements)."""
-
-    def __init__(self, op: str, kernel=None, strides=None, pads=None, dilations=None, groups: int = 1):
-        self.op, self.kernel, self.strides, self.pads, self.dilations, self.groups = \
-            op, kernel, strides, pads, dilations, groups
-        self.H: torch.Tensor | None = None
-        self.n = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().float()  # products in float32, sums across batches in float64
-        if self.op == "Conv":
-            nd = len(self.kernel)
-            if nd != 2:
-                raise GraphOptError("GPTQ supports 2-D convolutions only")
-            begin, end = self.pads[:nd], self.pads[nd:]
-            if begin != end:
-                x = torch.nn.functional.pad(x, [begin[1], end[1], begin[0], end[0]])
-                begin = [0, 0]
-            cols = torch.nn.functional.unfold(x, self.kernel, self.dilations, begin, self.strides)  # [B, C*k, L]
-            b, ck, n_pos = cols.shape
-            g = self.groups
-            cols = cols.reshape(b, g, ck // g, n_pos).permute(1, 2, 0, 3).reshape(g, ck // g, b * n_pos)
-        else:
-            cols = x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # [1, K, M]
-        h = (cols @ cols.transpose(1, 2)).double()
-        self.H = h if self.H is None else self.H + h
-        self.n += cols.shape[-1]
-
-    def result(self):
-        return (self.H / max(self.n, 1)).numpy()
 
 
-def gptq(w_rows: np.ndarray, H: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int,
-         damp: float = 0.01, act_order: bool = True) -> np.ndarray:
-    """GPTQ rounding of weights ``w_rows`` [G, R, K] (G groups of R rows over K inputs) with
-    per-row ``scale``/``zp`` [G, R] and input Hessians ``H`` [G, K, K]. Returns the dequantized
-    weights (on the quantization grid). Columns are rounded in order; each rounding error is
-    spread over the columns still to come through the inverse Hessian, which keeps
-    E[(W_q x - W x)^2] small. With ``act_order`` the columns whose inputs carry the most energy
-    (largest Hessian diagonal, summed over groups) go first."""
-    W = torch.from_numpy(np.array(w_rows, np.float64))
-    Hm = torch.from_numpy(np.array(H, np.float64))
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(Hm, dim1=1, dim2=2).sum(0), descending=True)
-        W, Hm = W[:, :, perm], Hm[:, perm][:, :, perm]
-    G, R, K = W.shape
-    dead = torch.diagonal(Hm, dim1=1, dim2=2) == 0
-    idx = torch.arange(K)
-    Hm[:, idx, idx] += damp * torch.diagonal(Hm, dim1=1, dim2=2).mean(1, keepdim=True).clamp_min(1e-12) + dead.double()
-    W = W.masked_fill(dead[:, None, :], 0.0)
-    L = torch.linalg.cholesky(Hm)
-    Hinv = torch.cholesky_inverse(L)
-    U = torch.linalg.cholesky(Hinv, upper=True)  # [G, K, K]
-    s = torch.from_numpy(np.array(scale, np.float64)).reshape(G, R)
-    z = torch.from_numpy(np.array(zp, np.float64)).reshape(G, R)
-    Q = torch.zeros_like(W)
-    for j in range(K):  # columns in order; every op is batched over groups and rows
-        w = W[:, :, j]
-        q = (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
-        Q[:, :, j] = q
-        err = (w - q) / U[:, j, j][:, None]
-        if j + 1 < K:
-            W[:, :, j + 1:] -= err[:, :, None] * U[:, j, j + 1:][:, None, :]
-    if perm is not None:
-        Q = Q[:, :, torch.argsort(perm)]
-    return Q.numpy()
+# ------------------------------------------------------------------ ONNX lowering
+def _np_dtype(elem: int):
+    return onnx.helper.tensor_dtype_to_np_dtype(elem)
+
+
+def _qdq(g, n, q: Uniform, elem: int, is_const: bool) -> None:
+    """A constant becomes integer codes + DequantizeLinear; a computed value a Q/DQ pair."""
+    x, out = n.inputs[0], n.outputs[0]
+    axis = n.attr("axis")
+    s = np.asarray(g.const_value(n.inputs[1]), np.float32)
+    z = np.asarray(g.const_value(n.inputs[2]), np.float32)
+    attrs = {}
+    if axis is not None and s.size > 1:
+        attrs["axis"] = int(axis)
+    if q.block_size:
+        attrs["block_size"] = int(q.block_size)
+    sc = g.add_const(s, f"{x.name}_scale")
+    zc = g.add_const(z.astype(_np_dtype(elem)), f"{x.name}_zero_point")
+    if is_const:
+        codes = q.codes_np(g.const_value(x), {"scale": s, "zero_point": z}, axis).astype(_np_dtype(elem))
+        qc = g.add_const(codes, f"{x.name}_quantized")
+        dq = g.add_node("DequantizeLinear", [qc, sc, zc], [out.name + "_dq"], attrs=attrs, source=n.source,
+                        name=g.unique_node_name(n.name + "_dq"))
+    else:
+        qn = g.add_node("QuantizeLinear", [x, sc, zc], [x.name + "_quantized"], attrs=attrs, source=n.source,
+                        name=g.unique_node_name(n.name + "_q"))
+        qn.outputs[0].dtype, qn.outputs[0].shape = elem, x.shape
+        dq = g.add_node("DequantizeLinear", [qn.outputs[0], sc, zc], [out.name + "_dq"], attrs=attrs,
+                        source=n.source, name=g.unique_node_name(n.name + "_dq"))
+    dq.outputs[0].dtype, dq.outputs[0].shape = out.dtype or TensorProto.FLOAT, out.shape
+    g.replace_all_uses(out, dq.outputs[0])
+    g.remove_node(n)
+    if not x.uses and x.const is not None:
+        g.remove_const(x)
+
+
+def _simulate(g, n, q: Uniform) -> None:
+    """The formula as float ops: ((clip(round(x / s) + z, qmin, qmax)) - z) * s, per axis."""
+    x, out = n.inputs[0], n.outputs[0]
+    s = np.asarray(g.const_value(n.inputs[1]), np.float32)
+    z = np.asarray(g.const_value(n.inputs[2]), np.float32)
+    axis = n.attr("axis")
+    rank = len(x.shape) if x.shape is not None else (np.asarray(g.const_value(x)).ndim if x.const is not None else None)
+    if axis is not None and s.size > 1:
+        if rank is None:
+            raise GraphOptError(f"cannot simulate per-channel FakeQuant '{n.name}' on a value of unknown rank")
+        dim = x.shape[axis] if x.shape is not None else None
+        s = broadcast_param(s, rank, axis % rank, q.block_size, dim)
+        z = broadcast_param(z, rank, axis % rank, q.block_size, dim)
+    sc, zc = g.add_const(s.astype(np.float32), f"{x.name}_scale"), g.add_const(z.astype(np.float32), f"{x.name}_zp")
+    lo = g.add_const(np.array(q.qmin, np.float32), f"{x.name}_qmin")
+    hi = g.add_const(np.array(q.qmax, np.float32), f"{x.name}_qmax")
+
+    def node(op, ins, tag):
+        m = g.add_node(op, ins, [f"{out.name}_{tag}"], source=n.source, name=g.unique_node_name(f"{n.name}_{tag}"))
+        m.outputs[0].dtype, m.outputs[0].shape = out.dtype or TensorProto.FLOAT, out.shape
+        return m.outputs[0]
+
+    v = node("Div", [x, sc], "div")
+    v = node("Round", [v], "round")
+    v = node("Add", [v, zc], "addzp")
+    v = node("Clip", [v, lo, hi], "clip")
+    v = node("Sub", [v, zc], "subzp")
+    v = node("Mul", [v, sc], "mul")
+    g.replace_all_uses(out, v)
+    g.remove_node(n)

@@ -1,0 +1,203 @@
+"""The quantizer interface, the scheme registry, and the ``FakeQuant`` node that carries a scheme.
+
+A ``FakeQuant`` node (domain ``ai.graphopt``) is ``FakeQuant(x, *params)``. Its attributes are
+the generic ones below plus whatever its scheme writes (``Quantizer.to_attrs``):
+
+* ``scheme``: the registered scheme name (absent means ``uniform``, the first scheme);
+* ``kind``: ``weight``, ``act`` or ``bias``;
+* ``axis``: the channel/block axis; absent means per tensor.
+
+A scheme (a ``Quantizer`` subclass, registered with ``@register``) owns everything about
+itself: its spec text, its attributes, choosing its parameters, numpy and torch maths (with
+gradients to any learnable parameter), its ONNX lowering and its report line. The back ends
+and the passes look it up with ``from_node``/``parse`` and never decode its attributes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from graphopt.errors import GraphOptError
+
+DOMAIN = "ai.graphopt"
+FAKE_QUANT = "FakeQuant"
+KINDS = ("weight", "act", "bias")
+
+_SCHEMES: dict[str, type["Quantizer"]] = {}
+_KEYWORDS: dict[str, type["Quantizer"]] = {}
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """What a scheme's ``lower`` did with one FakeQuant."""
+
+    integer: bool  # True: an integer tensor/op onnxruntime can run on integer kernels
+    opset: int = 13  # the default-domain opset the emitted ops need
+    reason: str = ""  # why it stays float (when ``integer`` is False)
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """Interface of a quantizer scheme. Subclasses are frozen dataclasses whose fields are the
+    scheme's spec; they are registered by ``@register``."""
+
+    scheme: ClassVar[str] = ""
+    keywords: ClassVar[tuple[str, ...]] = ()  # spec words that select this scheme ("int", "uint")
+    param_names: ClassVar[tuple[str, ...]] = ()  # FakeQuant inputs after x, in order
+    doc: ClassVar[str] = ""  # one line for `graphopt passes` / the README
+
+    # -- spec text -----------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str, what: str) -> "Quantizer":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- node attributes -----------------------------------------------------
+    def to_attrs(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "Quantizer":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- parameters ----------------------------------------------------------
+    def weight_params(self, w: np.ndarray, out_axis: int, in_axis: int, method: str = "minmax"
+                      ) -> tuple[dict[str, np.ndarray], int | None]:
+        """Parameters for a constant weight and the axis they run along (None: per tensor)."""
+        raise GraphOptError(f"the {self.scheme} scheme does not quantize weights")
+
+    def act_params(self, lo: float, hi: float) -> dict[str, np.ndarray]:
+        """Per-tensor parameters for an activation observed in [lo, hi]."""
+        raise GraphOptError(f"the {self.scheme} scheme does not quantize activations")
+
+    # -- maths ---------------------------------------------------------------
+    def apply_np(self, x: np.ndarray, params: dict[str, np.ndarray], axis: int | None) -> np.ndarray:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def torch_function(self, axis: int | None) -> tuple[Callable, tuple]:
+        """``(fn, static)``: the torch back end emits ``fn(x, *params, *static)``. ``fn`` is a
+        module-level function (fx generated code calls it by name)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def trainable(self, param: str) -> bool:
+        """Whether the torch back end makes ``param`` an ``nn.Parameter``."""
+        return False
+
+    # -- ONNX ----------------------------------------------------------------
+    def integer_bits(self) -> int | None:
+        """Bit width of the integer codes an ONNX integer kernel reads, or None when the scheme
+        has no integer form (it is then simulated in float)."""
+        return None
+
+    def lower(self, graph, node, fmt: str) -> Lowered:  # pragma: no cover - abstract
+        """Replace ``node`` in ``graph`` by standard ONNX ops (``fmt`` is ``qdq``, ``qoperator``
+        or ``float``; QOperator fusion runs afterwards on the Q/DQ form)."""
+        raise NotImplementedError
+
+    # -- report --------------------------------------------------------------
+    def describe(self) -> str:
+        return str(self)
+
+
+def register(cls: type[Quantizer]) -> type[Quantizer]:
+    """Class decorator: make a scheme available by ``cls.scheme`` and its spec keywords."""
+    if not dataclasses.is_dataclass(cls) or not cls.scheme:
+        raise TypeError(f"quantizer {cls.__name__} must be a dataclass with a scheme name")
+    if cls.scheme in _SCHEMES and _SCHEMES[cls.scheme] is not cls:
+        raise ValueError(f"quantizer scheme '{cls.scheme}' is already registered by {_SCHEMES[cls.scheme].__name__}")
+    _SCHEMES[cls.scheme] = cls
+    for k in cls.keywords or (cls.scheme,):
+        _KEYWORDS[k] = cls
+    return cls
+
+
+def schemes() -> dict[str, type[Quantizer]]:
+    return dict(sorted(_SCHEMES.items()))
+
+
+def get(name: str) -> type[Quantizer]:
+    if name not in _SCHEMES:
+        near = difflib.get_close_matches(name, list(_SCHEMES), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(sorted(_SCHEMES))})"
+        raise GraphOptError(f"unknown quantizer scheme '{name}'{hint}")
+    return _SCHEMES[name]
+
+
+def parse(text: str, what: str = "weights") -> Quantizer:
+    """A spec string (``int8:channel``, ``uint8:tensor``, ...) -> a quantizer. The scheme is
+    chosen by the spec's first word, without its digits (``int8`` -> ``int`` -> uniform)."""
+    head = str(text).strip().lower().split(":", 1)[0]
+    word = head.rstrip("0123456789")
+    cls = _KEYWORDS.get(word)
+    if cls is None:
+        known = sorted(_KEYWORDS)
+        near = difflib.get_close_matches(word, known, n=1)
+        hint = f"did you mean '{near[0]}'?" if near else f"known: {', '.join(known)}"
+        raise GraphOptError(f"bad {what} spec '{text}': unknown quantizer '{word or head}' ({hint})")
+    return cls.parse(text, what)
+
+
+# ------------------------------------------------------------------ FakeQuant nodes
+def is_fake_quant(n) -> bool:
+    return n is not None and n.domain == DOMAIN and n.op_type == FAKE_QUANT
+
+
+def from_node(n) -> Quantizer:
+    """The quantizer a FakeQuant node carries."""
+    if not is_fake_quant(n):
+        raise GraphOptError(f"node '{n.name}' ({n.op_type}) is not a FakeQuant")
+    return get(n.attr("scheme", "uniform")).from_attrs(n.attrs)
+
+
+def params_of(graph, n) -> dict[str, np.ndarray]:
+    """The constant parameters of a FakeQuant node, by the scheme's parameter names."""
+    q = from_node(n)
+    out = {}
+    for i, name in enumerate(q.param_names, start=1):
+        v = graph.const_value(n.inputs[i]) if i < len(n.inputs) else None
+        if v is None:
+            raise GraphOptError(f"FakeQuant '{n.name}': parameter '{name}' is not a constant")
+        out[name] = np.asarray(v)
+    return out
+
+
+def apply_node(graph, n, x: np.ndarray) -> np.ndarray:
+    """The FakeQuant ``n`` applied to the array ``x`` (numpy)."""
+    return from_node(n).apply_np(x, params_of(graph, n), n.attr("axis"))
+
+
+def add_fake_quant(graph, v, quantizer: Quantizer, params: dict[str, np.ndarray], kind: str,
+                   axis: int | None = None, source: str | None = None, consumers=None):
+    """Insert ``FakeQuant(v, *params)`` after ``v``; its users (or only ``consumers``, a list of
+    ``(node, input index)``) read the quantized value. A graph output keeps its name on the
+    quantized value."""
+    if kind not in KINDS:
+        raise GraphOptError(f"FakeQuant kind must be one of {', '.join(KINDS)}, not '{kind}'")
+    missing = [p for p in quantizer.param_names if p not in params]
+    if missing:
+        raise GraphOptError(f"{quantizer.scheme} FakeQuant needs parameters {missing}")
+    graph.opset_imports.setdefault(DOMAIN, 1)
+    base = v.name
+    ins = [v] + [graph.add_const(np.asarray(params[p], np.float32), f"{base}_{p}") for p in quantizer.param_names]
+    attrs = {"scheme": quantizer.scheme, "kind": kind, **quantizer.to_attrs()}
+    if axis is not None:
+        attrs["axis"] = int(axis)
+    uses = list(v.uses) if consumers is None else consumers
+    fq = graph.add_node(FAKE_QUANT, ins, [f"{base}_q"], attrs=attrs, domain=DOMAIN,
+                        name=graph.unique_node_name(f"{base}_fq"),
+                        source=source or (v.producer.source if v.producer else base))
+    out = fq.outputs[0]
+    out.dtype, out.shape = v.dtype, v.shape
+    for node, i in uses:
+        if i >= 0:
+            graph.set_input(node, i, out)
+    if v.is_graph_output and consumers is None:
+        name = v.name
+        graph.outputs = [out if o is v else o for o in graph.outputs]
+        graph.rename_value(v, graph.unique_name(name + "_float"))
+        graph.rename_value(out, name)
+    return fq
