@@ -3,7 +3,7 @@
 * A ``Value`` is an SSA edge. It has at most one producer (a node output, a graph input,
   or a constant tensor held by the graph) and a list of uses ``(node, input_index)``.
 * A ``Node`` has an ONNX ``op_type``/``domain``, ordered ``inputs`` (``None`` for an
-  omitted optional input), ``outputs`` and Python-valued ``attrs``. ``node.meta["source"]``
+  omitted optional input), ``outputs`` and Python-valued ``attrs``. ``node.meta[SOURCE]``
   keeps where the node came from: the ONNX node name or the torch module's qualified name.
 * Constants are ``numpy`` arrays held by the graph (``value.const``). They are treated as
   immutable: a pass that changes a weight assigns a new array (``graph.set_const``), it never
@@ -27,6 +27,7 @@ import onnx
 from onnx import AttributeProto, helper
 
 from graphopt.errors import GraphError
+from graphopt.meta import SOURCE
 
 Shape = tuple  # tuple of int (static), str (symbolic) or None (unknown dim)
 
@@ -152,7 +153,7 @@ class Node:
     @property
     def source(self) -> str:
         """Where this node came from: the ONNX node name or the torch module path."""
-        return self.meta.get("source") or self.name
+        return self.meta.get(SOURCE) or self.name
 
     @property
     def qualified_op(self) -> str:
@@ -219,6 +220,8 @@ class Graph:
         # Model-level data the back end writes back: ir_version, producer, doc_string,
         # metadata_props, local functions, ...
         self.model_meta: dict[str, Any] = {}
+        # Pass-to-pass data about the whole graph (keys in graphopt.meta); never serialized.
+        self.scratch: dict[str, Any] = {}
         self._reserved: set[str] = set()  # names used inside kept-intact subgraphs
         self._counter = itertools.count()
 
@@ -308,7 +311,7 @@ class Graph:
         """Create a node, link its inputs and create its output values.
 
         ``outputs`` is a count or a list of base names (made unique). The node's
-        ``meta["source"]`` is ``source`` (give the node it derives from, so reports keep the
+        ``meta[SOURCE]`` is ``source`` (give the node it derives from, so reports keep the
         user's names).
         """
         node = Node(op_type, domain, "")
@@ -329,7 +332,7 @@ class Graph:
         if attr_types:
             node.attr_types.update(attr_types)
         if source is not None:
-            node.meta["source"] = source
+            node.meta[SOURCE] = source
         self._nodes[node] = None
         return node
 
@@ -604,6 +607,7 @@ class Graph:
         g = Graph(self.name)
         g.opset_imports = dict(self.opset_imports)
         g.model_meta = dict(self.model_meta)
+        g.scratch = dict(self.scratch)
         g._reserved = set(self._reserved)
         g._counter = itertools.count(next(self._counter))
         vmap: dict[Value, Value] = {}
@@ -666,7 +670,7 @@ class Graph:
                 line += " {" + attrs + "}"
             if n.implicit_inputs:
                 line += " captures(" + ", ".join(f"%{v.name}" for v in n.implicit_inputs) + ")"
-            src = n.meta.get("source")
+            src = n.meta.get(SOURCE)
             if src and src != n.name:
                 line += f"  # {n.name} <- {src}"
             elif n.name:

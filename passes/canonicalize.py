@@ -11,6 +11,7 @@ from onnx import helper
 
 from graphopt.errors import GraphError
 from graphopt.ir import Graph, Node
+from graphopt.meta import SOURCE
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
 
 log = logging.getLogger("graphopt.passes.canonicalize")
@@ -229,10 +230,10 @@ class Simplify(Pass):
         new = from_model_proto(simplified)
         if _signature(new) == _signature(graph):
             return PassResult(graph, False, {})
-        sources = {n.name: n.meta.get("source") for n in graph.nodes}
+        sources = {n.name: n.meta.get(SOURCE) for n in graph.nodes}
         for n in new.nodes:
             if sources.get(n.name):
-                n.meta["source"] = sources[n.name]
+                n.meta[SOURCE] = sources[n.name]
         return PassResult(new, True, {"nodes_before": len(graph), "nodes_after": len(new)})
 
 

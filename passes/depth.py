@@ -22,13 +22,13 @@ import numpy as np
 
 from graphopt.errors import GraphError, GraphOptError
 from graphopt.ir import Graph, Node, Value
+from graphopt.meta import PRUNED_BLOCKS
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
 
 from . import _layers as L
 
 log = logging.getLogger("graphopt.passes.depth")
 
-META_KEY = "prune_blocks"  # {"macs0": MACs before any block was removed, "removed": [add node names]}
 
 
 @dataclass
@@ -159,7 +159,7 @@ class PruneBlocks(Pass):
 
         if (self.count is None) == (self.target_macs is None):
             raise GraphOptError("prune-blocks needs exactly one of count=N or target_macs=F")
-        meta = dict(graph.model_meta.get(META_KEY) or {})
+        meta = dict(graph.scratch.get(PRUNED_BLOCKS) or {})
         macs0 = int(meta.get("macs0") or total_macs(graph))
         removed: list[str] = list(meta.get("removed", []))
         candidates = [b for b in residual_blocks(graph) if not _skipped(b, self.skip)]
@@ -203,7 +203,7 @@ class PruneBlocks(Pass):
             done_now += 1
             log.info("prune-blocks: removed %s (output error %.4g)", name, err)
         if done_now:
-            graph.model_meta[META_KEY] = {"macs0": macs0, "removed": removed}
+            graph.scratch[PRUNED_BLOCKS] = {"macs0": macs0, "removed": removed}
         return PassResult(graph, done_now > 0, {"removed": done_now, "blocks": removed[-done_now:] if done_now else [],
                                                 "output_error": errors[-1] if errors else 0.0,
                                                 "macs": total_macs(graph) / macs0})

@@ -12,13 +12,13 @@ import numpy as np
 from graphopt.errors import GraphOptError
 from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node
+from graphopt.meta import BN_STATS
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
 
 from . import _layers as L
 
 log = logging.getLogger("graphopt.passes.dfq")
 
-BN_META = "bn"  # value.meta["bn"] = {"gamma": [C], "beta": [C]}: the folded BN's output is ~N(beta, gamma^2)
 
 
 # ============================================================================ fold-bn
@@ -93,7 +93,7 @@ class FoldBatchNorm(Pass):
         else:
             L.set_input_const(graph, p, 2, b.astype(w.dtype), "_bias")
         out = x
-        out.meta[BN_META] = {"gamma": gamma.astype(np.float32), "beta": beta.astype(np.float32)}
+        out.meta[BN_STATS] = {"gamma": gamma.astype(np.float32), "beta": beta.astype(np.float32)}
         bn_out = bn.outputs[0]
         graph.replace_all_uses(bn_out, out)
         _remove_bn(graph, bn)
@@ -190,9 +190,9 @@ def equalize_chain(graph: Graph, chain: L.Chain, s: np.ndarray, mode: str) -> No
     g2 = geometry(l2)
     L.set_input_const(graph, l2, 1, g2.from_in_view(g2.in_view(w2) * s[:, None].astype(w2.dtype), w2.shape))
     _scale_chain_ops(graph, chain, (1.0 / s).astype(np.float32), mode)
-    meta = l1.outputs[0].meta.get(BN_META)
+    meta = l1.outputs[0].meta.get(BN_STATS)
     if meta is not None:
-        l1.outputs[0].meta[BN_META] = {"gamma": meta["gamma"] / s, "beta": meta["beta"] / s}
+        l1.outputs[0].meta[BN_STATS] = {"gamma": meta["gamma"] / s, "beta": meta["beta"] / s}
 
 
 @register_pass("equalize")
@@ -325,7 +325,7 @@ class AbsorbBias(Pass):
             if why:
                 skipped[chain.l1.source] = why
                 continue
-            has_bn = BN_META in chain.l1.outputs[0].meta
+            has_bn = BN_STATS in chain.l1.outputs[0].meta
             src = "bn" if (self.source == "bn" or (self.source == "auto" and has_bn)) else "data"
             if src == "bn" and not has_bn:
                 skipped[chain.l1.source] = "no BN metadata (fold-bn did not fold a BN here)"
@@ -349,7 +349,7 @@ class AbsorbBias(Pass):
         for chain, src in todo:
             out = chain.l1.outputs[0]
             if src == "bn":
-                m = out.meta[BN_META]
+                m = out.meta[BN_STATS]
                 beta, gamma = m["beta"].astype(np.float64), np.abs(m["gamma"].astype(np.float64))
                 c, scale = np.maximum(0.0, beta - self.sigmas * gamma), np.abs(beta) + self.sigmas * gamma
             else:
@@ -395,6 +395,6 @@ class AbsorbBias(Pass):
         delta = _bias_delta(graph, l2, c)
         b2 = delta if b2 is None else b2.astype(np.float64) + delta
         L.set_bias(graph, l2, b2.astype(dtype))
-        meta = l1.outputs[0].meta.get(BN_META)
+        meta = l1.outputs[0].meta.get(BN_STATS)
         if meta is not None:
-            l1.outputs[0].meta[BN_META] = {"gamma": meta["gamma"], "beta": (meta["beta"] - c).astype(np.float32)}
+            l1.outputs[0].meta[BN_STATS] = {"gamma": meta["gamma"], "beta": (meta["beta"] - c).astype(np.float32)}

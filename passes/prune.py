@@ -35,6 +35,8 @@ import numpy as np
 from graphopt.errors import GraphOptError
 from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, Value
+from graphopt.masks import Mask, channel_masks, set_channel_masks
+from graphopt.meta import BN_STATS
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
 
 from . import _layers as L
@@ -46,7 +48,6 @@ CHANNELWISE = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSwish", "Har
                "Softplus", "Neg", "Abs", "Exp", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
                "BatchNormalization", "PRelu", "Erf"}
 BINARY = {"Add", "Sub", "Mul", "Div", "Min", "Max"}
-MASK_KEY = "prune_keep"
 
 
 @dataclass
@@ -381,7 +382,7 @@ def _own_importance(graph: Graph, sp: Space, criterion: str, rng: np.random.Gene
                 scores += np.abs(np.asarray(graph.const_value(n.inputs[1]), np.float64))
                 found = True
         for p in sp.producers:
-            meta = p.outputs[0].meta.get("bn")
+            meta = p.outputs[0].meta.get(BN_STATS)
             if meta is not None:
                 scores += np.abs(np.asarray(meta["gamma"], np.float64))
                 found = True
@@ -531,19 +532,19 @@ class PruneChannels(Pass):
             if sp.children:
                 keep = _select_tree(sp, sc, n_remove / sp.channels, self.round_to, self.skip)
                 if len(keep) < sp.channels:
-                    masks[sp.key] = keep
+                    masks[sp.key] = Mask.channel(keep, sp.channels)
                 continue
             keep_n = _round_keep(sp, sp.channels - n_remove, self.round_to)
             if keep_n <= 0:
                 raise GraphOptError(f"pruning would remove every channel of {sp.names}")
             if keep_n == sp.channels:
                 continue
-            masks[sp.key] = _select(sp, sc, keep_n)
-        prev = graph.model_meta.get(MASK_KEY) or {}
-        graph.model_meta[MASK_KEY] = masks
+            masks[sp.key] = Mask.channel(_select(sp, sc, keep_n), sp.channels)
+        prev = channel_masks(graph)
+        set_channel_masks(graph, masks)
         for name, why in reasons.items():
             log.info("prune-channels: '%s' not prunable: %s", name, why)
-        removed = sum(sp.channels - len(masks[sp.key]) for sp in candidates if sp.key in masks)
+        removed = sum(sp.channels - len(masks[sp.key].indices()) for sp in candidates if sp.key in masks)
         return PassResult(graph, masks != prev, {"groups": len(candidates), "pruned_groups": len(masks),
                                                  "channels_removed": removed, "unprunable": reasons})
 
@@ -567,17 +568,17 @@ class PruneChannels(Pass):
                 if sp.key in plan:
                     keep = _keep_top(graph, sp, plan[sp.key], self.criterion, self.round_to, rng, taylor, self.skip)
                     if keep is not None:
-                        masks[sp.key] = keep
+                        masks[sp.key] = Mask.channel(keep, sp.channels)
             trial = graph.copy()
-            trial.model_meta[MASK_KEY] = masks
+            set_channel_masks(trial, masks)
             got = total_macs(FoldPrune()(trial).graph) / macs0 if masks else 1.0
             if got <= self.target_macs + 1e-9:
                 break
             want += got - self.target_macs
         else:
             log.warning("prune-channels: reached %.3f of the MACs, not the %.3f asked for", got, self.target_macs)
-        prev = graph.model_meta.get(MASK_KEY) or {}
-        graph.model_meta[MASK_KEY] = masks
+        prev = channel_masks(graph)
+        set_channel_masks(graph, masks)
         return PassResult(graph, masks != prev, {"groups": len(candidates), "pruned_groups": len(masks),
                                                  "ratios": plan, "unprunable": reasons})
 
@@ -592,16 +593,16 @@ class FoldPrune(Pass):
     removed). The result is a smaller dense graph, exactly equal to the masked model."""
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
-        masks = graph.model_meta.get(MASK_KEY) or {}
+        masks = channel_masks(graph)
         if not masks:
             return PassResult(graph, False, {"groups": 0})
         spaces = {sp.key: sp for sp in analyze(graph)}
         keep_of: dict[int, np.ndarray] = {}
-        for key, keep in masks.items():
+        for key, mask in masks.items():
             sp = spaces.get(key)
             if sp is None or not sp.prunable:
                 raise GraphOptError(f"mask for '{key}' no longer matches a prunable group (re-run prune-channels)")
-            _assign_tree(graph, sp, np.asarray(keep, np.int64), keep_of)
+            _assign_tree(graph, sp, np.asarray(mask.indices(), np.int64), keep_of)
         # a channel Pad left with nothing to pad (all its zero channels pruned) is an identity
         zero_pads = [n for n in graph.nodes if is_zero_pad(graph, n)]
         dropped_pads = sum(_bypass(graph, n) for n in zero_pads)
@@ -668,7 +669,7 @@ class FoldPrune(Pass):
             if v.const is None and v.producer is not None:
                 v.shape = None
         graph.infer_shapes()
-        graph.model_meta.pop(MASK_KEY, None)
+        set_channel_masks(graph, {})
         graph.remove_unused_constants()
         return PassResult(graph, changed > 0 or dropped_pads > 0, {"groups": changed, "pads_removed": dropped_pads})
 
@@ -776,7 +777,7 @@ def sensitivity(graph: Graph, data, ratios=(0.1, 0.3, 0.5, 0.7), labels: np.ndar
         if keep is None:
             continue
         g = graph.copy()
-        g.model_meta[MASK_KEY] = {sp.key: keep}
+        set_channel_masks(g, {sp.key: Mask.channel(keep, sp.channels)})
         g = FoldPrune()(g).graph
         got = collect(g, data, [g.outputs[0].name])[g.outputs[0].name]
         row = {"group": sp.key, "layers": ", ".join(sp.names), "ratio": r, "channels": sp.channels,

@@ -13,6 +13,7 @@ import numpy as np
 from graphopt.errors import GraphOptError
 from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, Value
+from graphopt.meta import BIAS_BEFORE_CORRECTION, BN_STATS, FLOAT_WEIGHT
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
 from graphopt.quantizers import Uniform, add_fake_quant, apply_node, is_fake_quant, params_of, parse
 from graphopt.quantizers.uniform import range_from_histogram
@@ -229,7 +230,7 @@ class Quantize(Pass):
             L.set_input_const(graph, n, 1, _gptq_weights(n, w, hessian, s, z, spec))
         fq = add_fake_quant(graph, n.inputs[1], spec, params, "weight", axis, source=n.source, consumers=[(n, 1)])
         if float_w is not None:
-            fq.meta["float_weight"] = float_w  # what bias correction measures the error against
+            fq.meta[FLOAT_WEIGHT] = float_w  # what bias correction measures the error against
 
     @staticmethod
     def _quantize_bias(graph: Graph, n: Node) -> str | None:
@@ -332,13 +333,13 @@ class CorrectBias(Pass):
         for n, ex in means.items():
             fq = n.inputs[1].producer
             wq = apply_node(graph, fq, np.asarray(graph.const_value(fq.inputs[0]), np.float32)).astype(np.float64)
-            w = np.asarray(fq.meta.get("float_weight", graph.const_value(fq.inputs[0])), np.float64)
+            w = np.asarray(fq.meta.get(FLOAT_WEIGHT, graph.const_value(fq.inputs[0])), np.float64)
             eps = wq - w
             shift = geometry(n).mean_output(eps, ex)
             bias_v, bias_fq = _bias_value(graph, n)
             b = np.zeros(shift.shape) if bias_v is None else np.asarray(graph.const_value(bias_v), np.float64)
             # correct from the bias as it was before any correction: running twice must not double it
-            original = n.meta.setdefault("bias_before_correction", b.copy())
+            original = n.meta.setdefault(BIAS_BEFORE_CORRECTION, b.copy())
             new_b = (np.asarray(original, np.float64) - shift).astype(np.float32)
             if np.abs(new_b - b).max(initial=0.0) <= self.tol * max(1e-3, np.abs(b).max(initial=0.0)):
                 continue
@@ -363,7 +364,7 @@ def float_view(graph: Graph, values: list[Value]) -> tuple[Graph, list[str]]:
         if "bias_before_correction" in n.meta:
             bv, _ = _bias_value(g, n)
             if bv is not None:
-                g.set_const(bv, np.asarray(n.meta["bias_before_correction"], np.float32))
+                g.set_const(bv, np.asarray(n.meta[BIAS_BEFORE_CORRECTION], np.float32))
     names = []
     for v in values:
         u = g.values[v.name]
@@ -396,7 +397,7 @@ def _analytical_mean(graph: Graph, n: Node) -> np.ndarray | None:
     relu = False
     while v is not None and v.producer is not None:
         p = v.producer
-        if "bn" in v.meta:
+        if BN_STATS in v.meta:
             break
         if is_fake_quant(p) or p.op_type in ("Min", "Identity"):
             v = p.inputs[0]
@@ -405,10 +406,10 @@ def _analytical_mean(graph: Graph, n: Node) -> np.ndarray | None:
             v = p.inputs[0]
         else:
             return None
-    if v is None or "bn" not in v.meta:
+    if v is None or BN_STATS not in v.meta:
         return None
-    beta = np.asarray(v.meta["bn"]["beta"], np.float64)
-    gamma = np.abs(np.asarray(v.meta["bn"]["gamma"], np.float64))
+    beta = np.asarray(v.meta[BN_STATS]["beta"], np.float64)
+    gamma = np.abs(np.asarray(v.meta[BN_STATS]["gamma"], np.float64))
     if not relu:
         return beta
     g = np.maximum(gamma, 1e-12)

@@ -12,6 +12,7 @@ from torch import nn
 
 from graphopt import from_torch, load_onnx, to_onnx
 from graphopt.geometry import geometry
+from graphopt.meta import BN_STATS
 from graphopt.passmanager import Context, PassManager
 from graphopt.pipeline import parse_pipeline
 from graphopt.training.calibration import collect
@@ -135,7 +136,7 @@ def test_fold_bn_gemm_matmul_convtranspose_and_meta():
     assert r.stats["fold-bn"][0]["folded"] == 2
     check_equal(before, r.graph, x)
     gemm = r.graph.find_nodes("Gemm")[0]
-    meta = gemm.outputs[0].meta["bn"]
+    meta = gemm.outputs[0].meta[BN_STATS]
     np.testing.assert_allclose(meta["gamma"], model.bn1.weight.detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(meta["beta"], model.bn1.bias.detach().numpy(), rtol=1e-6)
 
@@ -227,7 +228,7 @@ def test_absorb_bias_bn_rule_moves_exactly_w2_c():
     g = run(g, "fold-bn").graph
     chain = next(c for c in L.find_chains(g).chains if c.l2.op_type == "Gemm")  # c4? no: fc1 -> fc2
     chain = next(c for c in L.find_chains(g).chains if c.l1.source == "c3")  # c3 -> relu -> c4 (1x1, no pad)
-    meta = chain.l1.outputs[0].meta["bn"]
+    meta = chain.l1.outputs[0].meta[BN_STATS]
     c = np.maximum(0, meta["beta"].astype(np.float64) - 3 * np.abs(meta["gamma"]))
     assert (c > 0).any()
     w2 = L.weight(g, chain.l2).astype(np.float64)
@@ -247,7 +248,7 @@ def test_absorb_bias_data_is_exact_on_calibration_data():
     g = run(g, "fold-bn,equalize").graph
     for n in g.nodes:  # forget the BN metadata: the data path must do the work
         for o in n.outputs:
-            o.meta.pop("bn", None)
+            o.meta.pop(BN_STATS, None)
     before = to_onnx(g)
     r = run(g, "absorb-bias{source=data}", calib=x)
     assert r.modified and r.stats["absorb-bias"][0]["absorbed"] >= 1

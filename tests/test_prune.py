@@ -11,6 +11,7 @@ from torch import nn
 
 from graphopt import PassError, from_torch, load_onnx, to_onnx
 from graphopt.analysis import total_macs
+from graphopt.masks import channel_keep
 from graphopt.passmanager import Context, PassManager
 
 
@@ -45,10 +46,8 @@ class OneChannel(nn.Module):
 def masked_model(g):
     """The masked model: the same graph where every pruned channel is multiplied by 0 wherever it
     leaves its group (independent of fold-prune's index mapping)."""
-    from graphopt.passes.prune import MASK_KEY
-
     m = g.copy()
-    masks = m.model_meta[MASK_KEY]
+    masks = channel_keep(m)
     keeps = {}
     for sp in analyze(m):
         if sp.key in masks:  # a space padded into this one keeps the channels in its range
@@ -135,7 +134,7 @@ def test_grouped_conv_loses_channels_equally_per_group(round_to):
     x = torch.randn(2, 3, 8, 8)
     g = from_torch(GroupedNet(), x)
     r = PassManager(f"prune-channels{{ratio=0.5,round_to={round_to}}}").run(g)
-    masks = r.graph.model_meta["prune_keep"]
+    masks = channel_keep(r.graph)
     assert len(masks) == 2  # the grouped conv's input and output groups
     for keep in masks.values():
         keep = np.asarray(keep)
@@ -154,7 +153,7 @@ def test_grouped_conv_with_one_input_channel_per_group_is_reported():
     r = PassManager("prune-channels{ratio=0.5}").run(g)
     reasons = r.stats["prune-channels"][0]["unprunable"]
     assert any("reads one channel per group" in why for why in reasons.values())
-    keep = r.graph.model_meta["prune_keep"]
+    keep = channel_keep(r.graph)
     assert len(keep) == 1 and len(next(iter(keep.values()))) == 4  # dm's output: one of 2 per group
     folded = PassManager("fold-prune").run(r.graph).graph
     assert next(n for n in folded.nodes if n.source == "g").attr("group") == 4
@@ -295,7 +294,7 @@ def test_taylor_criterion_prunes_and_needs_calibration():
     data = np.random.default_rng(0).standard_normal((16,) + x.shape[1:]).astype(np.float32)
     r = PassManager("prune-channels{ratio=0.5,criterion=taylor}").run(g.copy(), Context(calib=data))
     l1 = PassManager("prune-channels{ratio=0.5,criterion=l1}").run(g.copy())
-    masks_t, masks_l1 = (p.graph.model_meta["prune_keep"] for p in (r, l1))
+    masks_t, masks_l1 = (channel_keep(p.graph) for p in (r, l1))
     assert masks_t.keys() == masks_l1.keys() and masks_t != masks_l1  # same groups, its own choice
     folded = PassManager("fold-prune").run(r.graph).graph
     assert total_macs(folded) < total_macs(g)

@@ -100,7 +100,6 @@ def lower(graph: Graph, fmt: str) -> tuple[Graph, LowerReport]:
         rep.fused = _to_qoperator(g, rep.not_fused)
     g.eliminate_dead()
     rep.opset = max(g.opset_imports.get("", 13), need)
-    g.model_meta["required_opset"] = rep.opset
     return g, rep
 
 

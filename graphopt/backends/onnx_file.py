@@ -1,5 +1,8 @@
 """Float ONNX back end: IR -> ``onnx.ModelProto`` and atomic ``save_onnx``.
 
+A weight that carries a mask (``graphopt.masks``) is written with the mask folded in: its
+dropped entries are exact zeros in the file.
+
 Large models: constants above ``external_threshold`` bytes can be written to an external
 data file tensor by tensor, straight from the arrays, so a model over 2 GB is never held
 twice in memory (the ModelProto only holds the file offsets).
@@ -17,6 +20,8 @@ from onnx import AttributeProto, helper, numpy_helper
 
 from graphopt.atomic import atomic_paths
 from graphopt.ir import Graph, Node, Value
+from graphopt.masks import masked_const
+from graphopt.meta import SOURCE
 from graphopt.util import with_gc_paused
 
 SOURCE_KEY = "graphopt.source"
@@ -51,7 +56,7 @@ def node_to_proto(n: Node) -> onnx.NodeProto:
     p.output.extend(v.name for v in n.outputs)
     if n.doc_string:
         p.doc_string = n.doc_string
-    src = n.meta.get("source")
+    src = n.meta.get(SOURCE)
     if src and src != n.name:  # provenance survives the file (NodeProto.metadata_props, ONNX >= 1.16)
         p.metadata_props.append(onnx.StringStringEntryProto(key=SOURCE_KEY, value=src))
     for k, a in n.attrs.items():
@@ -113,7 +118,7 @@ def to_onnx(graph: Graph, *, value_infos: bool = True) -> onnx.ModelProto:
     """Return a self-contained ModelProto (all constants inline). Use ``save_onnx`` for
     models over 2 GB."""
     graph.toposort()
-    return _assemble(graph, value_infos, lambda v: numpy_helper.from_array(np.asarray(v.const), v.name))
+    return _assemble(graph, value_infos, lambda v: numpy_helper.from_array(np.asarray(masked_const(v)), v.name))
 
 
 def _assemble(graph: Graph, with_value_infos: bool, make_init) -> onnx.ModelProto:
@@ -128,7 +133,7 @@ def _assemble(graph: Graph, with_value_infos: bool, make_init) -> onnx.ModelProt
 
 
 def _external_init(v: Value, fh, data_name: str, threshold: int) -> onnx.TensorProto:
-    arr = np.asarray(v.const)
+    arr = np.asarray(masked_const(v))
     if arr.nbytes < threshold or arr.dtype not in _PLAIN_DTYPES:
         return numpy_helper.from_array(arr, v.name)
     t = onnx.TensorProto()

@@ -7,6 +7,9 @@ calls torch ops directly, so execution pays no per-node interpretation cost.
   graph born from an ONNX file can be fine-tuned; other constants are buffers, or plain
   Python values where an op needs them static (shapes, axes, pads, clip bounds).
 * ``write_back(graph, module)`` copies trained parameters into the graph's constants.
+* A weight with an element/N:M mask (``graphopt.masks``) runs as ``where(keep, w, 0)``: its
+  dropped entries are exactly zero in every forward pass and get no gradient, so they stay
+  zero through every optimizer step; ``write_back`` stores the masked weights.
 * BatchNormalization uses its stored statistics (ONNX inference semantics), in ``train()`` as
   in ``eval()``, unless ``to_torch(graph, train_bn=True)``: then each BN whose four tensors are
   constants becomes a module that, like ``nn.BatchNorm2d``, normalizes with batch statistics
@@ -29,6 +32,7 @@ from torch import nn
 
 from graphopt.errors import GraphOptError, UnsupportedOpError
 from graphopt.ir import Graph, Node, Value, is_param
+from graphopt.masks import get_mask
 
 _LOWERINGS: dict[tuple[str, str], Callable[["_Builder", Node], list]] = {}
 _INT64_MAX = 2 ** 63 - 1
@@ -316,6 +320,7 @@ class _Builder:
         self.env: dict[Value, torch.fx.Node] = {}
         self.taken: set[str] = set()
         self.param_names: dict[str, str] = {}  # IR value name -> module attribute
+        self.mask_names: dict[str, tuple[str, str]] = {}  # masked weight -> (parameter, mask buffer)
         self.buffer_names: dict[str, str] = {}  # IR value name -> module buffer written back (BN statistics)
         self.outputs = outputs
         self.train_bn = False
@@ -336,12 +341,20 @@ class _Builder:
         t = torch.from_numpy(np.array(arr, copy=True))
         a = np.asarray(arr)
         param = is_param(a) if trainable is None else (trainable and np.issubdtype(a.dtype, np.floating))
+        mask = get_mask(v) if param else None
+        if mask is not None:  # masked weight: the parameter starts masked and the forward re-applies it
+            t = torch.from_numpy(np.array(mask.apply(a), copy=True))
         if param and v.const is not None:
             self.root.register_parameter(attr, nn.Parameter(t))
             self.param_names[v.name] = attr
         else:
             self.root.register_buffer(attr, t)
         node = self.fx.get_attr(attr)
+        if mask is not None:
+            mattr = _attr_name(v.name + "_mask", self.taken)
+            self.root.register_buffer(mattr, torch.from_numpy(mask.keep.copy()))
+            self.mask_names[v.name] = (attr, mattr)
+            node = self.call(apply_mask, node, self.fx.get_attr(mattr))
         self.env[v] = node
         return node
 
@@ -360,6 +373,11 @@ class _Builder:
 
     def call(self, fn, *args, **kwargs):
         return self.fx.call_function(fn, tuple(args), kwargs)
+
+
+def apply_mask(w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A masked weight: dropped entries are exactly zero and receive no gradient."""
+    return torch.where(keep, w, torch.zeros((), dtype=w.dtype))
 
 
 def _static_or_runtime(b: "_Builder", n: Node, i: int, default: Any = None):
@@ -703,6 +721,7 @@ class TorchGraphModule(torch.fx.GraphModule):
     parameter attribute names; ``input_names``/``output_names`` follow the graph."""
 
     param_names: dict[str, str]
+    mask_names: dict[str, tuple[str, str]]
     buffer_names: dict[str, str]
     input_names: list[str]
     output_names: list[str]
@@ -749,6 +768,7 @@ def to_torch(graph: Graph, outputs: list[str] | None = None, train_bn: bool = Fa
     if gm.graph.eliminate_dead_code():
         gm.recompile()
     gm.param_names = b.param_names
+    gm.mask_names = b.mask_names
     gm.buffer_names = b.buffer_names
     gm.input_names = [v.name for v in graph.inputs]
     gm.output_names = [v.name for v in out_values]
@@ -778,6 +798,9 @@ def write_back(graph: Graph, module: TorchGraphModule) -> int:
         if v is None or v.const is None:
             raise GraphOptError(f"graph has no constant '{value_name}' to write parameter '{attr}' into")
         new = params[attr].detach().cpu().numpy().astype(v.const.dtype, copy=True)
+        mask = get_mask(v)
+        if mask is not None:  # the stored weights carry the mask folded in
+            new = mask.apply(new)
         if new.shape != v.const.shape:
             raise GraphOptError(f"parameter '{attr}' has shape {list(new.shape)}, constant '{value_name}' "
                                 f"has {list(v.const.shape)}")

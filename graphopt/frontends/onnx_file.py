@@ -21,6 +21,7 @@ from onnx import AttributeProto, helper, numpy_helper
 
 from graphopt.errors import FrontendError
 from graphopt.ir import OPAQUE_ATTR_TYPES, Graph, Node, Value, _free_names_of_graph, _names_in_graph
+from graphopt.meta import SOURCE
 from graphopt.shapes import _shape_of
 from graphopt.util import with_gc_paused
 
@@ -204,10 +205,10 @@ def from_model_proto(model: onnx.ModelProto, *, base_dir: Path | None = None, la
         node = Node(np_.op_type, np_.domain if np_.domain != "ai.onnx" else "", name)
         node.graph = graph
         if np_.name:
-            node.meta["source"] = np_.name
+            node.meta[SOURCE] = np_.name
         for prop in np_.metadata_props:
             if prop.key == "graphopt.source":
-                node.meta["source"] = prop.value
+                node.meta[SOURCE] = prop.value
         node.doc_string = np_.doc_string
         for a in np_.attribute:
             node.attrs[a.name] = attr_from_proto(a)
