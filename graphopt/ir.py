@@ -596,10 +596,9 @@ class Graph:
                 v.shape = shape
 
     def update_from(self, module) -> int:
-        """Write trained parameters of a ``to_torch`` module back into this graph's constants."""
-        from graphopt.backends.torch_module import write_back
-
-        return write_back(self, module)
+        """Write trained parameters of a ``to_torch`` module back into this graph's constants
+        (the module does it: the IR does not depend on the torch back end)."""
+        return module.write_back(self)
 
     # ------------------------------------------------------------------ copy / dump
     def copy(self) -> Graph:

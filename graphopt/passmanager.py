@@ -56,6 +56,14 @@ class Pass:
     """Base class of every pass. Subclasses are keyword-only dataclasses."""
 
     name: ClassVar[str] = ""
+    # Ordering contracts, checked when a pipeline is built (with the position in the error):
+    # ``after``: passes that, if present, must run before this one; ``before``: passes that, if
+    # present, must run after it.
+    after: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
+    # True if the pass keeps the graph's outputs equal (within float32 rounding) on any input;
+    # the registry-wide contract test then checks it on every test network.
+    preserves_function: ClassVar[bool] = False
 
     def run(self, graph: Graph, ctx: "Context") -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -242,6 +250,9 @@ class PassManager:
         if isinstance(passes, Pipeline):
             passes = list(passes.passes)
         self.passes: list[Pass] = list(passes)
+        from graphopt.pipeline import check_order
+
+        check_order(self.passes)
         self.verify_each = verify_each
         self.instruments = list(instruments or [])
         self.fixed_point = fixed_point

@@ -234,12 +234,15 @@ def parse_pipeline(text: str, _depth: int = 0) -> Pipeline:
     if ps.pos >= len(text):
         raise PipelineError("the pipeline is empty", text, 1)
     out: list[Pass] = []
+    where: list[int] = []  # column of each pass (a preset's passes share the preset's column)
     while True:
         name, npos = ps.ident("a pass name")
         ps.ws()
         if name not in reg:
             if name in pre and ps.peek() != "{" and _depth < 4:
-                out.extend(parse_pipeline(pre[name][0], _depth + 1).passes)
+                expanded = parse_pipeline(pre[name][0], _depth + 1).passes
+                out.extend(expanded)
+                where.extend([npos] * len(expanded))
             else:
                 raise ps.error(f"unknown pass '{name}'{_nearest(name, list(reg) + list(pre))}", npos)
         else:
@@ -280,10 +283,29 @@ def parse_pipeline(text: str, _depth: int = 0) -> Pipeline:
                         break
             try:
                 out.append(cls(**kwargs))
+                where.append(npos)
             except (TypeError, ValueError) as e:
                 raise ps.error(f"pass '{name}': {e}", npos) from None
         ps.ws()
         if ps.pos >= len(text):
             break
         ps.expect(",")
+    if _depth == 0:
+        check_order(out, where, text)
     return Pipeline(out)
+
+
+def check_order(passes: list[Pass], where: list[int] | None = None, text: str = "") -> None:
+    """Enforce the passes' declared ordering (``Pass.after`` / ``Pass.before``). The error names
+    both passes and, for a parsed pipeline, the column of the misplaced one."""
+    names = [p.name for p in passes]
+    for i, p in enumerate(passes):
+        wrong = [(other, "after", k) for other in p.after for k in range(i + 1, len(names)) if names[k] == other]
+        wrong += [(other, "before", k) for other in p.before for k in range(i) if names[k] == other]
+        if not wrong:
+            continue
+        other, rel, j = wrong[0]
+        msg = f"'{p.name}' must come {rel} '{other}'"
+        if where is None:
+            raise PipelineError(f"{msg} (pass {i + 1} of the list; '{other}' is pass {j + 1})")
+        raise PipelineError(f"{msg} ('{other}' is at column {where[j] + 1})", text, where[i] + 1)

@@ -7,11 +7,14 @@ integer constants (shapes, axes, pads) stay inline so data propagation can read 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graphopt.ir import Graph, Shape
+if TYPE_CHECKING:  # annotations only: the IR imports this module
+    from graphopt.ir import Graph, Shape
 
 SMALL_INT_CONST = 4096
 

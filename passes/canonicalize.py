@@ -49,6 +49,8 @@ class RemoveIdentity(Pass):
     absent or a constant false. An Identity that separates a graph input from a graph output
     is kept (both names are the user's interface)."""
 
+    preserves_function = True
+
     dropout: bool = option(True, "also remove inference-mode Dropout")
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
@@ -98,6 +100,8 @@ class FoldConstants(Pass):
 
     Nodes are evaluated with ONNX's reference implementation. Q/DQ and random ops are never
     folded; a result larger than ``max_elements`` is left as a node (folding would bloat the file)."""
+
+    preserves_function = True
 
     max_elements: int = option(1 << 20, "largest folded result, in elements", minimum=1)
     shapes: bool = option(True, "fold Shape/Size of values whose shape is static")
@@ -165,6 +169,8 @@ class EliminateDead(Pass):
     """Remove nodes whose outputs are never used, and unused constants. ONNX ops are pure, so
     this preserves the function; graph inputs are kept (they are the model's interface)."""
 
+    preserves_function = True
+
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         removed, consts = graph.eliminate_dead()
         return PassResult(graph, removed + consts > 0, {"nodes": removed, "constants": consts})
@@ -174,6 +180,8 @@ class EliminateDead(Pass):
 @dataclass(kw_only=True)
 class Canonicalize(Pass):
     """remove-identity, fold-constants and eliminate-dead, repeated to a fixed point."""
+
+    preserves_function = True
 
     max_rounds: int = option(8, "most rounds before giving up on a fixed point", minimum=1)
 
@@ -213,6 +221,8 @@ class Simplify(Pass):
 
     Use it for exported models with dynamic-shape plumbing that ``canonicalize`` cannot fold.
     The model passes through a serialized ModelProto, so it is limited to models < 2 GB."""
+
+    preserves_function = True
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         import onnxsim

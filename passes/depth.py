@@ -146,6 +146,8 @@ class PruneBlocks(Pass):
     targets refer to the model before the first prune-blocks of the pipeline, so a second run
     with the same options changes nothing. Fine-tune afterwards: removing blocks changes the function."""
 
+    before = ("quantize",)  # removing blocks of a quantized graph would keep stale ranges
+
     count: Optional[int] = option(None, "number of residual blocks to remove", minimum=1)
     target_macs: Optional[float] = option(None, "instead of count: remove blocks until the MACs are at most this "
                                                 "fraction of the unpruned model's", minimum=0.01, maximum=1.0)

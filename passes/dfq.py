@@ -32,6 +32,9 @@ class FoldBatchNorm(Pass):
     a Gemm with the folded bias (rank-2 inputs only). A BN with no foldable producer stays and
     is listed in the stats as ``unfolded``."""
 
+    before = ("quantize",)  # quantized weights are no longer constants to fold into
+    preserves_function = True
+
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         folded, unfolded = 0, []
         for bn in graph.find_nodes("BatchNormalization"):
@@ -212,6 +215,10 @@ class Equalize(Pass):
     alone. ``relu6=relu`` replaces it by ReLU, as the paper does; that changes the function
     and is logged as a warning."""
 
+    after = ("fold-bn",)  # equalizing through an unfolded BN is not exact
+    before = ("quantize",)  # rescaling quantized weights would break their scales
+    preserves_function = True
+
     max_iters: int = option(100, "most sweeps over all pairs", minimum=1)
     tol: float = option(1e-4, "converged when every scale is within tol of 1", minimum=0.0)
     relu6: Literal["rewrite", "skip", "relu"] = option("rewrite", "how to treat Clip(0, M) between a pair")
@@ -311,6 +318,9 @@ class AbsorbBias(Pass):
     calibrate on data that covers deployment. Layer2's bias grows by W2 . c. A ReLU6 becomes
     ReLU then Min(x, 6 - c). Pairs whose layer2 pads with zeros are left alone unless
     ``padded=true``, because the border outputs would change."""
+
+    after = ("fold-bn",)
+    before = ("quantize",)
 
     source: Literal["auto", "bn", "data"] = option("auto", "auto: BN metadata if present, else calibration data")
     sigmas: float = option(3.0, "the k in beta - k*gamma for the BN rule", minimum=0.0)

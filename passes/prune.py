@@ -480,6 +480,8 @@ class PruneChannels(Pass):
     all groups. Kept channel counts are rounded to multiples of ``round_to``; layers whose name
     matches a ``skip`` pattern keep all their channels."""
 
+    before = ("quantize", "fold-prune")  # fold-prune consumes the masks this pass makes
+
     ratio: float = option(0.3, "fraction of channels to remove from each prunable group, in [0, 1)", minimum=0.0,
                           maximum=0.999999)
     criterion: Literal["l1", "l2", "bn_scale", "taylor", "random"] = option(
@@ -591,6 +593,8 @@ class FoldPrune(Pass):
     blocks; grouped convs per group), per-channel constants (BN, PReLU, Min/Mul/Add), Concat/Split
     offsets, Split sizes and the channel pads of zero-padding Pads (a Pad left padding nothing is
     removed). The result is a smaller dense graph, exactly equal to the masked model."""
+
+    before = ("quantize",)
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         masks = channel_masks(graph)
@@ -831,6 +835,8 @@ class RecalibrateBatchNorm(Pass):
     torch training mode, so each BN normalizes with batch statistics, and the running
     statistics become the average over all batches (``torch.optim.swa_utils.update_bn``).
     Weights are not touched. Run it before fold-bn; a graph without BN is left alone."""
+
+    before = ("fold-bn",)  # it needs the BatchNormalization nodes fold-bn removes
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         bns = [n for n in graph.nodes if n.op_type == "BatchNormalization"]

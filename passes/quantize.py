@@ -164,7 +164,8 @@ class Quantize(Pass):
             if why:
                 float_biases[n.source] = why
             n_w += 1
-        return PassResult(graph, True, {"weights": n_w, "activations": len(targets), "bounds_dropped": dropped,
+        changed = n_w > 0 or len(targets) > 0 or dropped > 0
+        return PassResult(graph, changed, {"weights": n_w, "activations": len(targets), "bounds_dropped": dropped,
                                         "skipped": skipped, "float_layers": float_layers,
                                         "float_biases": float_biases, "weight_spec": str(wspec),
                                         "act_spec": str(aspec)})
@@ -294,6 +295,8 @@ class CorrectBias(Pass):
     borders of larger kernels it is approximate. ``analytical`` takes E[x] from the BatchNorm statistics that
     fold-bn recorded upstream: x = ReLU(y) with y ~ N(beta, gamma^2). ``auto`` uses analytical
     where BN statistics exist, and empirical elsewhere if data is given."""
+
+    after = ("quantize",)  # it corrects the error of quantized weights
 
     mode: Literal["auto", "empirical", "analytical"] = option("auto", "where E[x] comes from")
     tol: float = option(1e-3, "leave a bias alone when its correction changes it by less than this, relative to "

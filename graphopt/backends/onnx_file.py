@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
 from graphopt.atomic import atomic_paths
-from graphopt.ir import Graph, Node, Value
 from graphopt.masks import masked_const
 from graphopt.meta import SOURCE
 from graphopt.util import with_gc_paused
+
+if TYPE_CHECKING:  # annotations only: shape inference (under the IR) serializes through this module
+    from graphopt.ir import Graph, Node, Value
 
 SOURCE_KEY = "graphopt.source"
 # Above this total of constant bytes a model must use external data (protobuf's 2 GB cap).

@@ -720,6 +720,10 @@ class TorchGraphModule(torch.fx.GraphModule):
     """The ``nn.Module`` returned by ``to_torch``. ``param_names`` maps IR constant names to
     parameter attribute names; ``input_names``/``output_names`` follow the graph."""
 
+    def write_back(self, graph: Graph) -> int:
+        """Copy this module's (trained) parameters into ``graph``'s constants."""
+        return write_back(graph, self)
+
     param_names: dict[str, str]
     mask_names: dict[str, tuple[str, str]]
     buffer_names: dict[str, str]

@@ -1,0 +1,95 @@
+"""Packaging and layering: the pass library installs as ``graphopt.passes`` (no top-level
+``passes``), the core never imports it except through the one loader, and no import cycle
+comes back. Imports inside functions count too; ``if TYPE_CHECKING:`` imports do not."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import networkx as nx
+
+ROOT = Path(__file__).resolve().parents[1]
+LOADER = "graphopt.passmanager"  # passmanager.pass_library() is the one place that loads the library
+# lazy imports that close a loop on purpose, each with its reason
+ALLOWED = {
+    (LOADER, "graphopt.passes"): "the loader: registry() imports the library on first use",
+    (LOADER, "graphopt.pipeline"): "PassManager('text') parses pipeline text; pipeline builds on the registry",
+}
+
+
+def _module(p: Path) -> str:
+    parts = list(p.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "passes":
+        parts = ["graphopt", "passes"] + parts[1:]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(tree: ast.AST, module: str, is_pkg: bool, known: set[str]):
+    """Every module of ours that ``tree`` imports (skipping ``if TYPE_CHECKING:`` blocks)."""
+    pkg = module if is_pkg else module.rsplit(".", 1)[0]
+
+    def walk(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            yield child
+            yield from walk(child)
+
+    for node in walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
+            names = subs or [base]
+        for t in names:
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != module and not module.startswith(t + "."):  # a package's own parents run anyway
+                yield t
+
+
+def import_graph() -> nx.DiGraph:
+    files = list((ROOT / "graphopt").rglob("*.py")) + list((ROOT / "passes").rglob("*.py"))
+    mods = {_module(p): p for p in files}
+    g = nx.DiGraph()
+    g.add_nodes_from(mods)
+    for m, p in mods.items():
+        for t in _imports(ast.parse(p.read_text()), m, p.name == "__init__.py", set(mods)):
+            g.add_edge(m, t)
+    return g
+
+
+def test_core_imports_the_pass_library_only_through_the_loader():
+    g = import_graph()
+    offenders = [(a, b) for a, b in g.edges if b.startswith("graphopt.passes") and not a.startswith("graphopt.passes")
+                 and (a, b) not in ALLOWED]
+    assert offenders == []
+
+
+def test_no_import_cycle():
+    g = import_graph()
+    g.remove_edges_from([e for e in ALLOWED if g.has_edge(*e)])
+    cycles = [sorted(c) for c in nx.strongly_connected_components(g) if len(c) > 1]
+    assert cycles == []
+
+
+def test_the_checker_sees_a_cycle():
+    """The checks above can fail: a lazy import from the IR up into the pass library is caught."""
+    g = import_graph()
+    g.add_edge("graphopt.ir", "graphopt.passes.quantize")
+    assert any(len(c) > 1 for c in nx.strongly_connected_components(g))
+
+
+def test_installed_as_graphopt_passes_without_a_top_level_passes(tmp_path):
+    code = ("import importlib.util, graphopt.passes as p, pathlib;"
+            "print(importlib.util.find_spec('passes') is None, pathlib.Path(p.__file__).parent.name)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "passes"]
