@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--crop", type=int, default=224, help="image folder: center crop size (default 224)")
     c.add_argument("--mean", default="0.485,0.456,0.406", help="image folder: per-channel mean after scaling to [0,1]")
     c.add_argument("--std", default="0.229,0.224,0.225", help="image folder: per-channel std")
+    c.add_argument("--train", metavar="X.npy", help="training inputs [N, ...] for training steps in the pipeline "
+                                                   "(finetune)")
+    c.add_argument("--train-labels", metavar="Y.npy", help="integer labels [N] for --train")
+    c.add_argument("--teacher", metavar="MODEL", help="teacher for distillation in training steps (default: the "
+                                                      "input model as the pipeline received it)")
     c.add_argument("--format", choices=FORMATS, default="float", help="output format (default: float)")
     c.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
     c.add_argument("--timing", action="store_true", help="print time per pass")
@@ -193,6 +198,34 @@ def load_calib(args, graph):
     return data
 
 
+def load_train(args, graph):
+    """--train / --train-labels as TrainingData, checked against the model input."""
+    import numpy as np
+
+    from graphopt.passmanager import TrainingData
+    from graphopt.training.calibration import CalibrationData
+
+    if not args.train:
+        if args.train_labels:
+            raise GraphOptError("--train-labels needs --train")
+        return None
+    for what, path in (("training data", args.train), ("labels", args.train_labels)):
+        if path and not Path(path).is_file():
+            raise GraphOptError(f"{what} file not found: {path}")
+    try:
+        x = np.load(args.train, mmap_mode="r", allow_pickle=False)
+        y = np.load(args.train_labels, allow_pickle=False) if args.train_labels else None
+    except ValueError as e:
+        raise GraphOptError(f"cannot read training data: {e}") from None
+    try:
+        CalibrationData(x).check_against(graph)
+    except GraphOptError as e:
+        raise GraphOptError(f"{args.train}: {e}") from None
+    if y is not None and (y.ndim != 1 or not np.issubdtype(y.dtype, np.integer)):
+        raise GraphOptError(f"{args.train_labels}: labels must be a 1-D integer array, not {y.dtype}{list(y.shape)}")
+    return TrainingData(x, y)
+
+
 def _size(graph) -> int:
     return int(sum(v.const.nbytes for v in graph.constants.values()))
 
@@ -218,7 +251,8 @@ def cmd_convert(args) -> int:
 
     t0 = time.perf_counter()
     graph = load_model(args.input, args)
-    ctx = Context(calib=load_calib(args, graph) if args.calib else None)
+    ctx = Context(calib=load_calib(args, graph) if args.calib else None, train=load_train(args, graph),
+                  teacher=load_model(args.teacher) if args.teacher else None)
     before = (len(graph), graph.num_params(), _size(graph), total_macs(graph))
     timing = TimingInstrument()
     keeper = _KeepBeforeQuantize()

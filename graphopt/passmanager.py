@@ -64,6 +64,11 @@ class Pass:
     # True if the pass keeps the graph's outputs equal (within float32 rounding) on any input;
     # the registry-wide contract test then checks it on every test network.
     preserves_function: ClassVar[bool] = False
+    # False for steps that by nature change the graph each time they run (training): the
+    # contract test then does not ask a second run to be a no-op.
+    idempotent: ClassVar[bool] = True
+    # True if the pass reads ``ctx.input_graph`` (the pipeline's input, e.g. as a teacher).
+    needs_input_graph: ClassVar[bool] = False
 
     def run(self, graph: Graph, ctx: "Context") -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -158,14 +163,36 @@ def get_pass(name: str) -> type[Pass]:
 
 
 # ---------------------------------------------------------------------- context
+@dataclass
+class TrainingData:
+    """Labelled (or unlabelled) training inputs for pipeline steps that train (``finetune``,
+    and QAT / lottery tickets next). ``x`` is [N, ...] float32 (an array or a memory-mapped
+    .npy); ``y`` optional integer labels [N]; ``transform(batch, rng)`` optional augmentation."""
+
+    x: Any
+    y: Any = None
+    transform: Any = None
+
+    def __post_init__(self):
+        if self.y is not None and len(self.y) != len(self.x):
+            raise GraphOptError(f"{len(self.x)} training inputs but {len(self.y)} labels")
+
+
 class Context:
-    """What passes share: calibration data, cached analyses, options and progress.
+    """What passes share: calibration data, training data (and a teacher), cached analyses,
+    options and progress.
 
     Analyses are cached by key and dropped whenever a pass reports ``modified=True``.
+    ``input_graph`` is the graph as the running pipeline received it (training steps distill
+    from it when no teacher is given).
     """
 
-    def __init__(self, calib: Any = None, options: dict[str, Any] | None = None, progress: bool | None = None):
+    def __init__(self, calib: Any = None, options: dict[str, Any] | None = None, progress: bool | None = None,
+                 train: TrainingData | None = None, teacher: Graph | None = None):
         self.calib = calib
+        self.train = train
+        self.teacher = teacher
+        self.input_graph: Graph | None = None
         self.options = dict(options or {})
         self._analyses: dict[Any, Any] = {}
         if progress is None:
@@ -260,6 +287,8 @@ class PassManager:
 
     def run(self, graph: Graph, ctx: Context | None = None) -> PassResult:
         ctx = ctx or Context()
+        if ctx.input_graph is None and any(getattr(p, "needs_input_graph", False) for p in self.passes):
+            ctx.input_graph = graph.copy()  # constants are shared, so this costs the structure only
         ran: list[str] = []
         any_modified = False
         stats: dict[str, Any] = {}

@@ -161,3 +161,49 @@ def test_unfolded_bn_trains_its_statistics_unless_frozen(train_bn):
              config=FinetuneConfig(epochs=1, batch_size=16, lr=1e-3, optimizer="adam", train_bn=train_bn))
     moved = not np.allclose(student.const_value(bn.inputs[3]), mean0)
     assert moved == train_bn
+
+
+def test_finetune_step_in_a_pipeline_distills_from_the_pipeline_input():
+    """prune, fold, finetune in one pipeline: with no teacher given, the step distills from the
+    graph as the pipeline received it, and the student gets closer to it."""
+    from graphopt.passmanager import Context, TrainingData
+
+    model, x = build("mobilenetv2")
+    g = PassManager("canonicalize,fold-bn").run(from_torch(model, torch.from_numpy(x))).graph
+    data = np.random.default_rng(0).standard_normal((64,) + x.shape[1:]).astype(np.float32)
+    ref = run_ort(to_onnx(g), data)
+    pruned = PassManager("prune-channels{ratio=0.4},fold-prune").run(g.copy()).graph
+    before = rel_err(run_ort(to_onnx(pruned), data), ref)
+    r = PassManager("prune-channels{ratio=0.4},fold-prune,finetune{epochs=4,batch_size=16,lr=0.02,optimizer=adam}",
+                    verify_each=True).run(g.copy(), Context(train=TrainingData(data)))
+    st = r.stats["finetune"][0]
+    assert st["modified"] and st["steps"] == 16 and st["distilled"]
+    assert rel_err(run_ort(to_onnx(r.graph), data), ref) < before * 0.8
+    with pytest.raises(GraphOptError, match="finetune needs training data"):
+        PassManager("finetune").run(g.copy(), Context())
+    with pytest.raises(GraphOptError, match="needs labels or a teacher"):
+        PassManager("finetune{teacher=none}").run(g.copy(), Context(train=TrainingData(data)))
+    with pytest.raises(GraphOptError, match="64 training inputs but 3 labels"):
+        TrainingData(data, np.zeros(3, np.int64))
+
+
+def test_convert_runs_a_training_step(tmp_path):
+    from nets import export
+
+    model, x = build("mlp")
+    p = tmp_path / "m.onnx"
+    p.write_bytes(export(model, x).SerializeToString())
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((32, 16)).astype(np.float32))
+    np.save(tmp_path / "y.npy", rng.integers(0, 4, 32))
+    pipe = "finetune{epochs=2,batch_size=8,teacher=none}"
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "convert", str(p), "-o", str(tmp_path / "o.onnx"),
+                        "--pipeline", pipe, "--train", str(tmp_path / "x.npy"), "--train-labels",
+                        str(tmp_path / "y.npy")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "finetune" in r.stdout and "steps=8" in r.stdout
+    assert not np.allclose(run_ort(str(tmp_path / "o.onnx"), x), run_ort(str(p), x))
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "convert", str(p), "-o", str(tmp_path / "o2.onnx"),
+                        "--pipeline", pipe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "finetune needs training data" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "o2.onnx").exists()
