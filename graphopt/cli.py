@@ -384,12 +384,19 @@ def cmd_passes(args) -> int:
     from graphopt.pipeline import format_value, presets
 
     for name, cls in registry().items():
-        print(f"{name}\n    {cls.summary()}")
+        order = [f"after {', '.join(cls.after)}"] * bool(cls.after) + [f"before {', '.join(cls.before)}"] * bool(
+            cls.before)
+        print(f"{name}" + (f"  ({'; '.join(order)})" if order else "") + f"\n    {cls.summary()}")
         hints = cls.option_types()
         for f in cls.options():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             tp = _short_type(hints[f.name])
             print(f"    {f.name}: {tp} = {format_value(default)}  -- {f.metadata.get('doc', '')}")
+    from graphopt.quantizers import schemes
+
+    print("\nquantizer schemes (quantize{weights=SPEC,acts=SPEC}):")
+    for name, q in schemes().items():
+        print(f"  {name:<10} {q.doc}")
     print("\npresets:")
     for name, (text, doc) in presets().items():
         print(f"  {name:<10} {text}\n  {'':<10} ({doc})")

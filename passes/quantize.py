@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ class Quantize(Pass):
                                             maximum=16)
     drop_inactive_bounds: bool = option(True, "remove per-channel Min bounds the calibration data never reaches")
     batch_size: int = option(32, "calibration batch size", minimum=1)
+    learn_scales: bool = option(False, "mark weight and activation scales learnable: the torch back end makes them "
+                                       "parameters with true gradients (a start for QAT)")
 
     def requires(self, graph: Graph) -> None:
         from graphopt.errors import PreconditionError
@@ -81,6 +84,8 @@ class Quantize(Pass):
         aspec = parse(self.acts, "acts")
         if not isinstance(wspec, Uniform) or not isinstance(aspec, Uniform):
             raise GraphOptError(f"quantize: the {wspec.scheme}/{aspec.scheme} schemes have no calibration here yet")
+        if self.learn_scales:
+            wspec, aspec = dataclasses.replace(wspec, learnable=True), dataclasses.replace(aspec, learnable=True)
         if aspec.granularity != "tensor":
             raise GraphOptError(f"acts must be per tensor (got {aspec.granularity}): integer kernels take one "
                                 "activation scale")

@@ -165,3 +165,25 @@ def test_a_new_scheme_runs_everywhere_without_touching_the_back_ends():
     np.testing.assert_array_equal(run_ort(proto, x), ref)
     with pytest.raises(GraphOptError, match="8-bit weights and activations only.*test sign"):
         lower(g, "qoperator")
+
+
+def test_quantize_learn_scales_makes_every_scale_a_parameter():
+    from nets import build
+
+    from graphopt.passmanager import Context, PassManager
+
+    model, x = build("mlp")
+    g = graphopt.from_torch(model, torch.from_numpy(x))
+    calib = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    fixed = PassManager("quantize").run(g.copy(), Context(calib=calib)).graph
+    learn = PassManager("quantize{learn_scales=true}").run(g.copy(), Context(calib=calib)).graph
+    fqs = [n for n in learn.nodes if n.op_type == "FakeQuant" and n.attr("kind") != "bias"]
+    assert fqs and all(from_node(n).learnable for n in fqs)
+    n_fixed = len(list(graphopt.to_torch(fixed).parameters()))
+    m = graphopt.to_torch(learn)
+    assert len(list(m.parameters())) == n_fixed + len(fqs)
+    out = m(torch.from_numpy(calib)).sum()
+    out.backward()
+    scale_params = [m.get_parameter(m.param_names[n.inputs[1].name]) for n in fqs]
+    assert all(p.grad is not None for p in scale_params) and any(float(p.grad.abs()) > 0 for p in scale_params
+                                                                  if p.numel() == 1)
