@@ -314,3 +314,16 @@ def test_qoperator_fuses_relu6_whose_top_code_is_six_and_says_why_not_elsewhere(
     _, rep = lower(r.graph, "qoperator")
     assert rep.not_fused == {"Conv 'c2'": "its weight is not a quantized constant"}
     assert any("c2" in line and "not lowered to QOperator" in line for line in rep.lines())
+
+
+def test_effnet_int8_qoperator_leaves_no_conv_in_float(effnet_path):
+    """EfficientNet-Lite0's ReLU6 layers fuse: every Conv becomes QLinearConv (it used to leave 33)."""
+    g = graphopt.load_onnx(effnet_path)
+    calib = np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32)
+    from graphopt.pipeline import presets
+
+    q = PassManager(presets()["int8"][0]).run(g, Context(calib=calib)).graph
+    lowered, rep = lower(q, "qoperator")
+    assert rep.not_fused == {} and rep.fused == 50
+    ops = [n.op_type for n in to_model(lowered, rep.opset).graph.node]
+    assert ops.count("Conv") == 0 and ops.count("QLinearConv") == 49 and ops.count("MatMulInteger") == 1
