@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,15 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="run a pass pipeline on a model and write ONNX")
     c.add_argument("input", help="model: FILE.onnx, a TorchScript FILE.pt, or MODULE:CALLABLE / FILE.py:CALLABLE")
     c.add_argument("-o", "--output", required=True, help="ONNX file to write (atomically)")
+    c.add_argument("--overwrite", action="store_true", help="allow -o to be the input model (replace it in place)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--pipeline", help='pass pipeline, e.g. "canonicalize,fold-constants{max_elements=1000}"')
     g.add_argument("--preset", help="named pipeline (see `graphopt passes`); default: 'default'")
     _torch_args(c)
     c.add_argument("--calib", metavar="FILE.npy|DIR",
                    help="calibration inputs: a float32 .npy array [N, ...] matching the model input, or an image folder")
-    c.add_argument("--calib-limit", type=int, metavar="N", help="use the first N calibration samples")
-    c.add_argument("--resize", type=int, default=256, help="image folder: resize the short side to this (default 256)")
-    c.add_argument("--crop", type=int, default=224, help="image folder: center crop size (default 224)")
+    c.add_argument("--calib-limit", type=_positive_int, metavar="N", help="use the first N calibration samples")
+    c.add_argument("--resize", type=_positive_int, default=256, help="image folder: resize the short side to this (default 256)")
+    c.add_argument("--crop", type=_positive_int, default=224, help="image folder: center crop size (default 224)")
     c.add_argument("--mean", default="0.485,0.456,0.406", help="image folder: per-channel mean after scaling to [0,1]")
     c.add_argument("--std", default="0.229,0.224,0.225", help="image folder: per-channel std")
     c.add_argument("--train", metavar="X.npy", help="training inputs [N, ...] for training steps in the pipeline "
@@ -84,18 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("model", help="student model: FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
     _torch_args(f)
     f.add_argument("-o", "--output", required=True, help="ONNX file to write with the trained weights")
+    f.add_argument("--overwrite", action="store_true", help="allow -o to be the student model (replace it in place)")
     f.add_argument("--data", required=True, metavar="X.npy", help="float32 training inputs [N, ...]")
     f.add_argument("--labels", metavar="Y.npy", help="integer labels [N] (adds cross-entropy)")
     f.add_argument("--teacher", metavar="FILE.onnx", help="teacher for knowledge distillation (e.g. the unpruned model)")
-    f.add_argument("--epochs", type=int, default=1)
-    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--epochs", type=_positive_int, default=1)
+    f.add_argument("--batch-size", type=_positive_int, default=64)
     f.add_argument("--lr", type=float, default=0.01)
     f.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     f.add_argument("--temperature", type=float, default=4.0)
     f.add_argument("--kd-weight", type=float, default=0.7, help="with labels: weight of the distillation loss")
     f.add_argument("--checkpoint", metavar="FILE.pt", help="written after every epoch and on Ctrl-C")
     f.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    f.add_argument("--max-steps", type=int, help="stop after this many steps")
+    f.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
     f.add_argument("--weight-decay", type=float, default=0.0)
     f.add_argument("--freeze-bn", action="store_true",
                    help="keep BatchNormalization statistics fixed (default: they train, as in torch)")
@@ -104,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="graphopt-demo.onnx", help="ONNX file to write (default: %(default)s)")
     d.add_argument("--pipeline", default=None, help="pipeline to run (default: the demo's own)")
     return p
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is a usage error, exit code 2)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
 
 
 def _torch_args(p) -> None:
@@ -117,9 +132,9 @@ def _analysis_args(p) -> None:
     p.add_argument("model", help="FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
     _torch_args(p)
     p.add_argument("--calib", required=True, metavar="FILE.npy|DIR", help="inputs to measure on")
-    p.add_argument("--calib-limit", type=int, metavar="N", default=64, help="samples to use (default 64)")
-    p.add_argument("--resize", type=int, default=256)
-    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--calib-limit", type=_positive_int, metavar="N", default=64, help="samples to use (default 64)")
+    p.add_argument("--resize", type=_positive_int, default=256)
+    p.add_argument("--crop", type=_positive_int, default=224)
     p.add_argument("--mean", default="0.485,0.456,0.406")
     p.add_argument("--std", default="0.229,0.224,0.225")
     p.add_argument("--eval", metavar="LABELS.npy", help="integer labels for the samples: report top-1 too")
@@ -136,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_allocator()  # our own process: keep large freed blocks for reuse (see its doc)
     try:
+        check_outputs(args)
         return {"convert": cmd_convert, "passes": cmd_passes, "inspect": cmd_inspect, "demo": cmd_demo,
                 "analyze": cmd_analyze, "finetune": cmd_finetune}[args.command](args)
     except BrokenPipeError:  # e.g. `graphopt passes | head`
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
@@ -156,6 +171,54 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------- helpers
+_INPUTS = {"input": "the input model", "model": "the input model", "calib": "--calib", "weights": "--weights",
+           "teacher": "--teacher", "train": "--train", "train_labels": "--train-labels", "data": "--data",
+           "labels": "--labels", "eval": "--eval"}
+
+
+def _outputs(args) -> list[tuple[str, str]]:
+    """(path, what) for every file this command will write."""
+    outs = []
+    if getattr(args, "output", None):
+        outs.append((args.output, "-o"))
+        if args.command == "convert" and args.external_data:
+            outs.append((args.output + ".data", "-o's external data"))
+    if args.command == "inspect" and getattr(args, "plot", None):
+        outs.append((args.plot_out, "--plot-out"))
+    if args.command == "analyze" and getattr(args, "plot", None):
+        outs.append((args.plot, "--plot"))
+    if args.command == "finetune" and args.checkpoint:
+        outs.append((args.checkpoint, "--checkpoint"))
+    return outs
+
+
+def _same_file(a: str, b: str) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return os.path.samefile(pa, pb)  # symlinks and hard links too
+    return pa.resolve() == pb.resolve()
+
+
+def check_outputs(args) -> None:
+    """Refuse an output path that is one of the command's inputs (through symlinks and hard
+    links too), or another of its outputs. Replacing the input model needs --overwrite."""
+    outs = _outputs(args)
+    for i, (o, what) in enumerate(outs):
+        for o2, what2 in outs[i + 1:]:
+            if _same_file(o, o2):
+                raise GraphOptError(f"{what} and {what2} name the same file {o}")
+        for key, label in _INPUTS.items():
+            src = getattr(args, key, None)
+            if not isinstance(src, str) or not src or not Path(src).exists() or Path(src).is_dir():
+                continue
+            if _same_file(o, src):
+                if key in ("input", "model") and what == "-o" and getattr(args, "overwrite", False):
+                    continue
+                hint = " (add --overwrite to replace it in place)" if key in ("input", "model") and what == "-o" \
+                    and hasattr(args, "overwrite") else ""
+                raise GraphOptError(f"refusing to write {what} over {label} ({src}){hint}")
+
+
 def load_model(path: str, args=None):
     """An .onnx file, a TorchScript archive, or MODULE:CALLABLE -> Graph."""
     from graphopt.frontends.onnx_file import load_onnx
@@ -180,6 +243,10 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
         raise GraphOptError(f"--{what} must be comma-separated numbers, got '{text}'") from None
     if len(vals) not in (1, 3):
         raise GraphOptError(f"--{what} takes 1 or 3 numbers, got {len(vals)}")
+    if not all(math.isfinite(v) for v in vals):
+        raise GraphOptError(f"--{what} must be finite numbers, got '{text}'")
+    if what == "std" and any(v <= 0 for v in vals):
+        raise GraphOptError(f"--std must be positive, got '{text}'")
     return vals * 3 if len(vals) == 1 else vals
 
 
@@ -237,7 +304,7 @@ def cmd_convert(args) -> int:
     from graphopt.passmanager import Context, DumpIRInstrument, PassManager, TimingInstrument
     from graphopt.pipeline import parse_pipeline, presets
 
-    if args.preset:
+    if args.preset is not None:
         pre = presets()
         if args.preset not in pre:
             import difflib

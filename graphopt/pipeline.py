@@ -15,6 +15,7 @@ misspelt pass or option, the nearest valid name.
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,11 +112,15 @@ class _Parser:
         start = self.pos
         c = self.peek()
         if c == "[":
+            self.depth = getattr(self, "depth", 0) + 1
+            if self.depth > _MAX_NESTING:
+                raise self.error(f"lists nest deeper than {_MAX_NESTING} levels", start)
             self.pos += 1
             items = []
             self.ws()
             if self.peek() == "]":
                 self.pos += 1
+                self.depth -= 1
                 return [], start
             while True:
                 v, _ = self.value()
@@ -125,6 +130,7 @@ class _Parser:
                     self.pos += 1
                     continue
                 self.expect("]")
+                self.depth -= 1
                 return items, start
         if c == '"':
             self.pos += 1
@@ -150,6 +156,9 @@ class _Parser:
         return self.text[start:self.pos], start
 
 
+_MAX_NESTING = 8
+
+
 class _Quoted(str):
     """A value that was written in quotes (so 'none' stays the string 'none')."""
 
@@ -162,7 +171,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {bool: "true|false", int: "an integer", float: "a number", str: "a string", type(None): "none"}.get(tp, str(tp))
+    return {bool: "true|false", int: "an integer", float: "a finite number", str: "a string", type(None): "none"}.get(tp, str(tp))
 
 
 def convert_value(raw: Any, tp: Any) -> Any:
@@ -201,7 +210,10 @@ def convert_value(raw: Any, tp: Any) -> Any:
     if tp is int:
         return int(raw)
     if tp is float:
-        return float(raw)
+        v = float(raw)
+        if not math.isfinite(v):
+            raise ValueError  # nan / inf are never a meaningful option value
+        return v
     if tp is str:
         return str(raw)
     if tp is Any:

@@ -327,6 +327,8 @@ class AbsorbBias(Pass):
     padded: bool = option(False, "also absorb into zero-padded convs (approximate at borders)")
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
+        if self.source == "data" and ctx.calib is None:
+            raise GraphOptError("absorb-bias{source=data} needs calibration data (--calib)")
         search = L.find_chains(graph)
         todo: list[tuple[L.Chain, str]] = []
         skipped = dict(search.skipped)

@@ -34,11 +34,15 @@ _MMAP_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProt
                 onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
 
 
-def attr_from_proto(a: AttributeProto):
+def attr_from_proto(a: AttributeProto, base_dir: Path | None = None, where: str = ""):
+    """An attribute as a Python value. Tensors anywhere inside it (a Constant's value, sparse
+    tensors, subgraph initializers and constants) have their external data confined to the
+    model's folder and read in, so nothing outside it is ever read and kept protos are whole."""
     t = a.type
     if t in OPAQUE_ATTR_TYPES:
         c = AttributeProto()
         c.CopyFrom(a)
+        _internalize_attr(c, base_dir, where)
         return c
     if t == AttributeProto.FLOAT:
         return float(a.f)
@@ -50,7 +54,7 @@ def attr_from_proto(a: AttributeProto):
         except UnicodeDecodeError:
             return bytes(a.s)
     if t == AttributeProto.TENSOR:
-        return numpy_helper.to_array(a.t)
+        return tensor_to_array(a.t, base_dir, where)
     if t == AttributeProto.FLOATS:
         return [float(x) for x in a.floats]
     if t == AttributeProto.INTS:
@@ -58,10 +62,54 @@ def attr_from_proto(a: AttributeProto):
     if t == AttributeProto.STRINGS:
         return [s.decode("utf-8", errors="surrogateescape") for s in a.strings]
     if t == AttributeProto.TENSORS:
-        return [numpy_helper.to_array(x) for x in a.tensors]
+        return [tensor_to_array(x, base_dir, where) for x in a.tensors]
     c = AttributeProto()  # unknown/undefined type: keep verbatim
     c.CopyFrom(a)
+    _internalize_attr(c, base_dir, where)
     return c
+
+
+def _internalize_tensor(t: onnx.TensorProto, base_dir: Path | None, where: str) -> None:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        arr = tensor_to_array(t, base_dir, where)
+        t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), t.name))
+
+
+def _internalize_sparse(s: onnx.SparseTensorProto, base_dir: Path | None, where: str) -> None:
+    _internalize_tensor(s.values, base_dir, where)
+    _internalize_tensor(s.indices, base_dir, where)
+
+
+def _internalize_graph(g: onnx.GraphProto, base_dir: Path | None, where: str) -> None:
+    for t in g.initializer:
+        _internalize_tensor(t, base_dir, f"{where}, subgraph '{g.name}'")
+    for s in g.sparse_initializer:
+        _internalize_sparse(s, base_dir, f"{where}, subgraph '{g.name}'")
+    for n in g.node:
+        for a in n.attribute:
+            _internalize_attr(a, base_dir, f"{where}, subgraph node '{n.name or n.op_type}'")
+
+
+def _internalize_attr(a: AttributeProto, base_dir: Path | None, where: str) -> None:
+    if a.type == AttributeProto.TENSOR:
+        _internalize_tensor(a.t, base_dir, where)
+    for t in a.tensors:
+        _internalize_tensor(t, base_dir, where)
+    if a.type == AttributeProto.SPARSE_TENSOR:
+        _internalize_sparse(a.sparse_tensor, base_dir, where)
+    for s in a.sparse_tensors:
+        _internalize_sparse(s, base_dir, where)
+    if a.type == AttributeProto.GRAPH:
+        _internalize_graph(a.g, base_dir, where)
+    for g in a.graphs:
+        _internalize_graph(g, base_dir, where)
+
+
+def _tensor_dtype(t: onnx.TensorProto, where: str) -> np.dtype:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    except (KeyError, ValueError, TypeError):
+        raise FrontendError(f"tensor '{t.name}'{where} has unknown data_type {t.data_type}") from None
 
 
 def _confined(base_dir: Path, location: str, tensor: str) -> Path:
@@ -75,10 +123,18 @@ def _confined(base_dir: Path, location: str, tensor: str) -> Path:
     return p
 
 
-def tensor_to_array(t: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
-    """An initializer as a numpy array; external data is memory-mapped read-only."""
+def tensor_to_array(t: onnx.TensorProto, base_dir: Path | None, where: str = "") -> np.ndarray:
+    """A tensor proto as a numpy array; external data (confined to the model's folder) is
+    memory-mapped read-only. Any malformed tensor is a FrontendError that names it."""
+    where = f" ({where})" if where and not where.startswith(" (") else where
+    _tensor_dtype(t, where)
+    if any(d < 0 for d in t.dims):
+        raise FrontendError(f"tensor '{t.name}'{where} has a negative dimension {list(t.dims)}")
     if t.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(t)
+        try:
+            return numpy_helper.to_array(t)
+        except Exception as e:
+            raise FrontendError(f"tensor '{t.name}'{where} is malformed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if base_dir is None:
         raise FrontendError(f"tensor '{t.name}' uses external data, but the model was not loaded from a file")
     info = {e.key: e.value for e in t.external_data}
@@ -88,11 +144,18 @@ def tensor_to_array(t: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
     if not path.is_file():
         raise FrontendError(f"external data file '{info['location']}' of tensor '{t.name}' does not exist")
     shape = tuple(int(d) for d in t.dims)
-    offset = int(info.get("offset", 0))
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise FrontendError(f"external data of tensor '{t.name}' has a non-integer offset or length "
+                            f"({info.get('offset')!r}, {info.get('length')!r})") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise FrontendError(f"external data of tensor '{t.name}' has a negative offset or length")
     if t.data_type in _MMAP_DTYPES:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if "length" in info and int(info["length"]) != nbytes:
+        if length is not None and length != nbytes:
             raise FrontendError(f"external data of tensor '{t.name}' has length {info['length']}, "
                                 f"but its shape {list(shape)} needs {nbytes} bytes")
         if path.stat().st_size < offset + nbytes:
@@ -102,10 +165,15 @@ def tensor_to_array(t: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
         return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
     c = onnx.TensorProto()
     c.CopyFrom(t)
-    onnx.external_data_helper.load_external_data_for_tensor(c, str(path.parent))
+    if path.stat().st_size < offset + (length or 0):
+        raise FrontendError(f"external data file '{info['location']}' is too short for tensor '{t.name}'")
+    onnx.external_data_helper.load_external_data_for_tensor(c, str(base_dir))  # location is relative to it
     c.data_location = onnx.TensorProto.DEFAULT
     del c.external_data[:]
-    return numpy_helper.to_array(c)
+    try:
+        return numpy_helper.to_array(c)
+    except Exception as e:
+        raise FrontendError(f"tensor '{t.name}'{where} is malformed: {str(e).splitlines()[0]}") from None
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -115,6 +183,8 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise FrontendError(f"{p}: no such file")
     if p.is_dir():
         raise FrontendError(f"{p}: is a folder, not an ONNX file")
+    if not p.is_file():
+        raise FrontendError(f"{p}: not a regular file (a device, pipe or socket cannot be read as a model)")
     try:
         model = onnx.load_model(str(p), load_external_data=False)
     except Exception as e:
@@ -137,7 +207,67 @@ def load_onnx(src: str | os.PathLike | onnx.ModelProto | bytes, *, infer_shapes:
         model = read_model(src)
         base_dir = Path(src).parent
         label = str(src)
-    return from_model_proto(model, base_dir=base_dir, label=label, infer_shapes=infer_shapes)
+    graph = from_model_proto(model, base_dir=base_dir, label=label, infer_shapes=infer_shapes)
+    # after our own reading (which confines external data and names bad tensors): onnx's checker
+    # with strict shape inference, by path when there is a file (it then reads external data itself)
+    check_layers(graph, label)
+    validate_model(str(src) if base_dir is not None else model, label)
+    return graph
+
+
+def validate_model(model: onnx.ModelProto | str, label: str) -> None:
+    """onnx.checker with shape inference; any violation is a FrontendError naming the rule."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # ValidationError, InferenceError, and friends
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise FrontendError(f"{label}: invalid ONNX model: {first}") from None
+
+
+_AUTO_PAD = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+
+
+def check_layers(graph: Graph, label: str) -> None:
+    """graphopt's own checks for the layers its passes rewrite (Conv, ConvTranspose, Gemm,
+    MatMul with a constant weight): things the checker lets through but no pass can reason about."""
+    for n in graph.nodes:
+        if n.domain != "" or n.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        w = graph.const_value(n.inputs[1]) if len(n.inputs) > 1 else None
+        where = f"{label}: {n.op_type} '{n.name}'"
+        for key in ("kernel_shape", "strides", "dilations", "pads"):
+            v = n.attr(key)
+            if v is not None and not (isinstance(v, list) and all(isinstance(i, int) for i in v)):
+                raise FrontendError(f"{where}: attribute {key} must be a list of integers")
+        group = n.attr("group", 1)
+        if not isinstance(group, int) or group < 1:
+            raise FrontendError(f"{where}: group must be a positive integer, not {group!r}")
+        for key in ("strides", "dilations"):
+            vals = n.attr(key)
+            if vals is not None and any(not isinstance(v, int) or v < 1 for v in vals):
+                raise FrontendError(f"{where}: {key} must be positive integers, not {vals}")
+        pads = n.attr("pads")
+        if pads is not None and any(not isinstance(v, int) or v < 0 for v in pads):
+            raise FrontendError(f"{where}: pads must be non-negative integers, not {pads}")
+        if not isinstance(n.attr("auto_pad", "NOTSET"), str) or n.attr("auto_pad", "NOTSET") not in _AUTO_PAD:
+            raise FrontendError(f"{where}: auto_pad must be one of {', '.join(_AUTO_PAD)}, not {n.attr('auto_pad')!r}")
+        if w is None:
+            continue
+        w = np.asarray(w)
+        if w.ndim < 3:
+            raise FrontendError(f"{where}: a {w.ndim}-D weight {list(w.shape)}; a convolution weight has rank >= 3")
+        ks = n.attr("kernel_shape")
+        if ks is not None and list(ks) != list(w.shape[2:]):
+            raise FrontendError(f"{where}: kernel_shape {list(ks)} does not match the weight's {list(w.shape[2:])}")
+        x = n.inputs[0]
+        cin = x.shape[1] if x.shape is not None and len(x.shape) > 1 and isinstance(x.shape[1], int) else None
+        if w.shape[0] % group:
+            what = "output" if n.op_type == "Conv" else "input"
+            raise FrontendError(f"{where}: {w.shape[0]} {what} channels do not split into group={group}")
+        reads = w.shape[1] * group if n.op_type == "Conv" else w.shape[0]
+        if cin is not None and reads != cin:
+            raise FrontendError(f"{where}: the input has {cin} channels, but the weight {list(w.shape)} with "
+                                f"group={group} reads {reads}")
 
 
 def _check_opset(model: onnx.ModelProto, label: str) -> dict[str, int]:
@@ -152,6 +282,9 @@ def _check_opset(model: onnx.ModelProto, label: str) -> dict[str, int]:
     if v < MIN_OPSET:
         raise FrontendError(f"{label}: opset {v} is older than the supported {MIN_OPSET}-{MAX_OPSET}; convert it first "
                             f"with onnx.version_converter.convert_version(model, {MIN_OPSET})")
+    if v > onnx.defs.onnx_opset_version():
+        raise FrontendError(f"{label}: opset {v} is newer than any ONNX release this installation knows "
+                            f"(onnx {onnx.__version__} knows up to {onnx.defs.onnx_opset_version()})")
     if v > MAX_OPSET:
         log.warning("%s: opset %d is newer than the tested range %d-%d; ops are passed through as they are",
                     label, v, MIN_OPSET, MAX_OPSET)
@@ -211,7 +344,7 @@ def from_model_proto(model: onnx.ModelProto, *, base_dir: Path | None = None, la
                 node.meta[SOURCE] = prop.value
         node.doc_string = np_.doc_string
         for a in np_.attribute:
-            node.attrs[a.name] = attr_from_proto(a)
+            node.attrs[a.name] = attr_from_proto(a, base_dir, f"attribute '{a.name}' of node '{name}'")
             node.attr_types[a.name] = a.type
         for j, oname in enumerate(np_.output):
             if not oname:

@@ -53,7 +53,7 @@ class CalibrationData:
                 try:
                     self._array = np.load(p, mmap_mode="r", allow_pickle=False)
                 except Exception as e:
-                    raise GraphOptError(f"{p}: not a readable .npy array ({str(e).splitlines()[0]})") from e
+                    raise GraphOptError(f"{p}: not a readable .npy array ({str(e).splitlines()[0]})") from None
             elif not p.exists():
                 raise GraphOptError(f"calibration data not found: {p}")
             else:
@@ -62,7 +62,11 @@ class CalibrationData:
             self._iterable = source
         else:
             raise GraphOptError(f"unsupported calibration data of type {type(source).__name__}")
+        if self._array is not None:
+            check_numeric(self._array, str(source) if isinstance(source, (str, os.PathLike)) else "calibration data")
         if limit is not None:
+            if limit < 0:
+                raise GraphOptError(f"calibration limit must be >= 0, not {limit}")
             if self._array is not None:
                 self._array = self._array[:limit]
             if self._files is not None:
@@ -90,6 +94,13 @@ class CalibrationData:
             return None
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        for i, b in enumerate(self._batches()):
+            if b.dtype.kind == "f" and not np.isfinite(b).all():
+                bad = int(np.flatnonzero(~np.isfinite(b.reshape(len(b), -1)).all(1))[0]) + i * self.batch_size
+                raise GraphOptError(f"calibration sample {bad} contains NaN or Inf")
+            yield b
+
+    def _batches(self) -> Iterator[np.ndarray]:
         if self._array is not None:
             for i in range(0, len(self._array), self.batch_size):
                 # a memmapped .npy is read-only; torch.from_numpy warns on (and may not write) such arrays
@@ -113,6 +124,14 @@ class CalibrationData:
         if len(want) != len(shape) or any(isinstance(w, int) and w != s for w, s in zip(want, shape)):
             raise GraphOptError(f"calibration samples have shape {list(shape)} (batch excluded), but model input "
                                 f"'{inp.name}' is {format_shape(inp.shape)}")
+
+
+def check_numeric(a: np.ndarray, what: str) -> None:
+    """Refuse arrays that cannot be model inputs: complex, datetime, strings, objects."""
+    if a.dtype.kind not in "fiub":
+        raise GraphOptError(f"{what}: arrays of dtype {a.dtype} cannot be model inputs (need float or integer)")
+    if a.ndim < 1:
+        raise GraphOptError(f"{what}: a 0-d array has no samples")
 
 
 # --------------------------------------------------------------------------- observers

@@ -37,19 +37,22 @@ def preprocess_image(path: str | os.PathLike, resize: int = 256, crop: int = 224
             left, top = (w - crop) // 2, (h - crop) // 2
             im = im.crop((left, top, left + crop, top + crop))
             a = np.asarray(im, dtype=np.float32) / 255.0
-    except OSError as e:
-        raise GraphOptError(f"cannot read image {path}: {e}") from e
+    except (OSError, Image.DecompressionBombError) as e:  # also bombs: PIL refuses > ~179 Mpixel images
+        raise GraphOptError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
     a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under ``folder``, searched recursively (the class-per-folder layout),
+    in a stable order: sorted by path relative to the folder, compared as strings."""
     folder = Path(folder)
     if not folder.is_dir():
         raise GraphOptError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                   key=lambda p: p.relative_to(folder).as_posix())
     if not files:
-        raise GraphOptError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+        raise GraphOptError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder} or its subfolders")
     return files
 
 

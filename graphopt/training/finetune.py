@@ -77,6 +77,11 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
     from graphopt.backends.torch_module import to_torch
 
     cfg = config or FinetuneConfig()
+    for name in ("epochs", "batch_size"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            raise GraphOptError(f"fine-tuning {name.replace('_', ' ')} must be a positive integer, not {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.lr) and cfg.lr >= 0):
+        raise GraphOptError(f"fine-tuning learning rate must be a finite number >= 0, not {cfg.lr}")
     if teacher is None and y is None:
         raise GraphOptError("fine-tuning needs a teacher model (distillation) or labels")
     x = np.asarray(x, np.float32)
