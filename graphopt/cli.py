@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from graphopt import __version__
-from graphopt.errors import GraphOptError
+from graphopt.errors import GraphOptError, PipelineError, UsageError
 
 log = logging.getLogger("graphopt")
 
@@ -23,8 +23,21 @@ FORMATS = ("float", "qdq", "qoperator")
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **k):
+        k.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)  # --help shows defaults
+        super().__init__(*a, **k)
+
     def error(self, message: str):  # one line, exit 2
         self.exit(2, f"{self.prog}: usage error: {message}\n")
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    """--debug and -v, accepted after the subcommand too (SUPPRESS: they never reset the top level)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on failure")
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                   help="log pass details (-vv for debug)")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks on failure")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log pass details (-vv for debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common = _common_flags()
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, parents=[common, *k.pop("parents", [])], **k)  # type: ignore[method-assign]
 
     c = sub.add_parser("convert", help="run a pass pipeline on a model and write ONNX")
     c.add_argument("input", help="model: FILE.onnx, a TorchScript FILE.pt, or MODULE:CALLABLE / FILE.py:CALLABLE")
@@ -47,14 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-limit", type=_positive_int, metavar="N", help="use the first N calibration samples")
     c.add_argument("--resize", type=_positive_int, default=256, help="image folder: resize the short side to this (default 256)")
     c.add_argument("--crop", type=_positive_int, default=224, help="image folder: center crop size (default 224)")
-    c.add_argument("--mean", default="0.485,0.456,0.406", help="image folder: per-channel mean after scaling to [0,1]")
-    c.add_argument("--std", default="0.229,0.224,0.225", help="image folder: per-channel std")
+    c.add_argument("--mean", default="0.485,0.456,0.406", help="image folder: per-channel mean after scaling to "
+                   "[0,1] (ImageNet's; the shared EfficientNet-Lite0 needs 0.5,0.5,0.5)")
+    c.add_argument("--std", default="0.229,0.224,0.225", help="image folder: per-channel std (ImageNet's; "
+                   "EfficientNet-Lite0 needs 0.5,0.5,0.5)")
     c.add_argument("--train", metavar="X.npy", help="training inputs [N, ...] for training steps in the pipeline "
                                                    "(finetune)")
     c.add_argument("--train-labels", metavar="Y.npy", help="integer labels [N] for --train")
     c.add_argument("--teacher", metavar="MODEL", help="teacher for distillation in training steps (default: the "
                                                       "input model as the pipeline received it)")
     c.add_argument("--format", choices=FORMATS, default="float", help="output format (default: float)")
+    c.add_argument("--no-report", action="store_true",
+                   help="skip the quantization report (onnxruntime's kernel check and per-layer SQNR)")
+    c.add_argument("--report-samples", type=_positive_int, default=32, metavar="N",
+                   help="calibration samples the per-layer SQNR report uses (default 32)")
     c.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
     c.add_argument("--timing", action="store_true", help="print time per pass")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR text after each pass into DIR")
@@ -73,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="analyses: sensitivity of each prunable channel group, or of each residual block")
     asub = a.add_subparsers(dest="analysis", metavar="ANALYSIS", parser_class=_Parser, required=True)
+    _aadd = asub.add_parser
+    asub.add_parser = lambda *a_, **k: _aadd(*a_, parents=[common, *k.pop("parents", [])], **k)  # type: ignore[method-assign]
     sens = asub.add_parser("sensitivity", help="prune each group alone at several ratios; table (+ PNG plot)")
     _analysis_args(sens)
     sens.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated ratios (default 0.1,0.3,0.5,0.7)")
@@ -133,10 +157,11 @@ def _analysis_args(p) -> None:
     _torch_args(p)
     p.add_argument("--calib", required=True, metavar="FILE.npy|DIR", help="inputs to measure on")
     p.add_argument("--calib-limit", type=_positive_int, metavar="N", default=64, help="samples to use (default 64)")
-    p.add_argument("--resize", type=_positive_int, default=256)
-    p.add_argument("--crop", type=_positive_int, default=224)
-    p.add_argument("--mean", default="0.485,0.456,0.406")
-    p.add_argument("--std", default="0.229,0.224,0.225")
+    p.add_argument("--resize", type=_positive_int, default=256, help="image folder: resize the short side to this")
+    p.add_argument("--crop", type=_positive_int, default=224, help="image folder: center crop size")
+    p.add_argument("--mean", default="0.485,0.456,0.406", help="image folder: per-channel mean after scaling to "
+                   "[0,1] (EfficientNet-Lite0 needs 0.5,0.5,0.5)")
+    p.add_argument("--std", default="0.229,0.224,0.225", help="image folder: per-channel std")
     p.add_argument("--eval", metavar="LABELS.npy", help="integer labels for the samples: report top-1 too")
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not isinstance(e, (GraphOptError, OSError)):
             msg = f"internal error: {type(e).__name__}: {msg} (run with --debug for the traceback)"
+        if isinstance(e, (UsageError, PipelineError)):  # the command line itself is wrong
+            print(f"graphopt {args.command}: usage error: {msg}", file=sys.stderr)
+            return 2
         print(f"graphopt: error: {msg}", file=sys.stderr)
         return 1
 
@@ -229,7 +257,7 @@ def load_model(path: str, args=None):
     if is_factory_spec(path) or Path(path).suffix.lower() in (".pt", ".pth", ".ts", ".torchscript"):
         return load_torch_model(path, input_shape, weights)
     if input_shape or weights:
-        raise GraphOptError("--input-shape/--weights apply to PyTorch models only; an ONNX file declares its inputs")
+        raise UsageError("--input-shape/--weights apply to PyTorch models only; an ONNX file declares its inputs")
     suffix = Path(path).suffix.lower()
     if suffix != ".onnx" and Path(path).is_file():
         raise GraphOptError(f"{path}: unsupported model type '{suffix or '(none)'}'; expected .onnx, .pt or MODULE:CALLABLE")
@@ -240,13 +268,13 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise GraphOptError(f"--{what} must be comma-separated numbers, got '{text}'") from None
+        raise UsageError(f"--{what} must be comma-separated numbers, got '{text}'") from None
     if len(vals) not in (1, 3):
-        raise GraphOptError(f"--{what} takes 1 or 3 numbers, got {len(vals)}")
+        raise UsageError(f"--{what} takes 1 or 3 numbers, got {len(vals)}")
     if not all(math.isfinite(v) for v in vals):
-        raise GraphOptError(f"--{what} must be finite numbers, got '{text}'")
+        raise UsageError(f"--{what} must be finite numbers, got '{text}'")
     if what == "std" and any(v <= 0 for v in vals):
-        raise GraphOptError(f"--std must be positive, got '{text}'")
+        raise UsageError(f"--std must be positive, got '{text}'")
     return vals * 3 if len(vals) == 1 else vals
 
 
@@ -265,6 +293,21 @@ def load_calib(args, graph):
     return data
 
 
+def check_format(pipeline, fmt: str) -> None:
+    """Refuse a pipeline/format pair that cannot work, before any work is done."""
+    quant = [p for p in pipeline if p.name == "quantize"]
+    if fmt != "float" and not quant:
+        raise GraphOptError(f"--format {fmt} needs a quantized graph: add 'quantize' to the pipeline "
+                            "(or use --preset int8)")
+    if fmt == "qoperator":
+        for p in quant:
+            for what, q in p.planned_quantizers():
+                if q.integer_bits() != 8:
+                    raise GraphOptError(f"--format qoperator supports 8-bit weights and activations only "
+                                        f"(QLinearConv/QLinearMatMul); the pipeline asks for {q.describe()} {what}: "
+                                        "use --format qdq")
+
+
 def load_train(args, graph):
     """--train / --train-labels as TrainingData, checked against the model input."""
     import numpy as np
@@ -274,7 +317,7 @@ def load_train(args, graph):
 
     if not args.train:
         if args.train_labels:
-            raise GraphOptError("--train-labels needs --train")
+            raise UsageError("--train-labels needs --train")
         return None
     for what, path in (("training data", args.train), ("labels", args.train_labels)):
         if path and not Path(path).is_file():
@@ -310,22 +353,25 @@ def cmd_convert(args) -> int:
             import difflib
             near = difflib.get_close_matches(args.preset, list(pre), n=1)
             hint = f"; did you mean '{near[0]}'?" if near else f"; presets: {', '.join(pre)}"
-            raise GraphOptError(f"unknown preset '{args.preset}'{hint}")
+            raise UsageError(f"unknown preset '{args.preset}'{hint}")
         text = pre[args.preset][0]
     else:
         text = args.pipeline if args.pipeline is not None else presets()["default"][0]
     pipeline = parse_pipeline(text)  # parse before reading the model: fail fast
+    check_format(pipeline, args.format)
 
     t0 = time.perf_counter()
     graph = load_model(args.input, args)
     ctx = Context(calib=load_calib(args, graph) if args.calib else None, train=load_train(args, graph),
                   teacher=load_model(args.teacher) if args.teacher else None)
+    t_load = time.perf_counter()
     before = (len(graph), graph.num_params(), _size(graph), total_macs(graph))
     timing = TimingInstrument()
     keeper = _KeepBeforeQuantize()
     instruments = [timing, keeper] + ([DumpIRInstrument(args.dump_ir)] if args.dump_ir else [])
     result = PassManager(pipeline, verify_each=args.verify_each, instruments=instruments).run(graph, ctx)
     graph = result.graph
+    t_passes = time.perf_counter()
     from graphopt.backends.lowering import is_quantized
 
     report = None
@@ -339,21 +385,24 @@ def cmd_convert(args) -> int:
             Path(tmp).write_bytes(model.SerializeToString())
     else:
         save_onnx(graph, args.output, external_data=True if args.external_data else None)
-    dt = time.perf_counter() - t0
+    t_write = time.perf_counter()
     after = (len(graph), graph.num_params(), _size(graph), total_macs(graph))
 
-    print(f"{args.input} -> {args.output}  ({dt:.2f} s)")
+    print(f"{args.input} -> {args.output}")
     print(f"pipeline: {pipeline}")
     for name, runs in result.stats.items():
         for st in runs:
-            extra = ", ".join(f"{k}={len(v) if isinstance(v, (list, dict)) else v}" for k, v in st.items()
-                              if k not in ("modified", "seconds"))
+            extra = ", ".join(f"{k}={_stat(v)}" for k, v in st.items() if k not in ("modified", "seconds"))
             print(f"  {name:<20} {'modified' if st['modified'] else 'unchanged':<9} {extra}")
     print(f"nodes {before[0]} -> {after[0]}, params {human(before[1])} -> {human(after[1])}, "
           f"weights {human(before[2], 'B')} -> {human(after[2], 'B')}, MACs {human(before[3])} -> {human(after[3])}")
     if report is not None:
         args._stats = result.stats
         _quant_summary(args, graph, keeper.graph, ctx, report)
+    t_end = time.perf_counter()
+    report_s = f", report {t_end - t_write:.2f}" if report is not None and not args.no_report else ""
+    print(f"total {t_end - t0:.2f} s: load {t_load - t0:.2f}, passes {t_passes - t_load:.2f}, "
+          f"write {t_write - t_passes:.2f}{report_s}")
     if args.timing:
         print(timing.report())
     return 0
@@ -371,6 +420,17 @@ class _KeepBeforeQuantize:
 
     def after(self, p, result, index, seconds):
         pass
+
+
+def _stat(v) -> str:
+    """A pass statistic for one summary line: numbers rounded, collections as their size."""
+    if isinstance(v, bool) or v is None:
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple, dict, set)):
+        return f"{len(v)} entr{'y' if len(v) == 1 else 'ies'}"
+    return str(v)
 
 
 def _pass_reasons(args, key: str) -> dict[str, str]:
@@ -411,6 +471,8 @@ def _quant_summary(args, graph, float_graph, ctx, report) -> None:
     _why_lines("layers not lowered to QOperator", report.not_fused)
     sizes = f"size {in_size / 1e6:.2f} MB -> {out_size / 1e6:.2f} MB" if in_size else f"size {out_size / 1e6:.2f} MB"
     print(f"  {sizes}")
+    if args.no_report:
+        return
     kr = ort_kernel_report(args.output)
     ints = ", ".join(f"{k} x{v}" for k, v in sorted(kr["integer"].items())) or "none"
     print(f"  onnxruntime integer kernels: {ints}")
@@ -420,13 +482,18 @@ def _quant_summary(args, graph, float_graph, ctx, report) -> None:
     else:
         print("  every Conv/Gemm/MatMul runs as an integer kernel")
     if float_graph is not None and ctx.calib is not None:
-        from graphopt.training.calibration import compare
+        from graphopt.training.calibration import CalibrationData, compare
 
         names = [n.outputs[0].name for n in graph.nodes if n.op_type in ("Conv", "Gemm", "MatMul")]
-        sq = compare(float_graph, graph, ctx.calib, names, progress=ctx.show_progress)
+        sample = CalibrationData(ctx.calib, limit=args.report_samples)
+        sq = compare(float_graph, graph, sample, names, progress=ctx.show_progress)
         src = {n.outputs[0].name: n.source for n in graph.nodes}
         worst = sorted(sq.items(), key=lambda kv: kv[1])[:10]
-        print("  worst layers by SQNR vs float (calibration data):")
+        try:
+            used = f"{len(sample)} calibration samples"
+        except TypeError:
+            used = "the calibration data"
+        print(f"  worst layers by SQNR vs float ({used}; --report-samples, --no-report):")
         for name, db in worst:
             print(f"    {db:6.1f} dB  {src.get(name, name)}")
 
@@ -475,16 +542,18 @@ def cmd_inspect(args) -> int:
 
     graph = load_model(args.model, args)
     if args.plot and not args.ranges:
-        raise GraphOptError("--plot goes with --ranges")
+        raise UsageError("--plot goes with --ranges")
     if args.ranges:
         return _inspect_ranges(graph, args)
     rows = layer_table(graph)
     w = max([len(r.name) for r in rows] + [5])
     w = min(w, 60)
-    print(f"{'layer':<{w}} {'op':<18} {'input':<22} {'output':<22} {'params':>9} {'MACs':>9}")
+    wi = max([len(r.inputs) for r in rows] + [5])  # shapes are never cut: columns widen instead
+    wo = max([len(r.output) for r in rows] + [6])
+    print(f"{'layer':<{w}} {'op':<18} {'input':<{wi}} {'output':<{wo}} {'params':>9} {'MACs':>9}")
     for r in rows:
         name = r.name if len(r.name) <= w else "…" + r.name[-(w - 1):]
-        print(f"{name:<{w}} {r.op:<18} {r.inputs[:22]:<22} {r.output[:22]:<22} {human(r.params):>9} {human(r.macs):>9}")
+        print(f"{name:<{w}} {r.op:<18} {r.inputs:<{wi}} {r.output:<{wo}} {human(r.params):>9} {human(r.macs):>9}")
     macs = [r.macs for r in rows]
     unknown = sum(m is None for m in macs)
     print(f"total: {len(rows)} nodes, {human(graph.num_params())} params, {human(sum(m or 0 for m in macs))} MACs "

@@ -9,6 +9,11 @@ class GraphOptError(Exception):
     """Base class of every error caused by the user's input or a failed pass."""
 
 
+class UsageError(GraphOptError):
+    """The command line was used wrongly (a flag without the flag it needs, a bad value): the CLI
+    exits with code 2, as for argparse's own usage errors."""
+
+
 class GraphError(GraphOptError):
     """The graph is malformed, or a mutation would make it so."""
 

@@ -73,6 +73,19 @@ class Quantize(Pass):
     learn_scales: bool = option(False, "mark weight and activation scales learnable: the torch back end makes them "
                                        "parameters with true gradients (a start for QAT)")
 
+    def planned_quantizers(self) -> list[tuple[str, object]]:
+        """(what, quantizer) for every spec this pass will use, known before it runs (for a CLI
+        that checks the output format before doing any work)."""
+        w, a = parse(self.weights, "weights"), parse(self.acts, "acts")
+        out = [("weights", w), ("activations", a)]
+        for item in self.override:
+            bits = item.rpartition("=")[2]
+            if bits.isdigit() and isinstance(w, Uniform):
+                out.append((f"weights of '{item.rpartition('=')[0]}'", w.with_bits(int(bits))))
+        if self.first_last_bits and isinstance(w, Uniform):
+            out.append(("first/last layer weights", w.with_bits(self.first_last_bits)))
+        return out
+
     def requires(self, graph: Graph) -> None:
         from graphopt.errors import PreconditionError
 
@@ -158,7 +171,9 @@ class Quantize(Pass):
             act_fq[v.name] = add_fake_quant(graph, v, aspec, aspec.act_params(lo, hi), "act")
         n_w = 0
         first_last = {compute[0], compute[-1]} if compute and self.first_last_bits else set()
-        for n in compute:
+        layers = ctx.progress(compute, total=len(compute), desc="GPTQ rounding") if self.weight_method == "gptq" \
+            else compute
+        for n in layers:
             bits = next((b for p, b in overrides.items() if L.matches(n, [p])), None)
             if bits is None and n in first_last:
                 bits = self.first_last_bits

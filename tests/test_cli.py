@@ -41,8 +41,9 @@ def test_convert_preset_and_calib(model_file, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-def _one_line_error(r, pattern):
-    assert r.returncode == 1, (r.returncode, r.stderr)
+def _one_line_error(r, pattern, rc=1):
+    """One line on stderr naming the cause; rc 2 for a usage error (a wrong command line)."""
+    assert r.returncode == rc, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert "Traceback" not in r.stderr and pattern in lines[0], lines[0]
@@ -65,14 +66,14 @@ def test_corrupt_file(tmp_path):
 def test_unknown_pass(model_file, tmp_path):
     out = tmp_path / "o.onnx"
     _one_line_error(cli("convert", model_file[0], "-o", out, "--pipeline", "canonicalize,fold-constant"),
-                    "unknown pass 'fold-constant'; did you mean 'fold-constants'")
+                    "unknown pass 'fold-constant'; did you mean 'fold-constants'", rc=2)
     assert not out.exists()
 
 
 def test_bad_option_value(model_file, tmp_path):
     out = tmp_path / "o.onnx"
     _one_line_error(cli("convert", model_file[0], "-o", out, "--pipeline", "fold-constants{max_elements=lots}"),
-                    "expects an integer, got 'lots'")
+                    "expects an integer, got 'lots'", rc=2)
     assert not out.exists()
 
 
@@ -88,7 +89,7 @@ def test_missing_and_mismatched_calib(model_file, tmp_path):
 
 def test_unknown_preset_and_qdq_without_quantize(model_file, tmp_path):
     _one_line_error(cli("convert", model_file[0], "-o", tmp_path / "o.onnx", "--preset", "defualt"),
-                    "did you mean 'default'")
+                    "did you mean 'default'", rc=2)
     _one_line_error(cli("convert", model_file[0], "-o", tmp_path / "o.onnx", "--format", "qdq"),
                     "needs a quantized graph: add 'quantize' to the pipeline")
 
@@ -166,7 +167,7 @@ def test_convert_torch_factory_with_weights(tmp_path):
         ref = model.eval()(torch.from_numpy(x)).numpy()
     assert rel_err(run_ort(str(out), x), ref) <= 1e-5
     # errors
-    _one_line_error(cli("convert", f"{tmp_path / 'mymodel.py'}:make", "-o", out), "--input-shape is required")
+    _one_line_error(cli("convert", f"{tmp_path / 'mymodel.py'}:make", "-o", out), "--input-shape is required", rc=2)
     _one_line_error(cli("convert", f"{tmp_path / 'mymodel.py'}:not_a_module", "--input-shape", "1,3,8,8", "-o", out),
                     "not an nn.Module")
     _one_line_error(cli("convert", f"{tmp_path / 'mymodel.py'}:nope", "--input-shape", "1,3,8,8", "-o", out),

@@ -226,12 +226,18 @@ def test_bad_data_and_options(tmp_path):
     one_line_error(cli("convert", m, "-o", tmp_path / "o.onnx", "--preset", "int8", "--calib", cplx), "complex64")
     good = tmp_path / "g.npy"
     np.save(good, np.zeros((2, 3, 8, 8), np.float32))
-    for flags, needle in ((["--std", "0"], "--std must be positive"), (["--mean", "nan"], "finite")):
-        one_line_error(cli("convert", m, "-o", tmp_path / "o.onnx", "--calib", tmp_path, *flags), needle)
+    for flags, needle in ((["--std", "0"], "--std must be positive"), (["--mean", "nan"], "finite"),
+                          (["--mean", "0.5,0.5"], "takes 1 or 3 numbers")):
+        r = cli("convert", m, "-o", tmp_path / "o.onnx", "--calib", tmp_path, *flags)
+        one_line_error(r, needle)
+        assert r.returncode == 2
     for flags in (["--calib-limit", "-1"], ["--resize", "0"]):
         r = cli("convert", m, "-o", tmp_path / "o.onnx", "--calib", good, *flags)
         assert r.returncode == 2 and "must be at least 1" in r.stderr
     one_line_error(cli("convert", m, "-o", tmp_path / "o.onnx", "--preset", ""), "unknown preset ''")
+    r = cli("inspect", m, "--plot", "conv")
+    one_line_error(r, "--plot goes with --ranges")
+    assert r.returncode == 2
     one_line_error(cli("convert", m, "-o", tmp_path / "o.onnx", "--pipeline", "fold-bn,absorb-bias{source=data}"),
                    "needs calibration data")
     for bad in ("equalize{tol=nan}", "prune-blocks{target_macs=nan}", "quantize{percentile=nan}",
@@ -298,3 +304,12 @@ def test_fuzz_models_and_pipelines():
             pass
         n_pipes += 1
     assert n_models > 50 and n_pipes > 500
+
+
+def test_debug_and_verbose_after_the_subcommand(tmp_path):
+    m = _save(_conv_model(), tmp_path / "m.onnx")
+    r = cli("convert", m, "-o", tmp_path / "o.onnx", "--pipeline", "quantize", "--debug")
+    assert r.returncode == 1 and "Traceback" in r.stderr  # --debug after convert shows the traceback
+    r = cli("convert", m, "-o", tmp_path / "o.onnx", "-v")
+    assert r.returncode == 0 and "INFO" in r.stderr
+    assert "default: 256" in cli("convert", "--help").stdout  # --help shows defaults

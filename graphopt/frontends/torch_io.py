@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from graphopt.errors import FrontendError, GraphOptError
+from graphopt.errors import FrontendError, GraphOptError, UsageError
 from graphopt.ir import Graph
 
 
@@ -29,9 +29,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
     except ValueError:
-        raise GraphOptError(f"--input-shape must be comma-separated integers like 1,3,224,224, got '{text}'") from None
+        raise UsageError(f"--input-shape must be comma-separated integers like 1,3,224,224, got '{text}'") from None
     if not dims or any(d <= 0 for d in dims):
-        raise GraphOptError(f"--input-shape must be positive integers, got '{text}'")
+        raise UsageError(f"--input-shape must be positive integers, got '{text}'")
     return dims
 
 
@@ -67,6 +67,13 @@ def load_factory(spec: str) -> torch.nn.Module:
     return model
 
 
+def _plain(text: str) -> str:
+    """Text without terminal escape codes (torch colours some of its messages)."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+
+
 def load_state_dict(model: torch.nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
@@ -74,7 +81,10 @@ def load_state_dict(model: torch.nn.Module, path: str) -> None:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise GraphOptError(f"{p}: not a state dict loadable with weights_only=True ({str(e).splitlines()[0]})") from e
+        why = "it holds pickled Python objects (e.g. a whole nn.Module saved with torch.save(model)), which are " \
+              "never unpickled" if "weights only" in str(e).lower() or "weights_only" in str(e).lower() else \
+              _plain(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise GraphOptError(f"{p}: not a state dict of tensors: {why}; save model.state_dict() instead") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -89,7 +99,7 @@ def load_torch_model(spec: str, input_shape: str | None, weights: str | None = N
     from graphopt.frontends.torch_fx import from_torch
 
     if not input_shape:
-        raise GraphOptError("--input-shape is required for PyTorch models (e.g. --input-shape 1,3,224,224)")
+        raise UsageError("--input-shape is required for PyTorch models (e.g. --input-shape 1,3,224,224)")
     shape = parse_shape(input_shape)
     example = torch.randn(*shape)
     if is_factory_spec(spec):
@@ -104,7 +114,7 @@ def load_torch_model(spec: str, input_shape: str | None, weights: str | None = N
         raise FrontendError(f"{p}: no such file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore")  # torch.jit's Deprecation/FutureWarnings are not the user's concern
             scripted = torch.jit.load(str(p), map_location="cpu")
     except Exception as e:
         raise FrontendError(f"{p}: not a TorchScript archive. For a state dict use MODULE:CALLABLE --weights {p} "

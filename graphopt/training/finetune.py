@@ -158,8 +158,10 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
                     module.load_state_dict(last_good)
                     student.update_from(module)
                     raise GraphOptError(f"training diverged: the loss is {float(loss.detach())} at step {step + 1}; "
-                                        f"the weights of step {step} were kept. Lower the learning rate "
-                                        f"(now {cfg.lr})")
+                                        f"nothing was written (the graph holds the weights of step {step}"
+                                        + (f"; the last checkpoint is {cfg.checkpoint}" if cfg.checkpoint and
+                                           os.path.isfile(cfg.checkpoint) else "")
+                                        + f"). Lower the learning rate (now {cfg.lr})")
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
