@@ -478,7 +478,7 @@ def _quant_summary(args, graph, float_graph, ctx, report) -> None:
     print(f"  onnxruntime integer kernels: {ints}")
     if kr["float"]:
         print(f"  onnxruntime runs {len(kr['float'])} Conv/Gemm/MatMul in FLOAT: " +
-              ", ".join(f"{op} {name}" for op, name in kr["float"][:8]) + (" ..." if len(kr["float"]) > 8 else ""))
+              ", ".join(f"{op} {name}" for op, name in kr["float"]))
     else:
         print("  every Conv/Gemm/MatMul runs as an integer kernel")
     if float_graph is not None and ctx.calib is not None:

@@ -179,7 +179,40 @@ def test_invalid_conv_attributes(model, needle, tmp_path):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def _conv_with(**kw):
+    m = _conv_model()
+    if "weight" in kw:
+        m.graph.initializer[0].CopyFrom(numpy_helper.from_array(kw["weight"], "w"))
+    if "dims" in kw:
+        del m.graph.initializer[0].dims[:]
+        m.graph.initializer[0].dims.extend(kw["dims"])
+    if "input_type" in kw:
+        m.graph.input[0].type.tensor_type.elem_type = kw["input_type"]
+    if "dilations" in kw:
+        m.graph.node[0].attribute.append(helper.make_attribute("dilations", kw["dilations"]))
+    return m
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"weight": np.ones((4, 3, 3, 3), np.int32)}, "invalid ONNX model"),
+    ({"dilations": [1.0, 1.0]}, "dilations must be a list of integers"),
+    ({"input_type": 99}, "data type 99"),
+    ({"dims": [-1, 3, 3, 3]}, "negative dimension"),
+    ({"weight": np.ones((4, 27), np.float32)}, "2-D weight"),
+])
+def test_invalid_models_are_refused_by_name(kw, needle, tmp_path):
+    with pytest.raises(FrontendError) as e:
+        graphopt.load_onnx(_save(_conv_with(**kw), tmp_path / "m.onnx"))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
 def test_invalid_models_checker_and_opset(tmp_path):
+    g = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    p = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "u.onnx")
+    with pytest.raises(FrontendError, match="No Op registered for Frobnicate"):
+        graphopt.load_onnx(p)
     g = helper.make_graph([helper.make_node("Relu", ["x", "x", "x"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
