@@ -27,6 +27,11 @@ COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 # ops whose float inputs are quantized, so onnxruntime can run them on integers
 ACT_OPS = ("Conv", "Gemm", "MatMul", "Add", "Concat", "GlobalAveragePool", "AveragePool", "MaxPool")
 FUSED_ACTS = ("Relu", "Clip")
+# ops that move quantized data without computing on it (onnxruntime runs them on int8 tensors)
+DATA_MOVEMENT = ("Pad", "Slice", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+# element-wise ops of one activation that keep a tensor on a quantized grid's scale of values
+# (onnxruntime has QLinear/QDQ forms for them): their output counts as written by an integer kernel
+UNARY_ACTS = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh")
 FLOAT_TYPES = (1,)  # FLOAT
 
 
@@ -192,29 +197,25 @@ class Quantize(Pass):
 
     # ---------------------------------------------------------------- placement
     def _activation_targets(self, graph: Graph, compute: list[Node]) -> list[Value]:
+        """The activations to quantize: each compute layer's input and its output (after its
+        fused ReLU/Clip, never between), and the inputs and output of an Add/Concat/pooling whose
+        float inputs are all written by integer kernels (a layer, or another such op, through
+        data-movement ops such as Pad/Slice/Reshape), so that its QLinear kernel chains with
+        them. An Add with an operand computed in float stays float: a transformer's attention
+        mask (-3.4e38) or a LayerNorm output in a residual stream with outlier channels would
+        ruin a per-tensor grid."""
         skip = {n for n in graph.nodes if L.matches(n, self.skip)}
         chosen: dict[Value, None] = {}
 
-        def want(v: Value | None):
+        def want(v: Value | None) -> bool:
             if v is None or v.const is not None or graph.const_value(v) is not None:
-                return
+                return False
             if v.dtype not in (None, *FLOAT_TYPES):
-                return
+                return False
             chosen[v] = None
+            return True
 
-        for n in graph.nodes:
-            if n.domain != "" or n in skip or n.op_type not in ACT_OPS:
-                continue
-            if n.op_type in COMPUTE_OPS:
-                if n in compute:
-                    want(n.inputs[0])
-            else:  # Add/Concat/pooling: QLinear kernels take quantized inputs and give a quantized output
-                for v in n.inputs:
-                    want(v)
-        producers = compute + [n for n in graph.nodes if n.domain == "" and n not in skip and n.op_type in ACT_OPS
-                               and n.op_type not in COMPUTE_OPS]
-        for n in producers:  # each output, after its fused ReLU/Clip, never between
-            v = n.outputs[0]
+        def after_acts(v: Value) -> Value:
             while len(v.uses) == 1 and not v.is_graph_output:
                 (u,) = v.users()
                 if u.op_type not in FUSED_ACTS or u.domain != "" or u.inputs[0] is not v:
@@ -222,7 +223,30 @@ class Quantize(Pass):
                 if u.op_type == "Clip" and L.clip_bounds(graph, u) is None:
                     break
                 v = u.outputs[0]
-            want(v)
+            return v
+
+        produced: set[Value] = set()  # values an integer kernel writes (a QLinear op's output)
+        for n in compute:
+            want(n.inputs[0])
+            out = after_acts(n.outputs[0])
+            if want(out):
+                produced.add(out)
+        for n in graph.nodes:  # topological order: a chain of Adds is decided front to back
+            if n.domain != "" or n in skip:
+                continue
+            one_input = len([v for v in n.inputs if v is not None and graph.const_value(v) is None]) == 1
+            if (n.op_type in DATA_MOVEMENT or n.op_type in UNARY_ACTS) and one_input and n.inputs[0] in produced \
+                    and len(n.outputs) == 1:
+                produced.add(n.outputs[0])
+            elif n.op_type in ACT_OPS and n.op_type not in COMPUTE_OPS:
+                floats = [v for v in n.inputs if v is not None and v.const is None and graph.const_value(v) is None
+                          and v.dtype in (None, *FLOAT_TYPES)]
+                if floats and all(v in produced for v in floats):
+                    for v in floats:
+                        want(v)
+                    out = after_acts(n.outputs[0])
+                    if want(out):
+                        produced.add(out)
         return list(chosen)
 
     @staticmethod

@@ -73,3 +73,38 @@ def test_bad_calibration_inputs(resnet, tmp_path):
     with pytest.raises(GraphOptError, match="no images"):
         (tmp_path / "empty").mkdir()
         CalibrationData(tmp_path / "empty")
+
+
+def _two_input_model():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "mf"], ["xm"]), helper.make_node("MatMul", ["xm", "w"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                       helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_several_inputs_calibrate_from_a_dict_or_npz(tmp_path):
+    """One array per input name, each in its own dtype (int64 masks stay int64)."""
+    import graphopt
+    from graphopt.passmanager import Context, PassManager
+    from graphopt.training.calibration import CalibrationData, collect
+
+    rng = np.random.default_rng(1)
+    data = {"x": rng.standard_normal((10, 4)).astype(np.float32), "mask": rng.integers(0, 2, (10, 4))}
+    g = graphopt.load_onnx(_two_input_model())
+    got = collect(g, data, ["y"])["y"]
+    w = np.asarray(g.const_value(g.values["w"]))
+    np.testing.assert_allclose(got, (data["x"] * data["mask"]) @ w, rtol=1e-5)
+    np.savez(tmp_path / "c.npz", **data)
+    q = PassManager("quantize").run(g.copy(), Context(calib=str(tmp_path / "c.npz"))).graph
+    assert any(n.op_type == "FakeQuant" and n.attr("kind") == "weight" for n in q.nodes)
+    with pytest.raises(GraphOptError, match=r"do not match the model inputs.*missing \['mask'\]"):
+        CalibrationData({"x": data["x"]}).check_against(g)
+    with pytest.raises(GraphOptError, match="different sample counts"):
+        CalibrationData({"x": data["x"], "mask": data["mask"][:3]})
+    with pytest.raises(GraphOptError, match="give a .npz"):
+        CalibrationData(data["x"]).check_against(g)

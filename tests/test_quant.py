@@ -327,3 +327,43 @@ def test_effnet_int8_qoperator_leaves_no_conv_in_float(effnet_path):
     assert rep.not_fused == {} and rep.fused == 50
     ops = [n.op_type for n in to_model(lowered, rep.opset).graph.node]
     assert ops.count("Conv") == 0 and ops.count("QLinearConv") == 49 and ops.count("MatMulInteger") == 1
+
+
+class _MaskedAttentionish(torch.nn.Module):
+    """q = x W; scores = q q^T + mask (a huge negative where masked); a residual Add of a LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(8, 8)
+        self.ln = torch.nn.LayerNorm(8)
+        self.o = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        q = self.q(x)
+        mask = torch.clamp(x[:, :, :1], max=0.0) * 1e9  # a huge negative where x < 0, as attention masks are
+        s = torch.softmax(q @ q.transpose(1, 2) + mask, -1) @ q
+        h = self.ln(s)
+        return self.o(h) + h
+
+
+def test_adds_with_float_operands_stay_float():
+    """Only Adds whose operands all come from integer kernels are quantized: the mask Add and the
+    LayerNorm residual stay float (their ranges would ruin a per-tensor grid); the layers are int8."""
+    model = _MaskedAttentionish().eval()
+    x = np.random.default_rng(0).standard_normal((16, 5, 8)).astype(np.float32)
+    g = from_torch(model, torch.from_numpy(x[:2]))
+    q = PassManager("quantize", verify_each=True).run(g, Context(calib=x)).graph
+    def fq_in(n):
+        return [v.producer is not None and v.producer.op_type == "FakeQuant" for v in n.inputs]
+
+    mask_add = next(n for n in q.nodes if n.op_type == "Add" and n.source == "add")
+    assert fq_in(mask_add) == [False, False]  # scores + mask: float
+    residual = next(n for n in q.nodes if n.op_type == "Add" and n.source == "add_1")
+    assert not any(u.op_type == "FakeQuant" for u in residual.outputs[0].users())  # its output stays float
+    bias_adds = [n for n in q.nodes if n.op_type == "Add" and n.source in ("q", "o")]
+    assert all(any(fq_in(n)) for n in bias_adds)  # a layer's bias Add reads the layer's quantized output
+    assert sum(n.op_type == "FakeQuant" and n.attr("kind") == "weight" for n in q.nodes) == 2
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+        got = graphopt.to_torch(q)(torch.from_numpy(x)).numpy()
+    assert rel_err(got, ref) < 0.05

@@ -274,6 +274,22 @@ def onnx_where(c, a, b):
     return torch.where(c.bool(), a, b)
 
 
+def onnx_range(start, limit, delta):
+    def scalar(v):
+        return v.reshape(()).item() if isinstance(v, torch.Tensor) else v
+
+    ref = next((v for v in (start, limit, delta) if isinstance(v, torch.Tensor)), None)
+    dtype = ref.dtype if ref is not None else None
+    return torch.arange(scalar(start), scalar(limit), scalar(delta), dtype=dtype)
+
+
+def onnx_gather_elements(x, index, axis):
+    axis = axis % x.dim()
+    index = index.long()
+    index = torch.where(index < 0, index + x.shape[axis], index)
+    return torch.gather(x, axis, index)
+
+
 def onnx_min(*xs):
     out = xs[0]
     for x in xs[1:]:
@@ -472,7 +488,7 @@ def _bn(b, n):
 _UNARY = {"Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf, "Exp": torch.exp,
           "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs, "Reciprocal": torch.reciprocal,
           "Floor": torch.floor, "Ceil": torch.ceil, "Sign": torch.sign, "HardSwish": F.hardswish,
-          "Softplus": F.softplus, "Not": torch.logical_not, "Sin": torch.sin, "Cos": torch.cos}
+          "Softplus": F.softplus, "Not": torch.logical_not, "Sin": torch.sin, "Cos": torch.cos, "IsNaN": torch.isnan}
 _BINARY = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": onnx_div, "Pow": torch.pow,
            "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "LessOrEqual": torch.le,
            "GreaterOrEqual": torch.ge, "And": torch.logical_and, "Or": torch.logical_or}
@@ -692,6 +708,16 @@ def _cos(b, n):
     attr = _attr_name(n.name + "_value", b.taken)
     b.root.register_buffer(attr, torch.from_numpy(np.array(value, copy=True)))
     return [b.call(onnx_const_of_shape, b.inp(n, 0), b.fx.get_attr(attr))]
+
+
+@lowering("Range")
+def _range(b, n):
+    return [b.call(onnx_range, *(_static_or_runtime(b, n, i) for i in range(3)))]
+
+
+@lowering("GatherElements")
+def _gather_elements(b, n):
+    return [b.call(onnx_gather_elements, b.inp(n, 0), b.inp(n, 1), n.attr("axis", 0))]
 
 
 @lowering("Where")

@@ -5,7 +5,12 @@ Data sources (``CalibrationData``):
 * a ``.npy`` file (memory-mapped, read a batch at a time);
 * an image folder, preprocessed as documented in ``graphopt.training.data`` (resize short side,
   center crop, scale to [0, 1], normalize with mean/std), decoded a batch at a time;
-* any iterable of arrays/tensors (each item is one batch).
+* any iterable of arrays/tensors (each item is one batch);
+* for a model with several inputs: a dict ``{input name: array}`` or an ``.npz`` file with one
+  array per input name, each in the dtype the model declares (``input_ids`` int64, ...).
+
+``data.tensors(batch)`` gives a batch as the torch tensors the model takes, in its input order
+and dtypes (``check_against(graph)`` learns them).
 
 Observers see each batch of a value and keep *streaming* statistics, so memory is bounded
 by the statistics, never by the data. ``Collect`` is the one exception: it keeps tensors, and
@@ -27,7 +32,8 @@ from graphopt.training.data import list_images, load_image_batch
 
 
 class CalibrationData:
-    """A re-iterable source of float32 input batches."""
+    """A re-iterable source of input batches (an array per batch, or a dict of arrays per batch
+    for a model with several inputs)."""
 
     def __init__(self, source: Any, batch_size: int = 32, limit: int | None = None, resize: int = 256,
                  crop: int = 224, mean: Sequence[float] = (0.485, 0.456, 0.406),
@@ -37,16 +43,30 @@ class CalibrationData:
         self._files: list[Path] | None = None
         self._array: np.ndarray | None = None
         self._iterable: Iterable | None = None
+        self._named: dict[str, np.ndarray] | None = None
+        self._order: list[str] | None = None  # the model's input names, learnt by check_against
+        self._dtypes: list[Any] | None = None
         if isinstance(source, CalibrationData):
             self.__dict__.update(source.__dict__)
         elif isinstance(source, torch.Tensor):
             self._array = source.detach().cpu().numpy()
         elif isinstance(source, np.ndarray):
             self._array = source
+        elif isinstance(source, dict):
+            self._set_named({str(k): np.asarray(v) for k, v in source.items()}, "calibration data")
         elif isinstance(source, (str, os.PathLike)):
             p = Path(source)
             if p.is_dir():
                 self._files = list_images(p)
+            elif p.suffix == ".npz":
+                if not p.is_file():
+                    raise GraphOptError(f"calibration file not found: {p}")
+                try:
+                    with np.load(p, allow_pickle=False) as z:
+                        named = {k: z[k] for k in z.files}
+                except Exception as e:
+                    raise GraphOptError(f"{p}: not a readable .npz archive ({str(e).splitlines()[0]})") from None
+                self._set_named(named, str(p))
             elif p.suffix == ".npy":
                 if not p.is_file():
                     raise GraphOptError(f"calibration file not found: {p}")
@@ -57,7 +77,7 @@ class CalibrationData:
             elif not p.exists():
                 raise GraphOptError(f"calibration data not found: {p}")
             else:
-                raise GraphOptError(f"calibration data must be a .npy file or an image folder, got {p}")
+                raise GraphOptError(f"calibration data must be a .npy or .npz file or an image folder, got {p}")
         elif isinstance(source, Iterable):
             self._iterable = source
         else:
@@ -69,10 +89,24 @@ class CalibrationData:
                 raise GraphOptError(f"calibration limit must be >= 0, not {limit}")
             if self._array is not None:
                 self._array = self._array[:limit]
+            if self._named is not None:
+                self._named = {k: v[:limit] for k, v in self._named.items()}
             if self._files is not None:
                 self._files = self._files[:limit]
 
+    def _set_named(self, named: dict[str, np.ndarray], what: str) -> None:
+        if not named:
+            raise GraphOptError(f"{what}: no arrays")
+        for k, v in named.items():
+            check_numeric(v, f"{what}['{k}']")
+        lengths = {k: len(v) for k, v in named.items()}
+        if len(set(lengths.values())) != 1:
+            raise GraphOptError(f"{what}: the arrays have different sample counts {lengths}")
+        self._named = named
+
     def __len__(self) -> int:
+        if self._named is not None:
+            return len(next(iter(self._named.values())))
         if self._array is not None:
             return len(self._array)
         if self._files is not None:
@@ -81,6 +115,8 @@ class CalibrationData:
 
     @property
     def sample_shape(self) -> tuple[int, ...] | None:
+        if self._named is not None:
+            return None  # one per input: see check_against
         if self._array is not None:
             return tuple(self._array.shape[1:])
         if self._files is not None:
@@ -93,15 +129,35 @@ class CalibrationData:
         except TypeError:
             return None
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[Any]:
         for i, b in enumerate(self._batches()):
-            if b.dtype.kind == "f" and not np.isfinite(b).all():
-                bad = int(np.flatnonzero(~np.isfinite(b.reshape(len(b), -1)).all(1))[0]) + i * self.batch_size
-                raise GraphOptError(f"calibration sample {bad} contains NaN or Inf")
+            for name, arr in (b.items() if isinstance(b, dict) else [("", b)]):
+                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                    bad = int(np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(1))[0]) + i * self.batch_size
+                    raise GraphOptError(f"calibration sample {bad}{f' of input {name!r}' if name else ''} "
+                                        "contains NaN or Inf")
             yield b
 
-    def _batches(self) -> Iterator[np.ndarray]:
-        if self._array is not None:
+    def tensors(self, batch) -> tuple[torch.Tensor, ...]:
+        """A batch as the model's input tensors, in its input order and declared dtypes."""
+        if isinstance(batch, dict):
+            order = self._order or list(batch)
+            arrays = [batch[k] for k in order]
+        else:
+            arrays = [batch]
+        out = []
+        for i, a in enumerate(arrays):
+            dt = self._dtypes[i] if self._dtypes and i < len(self._dtypes) and self._dtypes[i] is not None else (
+                a.dtype if isinstance(batch, dict) else np.float32)
+            out.append(torch.from_numpy(np.require(a, dt, ["C", "W"])))
+        return tuple(out)
+
+    def _batches(self) -> Iterator[Any]:
+        if self._named is not None:
+            n = len(self)
+            for i in range(0, n, self.batch_size):
+                yield {k: np.require(v[i:i + self.batch_size], v.dtype, ["C", "W"]) for k, v in self._named.items()}
+        elif self._array is not None:
             for i in range(0, len(self._array), self.batch_size):
                 # a memmapped .npy is read-only; torch.from_numpy warns on (and may not write) such arrays
                 yield np.require(self._array[i:i + self.batch_size], np.float32, ["C", "W"])
@@ -113,9 +169,36 @@ class CalibrationData:
                 yield b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else np.require(b, np.float32, ["C", "W"])
 
     def check_against(self, graph: Graph) -> None:
-        """Raise a clear error if the samples do not fit the graph's (single) input."""
+        """Raise a clear error if the samples do not fit the graph's inputs; learn their order
+        and dtypes."""
+        import onnx
+
+        def np_dtype(v):
+            try:
+                return onnx.helper.tensor_dtype_to_np_dtype(v.dtype) if v.dtype else None
+            except (KeyError, ValueError):
+                return None
+
+        self._dtypes = [np_dtype(v) for v in graph.inputs]
+        if self._named is not None:
+            want = [v.name for v in graph.inputs]
+            missing = [k for k in want if k not in self._named]
+            extra = [k for k in self._named if k not in want]
+            if missing or extra:
+                raise GraphOptError(f"calibration arrays {sorted(self._named)} do not match the model inputs {want}"
+                                    + (f" (missing {missing})" if missing else "") + (f" (unknown {extra})" if extra else ""))
+            for v in graph.inputs:
+                shape = self._named[v.name].shape[1:]
+                want_s = list(v.shape)[1:] if v.shape is not None else None
+                if want_s is not None and (len(want_s) != len(shape) or any(
+                        isinstance(w, int) and w != s for w, s in zip(want_s, shape))):
+                    raise GraphOptError(f"calibration array '{v.name}' has samples of shape {list(shape)}, but the "
+                                        f"model input is {format_shape(v.shape)}")
+            self._order = want
+            return
         if len(graph.inputs) != 1:
-            raise GraphOptError(f"calibration feeds one input, but the model has {len(graph.inputs)}")
+            raise GraphOptError(f"calibration feeds one input, but the model has {len(graph.inputs)}: give a .npz "
+                                f"(or a dict) with one array per input name ({', '.join(v.name for v in graph.inputs)})")
         shape = self.sample_shape
         inp = graph.inputs[0]
         if shape is None or inp.shape is None:
@@ -245,7 +328,7 @@ def observe(graph: Graph, data: Any, observers: dict[str, Observer | Sequence[Ob
         it = tqdm(data, total=data.num_batches(), desc=desc, leave=False)
     with torch.no_grad():
         for batch in it:
-            outs = module(torch.from_numpy(np.ascontiguousarray(batch)))
+            outs = module(*data.tensors(batch))
             for name, t in zip(names, outs):
                 for o in obs[name]:
                     o.update(t)
@@ -269,6 +352,7 @@ def compare(reference: Graph, test: Graph, data: Any, names: Sequence[str], *, b
     from graphopt.backends.torch_module import to_torch
 
     data = data if isinstance(data, CalibrationData) else CalibrationData(data, batch_size=batch_size)
+    data.check_against(reference)
     names = [n for n in names if n in reference.values and n in test.values]
     ma, mb = to_torch(reference, outputs=names).eval(), to_torch(test, outputs=names).eval()
     sig = torch.zeros(len(names), dtype=torch.float64)
@@ -280,8 +364,8 @@ def compare(reference: Graph, test: Graph, data: Any, names: Sequence[str], *, b
         it = tqdm(data, total=data.num_batches(), desc="SQNR", leave=False)
     with torch.no_grad():
         for batch in it:
-            xb = torch.from_numpy(np.ascontiguousarray(batch))
-            for i, (a, b) in enumerate(zip(ma(xb), mb(xb))):
+            xb = data.tensors(batch)
+            for i, (a, b) in enumerate(zip(ma(*xb), mb(*xb))):
                 a, b = a.double(), b.double()
                 sig[i] += (a * a).sum()
                 noise[i] += ((a - b) ** 2).sum()

