@@ -26,6 +26,7 @@ and the reason names the op and the node; nothing is guessed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -486,8 +487,9 @@ class PruneChannels(Pass):
                           maximum=0.999999)
     criterion: Literal["l1", "l2", "bn_scale", "taylor", "random"] = option(
         "l1", "channel importance (taylor: gradient x weight on the calibration data)")
-    round_to: int = option(1, "keep a multiple of this many channels: the runtime's channel block "
-                                 "(onnxruntime: 16 on AVX-512, 8 on AVX2)", minimum=1)
+    round_to: Optional[int] = option(None, "keep a multiple of this many channels: the runtime's channel block "
+                                           "(onnxruntime: 16 on AVX-512, 8 on AVX2); none: this CPU's, detected "
+                                           "(see graphopt.util.channel_block)", minimum=1)
     skip: list[str] = option([], "layer name/source patterns (fnmatch) whose groups are not pruned; "
                                  "in a channel-padded tree, that member keeps its own channels")
     global_ranking: bool = option(False, "one threshold across groups instead of the same ratio in each")
@@ -497,6 +499,17 @@ class PruneChannels(Pass):
     seed: int = option(0, "seed for criterion=random")
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
+        if self.round_to is None:  # the default is safe for speed: this CPU's channel block
+            from graphopt.util import channel_block
+
+            block, why = channel_block()
+            log.info("prune-channels: round_to=%d (%s)", block, why)
+            r = dataclasses.replace(self, round_to=block)._run(graph, ctx)
+            r.stats["round_to"] = f"{block} ({why})"
+            return r
+        return self._run(graph, ctx)
+
+    def _run(self, graph: Graph, ctx: Context) -> PassResult:
         if not 0.0 <= self.ratio < 1.0:
             raise GraphOptError(f"ratio must be in [0, 1), got {self.ratio}")
         rng = np.random.default_rng(self.seed)

@@ -31,7 +31,7 @@ FUSED_ACTS = ("Relu", "Clip")
 DATA_MOVEMENT = ("Pad", "Slice", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 # element-wise ops of one activation that keep a tensor on a quantized grid's scale of values
 # (onnxruntime has QLinear/QDQ forms for them): their output counts as written by an integer kernel
-UNARY_ACTS = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh")
+UNARY_ACTS = ("Relu", "Clip", "Min", "Max", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh")
 FLOAT_TYPES = (1,)  # FLOAT
 
 

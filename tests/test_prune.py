@@ -9,7 +9,7 @@ from graphopt.passes.prune import analyze
 from nets import build, rel_err, run_ort
 from torch import nn
 
-from graphopt import PassError, from_torch, load_onnx, to_onnx
+from graphopt import GraphOptError, PassError, from_torch, load_onnx, to_onnx
 from graphopt.analysis import total_macs
 from graphopt.masks import channel_keep
 from graphopt.passmanager import Context, PassManager
@@ -455,3 +455,24 @@ def test_target_macs_and_taylor_on_a_padded_tree():
         g.copy(), Context(calib=data))
     assert total_macs(r.graph) <= 0.6 * m0 + 1
     onnx.checker.check_model(to_onnx(r.graph), full_check=True)
+
+
+def test_default_round_to_is_this_cpus_channel_block(monkeypatch):
+    """No round_to: the channel block of this CPU (or GRAPHOPT_CHANNEL_BLOCK), stated in the stats."""
+    from graphopt.util import channel_block
+
+    monkeypatch.delenv("GRAPHOPT_CHANNEL_BLOCK", raising=False)
+    block, why = channel_block()
+    assert block in (4, 8, 16) and why
+    monkeypatch.setenv("GRAPHOPT_CHANNEL_BLOCK", "4")
+    model, x = build("resnet")
+    g = PassManager("canonicalize,fold-bn").run(from_torch(model, torch.from_numpy(x))).graph
+    r = PassManager("prune-channels{ratio=0.5}").run(g.copy())
+    st = r.stats["prune-channels"][0]
+    assert st["round_to"] == "4 (GRAPHOPT_CHANNEL_BLOCK)"
+    assert all(len(k) % 4 == 0 for k in channel_keep(r.graph).values())
+    explicit = PassManager("prune-channels{ratio=0.5,round_to=1}").run(g.copy()).stats["prune-channels"][0]
+    assert "round_to" not in explicit  # an explicit value is used as given
+    monkeypatch.setenv("GRAPHOPT_CHANNEL_BLOCK", "x")
+    with pytest.raises(GraphOptError, match="GRAPHOPT_CHANNEL_BLOCK must be a positive integer"):
+        PassManager("prune-channels{ratio=0.5}").run(g.copy())
