@@ -22,9 +22,18 @@ log = logging.getLogger("graphopt")
 FORMATS = ("float", "qdq", "qoperator")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *a, **k):
-        k.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)  # --help shows defaults
+        k.setdefault("formatter_class", _HelpFormatter)  # --help shows defaults
         super().__init__(*a, **k)
 
     def error(self, message: str):  # one line, exit 2
@@ -61,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", metavar="FILE.npy|DIR",
                    help="calibration inputs: a float32 .npy array [N, ...] matching the model input, or an image folder")
     c.add_argument("--calib-limit", type=_positive_int, metavar="N", help="use the first N calibration samples")
-    c.add_argument("--resize", type=_positive_int, default=256, help="image folder: resize the short side to this (default 256)")
-    c.add_argument("--crop", type=_positive_int, default=224, help="image folder: center crop size (default 224)")
+    c.add_argument("--resize", type=_positive_int, default=256, help="image folder: resize the short side to this")
+    c.add_argument("--crop", type=_positive_int, default=224, help="image folder: center crop size")
     c.add_argument("--mean", default="0.485,0.456,0.406", help="image folder: per-channel mean after scaling to "
                    "[0,1] (ImageNet's; the shared EfficientNet-Lite0 needs 0.5,0.5,0.5)")
     c.add_argument("--std", default="0.229,0.224,0.225", help="image folder: per-channel std (ImageNet's; "
@@ -70,13 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--train", metavar="X.npy", help="training inputs [N, ...] for training steps in the pipeline "
                                                    "(finetune)")
     c.add_argument("--train-labels", metavar="Y.npy", help="integer labels [N] for --train")
-    c.add_argument("--teacher", metavar="MODEL", help="teacher for distillation in training steps (default: the "
-                                                      "input model as the pipeline received it)")
-    c.add_argument("--format", choices=FORMATS, default="float", help="output format (default: float)")
+    c.add_argument("--teacher", metavar="MODEL", help="teacher for distillation in training steps")
+    c.add_argument("--format", choices=FORMATS, default="float", help="output format")
     c.add_argument("--no-report", action="store_true",
                    help="skip the quantization report (onnxruntime's kernel check and per-layer SQNR)")
     c.add_argument("--report-samples", type=_positive_int, default=32, metavar="N",
-                   help="calibration samples the per-layer SQNR report uses (default 32)")
+                   help="calibration samples the per-layer SQNR report uses")
     c.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
     c.add_argument("--timing", action="store_true", help="print time per pass")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR text after each pass into DIR")
@@ -91,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer weight-range spread: p99/p1 of per-channel max|w| (why a model quantizes badly)")
     i.add_argument("--plot", metavar="LAYER", help="with --ranges: plot per-channel weight ranges of LAYER (name or "
                                                      "source) to --plot-out, like DFQ's Figure 2")
-    i.add_argument("--plot-out", metavar="FILE.png", default="ranges.png", help="PNG for --plot (default ranges.png)")
+    i.add_argument("--plot-out", metavar="FILE.png", default="ranges.png", help="PNG for --plot")
 
     a = sub.add_parser("analyze", help="analyses: sensitivity of each prunable channel group, or of each residual block")
     asub = a.add_subparsers(dest="analysis", metavar="ANALYSIS", parser_class=_Parser, required=True)
@@ -99,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     asub.add_parser = lambda *a_, **k: _aadd(*a_, parents=[common, *k.pop("parents", [])], **k)  # type: ignore[method-assign]
     sens = asub.add_parser("sensitivity", help="prune each group alone at several ratios; table (+ PNG plot)")
     _analysis_args(sens)
-    sens.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated ratios (default 0.1,0.3,0.5,0.7)")
-    sens.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "taylor", "random"))
-    sens.add_argument("--round-to", type=int, default=1)
+    sens.add_argument("--ratios", default="0.1,0.3,0.5,0.7", help="comma-separated ratios")
+    sens.add_argument("--criterion", default="l1", choices=("l1", "l2", "bn_scale", "taylor", "random"),
+                      help="channel importance, as prune-channels' criterion option")
+    sens.add_argument("--round-to", type=_positive_int, default=1,
+                      help="keep channel counts multiples of this, as prune-channels' round_to")
     sens.add_argument("--plot", metavar="FILE.png", help="write the curves as a PNG (needs matplotlib)")
     blk = asub.add_parser("blocks", help="remove each residual block alone; table of the damage (what prune-blocks "
                                          "weighs)")
@@ -126,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
     f.add_argument("--weight-decay", type=float, default=0.0)
     f.add_argument("--freeze-bn", action="store_true",
-                   help="keep BatchNormalization statistics fixed (default: they train, as in torch)")
+                   help="keep BatchNormalization statistics fixed")
 
     d = sub.add_parser("demo", help="run the main job on a built-in network (no files needed)")
     d.add_argument("-o", "--output", default="graphopt-demo.onnx", help="ONNX file to write (default: %(default)s)")
-    d.add_argument("--pipeline", default=None, help="pipeline to run (default: the demo's own)")
+    d.add_argument("--pipeline", default=None, help="pipeline to run")
     return p
 
 
@@ -156,7 +166,7 @@ def _analysis_args(p) -> None:
     p.add_argument("model", help="FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
     _torch_args(p)
     p.add_argument("--calib", required=True, metavar="FILE.npy|DIR", help="inputs to measure on")
-    p.add_argument("--calib-limit", type=_positive_int, metavar="N", default=64, help="samples to use (default 64)")
+    p.add_argument("--calib-limit", type=_positive_int, metavar="N", default=64, help="samples to use")
     p.add_argument("--resize", type=_positive_int, default=256, help="image folder: resize the short side to this")
     p.add_argument("--crop", type=_positive_int, default=224, help="image folder: center crop size")
     p.add_argument("--mean", default="0.485,0.456,0.406", help="image folder: per-channel mean after scaling to "
