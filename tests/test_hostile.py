@@ -345,4 +345,6 @@ def test_debug_and_verbose_after_the_subcommand(tmp_path):
     assert r.returncode == 1 and "Traceback" in r.stderr  # --debug after convert shows the traceback
     r = cli("convert", m, "-o", tmp_path / "o.onnx", "-v")
     assert r.returncode == 0 and "INFO" in r.stderr
-    assert "default: 256" in cli("convert", "--help").stdout  # --help shows defaults
+    helptext = " ".join(cli("convert", "--help").stdout.split())
+    assert "resize the short side to this (default: 256)" in helptext  # --help shows defaults
+    assert "(default: None)" not in helptext
