@@ -268,3 +268,53 @@ def test_bn_uses_stored_statistics_by_default():
     xs = torch.randn(8, *x.shape[1:])
     assert rel_err(torch_out(m, xs), torch_out(model, xs)) <= 1e-5  # model is in eval(): stored statistics
     assert not m.buffer_names
+
+
+class _Gated(torch.nn.Module):
+    """torch._assert, an optional mask, a keyword-only float and a bool flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x, attn_mask=None, *, scale: float = 2.0, flag: bool = True):
+        torch._assert(x.dim() == 2, "expects [N, C]")
+        y = self.fc(x)
+        if attn_mask is not None:
+            y = y + attn_mask
+        return y * scale if flag else y
+
+
+def test_asserts_and_optional_arguments_are_bound(caplog):
+    import logging
+
+    from nets import run_ort
+
+    m = _Gated().eval()
+    x = torch.randn(3, 4)
+    with caplog.at_level(logging.INFO, logger="graphopt.torch"):
+        g = graphopt.from_torch(m, x)
+    assert [v.name for v in g.inputs] == ["x"] and "run-time checks" in caplog.text
+    assert not any("assert" in n.op_type.lower() for n in g.nodes)
+    np.testing.assert_allclose(run_ort(graphopt.to_onnx(g), x.numpy()), m(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    for kw in ({"flag": False}, {"scale": 0.5}):
+        g = graphopt.from_torch(m, x, constants=kw)
+        np.testing.assert_allclose(run_ort(graphopt.to_onnx(g), x.numpy()), m(x, **kw).detach().numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    mask = torch.randn(3, 4)  # given as an example input, the mask is a graph input
+    g = graphopt.from_torch(m, (x, mask))
+    assert [v.name for v in g.inputs] == ["x", "attn_mask"]
+    with pytest.raises(graphopt.FrontendError, match="no argument 'nope'"):
+        graphopt.from_torch(m, x, constants={"nope": 1})
+
+
+def test_file_factory_imports_its_siblings(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "helper_mod_for_test.py").write_text("import torch\ndef make():\n    return torch.nn.Linear(4, 2)\n")
+    (tmp_path / "net.py").write_text("from helper_mod_for_test import make\ndef build():\n    return make()\n")
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "convert", f"{tmp_path / 'net.py'}:build",
+                        "--input-shape", "1,4", "-o", str(tmp_path / "o.onnx")], capture_output=True, text=True,
+                       cwd="/", timeout=300)
+    assert r.returncode == 0, r.stderr

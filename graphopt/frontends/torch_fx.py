@@ -20,6 +20,7 @@ ONNX has no op for some modules, so they are decomposed (each piece keeps the mo
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from typing import Any, Sequence
@@ -33,6 +34,8 @@ from torch import nn
 from graphopt.errors import FrontendError, UnsupportedOpError
 from graphopt.ir import Graph, Value
 from graphopt.util import with_gc_paused
+
+log = logging.getLogger("graphopt.torch")
 
 DEFAULT_OPSET = 17
 _ONNX_DTYPE = {torch.float32: onnx.TensorProto.FLOAT, torch.float64: onnx.TensorProto.DOUBLE,
@@ -71,6 +74,7 @@ class _Converter:
         self.fx_node: torch.fx.Node | None = None
         self.param_cache: dict[int, Value] = {}
         self.node_names: set[str] = set()
+        self.dropped_checks = 0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -161,7 +165,11 @@ class _Converter:
             if n.op == "placeholder":
                 t = self.concrete.get(n)
                 if not isinstance(t, torch.Tensor):
-                    raise FrontendError(f"torch front end: input '{n.name}' must be a tensor")
+                    if t is None or isinstance(t, (bool, int, float, str)):
+                        self.env[n] = t  # an optional / keyword / scalar argument: a constant of the trace
+                        continue
+                    raise FrontendError(f"torch front end: input '{n.name}' must be a tensor, None or a Python "
+                                        f"scalar (got {type(t).__name__})")
                 shape: list = list(t.shape)
                 if self.batch_dim and shape:
                     shape[0] = "batch"
@@ -175,6 +183,9 @@ class _Converter:
                 if fn is None:
                     raise self.unsupported(f"module {type(mod).__module__}.{type(mod).__name__}")
                 self.env[n] = fn(self, n, mod, *self.arg(n.args), **self.arg(n.kwargs))
+            elif n.op == "call_function" and n.target in _CHECKS:
+                self.env[n] = None
+                self.dropped_checks += 1
             elif n.op in ("call_function", "call_method") and not _has_value(self.arg(n.args)) and \
                     not _has_value(self.arg(n.kwargs)) and isinstance(self.concrete.get(n), (int, float, bool, torch.Size)):
                 self.env[n] = self.concrete[n]  # Python arithmetic on shapes: a constant of the trace
@@ -682,6 +693,10 @@ def _size_fn(c, n, x, dim=None):
     return shape[dim] if dim is not None else torch.Size(shape)
 
 
+def _dim_fn(c, n, x):
+    return c.rank_of(n.args[0])
+
+
 def _getattr_fn(c, n, obj, name):
     if name == "shape" and isinstance(obj, Value):
         return torch.Size(c.shape_of(n.args[0]))
@@ -783,16 +798,61 @@ _FUNCTIONS: dict[Any, Any] = {
     F.pad: _pad_fn, torch.unsqueeze: _unsqueeze_fn, "Tensor.unsqueeze": _unsqueeze_fn,
     torch.squeeze: _squeeze_fn, "Tensor.squeeze": _squeeze_fn,
     "Tensor.size": _size_fn, getattr: _getattr_fn, operator.getitem: _getitem_fn,
+    "Tensor.dim": _dim_fn, "Tensor.ndimension": _dim_fn,
 }
+# run-time checks: they held on the example inputs (the model ran once), so they are dropped
+_CHECKS = {torch._assert, torch.fx._symbolic_trace._assert_is_none}
 
 
 # ====================================================================== entry point
+def _trailing_args(module: nn.Module, n_inputs: int, concrete: dict[str, Any]) -> list[Any]:
+    """Values for forward's placeholders after the example inputs, in order (bound or default)."""
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    except (TypeError, ValueError):
+        return []
+    return [concrete.get(p.name, p.default) for p in params[n_inputs:]]
+
+
+def _concrete_args(module: nn.Module, n_inputs: int, constants: dict[str, Any]) -> dict[str, Any]:
+    """forward's arguments beyond the example inputs, bound to constants for fx."""
+    import inspect
+
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return {}
+    params = [p for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    unknown = [k for k in constants if k not in {p.name for p in params}]
+    if unknown:
+        raise FrontendError(f"torch front end: forward() has no argument {unknown[0]!r} to bind")
+    out = {}
+    for p in params[n_inputs:]:
+        if p.name in constants:
+            out[p.name] = constants[p.name]
+        elif p.default is p.empty:
+            raise FrontendError(f"torch front end: forward() needs argument {p.name!r}: give it among the example "
+                                "inputs (a tensor) or in constants (a Python value)")
+        elif not isinstance(p.default, torch.Tensor):
+            out[p.name] = p.default
+    return out
+
+
+
 @with_gc_paused
 def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
-               opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, infer_shapes: bool = True) -> Graph:
+               opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, infer_shapes: bool = True,
+               constants: dict[str, Any] | None = None) -> Graph:
     """Convert ``module`` (put in eval mode) into a graphopt ``Graph``.
 
     ``example_inputs``: a tensor or a tuple of tensors with the shapes the model expects.
+    ``forward``'s other arguments that have a non-tensor default (``attn_mask=None``, ``scale=1.0``,
+    keyword-only flags) are bound to that default, or to ``constants[name]``, with fx's
+    ``concrete_args``: ``if attn_mask is not None`` branches are decided at trace time.
+    ``torch._assert`` checks are evaluated on the example inputs and dropped (the log says how many).
     ``dynamic_batch``: name dim 0 of every input ``batch`` so the graph takes any batch size.
     Raises ``UnsupportedOpError`` naming the op and module path for anything it cannot map,
     and ``FrontendError`` when the module cannot be traced or rejects the example inputs.
@@ -804,16 +864,17 @@ def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
     example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
     was_training = module.training
     module.eval()
+    concrete = _concrete_args(module, len(example_inputs), constants or {})
     try:
         try:
-            gm = torch.fx.symbolic_trace(module)
+            gm = torch.fx.symbolic_trace(module, concrete_args=concrete or None)
         except Exception as e:
             raise FrontendError(f"torch front end: torch.fx cannot trace {type(module).__name__} "
                                 f"(data-dependent control flow?): {str(e).splitlines()[0]}") from e
         rec = _ConcreteRecorder(gm)
         try:
             with torch.no_grad():
-                rec.run(*example_inputs)
+                rec.run(*example_inputs, *_trailing_args(module, len(example_inputs), concrete))
         except Exception as e:
             shapes = ", ".join(str(list(x.shape)) for x in example_inputs)
             raise FrontendError(f"torch front end: the model rejects example input(s) of shape {shapes}: "
@@ -821,7 +882,11 @@ def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for p, x in zip(placeholders, example_inputs):
             rec.values[p] = x
-        graph = _Converter(gm, rec.values, opset, dynamic_batch).convert()
+        conv = _Converter(gm, rec.values, opset, dynamic_batch)
+        graph = conv.convert()
+        if conv.dropped_checks:
+            log.info("torch front end: %d run-time checks (torch._assert) held on the example inputs and were "
+                     "dropped", conv.dropped_checks)
     finally:
         module.train(was_training)
     graph.toposort()

@@ -48,6 +48,9 @@ def load_factory(spec: str) -> torch.nn.Module:
             path = Path(mod_name)
             if not path.is_file():
                 raise GraphOptError(f"{path}: no such file")
+            folder = str(path.resolve().parent)
+            if folder not in sys.path:  # the file's sibling modules import as they do when it runs
+                sys.path.insert(0, folder)
             spec_ = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(spec_)
             sys.modules.setdefault(path.stem, module)
