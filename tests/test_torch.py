@@ -318,3 +318,36 @@ def test_file_factory_imports_its_siblings(tmp_path):
                         "--input-shape", "1,4", "-o", str(tmp_path / "o.onnx")], capture_output=True, text=True,
                        cwd="/", timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+class _MaskOps(torch.nn.Module):
+    """Comparisons, where, masked_fill, cumsum, argmax, expand and repeat."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 4))
+
+    def forward(self, x):  # x: [N, T, 4]
+        m = x < 0
+        y = torch.where(m, 0.0, x) + x.masked_fill(x > 1, -1.0)
+        y = y + torch.cumsum(x, 1) + (x != 0.5).float() * (x >= -1).float()
+        tok = self.cls.expand(x.shape[0], -1, -1)
+        y = torch.cat([tok, y], 1) + torch.cat([x[:, :1], x], 1).repeat(1, 1, 1)
+        return y, y.argmax(-1)
+
+
+def test_mask_and_indexing_ops_match_torch():
+    m = _MaskOps().eval()
+    x = torch.randn(2, 5, 4)
+    g = graphopt.from_torch(m, x)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(graphopt.to_onnx(g).SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (2, 3):  # the batch stays symbolic through expand
+        xb = torch.randn(batch, 5, 4)
+        got = sess.run(None, {g.inputs[0].name: xb.numpy()})
+        ref = m(xb)
+        np.testing.assert_allclose(got[0], ref[0].detach().numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[1], ref[1].numpy())
+        tb = graphopt.to_torch(g)(xb)
+        np.testing.assert_allclose(tb[0].detach().numpy(), ref[0].detach().numpy(), rtol=1e-5, atol=1e-5)

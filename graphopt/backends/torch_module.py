@@ -720,6 +720,27 @@ def _gather_elements(b, n):
     return [b.call(onnx_gather_elements, b.inp(n, 0), b.inp(n, 1), n.attr("axis", 0))]
 
 
+@lowering("CumSum")
+def _cumsum(b, n):
+    if n.attr("exclusive", 0) or n.attr("reverse", 0):
+        raise UnsupportedOpError(f"torch back end: CumSum with exclusive/reverse (node '{n.name}')")
+    axis = _need_static(b, n, 1, "axis")
+    return [b.call(torch.cumsum, b.inp(n, 0), int(axis if not isinstance(axis, list) else axis[0]))]
+
+
+@lowering("ArgMax")
+def _argmax(b, n):
+    if n.attr("select_last_index", 0):
+        raise UnsupportedOpError(f"torch back end: ArgMax with select_last_index (node '{n.name}')")
+    return [b.call(torch.argmax, b.inp(n, 0), n.attr("axis", 0), bool(n.attr("keepdims", 1)))]
+
+
+@lowering("Tile")
+def _tile(b, n):
+    reps = _need_static(b, n, 1, "repeats")
+    return [b.call(torch.Tensor.repeat, b.inp(n, 0), [int(r) for r in reps])]
+
+
 @lowering("Where")
 def _where(b, n):
     return [b.call(onnx_where, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2))]

@@ -475,6 +475,91 @@ def _binary(op: str, reverse: bool = False):
     return fn
 
 
+def _compare(op: str, negate: bool = False):
+    def fn(c: _Converter, n, a, b):
+        like = a if isinstance(a, Value) else b
+        y = c.node(op, [c.val(a, like), c.val(b, like)], suffix="_cmp" if negate else "")[0]
+        return c.node("Not", [y])[0] if negate else y
+
+    return fn
+
+
+def _where_fn(c: _Converter, n, cond, a, b):
+    like = a if isinstance(a, Value) else b
+    return c.node("Where", [cond, c.val(a, like), c.val(b, like)])[0]
+
+
+def _masked_fill_fn(c: _Converter, n, x, mask, value):
+    return c.node("Where", [mask, c.val(float(value) if not isinstance(value, Value) else value, x), x])[0]
+
+
+def _cumsum_fn(c: _Converter, n, x, dim, **kw):
+    if kw.get("dtype") is not None:
+        raise c.unsupported("cumsum with dtype")
+    return c.node("CumSum", [x, c.const(np.array(dim, np.int64), "axis")])[0]
+
+
+def _argmax_fn(c: _Converter, n, x, dim=None, keepdim=False):
+    if dim is None:
+        flat = c.node("Reshape", [x, c.ints([-1], "flat")], suffix="_flat")[0]
+        return c.node("ArgMax", [flat], {"axis": 0, "keepdims": 0})[0]
+    return c.node("ArgMax", [x], {"axis": int(dim), "keepdims": int(bool(keepdim))})[0]
+
+
+def _batch_source(c: _Converter, a) -> Value | None:
+    """The tensor whose dim 0 an fx size argument reads (``t.shape[0]`` / ``t.size(0)``), if the
+    batch is symbolic: that size must stay symbolic too."""
+    if not c.batch_dim or not isinstance(a, torch.fx.Node):
+        return None
+    if a.op == "call_method" and a.target == "size" and len(a.args) == 2 and a.args[1] == 0:
+        src = a.args[0]
+    elif a.op == "call_function" and a.target is operator.getitem and a.args[1] == 0 and \
+            isinstance(a.args[0], torch.fx.Node) and a.args[0].op == "call_function" and \
+            a.args[0].target is getattr and a.args[0].args[1] == "shape":
+        src = a.args[0].args[0]
+    else:
+        return None
+    v = c.env.get(src)
+    return v if isinstance(v, Value) and v.shape and v.shape[0] == "batch" else None
+
+
+def _expand_fn(c: _Converter, n, x, *sizes):
+    fx_sizes = list(n.args[1:])
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)):
+        sizes, fx_sizes = list(sizes[0]), list(n.args[1]) if isinstance(n.args[1], (list, tuple)) else [None]
+    sizes = list(sizes)
+    if any(isinstance(s, Value) for s in sizes):
+        raise c.unsupported("expand to a computed size")
+    # -1 keeps a dimension: 1 in ONNX's broadcasting Expand
+    static = [1 if s == -1 else int(s) for s in sizes]
+    batch = [_batch_source(c, a) for a in fx_sizes] + [None] * (len(sizes) - len(fx_sizes))
+    if not any(batch):
+        return c.node("Expand", [x, c.ints(static, "shape")])[0]
+    parts = []  # a size read from a symbolic batch: Shape(t)[0] at run time
+    for i, (s, src) in enumerate(zip(static, batch)):
+        if src is not None:
+            shp = c.node("Shape", [src], {"start": 0, "end": 1}, suffix=f"_batch{i}")[0]
+            parts.append(shp)
+        else:
+            parts.append(c.ints([s], f"dim{i}"))
+    shape = c.node("Concat", parts, {"axis": 0}, suffix="_shape")[0]
+    return c.node("Expand", [x, shape])[0]
+
+
+def _repeat_fn(c: _Converter, n, x, *reps):
+    reps = list(reps[0]) if len(reps) == 1 and isinstance(reps[0], (list, tuple, torch.Size)) else list(reps)
+    if len(reps) != c.rank_of(n.args[0]):
+        raise c.unsupported("repeat that adds dimensions")
+    return c.node("Tile", [x, c.ints([int(r) for r in reps], "repeats")])[0]
+
+
+def _cast_fn(to: int):
+    def fn(c: _Converter, n, x, *a, **k):
+        return c.node("Cast", [x], {"to": to})[0]
+
+    return fn
+
+
 def _unary_fn(op: str):
     def fn(c, n, x, *a, **k):
         return c.node(op, [x])[0]
@@ -799,6 +884,18 @@ _FUNCTIONS: dict[Any, Any] = {
     torch.squeeze: _squeeze_fn, "Tensor.squeeze": _squeeze_fn,
     "Tensor.size": _size_fn, getattr: _getattr_fn, operator.getitem: _getitem_fn,
     "Tensor.dim": _dim_fn, "Tensor.ndimension": _dim_fn,
+    operator.lt: _compare("Less"), torch.lt: _compare("Less"), "Tensor.lt": _compare("Less"),
+    operator.gt: _compare("Greater"), torch.gt: _compare("Greater"), "Tensor.gt": _compare("Greater"),
+    operator.le: _compare("LessOrEqual"), torch.le: _compare("LessOrEqual"), "Tensor.le": _compare("LessOrEqual"),
+    operator.ge: _compare("GreaterOrEqual"), torch.ge: _compare("GreaterOrEqual"),
+    "Tensor.ge": _compare("GreaterOrEqual"), operator.eq: _compare("Equal"), torch.eq: _compare("Equal"),
+    "Tensor.eq": _compare("Equal"), operator.ne: _compare("Equal", negate=True),
+    torch.ne: _compare("Equal", negate=True), "Tensor.ne": _compare("Equal", negate=True),
+    torch.where: _where_fn, "Tensor.masked_fill": _masked_fill_fn, torch.cumsum: _cumsum_fn,
+    "Tensor.cumsum": _cumsum_fn, torch.argmax: _argmax_fn, "Tensor.argmax": _argmax_fn,
+    "Tensor.expand": _expand_fn, "Tensor.repeat": _repeat_fn,
+    "Tensor.float": _cast_fn(onnx.TensorProto.FLOAT), "Tensor.long": _cast_fn(onnx.TensorProto.INT64),
+    "Tensor.int": _cast_fn(onnx.TensorProto.INT32), "Tensor.bool": _cast_fn(onnx.TensorProto.BOOL),
 }
 # run-time checks: they held on the example inputs (the model ran once), so they are dropped
 _CHECKS = {torch._assert, torch.fx._symbolic_trace._assert_is_none}
