@@ -351,3 +351,32 @@ def test_mask_and_indexing_ops_match_torch():
         np.testing.assert_array_equal(got[1], ref[1].numpy())
         tb = graphopt.to_torch(g)(xb)
         np.testing.assert_allclose(tb[0].detach().numpy(), ref[0].detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+class _ModernBits(torch.nn.Module):
+    """GroupNorm, einsum (attention-style) and roll (shifted windows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gn = torch.nn.GroupNorm(2, 4)
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):  # [N, 4, 6, 6]
+        y = self.gn(self.conv(x))
+        t = y.flatten(2)  # [N, 4, 36]
+        a = torch.einsum("bci,bcj->bij", t, t).softmax(-1)
+        z = torch.einsum("bij,bcj->bci", a, t).reshape(y.shape)
+        return torch.roll(z, shifts=(1, -2), dims=(2, 3)) + y
+
+
+def test_group_norm_einsum_roll_match_torch():
+    m = _ModernBits().eval()
+    with torch.no_grad():
+        m.gn.weight.uniform_(0.5, 1.5)
+        m.gn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 4, 6, 6)
+    g = graphopt.from_torch(m, x)
+    ref = m(x).detach().numpy()
+    np.testing.assert_allclose(run_ort(graphopt.to_onnx(g), x.numpy()), ref, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(graphopt.to_torch(g)(x).numpy(), ref, rtol=1e-4, atol=1e-5)

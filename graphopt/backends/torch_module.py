@@ -720,6 +720,17 @@ def _gather_elements(b, n):
     return [b.call(onnx_gather_elements, b.inp(n, 0), b.inp(n, 1), n.attr("axis", 0))]
 
 
+@lowering("InstanceNormalization")
+def _instance_norm(b, n):
+    return [b.call(F.instance_norm, b.inp(n, 0), None, None, b.inp(n, 1), b.inp(n, 2), True, 0.0,
+                   float(n.attr("epsilon", 1e-5)))]
+
+
+@lowering("Einsum")
+def _einsum(b, n):
+    return [b.call(torch.einsum, n.attr("equation"), *(b.inp(n, i) for i in range(len(n.inputs))))]
+
+
 @lowering("CumSum")
 def _cumsum(b, n):
     if n.attr("exclusive", 0) or n.attr("reverse", 0):

@@ -446,7 +446,51 @@ def _layer_norm(c, n, mod, x):
                               f"{n.target}.weight", f"{n.target}.bias")
 
 
+def _group_norm(c: _Converter, n, mod: nn.GroupNorm, x):
+    """GroupNorm at opset 17 (ONNX's GroupNormalization arrives in 18): InstanceNormalization of
+    x viewed as [N, G, -1], back to x's shape, then the per-channel affine."""
+    rank = c.rank_of(n.args[0])
+    g = int(mod.num_groups)
+    v = c.node("Reshape", [x, c.ints([0, g, -1], "groups")], suffix="_groups")[0]
+    ones, zeros = c.const(np.ones(g, np.float32), "one"), c.const(np.zeros(g, np.float32), "zero")
+    v = c.node("InstanceNormalization", [v, ones, zeros], {"epsilon": float(mod.eps)}, suffix="_norm")[0]
+    v = c.node("Reshape", [v, c.node("Shape", [x], suffix="_shape")[0]], suffix="_back")[0]
+    if not mod.affine:
+        return v
+    shape = [-1] + [1] * (rank - 2)
+    w = c.g.add_const(_np(mod.weight).reshape(shape), f"{n.target}.weight")
+    b = c.g.add_const(_np(mod.bias).reshape(shape), f"{n.target}.bias")
+    return c.node("Add", [c.node("Mul", [v, w], suffix="_scale")[0], b])[0]
+
+
+def _einsum_fn(c: _Converter, n, equation, *operands):
+    ops = list(operands[0]) if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else list(operands)
+    return c.node("Einsum", ops, {"equation": str(equation).replace(" ", "")})[0]
+
+
+def _roll_fn(c: _Converter, n, x, shifts, dims=None):
+    shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+    if dims is None:
+        raise c.unsupported("roll without dims (it flattens)")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    shape = c.shape_of(n.args[0])
+    v = x
+    for i, (s, d) in enumerate(zip(shifts, dims)):  # roll by s along d: the last s, then the rest
+        d = _norm_axis(d, len(shape))
+        size = shape[d]
+        s %= size
+        if s == 0:
+            continue
+        tail = c.node("Slice", [v, c.ints([size - s], f"t{i}s"), c.ints([size], f"t{i}e"), c.ints([d], f"t{i}a")],
+                      suffix=f"_tail{i}")[0]
+        head = c.node("Slice", [v, c.ints([0], f"h{i}s"), c.ints([size - s], f"h{i}e"), c.ints([d], f"h{i}a")],
+                      suffix=f"_head{i}")[0]
+        v = c.node("Concat", [tail, head], {"axis": d}, suffix=f"_roll{i}")[0]
+    return v if v is not x else c.node("Identity", [x])[0]
+
+
 _MODULES = {
+    nn.GroupNorm: _group_norm,
     nn.Conv1d: _conv, nn.Conv2d: _conv, nn.ConvTranspose2d: _conv_t, nn.Linear: _linear,
     nn.BatchNorm1d: _bn, nn.BatchNorm2d: _bn,
     nn.ReLU: _act("Relu"), nn.ReLU6: _relu6, nn.Hardtanh: _hardtanh, nn.LeakyReLU: _leaky, nn.PReLU: _prelu,
@@ -893,7 +937,8 @@ _FUNCTIONS: dict[Any, Any] = {
     torch.ne: _compare("Equal", negate=True), "Tensor.ne": _compare("Equal", negate=True),
     torch.where: _where_fn, "Tensor.masked_fill": _masked_fill_fn, torch.cumsum: _cumsum_fn,
     "Tensor.cumsum": _cumsum_fn, torch.argmax: _argmax_fn, "Tensor.argmax": _argmax_fn,
-    "Tensor.expand": _expand_fn, "Tensor.repeat": _repeat_fn,
+    "Tensor.expand": _expand_fn, "Tensor.repeat": _repeat_fn, torch.einsum: _einsum_fn, torch.roll: _roll_fn,
+    "Tensor.roll": _roll_fn,
     "Tensor.float": _cast_fn(onnx.TensorProto.FLOAT), "Tensor.long": _cast_fn(onnx.TensorProto.INT64),
     "Tensor.int": _cast_fn(onnx.TensorProto.INT32), "Tensor.bool": _cast_fn(onnx.TensorProto.BOOL),
 }
