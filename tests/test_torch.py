@@ -380,3 +380,24 @@ def test_group_norm_einsum_roll_match_torch():
     np.testing.assert_allclose(run_ort(graphopt.to_onnx(g), x.numpy()), ref, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         np.testing.assert_allclose(graphopt.to_torch(g)(x).numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+class _Borders(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.r = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+        self.e = torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2, padding_mode="replicate")
+
+    def forward(self, x):
+        y = self.e(self.r(x))
+        return F.pad(y, (1, 2, 0, 1), mode="reflect") + F.pad(y, (1, 2, 0, 1), mode="replicate")
+
+
+def test_reflect_and_replicate_padding():
+    m = _Borders().eval()
+    x = torch.randn(2, 3, 8, 8)
+    g = graphopt.from_torch(m, x)
+    ref = m(x).detach().numpy()
+    np.testing.assert_allclose(run_ort(graphopt.to_onnx(g), x.numpy()), ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(graphopt.to_torch(g)(x).numpy(), ref, rtol=1e-5, atol=1e-5)

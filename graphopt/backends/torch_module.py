@@ -179,11 +179,15 @@ def onnx_hardsigmoid(x, alpha, beta):
     return torch.clamp(x * alpha + beta, 0.0, 1.0)
 
 
-def onnx_pad(x, pads, value):
+def onnx_pad(x, pads, value, mode="constant"):
     pads = _as_list(pads)
     nd = len(pads) // 2
     torch_pads = [p for i in reversed(range(nd)) for p in (pads[i], pads[nd + i])]
-    return F.pad(x, torch_pads, value=value)
+    if mode == "constant":
+        return F.pad(x, torch_pads, value=value)
+    while torch_pads and torch_pads[-2:] == [0, 0]:  # torch pads only the trailing (spatial) dims here
+        torch_pads = torch_pads[:-2]
+    return F.pad(x, torch_pads, mode={"reflect": "reflect", "edge": "replicate"}[mode])
 
 
 def onnx_split(x, sizes, axis):
@@ -607,13 +611,14 @@ def _slice(b, n):
 
 @lowering("Pad")
 def _pad(b, n):
-    if n.attr("mode", "constant") != "constant":
-        raise UnsupportedOpError(f"torch back end: Pad mode={n.attr('mode')} (node '{n.name}')")
+    mode = n.attr("mode", "constant")
+    if mode not in ("constant", "reflect", "edge"):
+        raise UnsupportedOpError(f"torch back end: Pad mode={mode} (node '{n.name}')")
     pads = _static_or_runtime(b, n, 1)
     value = _need_static(b, n, 2, "constant_value", 0.0)
     if len(n.inputs) > 3 and n.inputs[3] is not None:
         raise UnsupportedOpError(f"torch back end: Pad with axes (node '{n.name}')")
-    return [b.call(onnx_pad, b.inp(n, 0), pads, float(value if not isinstance(value, list) else value[0]))]
+    return [b.call(onnx_pad, b.inp(n, 0), pads, float(value if not isinstance(value, list) else value[0]), mode)]
 
 
 def _axes_of(b, n):

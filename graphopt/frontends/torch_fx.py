@@ -235,7 +235,7 @@ def _norm_axis(axis: int, rank: int) -> int:
 
 # ====================================================================== modules
 def _conv(c: _Converter, n, mod: nn.Conv1d | nn.Conv2d, x, *rest):
-    if mod.padding_mode != "zeros":
+    if mod.padding_mode not in ("zeros", "reflect", "replicate"):
         raise c.unsupported(f"{type(mod).__name__} with padding_mode='{mod.padding_mode}'")
     nd = len(mod.kernel_size)
     if isinstance(mod.padding, str):
@@ -246,6 +246,10 @@ def _conv(c: _Converter, n, mod: nn.Conv1d | nn.Conv2d, x, *rest):
             pads = [t // 2 for t in tot] + [t - t // 2 for t in tot]
     else:
         pads = list(mod.padding) * 2
+    if mod.padding_mode != "zeros" and any(pads):  # pad the borders as torch does, then a zero-pad conv
+        x = c.node("Pad", [x, c.ints([0, 0] + pads[:nd] + [0, 0] + pads[nd:], "pads")],
+                   {"mode": _PAD_MODES[mod.padding_mode]}, suffix="_pad")[0]
+        pads = [0] * (2 * nd)
     w = c.param(mod.weight, f"{n.target}.weight")
     b = c.param(mod.bias, f"{n.target}.bias") if mod.bias is not None else None
     attrs = {"kernel_shape": list(mod.kernel_size), "strides": list(mod.stride), "pads": pads,
@@ -789,17 +793,20 @@ def _max_pool_fn(c, n, x, kernel_size, stride=None, padding=0, dilation=1, ceil_
     return c.node("MaxPool", [x], attrs)[0]
 
 
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
+
+
 def _pad_fn(c, n, x, pad, mode="constant", value=None):
-    if mode != "constant":
-        raise c.unsupported(f"pad mode '{mode}'")
+    if mode not in _PAD_MODES:
+        raise c.unsupported(f"pad mode '{mode}' (constant, reflect and replicate are)")
     rank = c.rank_of(n.args[0])
     begin, end = [0] * rank, [0] * rank
     for i in range(len(pad) // 2):
         begin[rank - 1 - i], end[rank - 1 - i] = int(pad[2 * i]), int(pad[2 * i + 1])
     ins = [x, c.ints(begin + end, "pads")]
-    if value:
+    if value and mode == "constant":
         ins.append(c.const(np.array(value, np.float32), "value"))
-    return c.node("Pad", ins)[0]
+    return c.node("Pad", ins, {"mode": _PAD_MODES[mode]} if mode != "constant" else None)[0]
 
 
 def _unsqueeze_fn(c, n, x, dim):
