@@ -219,3 +219,29 @@ def test_prune_then_quantize_in_one_pipeline(tmp_path):
     int8_weights = sum(int(np.prod(t.dims)) for t in q.graph.initializer if t.data_type == onnx.TensorProto.INT8)
     assert 0 < int8_weights < load_onnx(p).num_params() * 0.9  # the integer weights are the pruned ones
     assert rel_err(run_ort(str(tmp_path / "q.onnx"), calib), run_ort(str(tmp_path / "f.onnx"), calib)) <= 0.1
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+def test_weights_from_npz_and_safetensors(tmp_path, fmt):
+    import torch
+
+    (tmp_path / "mymodel.py").write_text("import torch\ndef make():\n    torch.manual_seed(1)\n"
+                                         "    return torch.nn.Sequential(torch.nn.Linear(4, 3))\n")
+    torch.manual_seed(7)
+    trained = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    sd = {k: v.detach() for k, v in trained.state_dict().items()}
+    w = tmp_path / f"w.{fmt}"
+    if fmt == "npz":
+        np.savez(w, **{k: v.numpy() for k, v in sd.items()})
+    else:
+        safetensors_torch = pytest.importorskip("safetensors.torch")
+        safetensors_torch.save_file(sd, str(w))
+    out = tmp_path / "o.onnx"
+    r = cli("convert", f"{tmp_path / 'mymodel.py'}:make", "--input-shape", "2,4", "--weights", w, "-o", out)
+    assert r.returncode == 0, r.stderr
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(str(out), x), trained(torch.from_numpy(x)).detach().numpy(), rtol=1e-5,
+                               atol=1e-6)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    _one_line_error(cli("convert", f"{tmp_path / 'mymodel.py'}:make", "--input-shape", "2,4", "--weights",
+                        tmp_path / "bad.npz", "-o", out), "not a readable .npz")

@@ -19,6 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from graphopt.errors import FrontendError, GraphOptError, UsageError
@@ -77,12 +78,36 @@ def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
 
 
+def _read_weights(p: Path) -> dict:
+    """A state dict from .safetensors (the ecosystem's standard), .npz (numpy arrays) or a torch
+    file read with weights_only=True; none of them runs pickled code."""
+    if p.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise GraphOptError(f"{p}: reading .safetensors needs the safetensors package "
+                                "(pip install safetensors)") from None
+        try:
+            return load_file(str(p))
+        except Exception as e:
+            raise GraphOptError(f"{p}: not a readable .safetensors file ({_plain(str(e).splitlines()[0])})") from None
+    if p.suffix == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                return {k: torch.from_numpy(np.array(z[k])) for k in z.files}
+        except Exception as e:
+            raise GraphOptError(f"{p}: not a readable .npz of arrays ({str(e).splitlines()[0]})") from None
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
 def load_state_dict(model: torch.nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         raise GraphOptError(f"weights file not found: {p}")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = _read_weights(p)
+    except GraphOptError:
+        raise
     except Exception as e:
         why = "it holds pickled Python objects (e.g. a whole nn.Module saved with torch.save(model)), which are " \
               "never unpickled" if "weights only" in str(e).lower() or "weights_only" in str(e).lower() else \
