@@ -369,17 +369,21 @@ class _ModernBits(torch.nn.Module):
         return torch.roll(z, shifts=(1, -2), dims=(2, 3)) + y
 
 
+def _both_back_ends_match(m, x, rtol, atol):
+    """The module through the torch front end: onnxruntime and the torch back end both give torch's output."""
+    g = graphopt.from_torch(m, x)
+    ref = m(x).detach().numpy()
+    np.testing.assert_allclose(run_ort(graphopt.to_onnx(g), x.numpy()), ref, rtol=rtol, atol=atol)
+    with torch.no_grad():
+        np.testing.assert_allclose(graphopt.to_torch(g)(x).numpy(), ref, rtol=rtol, atol=atol)
+
+
 def test_group_norm_einsum_roll_match_torch():
     m = _ModernBits().eval()
     with torch.no_grad():
         m.gn.weight.uniform_(0.5, 1.5)
         m.gn.bias.uniform_(-0.5, 0.5)
-    x = torch.randn(2, 4, 6, 6)
-    g = graphopt.from_torch(m, x)
-    ref = m(x).detach().numpy()
-    np.testing.assert_allclose(run_ort(graphopt.to_onnx(g), x.numpy()), ref, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():
-        np.testing.assert_allclose(graphopt.to_torch(g)(x).numpy(), ref, rtol=1e-4, atol=1e-5)
+    _both_back_ends_match(m, torch.randn(2, 4, 6, 6), rtol=1e-4, atol=1e-5)
 
 
 class _Borders(torch.nn.Module):
@@ -394,10 +398,4 @@ class _Borders(torch.nn.Module):
 
 
 def test_reflect_and_replicate_padding():
-    m = _Borders().eval()
-    x = torch.randn(2, 3, 8, 8)
-    g = graphopt.from_torch(m, x)
-    ref = m(x).detach().numpy()
-    np.testing.assert_allclose(run_ort(graphopt.to_onnx(g), x.numpy()), ref, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        np.testing.assert_allclose(graphopt.to_torch(g)(x).numpy(), ref, rtol=1e-5, atol=1e-5)
+    _both_back_ends_match(_Borders().eval(), torch.randn(2, 3, 8, 8), rtol=1e-5, atol=1e-5)
