@@ -305,17 +305,10 @@ def load_calib(args, graph):
 
 def check_format(pipeline, fmt: str) -> None:
     """Refuse a pipeline/format pair that cannot work, before any work is done."""
+    from graphopt.backends.lowering import check_format as format_takes
+
     quant = [p for p in pipeline if p.name == "quantize"]
-    if fmt != "float" and not quant:
-        raise GraphOptError(f"--format {fmt} needs a quantized graph: add 'quantize' to the pipeline "
-                            "(or use --preset int8)")
-    if fmt == "qoperator":
-        for p in quant:
-            for what, q in p.planned_quantizers():
-                if q.integer_bits() != 8:
-                    raise GraphOptError(f"--format qoperator supports 8-bit weights and activations only "
-                                        f"(QLinearConv/QLinearMatMul); the pipeline asks for {q.describe()} {what}: "
-                                        "use --format qdq")
+    format_takes(fmt, bool(quant), [(f"the pipeline's {what}", q) for p in quant for what, q in p.planned_quantizers()])
 
 
 def load_train(args, graph):

@@ -61,24 +61,30 @@ def is_quantized(graph: Graph) -> bool:
     return any(is_fake_quant(n) for n in graph.nodes)
 
 
+def check_format(fmt: str, quantized: bool, quantizers) -> None:
+    """Whether ``fmt`` can be written: ``quantizers`` are ``(what, Quantizer)`` pairs. The one
+    place that knows what a format takes; the CLI asks it before running (from the pipeline's
+    planned specs), ``lower`` asks it with the graph's FakeQuants."""
+    if fmt not in ("qdq", "qoperator", "float"):
+        raise GraphOptError(f"unknown format '{fmt}' (float, qdq, qoperator)")
+    if fmt != "float" and not quantized:
+        raise GraphOptError(f"--format {fmt} needs a quantized graph: add 'quantize' to the pipeline "
+                            "(or use --preset int8)")
+    if fmt == "qoperator":
+        for what, q in quantizers:
+            if q.integer_bits() != 8:
+                raise GraphOptError(f"--format qoperator supports 8-bit weights and activations only (QLinearConv/"
+                                    f"QLinearMatMul); {what} is {q.describe()}: use --format qdq")
+
+
 def lower(graph: Graph, fmt: str) -> tuple[Graph, LowerReport]:
     """A lowered copy of ``graph`` (FakeQuant-free) and what was done. Each FakeQuant is
     lowered by its own scheme (``Quantizer.lower``); QOperator fusion then runs on the Q/DQ form."""
-    if fmt not in ("qdq", "qoperator", "float"):
-        raise GraphOptError(f"unknown format '{fmt}' (float, qdq, qoperator)")
     g = graph.copy()
     rep = LowerReport(fmt)
-    fqs = [n for n in g.nodes if is_fake_quant(n)]
-    if fmt != "float" and not fqs:
-        raise GraphOptError(f"--format {fmt} needs a quantized graph: add 'quantize' to the pipeline "
-                            "(or use --preset int8)")
-    quantizers = {n: from_node(n) for n in fqs}
-    if fmt == "qoperator":
-        for n, q in quantizers.items():
-            if n.attr("kind", "act") != "bias" and q.integer_bits() != 8:
-                raise GraphOptError(f"--format qoperator supports 8-bit weights and activations only (QLinearConv/"
-                                    f"QLinearMatMul); '{n.source}' has a {q.describe()} {n.attr('kind', 'act')} "
-                                    "quantizer: use --format qdq")
+    quantizers = {n: from_node(n) for n in g.nodes if is_fake_quant(n)}
+    check_format(fmt, bool(quantizers), [(f"the {n.attr('kind', 'act')} quantizer of '{n.source}'", q)
+                                         for n, q in quantizers.items() if n.attr("kind", "act") != "bias"])
     need = g.opset_imports.get("", 13)
     for n, q in quantizers.items():
         is_const = g.const_value(n.inputs[0]) is not None
