@@ -311,32 +311,39 @@ def check_format(pipeline, fmt: str) -> None:
     format_takes(fmt, bool(quant), [(f"the pipeline's {what}", q) for p in quant for what, q in p.planned_quantizers()])
 
 
-def load_train(args, graph):
-    """--train / --train-labels as TrainingData, checked against the model input."""
+def load_xy(x_path: str, y_path: str | None, graph):
+    """Training inputs (memory-mapped .npy, checked against the model input) and optional
+    integer labels, for `convert --train` and `finetune --data`."""
     import numpy as np
 
-    from graphopt.passmanager import TrainingData
     from graphopt.training.calibration import CalibrationData
 
-    if not args.train:
-        if args.train_labels:
-            raise UsageError("--train-labels needs --train")
-        return None
-    for what, path in (("training data", args.train), ("labels", args.train_labels)):
+    for what, path in (("training data", x_path), ("labels", y_path)):
         if path and not Path(path).is_file():
             raise GraphOptError(f"{what} file not found: {path}")
     try:
-        x = np.load(args.train, mmap_mode="r", allow_pickle=False)
-        y = np.load(args.train_labels, allow_pickle=False) if args.train_labels else None
+        x = np.load(x_path, mmap_mode="r", allow_pickle=False)
+        y = np.load(y_path, allow_pickle=False) if y_path else None
     except ValueError as e:
         raise GraphOptError(f"cannot read training data: {e}") from None
     try:
         CalibrationData(x).check_against(graph)
     except GraphOptError as e:
-        raise GraphOptError(f"{args.train}: {e}") from None
+        raise GraphOptError(f"{x_path}: {e}") from None
     if y is not None and (y.ndim != 1 or not np.issubdtype(y.dtype, np.integer)):
-        raise GraphOptError(f"{args.train_labels}: labels must be a 1-D integer array, not {y.dtype}{list(y.shape)}")
-    return TrainingData(x, y)
+        raise GraphOptError(f"{y_path}: labels must be a 1-D integer array, not {y.dtype}{list(y.shape)}")
+    return x, y
+
+
+def load_train(args, graph):
+    """--train / --train-labels as TrainingData."""
+    from graphopt.passmanager import TrainingData
+
+    if not args.train:
+        if args.train_labels:
+            raise UsageError("--train-labels needs --train")
+        return None
+    return TrainingData(*load_xy(args.train, args.train_labels, graph))
 
 
 def _size(graph) -> int:
@@ -400,8 +407,7 @@ def cmd_convert(args) -> int:
     print(f"nodes {before[0]} -> {after[0]}, params {human(before[1])} -> {human(after[1])}, "
           f"weights {human(before[2], 'B')} -> {human(after[2], 'B')}, MACs {human(before[3])} -> {human(after[3])}")
     if report is not None:
-        args._stats = result.stats
-        _quant_summary(args, graph, keeper.graph, ctx, report)
+        _quant_summary(args, graph, keeper.graph, ctx, report, result.stats)
     t_end = time.perf_counter()
     report_s = f", report {t_end - t_write:.2f}" if report is not None and not args.no_report else ""
     print(f"total {t_end - t0:.2f} s: load {t_load - t0:.2f}, passes {t_passes - t_load:.2f}, "
@@ -436,11 +442,11 @@ def _stat(v) -> str:
     return str(v)
 
 
-def _pass_reasons(args, key: str) -> dict[str, str]:
+def _pass_reasons(stats: dict, key: str) -> dict[str, str]:
+    """``key`` (a {layer: reason} stat) merged over every run of ``quantize``."""
     out: dict[str, str] = {}
-    for runs in getattr(args, "_stats", {}).get("quantize", []), :
-        for st in runs:
-            out.update(st.get(key) or {})
+    for st in stats.get("quantize", []):
+        out.update(st.get(key) or {})
     return out
 
 
@@ -457,7 +463,7 @@ def _why_lines(title: str, reasons: dict[str, str], limit: int = 12) -> None:
         print(f"    {why}: {shown}")
 
 
-def _quant_summary(args, graph, float_graph, ctx, report) -> None:
+def _quant_summary(args, graph, float_graph, ctx, report, stats) -> None:
     import os
 
     from graphopt.backends.lowering import ort_kernel_report
@@ -468,8 +474,8 @@ def _quant_summary(args, graph, float_graph, ctx, report) -> None:
           f"initializers, opset {report.opset}" + (f", {report.fused} layers as QOperator" if report.fused else ""))
     if report.schemes:
         print("  quantizers: " + "; ".join(f"{k} x{v}" for k, v in report.schemes.items()))
-    _why_lines("layers left in float by quantize", _pass_reasons(args, "float_layers"))
-    _why_lines("biases left in float", _pass_reasons(args, "float_biases"))
+    _why_lines("layers left in float by quantize", _pass_reasons(stats, "float_layers"))
+    _why_lines("biases left in float", _pass_reasons(stats, "float_biases"))
     _why_lines("quantizers simulated in float", report.simulated_why)
     _why_lines("layers not lowered to QOperator", report.not_fused)
     sizes = f"size {in_size / 1e6:.2f} MB -> {out_size / 1e6:.2f} MB" if in_size else f"size {out_size / 1e6:.2f} MB"
@@ -682,20 +688,11 @@ def _analyze_blocks(graph, data, labels, progress: bool) -> int:
 
 
 def cmd_finetune(args) -> int:
-    import numpy as np
-
     from graphopt.backends.onnx_file import save_onnx
     from graphopt.training.finetune import FinetuneConfig, finetune
 
     student = load_model(args.model, args)
-    for what, path in (("training data", args.data), ("labels", args.labels)):
-        if path and not Path(path).is_file():
-            raise GraphOptError(f"{what} file not found: {path}")
-    x = np.load(args.data, mmap_mode="r", allow_pickle=False)
-    y = np.load(args.labels, allow_pickle=False) if args.labels else None
-    from graphopt.training.calibration import CalibrationData
-
-    CalibrationData(x).check_against(student)
+    x, y = load_xy(args.data, args.labels, student)
     teacher = load_model(args.teacher) if args.teacher else None
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          temperature=args.temperature, kd_weight=args.kd_weight, checkpoint=args.checkpoint,
