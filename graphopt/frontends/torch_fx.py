@@ -954,40 +954,30 @@ _CHECKS = {torch._assert, torch.fx._symbolic_trace._assert_is_none}
 
 
 # ====================================================================== entry point
-def _trailing_args(module: nn.Module, n_inputs: int, concrete: dict[str, Any]) -> list[Any]:
-    """Values for forward's placeholders after the example inputs, in order (bound or default)."""
-    import inspect
-
-    try:
-        params = [p for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    except (TypeError, ValueError):
-        return []
-    return [concrete.get(p.name, p.default) for p in params[n_inputs:]]
-
-
-def _concrete_args(module: nn.Module, n_inputs: int, constants: dict[str, Any]) -> dict[str, Any]:
-    """forward's arguments beyond the example inputs, bound to constants for fx."""
+def _bind_arguments(module: nn.Module, n_inputs: int, constants: dict[str, Any]) -> tuple[dict[str, Any], list]:
+    """forward's arguments beyond the example inputs: ``(concrete, trailing)``, the non-tensor
+    ones fx specializes on (bound from ``constants`` or their default), and the values of every
+    trailing placeholder in order, for running the traced module."""
     import inspect
 
     try:
         sig = inspect.signature(module.forward)
     except (TypeError, ValueError):
-        return {}
+        return {}, []
     params = [p for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     unknown = [k for k in constants if k not in {p.name for p in params}]
     if unknown:
         raise FrontendError(f"torch front end: forward() has no argument {unknown[0]!r} to bind")
-    out = {}
+    concrete = {}
     for p in params[n_inputs:]:
         if p.name in constants:
-            out[p.name] = constants[p.name]
+            concrete[p.name] = constants[p.name]
         elif p.default is p.empty:
             raise FrontendError(f"torch front end: forward() needs argument {p.name!r}: give it among the example "
                                 "inputs (a tensor) or in constants (a Python value)")
         elif not isinstance(p.default, torch.Tensor):
-            out[p.name] = p.default
-    return out
+            concrete[p.name] = p.default
+    return concrete, [concrete.get(p.name, p.default) for p in params[n_inputs:]]
 
 
 
@@ -1013,7 +1003,7 @@ def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
     example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
     was_training = module.training
     module.eval()
-    concrete = _concrete_args(module, len(example_inputs), constants or {})
+    concrete, trailing = _bind_arguments(module, len(example_inputs), constants or {})
     try:
         try:
             gm = torch.fx.symbolic_trace(module, concrete_args=concrete or None)
@@ -1023,7 +1013,7 @@ def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
         rec = _ConcreteRecorder(gm)
         try:
             with torch.no_grad():
-                rec.run(*example_inputs, *_trailing_args(module, len(example_inputs), concrete))
+                rec.run(*example_inputs, *trailing)
         except Exception as e:
             shapes = ", ".join(str(list(x.shape)) for x in example_inputs)
             raise FrontendError(f"torch front end: the model rejects example input(s) of shape {shapes}: "

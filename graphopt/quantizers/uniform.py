@@ -136,18 +136,19 @@ class Uniform(Quantizer):
         return {"scale": s.reshape(()), "zero_point": z.reshape(())}
 
     # -- maths ---------------------------------------------------------------
+    def _shaped(self, x: np.ndarray, params, axis) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point shaped to broadcast against ``x``."""
+        dim = x.shape[axis] if axis is not None else None
+        return tuple(broadcast_param(params[k], x.ndim, axis, self.block_size, dim) for k in ("scale", "zero_point"))
+
     def apply_np(self, x, params, axis):
         x = np.asarray(x, np.float32)
-        dim = x.shape[axis] if axis is not None else None
-        s, z = (broadcast_param(params[k], x.ndim, axis, self.block_size, dim) for k in ("scale", "zero_point"))
-        return fake_quant_np(x, s, z, self.qmin, self.qmax)
+        return fake_quant_np(x, *self._shaped(x, params, axis), self.qmin, self.qmax)
 
     def codes_np(self, x, params, axis) -> np.ndarray:
         """The integer codes of ``x`` (as float64)."""
         x = np.asarray(x, np.float32)
-        dim = x.shape[axis] if axis is not None else None
-        s, z = (broadcast_param(params[k], x.ndim, axis, self.block_size, dim) for k in ("scale", "zero_point"))
-        return quantize_np(x, s, z, self.qmin, self.qmax)
+        return quantize_np(x, *self._shaped(x, params, axis), self.qmin, self.qmax)
 
     def torch_function(self, axis):
         return fake_quant, (self.qmin, self.qmax, axis, self.block_size)
