@@ -78,15 +78,23 @@ class Quantize(Pass):
     learn_scales: bool = option(False, "mark weight and activation scales learnable: the torch back end makes them "
                                        "parameters with true gradients (a start for QAT)")
 
+    def _overrides(self) -> dict[str, int]:
+        """``override`` as {pattern: weight bits}."""
+        out = {}
+        for item in self.override:
+            pat, _, bits = item.rpartition("=")
+            if not pat or not bits.isdigit() or not 2 <= int(bits) <= 16:
+                raise GraphOptError(f"bad override '{item}': expected PATTERN=BITS with BITS in 2..16")
+            out[pat] = int(bits)
+        return out
+
     def planned_quantizers(self) -> list[tuple[str, object]]:
         """(what, quantizer) for every spec this pass will use, known before it runs (for a CLI
         that checks the output format before doing any work)."""
         w, a = parse(self.weights, "weights"), parse(self.acts, "acts")
         out = [("weights", w), ("activations", a)]
-        for item in self.override:
-            bits = item.rpartition("=")[2]
-            if bits.isdigit() and isinstance(w, Uniform):
-                out.append((f"weights of '{item.rpartition('=')[0]}'", w.with_bits(int(bits))))
+        if isinstance(w, Uniform):
+            out += [(f"weights of '{pat}'", w.with_bits(bits)) for pat, bits in self._overrides().items()]
         if self.first_last_bits and isinstance(w, Uniform):
             out.append(("first/last layer weights", w.with_bits(self.first_last_bits)))
         return out
@@ -109,12 +117,7 @@ class Quantize(Pass):
                                 "activation scale")
         if not wspec.symmetric or not wspec.signed:
             raise GraphOptError("weights must be signed and symmetric (zero point 0), as integer kernels expect")
-        overrides = {}
-        for item in self.override:
-            pat, _, bits = item.rpartition("=")
-            if not pat or not bits.isdigit() or not 2 <= int(bits) <= 16:
-                raise GraphOptError(f"bad override '{item}': expected PATTERN=BITS with BITS in 2..16")
-            overrides[pat] = int(bits)
+        overrides = self._overrides()
         if ctx.calib is None:
             raise GraphOptError("quantize needs calibration data (--calib FILE.npy or an image folder)")
 
