@@ -77,6 +77,16 @@ def elem_type_of(array: np.ndarray) -> int:
     return helper.np_dtype_to_tensor_dtype(array.dtype)
 
 
+def numpy_dtype(elem_type: int | None) -> np.dtype | None:
+    """The numpy dtype of an ONNX element type; None when it is unset or has none."""
+    if not elem_type:
+        return None
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def format_shape(shape: Shape | None) -> str:
     if shape is None:
         return "[?]"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, helper, numpy_helper
+from onnx import AttributeProto, numpy_helper
 
 from graphopt.errors import FrontendError
-from graphopt.ir import OPAQUE_ATTR_TYPES, Graph, Node, Value, _free_names_of_graph, _names_in_graph
+from graphopt.ir import OPAQUE_ATTR_TYPES, Graph, Node, Value, _free_names_of_graph, _names_in_graph, numpy_dtype
 from graphopt.meta import SOURCE
 from graphopt.shapes import _shape_of
 from graphopt.util import with_gc_paused
@@ -106,10 +106,10 @@ def _internalize_attr(a: AttributeProto, base_dir: Path | None, where: str) -> N
 
 
 def _tensor_dtype(t: onnx.TensorProto, where: str) -> np.dtype:
-    try:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
-    except (KeyError, ValueError, TypeError):
-        raise FrontendError(f"tensor '{t.name}'{where} has unknown data_type {t.data_type}") from None
+    dtype = numpy_dtype(t.data_type)
+    if dtype is None:
+        raise FrontendError(f"tensor '{t.name}'{where} has unknown data_type {t.data_type}")
+    return dtype
 
 
 def _confined(base_dir: Path, location: str, tensor: str) -> Path:
@@ -153,7 +153,7 @@ def tensor_to_array(t: onnx.TensorProto, base_dir: Path | None, where: str = "")
     if offset < 0 or (length is not None and length < 0):
         raise FrontendError(f"external data of tensor '{t.name}' has a negative offset or length")
     if t.data_type in _MMAP_DTYPES:
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+        dtype = _tensor_dtype(t, where).newbyteorder("<")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if length is not None and length != nbytes:
             raise FrontendError(f"external data of tensor '{t.name}' has length {info['length']}, "

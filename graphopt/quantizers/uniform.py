@@ -26,11 +26,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from onnx import TensorProto
 
 from graphopt.errors import GraphOptError
+from graphopt.ir import numpy_dtype
 from graphopt.quantizers.base import Lowered, Quantizer, register
 
 INT_TYPES = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8, (16, True): TensorProto.INT16,
@@ -366,10 +366,6 @@ def range_from_histogram(counts: np.ndarray, lo: float, hi: float, spec: Uniform
 
 
 # ------------------------------------------------------------------ ONNX lowering
-def _np_dtype(elem: int):
-    return onnx.helper.tensor_dtype_to_np_dtype(elem)
-
-
 def _qdq(g, n, q: Uniform, elem: int, is_const: bool) -> None:
     """A constant becomes integer codes + DequantizeLinear; a computed value a Q/DQ pair."""
     x, out = n.inputs[0], n.outputs[0]
@@ -382,9 +378,9 @@ def _qdq(g, n, q: Uniform, elem: int, is_const: bool) -> None:
     if q.block_size:
         attrs["block_size"] = int(q.block_size)
     sc = g.add_const(s, f"{x.name}_scale")
-    zc = g.add_const(z.astype(_np_dtype(elem)), f"{x.name}_zero_point")
+    zc = g.add_const(z.astype(numpy_dtype(elem)), f"{x.name}_zero_point")
     if is_const:
-        codes = q.codes_np(g.const_value(x), {"scale": s, "zero_point": z}, axis).astype(_np_dtype(elem))
+        codes = q.codes_np(g.const_value(x), {"scale": s, "zero_point": z}, axis).astype(numpy_dtype(elem))
         qc = g.add_const(codes, f"{x.name}_quantized")
         dq = g.add_node("DequantizeLinear", [qc, sc, zc], [out.name + "_dq"], attrs=attrs, source=n.source,
                         name=g.unique_node_name(n.name + "_dq"))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from graphopt.errors import GraphOptError
-from graphopt.ir import Graph, format_shape
+from graphopt.ir import Graph, format_shape, numpy_dtype
 from graphopt.training.data import list_images, load_image_batch
 
 
@@ -171,15 +171,7 @@ class CalibrationData:
     def check_against(self, graph: Graph) -> None:
         """Raise a clear error if the samples do not fit the graph's inputs; learn their order
         and dtypes."""
-        import onnx
-
-        def np_dtype(v):
-            try:
-                return onnx.helper.tensor_dtype_to_np_dtype(v.dtype) if v.dtype else None
-            except (KeyError, ValueError):
-                return None
-
-        self._dtypes = [np_dtype(v) for v in graph.inputs]
+        self._dtypes = [numpy_dtype(v.dtype) for v in graph.inputs]
         if self._named is not None:
             want = [v.name for v in graph.inputs]
             missing = [k for k in want if k not in self._named]
