@@ -270,16 +270,15 @@ class PassManager:
 
     def __init__(self, passes: "list[Pass] | Any", *, verify_each: bool = False,
                  instruments: list[Instrument] | None = None, fixed_point: bool = False, max_iterations: int = 10):
-        from graphopt.pipeline import Pipeline, parse_pipeline
+        from graphopt.pipeline import Pipeline, check_order, parse_pipeline
 
         if isinstance(passes, str):
-            passes = parse_pipeline(passes)
+            passes = parse_pipeline(passes)  # checks the passes' order itself, with columns
         if isinstance(passes, Pipeline):
             passes = list(passes.passes)
+        else:
+            check_order(list(passes))
         self.passes: list[Pass] = list(passes)
-        from graphopt.pipeline import check_order
-
-        check_order(self.passes)
         self.verify_each = verify_each
         self.instruments = list(instruments or [])
         self.fixed_point = fixed_point
@@ -287,7 +286,7 @@ class PassManager:
 
     def run(self, graph: Graph, ctx: Context | None = None) -> PassResult:
         ctx = ctx or Context()
-        if ctx.input_graph is None and any(getattr(p, "needs_input_graph", False) for p in self.passes):
+        if ctx.input_graph is None and any(p.needs_input_graph for p in self.passes):
             ctx.input_graph = graph.copy()  # constants are shared, so this costs the structure only
         ran: list[str] = []
         any_modified = False

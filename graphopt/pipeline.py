@@ -77,6 +77,7 @@ class _Parser:
     def __init__(self, text: str):
         self.text = text
         self.pos = 0
+        self.depth = 0  # list nesting at pos
 
     def error(self, msg: str, pos: int | None = None) -> PipelineError:
         p = self.pos if pos is None else pos
@@ -112,7 +113,7 @@ class _Parser:
         start = self.pos
         c = self.peek()
         if c == "[":
-            self.depth = getattr(self, "depth", 0) + 1
+            self.depth += 1
             if self.depth > _MAX_NESTING:
                 raise self.error(f"lists nest deeper than {_MAX_NESTING} levels", start)
             self.pos += 1
