@@ -308,7 +308,8 @@ def check_format(pipeline, fmt: str) -> None:
     from graphopt.backends.lowering import check_format as format_takes
 
     quant = [p for p in pipeline if p.name == "quantize"]
-    format_takes(fmt, bool(quant), [(f"the pipeline's {what}", q) for p in quant for what, q in p.planned_quantizers()])
+    format_takes(fmt, bool(quant), [(f"the pipeline's {what}", q, kind) for p in quant
+                                   for what, q, kind in p.planned_quantizers()])
 
 
 def load_xy(x_path: str, y_path: str | None, graph):

@@ -16,7 +16,7 @@ from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, Value
 from graphopt.meta import BIAS_BEFORE_CORRECTION, BN_STATS, FLOAT_WEIGHT
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
-from graphopt.quantizers import Uniform, add_fake_quant, apply_node, is_fake_quant, params_of, parse
+from graphopt.quantizers import Uniform, add_fake_quant, apply_node, from_node, is_fake_quant, params_of, parse
 from graphopt.quantizers.uniform import range_from_histogram
 
 from . import _layers as L
@@ -62,9 +62,11 @@ class Quantize(Pass):
     A per-channel ``Min`` bound left by ``equalize`` that the calibration data never reaches is
     dropped (exact on that data), so the Conv before it can fuse."""
 
-    weights: str = option("int8:channel", "weight spec: (u)int<bits>:tensor|channel|block<size>")
+    weights: str = option("int8:channel", "weight spec: int<bits>:tensor|channel|block<size>, or a zoo scheme "
+                                          "(pow2, apot, term, pwlq, binary, ternary; see docs/quantizers.md)")
     acts: str = option("uint8:tensor", "activation spec: (u)int<bits>[:tensor][:sym|asym] (uint = asymmetric)")
-    act_method: Literal["minmax", "percentile", "mse"] = option("minmax", "activation range from calibration")
+    act_method: Literal["minmax", "percentile", "mse", "entropy"] = option(
+        "minmax", "activation range from calibration (entropy: KL-optimal clip, as TensorRT/onnxruntime)")
     percentile: float = option(99.99, "for act_method=percentile", minimum=50.0, maximum=100.0)
     weight_method: Literal["minmax", "mse", "gptq"] = option(
         "minmax", "weights: min-max range, MSE-optimal clipping, or GPTQ (MSE clipping + Hessian-aware rounding "
@@ -92,11 +94,10 @@ class Quantize(Pass):
         """(what, quantizer) for every spec this pass will use, known before it runs (for a CLI
         that checks the output format before doing any work)."""
         w, a = parse(self.weights, "weights"), parse(self.acts, "acts")
-        out = [("weights", w), ("activations", a)]
-        if isinstance(w, Uniform):
-            out += [(f"weights of '{pat}'", w.with_bits(bits)) for pat, bits in self._overrides().items()]
-        if self.first_last_bits and isinstance(w, Uniform):
-            out.append(("first/last layer weights", w.with_bits(self.first_last_bits)))
+        out = [("weights", w, "weight"), ("activations", a, "act")]
+        out += [(f"weights of '{pat}'", w.with_bits(bits), "weight") for pat, bits in self._overrides().items()]
+        if self.first_last_bits:
+            out.append(("first/last layer weights", w.with_bits(self.first_last_bits), "weight"))
         return out
 
     def requires(self, graph: Graph) -> None:
@@ -108,15 +109,22 @@ class Quantize(Pass):
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         wspec = parse(self.weights, "weights")
         aspec = parse(self.acts, "acts")
-        if not isinstance(wspec, Uniform) or not isinstance(aspec, Uniform):
-            raise GraphOptError(f"quantize: the {wspec.scheme}/{aspec.scheme} schemes have no calibration here yet")
+        if not isinstance(aspec, Uniform):
+            raise GraphOptError(f"bad acts spec '{self.acts}': the {aspec.scheme} scheme quantizes weights only; "
+                                "activations take int<bits>/uint<bits>")
+        uniform_w = isinstance(wspec, Uniform)
         if self.learn_scales:
+            if not uniform_w:
+                raise GraphOptError(f"learn_scales applies to uniform weights, not {wspec.scheme}")
             wspec, aspec = dataclasses.replace(wspec, learnable=True), dataclasses.replace(aspec, learnable=True)
         if aspec.granularity != "tensor":
             raise GraphOptError(f"acts must be per tensor (got {aspec.granularity}): integer kernels take one "
                                 "activation scale")
-        if not wspec.symmetric or not wspec.signed:
+        if uniform_w and (not wspec.symmetric or not wspec.signed):
             raise GraphOptError("weights must be signed and symmetric (zero point 0), as integer kernels expect")
+        if self.weight_method == "gptq" and not uniform_w:
+            raise GraphOptError(f"weight_method=gptq rounds onto a uniform grid; the {wspec.scheme} scheme takes "
+                                "minmax or mse")
         overrides = self._overrides()
         if ctx.calib is None:
             raise GraphOptError("quantize needs calibration data (--calib FILE.npy or an image folder)")
@@ -265,17 +273,16 @@ class Quantize(Pass):
                     ranges[k] = (lo, hi)
 
     @staticmethod
-    def _quantize_weights(graph: Graph, n: Node, spec: Uniform, method: str, hessian=None) -> None:
+    def _quantize_weights(graph: Graph, n: Node, spec, method: str, hessian=None) -> None:
         w = L.weight(graph, n)
         geo = geometry(n)
         params, axis = spec.weight_params(w, geo.out_axis, geo.in_axis, "mse" if method == "gptq" else method)
-        s, z = params["scale"], params["zero_point"]
         float_w = None
         if method == "gptq":
             if spec.granularity == "block":
                 raise GraphOptError("weight_method=gptq supports per-tensor and per-channel weights, not blocks")
             float_w = w
-            L.set_input_const(graph, n, 1, _gptq_weights(n, w, hessian, s, z, spec))
+            L.set_input_const(graph, n, 1, _gptq_weights(n, w, hessian, params["scale"], params["zero_point"], spec))
         fq = add_fake_quant(graph, n.inputs[1], spec, params, "weight", axis, source=n.source, consumers=[(n, 1)])
         if float_w is not None:
             fq.meta[FLOAT_WEIGHT] = float_w  # what bias correction measures the error against
@@ -299,13 +306,19 @@ class Quantize(Pass):
             return "Gemm with alpha/beta != 1 scales its bias"
         b = np.asarray(graph.const_value(n.inputs[2]))
         sx = float(params_of(graph, x_fq)["scale"].reshape(()))
-        sw = params_of(graph, w_fq)["scale"].astype(np.float32)
+        wq = from_node(w_fq)
+        step, why = wq.integer_step(params_of(graph, w_fq))
+        if step is None:
+            return f"the weights have no integer grid ({why})"
+        sw = np.asarray(step, np.float32)
         if b.ndim != 1 or (sw.size > 1 and sw.size != b.size):
             return f"bias of shape {list(b.shape)} is not one value per output channel"
         # A channel with tiny weights has a tiny weight scale; its bias may then not fit in int32.
         # Enlarge that channel's weight scale until it does (onnxruntime's quantizer does the same).
         limit = np.float64(2 ** 31 - 1) * 0.5
         need = np.abs(b.astype(np.float64)) / (np.float64(sx) * limit)
+        if np.any(need > sw) and not isinstance(wq, Uniform):
+            return "the bias does not fit int32 at the weight step"
         if np.any(need > sw):
             sw = np.maximum(sw.astype(np.float64), need).astype(np.float32)
             L.set_input_const(graph, w_fq, 1, sw.reshape(np.asarray(graph.const_value(w_fq.inputs[1])).shape))

@@ -156,26 +156,43 @@ def test_concat_inputs_share_one_scale():
     assert len(scales) == 1
 
 
-def test_int4_qdq_and_odd_bits_simulated():
-    _, g, calib, _ = quantized("mobilenetv2", "canonicalize,fold-bn,quantize{weights=int4:channel}")
+def _stored_types(proto) -> set[int]:
+    return {t.data_type for t in proto.graph.initializer}
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_low_bit_weights_run_on_int8_kernels_and_store_packed(bits):
+    _, g, calib, _ = quantized("mobilenetv2", f"canonicalize,fold-bn,quantize{{weights=int{bits}:channel}}")
     lowered, rep = lower(g, "qdq")
     proto = to_model(lowered, rep.opset)
-    assert rep.opset == 21 and not rep.simulated
+    assert not rep.simulated
     onnx.checker.check_model(proto, full_check=True)
+    # at most 4 bits: INT4 codes that onnxruntime casts to int8 at load; 6 bits: int8 codes
+    assert (onnx.TensorProto.INT4 in _stored_types(proto)) == (bits <= 4)
+    assert (rep.opset >= 21) == (bits <= 4)  # INT4 initializers exist from opset 21
     with torch.no_grad():
         sim = graphopt.to_torch(g)(torch.from_numpy(calib[:8])).numpy()
     assert np.abs(run_ort(proto, calib[:8]) - sim).max() <= output_step(g) * 1.001
-    _, g3, calib, _ = quantized("mlp", "quantize{weights=int3:channel}")
+    report = ort_kernel_report(proto)
+    assert report["float"] == [] and sum(report["integer"].values()) >= 1, report
+
+
+def test_odd_bit_activations_are_simulated_in_float():
+    _, g3, calib, _ = quantized("mlp", "quantize{acts=uint6:tensor}")
     lowered, rep = lower(g3, "qdq")
-    assert len(rep.simulated) == 3  # three 3-bit weight quantizers, no ONNX integer type for them
+    acts = [n for n in g3.nodes if n.op_type == "FakeQuant" and n.attr("kind") == "act"]
+    assert len(rep.simulated) == len(acts) > 0  # 6-bit activations: no ONNX integer type holds them
     with torch.no_grad():
         sim = graphopt.to_torch(g3)(torch.from_numpy(calib[:8])).numpy()
     assert np.abs(run_ort(to_model(lowered, rep.opset), calib[:8]) - sim).max() <= output_step(g3) * 1.001
 
 
-def test_qoperator_rejects_non_8_bit():
+def test_qoperator_takes_low_bit_weights_but_not_4_bit_activations():
     _, g, _, _ = quantized("mlp", "quantize{weights=int4:channel}")
-    with pytest.raises(GraphOptError, match="qoperator supports 8-bit"):
+    lowered, rep = lower(g, "qoperator")
+    assert rep.fused >= 1
+    _, g, _, _ = quantized("mlp", "quantize{acts=uint4:tensor}")
+    with pytest.raises(GraphOptError, match="qoperator needs weights and activations on 8-bit"):
         lower(g, "qoperator")
 
 

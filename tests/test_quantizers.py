@@ -163,7 +163,7 @@ def test_a_new_scheme_runs_everywhere_without_touching_the_back_ends():
     proto = to_model(lowered, rep.opset)
     onnx.checker.check_model(proto, full_check=True)
     np.testing.assert_array_equal(run_ort(proto, x), ref)
-    with pytest.raises(GraphOptError, match="8-bit weights and activations only.*test sign"):
+    with pytest.raises(GraphOptError, match="8-bit integer kernels.*test sign"):
         lower(g, "qoperator")
 
 

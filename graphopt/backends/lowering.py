@@ -29,6 +29,7 @@ from graphopt.errors import GraphOptError
 from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, clip_bounds
 from graphopt.quantizers import DOMAIN, from_node, is_fake_quant
+from graphopt.quantizers.packing import codes_of, int8_codes
 
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat",
                    "DynamicQuantizeMatMul", "QAttention", "MatMulNBits"}
@@ -64,17 +65,18 @@ def is_quantized(graph: Graph) -> bool:
 def check_format(fmt: str, quantized: bool, quantizers) -> None:
     """Whether ``fmt`` can be written: ``quantizers`` are ``(what, Quantizer)`` pairs. The one
     place that knows what a format takes; the CLI asks it before running (from the pipeline's
-    planned specs), ``lower`` asks it with the graph's FakeQuants."""
+    planned specs), ``lower`` asks it with the graph's FakeQuants. ``quantizers`` are
+    ``(what, Quantizer, kind)`` triples."""
     if fmt not in ("qdq", "qoperator", "float"):
         raise GraphOptError(f"unknown format '{fmt}' (float, qdq, qoperator)")
     if fmt != "float" and not quantized:
         raise GraphOptError(f"--format {fmt} needs a quantized graph: add 'quantize' to the pipeline "
                             "(or use --preset int8)")
     if fmt == "qoperator":
-        for what, q in quantizers:
-            if q.integer_bits() != 8:
-                raise GraphOptError(f"--format qoperator supports 8-bit weights and activations only (QLinearConv/"
-                                    f"QLinearMatMul); {what} is {q.describe()}: use --format qdq")
+        for what, q, kind in quantizers:
+            if q.kernel_bits(kind) != 8:
+                raise GraphOptError(f"--format qoperator needs weights and activations on 8-bit integer kernels "
+                                    f"(QLinearConv/QLinearMatMul); {what} is {q.describe()}: use --format qdq")
 
 
 def lower(graph: Graph, fmt: str) -> tuple[Graph, LowerReport]:
@@ -83,17 +85,30 @@ def lower(graph: Graph, fmt: str) -> tuple[Graph, LowerReport]:
     g = graph.copy()
     rep = LowerReport(fmt)
     quantizers = {n: from_node(n) for n in g.nodes if is_fake_quant(n)}
-    check_format(fmt, bool(quantizers), [(f"the {n.attr('kind', 'act')} quantizer of '{n.source}'", q)
+    check_format(fmt, bool(quantizers), [(f"the {n.attr('kind', 'act')} quantizer of '{n.source}'", q,
+                                          n.attr("kind", "act"))
                                          for n, q in quantizers.items() if n.attr("kind", "act") != "bias"])
     need = g.opset_imports.get("", 13)
-    for n, q in quantizers.items():
+    # weights first: a layer whose weight stays float must not read a DequantizeLinear, or
+    # onnxruntime's WeightBiasQuantization re-quantizes that weight to int8 by itself (an
+    # approximation the user did not ask for); its input quantizer is then simulated in float.
+    order = sorted(quantizers, key=lambda n: n.attr("kind", "act") != "weight")
+    float_layers: set = set()
+    for n in order:
+        q = quantizers[n]
         is_const = g.const_value(n.inputs[0]) is not None
         line = q.describe()
         rep.schemes[line] = rep.schemes.get(line, 0) + 1
         name = n.name
+        kind = n.attr("kind", "act")
+        layers = [u for u, i in n.outputs[0].uses if i == 1 and u.op_type in ("Conv", "Gemm", "MatMul")]
+        if kind == "act" and fmt != "float":
+            _split_for_float_layers(g, n, q, float_layers, rep)
         done = q.lower(g, n, fmt)
         need = max(need, done.opset)
         if not done.integer:
+            if kind == "weight":
+                float_layers.update(layers)
             if fmt != "float":
                 rep.simulated.append(n.source)
                 rep.simulated_why[name] = done.reason
@@ -107,6 +122,21 @@ def lower(graph: Graph, fmt: str) -> tuple[Graph, LowerReport]:
     g.eliminate_dead()
     rep.opset = max(g.opset_imports.get("", 13), need)
     return g, rep
+
+
+def _split_for_float_layers(g: Graph, n: Node, q, float_layers: set, rep: LowerReport) -> None:
+    """Give the float-weight layers among ``n``'s readers their own copy of the activation
+    quantizer, written as float maths (exact, and invisible to onnxruntime's Q/DQ fusion)."""
+    readers = [(u, i) for u, i in n.outputs[0].uses if u in float_layers and i == 0]
+    if not readers:
+        return
+    copy = g.add_node(n.op_type, list(n.inputs), [n.outputs[0].name + "_float_layer"], attrs=dict(n.attrs),
+                      domain=n.domain, source=n.source, name=g.unique_node_name(n.name + "_float_layer"))
+    copy.outputs[0].dtype, copy.outputs[0].shape = n.outputs[0].dtype, n.outputs[0].shape
+    for u, i in readers:
+        g.set_input(u, i, copy.outputs[0])
+    q.lower(g, copy, "float")
+    rep.simulated_why[copy.name] = "it feeds a layer whose weight is simulated in float"
 
 
 def to_model(g: Graph, opset: int) -> onnx.ModelProto:
@@ -123,17 +153,32 @@ def to_model(g: Graph, opset: int) -> onnx.ModelProto:
     model = to_onnx(g)
     if cur >= opset:
         return model
-    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    from graphopt.quantizers.packing import is_unpack_node
+
+    def kept_aside(n) -> bool:  # Q/DQ and the nodes that unpack stored weight codes
+        return n.op_type in ("QuantizeLinear", "DequantizeLinear") or is_unpack_node(n.name)
+
+    qdq = [n for n in model.graph.node if kept_aside(n)]
     qdq_inputs = {i for n in qdq for i in n.input}
-    others = {i for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") for i in n.input}
+    others = {i for n in model.graph.node if not kept_aside(n) for i in n.input}
     q_outputs = {n.output[0]: n for n in qdq if n.op_type == "QuantizeLinear"}
+    producers = {o: n for n in qdq for o in n.output}
+    init_dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+
+    def dims(name: str) -> tuple:
+        """The shape of stored weight codes: an initializer's, or through Cast/Gather to one."""
+        if name in init_dims:
+            return init_dims[name]
+        p = producers[name]
+        return dims(p.input[1] if p.op_type == "Gather" else p.input[0])
+
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
     del stripped.graph.node[:]
     del stripped.graph.value_info[:]
     standins = []
     for n in model.graph.node:
-        if n.op_type == "QuantizeLinear":
+        if n.op_type == "QuantizeLinear" or is_unpack_node(n.name):
             continue
         if n.op_type == "DequantizeLinear":
             src = n.input[0]
@@ -143,9 +188,8 @@ def to_model(g: Graph, opset: int) -> onnx.ModelProto:
                 stripped.graph.node.append(idn)
                 standins.append(idn.name)
             else:  # weight: a float stand-in initializer of the same shape
-                t = next(t for t in model.graph.initializer if t.name == src)
                 stripped.graph.initializer.append(
-                    onnx.numpy_helper.from_array(np.zeros(tuple(t.dims), np.float32), n.output[0]))
+                    onnx.numpy_helper.from_array(np.zeros(dims(src), np.float32), n.output[0]))
             continue
         stripped.graph.node.append(n)
     only_qdq = qdq_inputs - others
@@ -243,7 +287,7 @@ def _fuse(g: Graph, n: Node) -> str | None:
     xp, wp = _dq_parts(g, n.inputs[0]), _dq_parts(g, n.inputs[1])
     if xp is None or xp[0].producer is None:
         return "its input is not quantized"
-    if wp is None or g.const_value(wp[0]) is None:
+    if wp is None or codes_of(g, wp[0]) is None:
         return "its weight is not a quantized constant"
     if n.op_type == "Gemm":
         return _gemm_integer(g, n, xp, wp)
@@ -279,7 +323,7 @@ def _gemm_integer(g: Graph, n: Node, xp, wp) -> str | None:
     """DQ(x) -> Gemm(DQ(W), DQ(b)) as MatMulInteger(x_q, W^T_q) + b_q -> Cast -> Mul(s_x * s_w)."""
     if n.attr("transA", 0) or n.attr("alpha", 1.0) != 1.0 or n.attr("beta", 1.0) != 1.0:
         return "Gemm with transA or alpha/beta != 1"
-    w_q = np.asarray(g.const_value(wp[0]))
+    w_q = codes_of(g, wp[0])
     w_s = np.asarray(g.const_value(wp[1]), np.float32)
     w_z = np.asarray(g.const_value(wp[2]))
     x_s = np.asarray(g.const_value(xp[1]), np.float32)
@@ -296,7 +340,8 @@ def _gemm_integer(g: Graph, n: Node, xp, wp) -> str | None:
         bias = np.asarray(g.const_value(bp[0]))
         if bias.dtype != np.int32:
             return f"its bias is {bias.dtype}, not int32"
-    wc = g.add_const(w_q, f"{n.name}_WT_quantized")
+    # stored packed again when the weight was (its opset is already 21)
+    wc, _ = int8_codes(g, w_q, f"{n.name}_WT", n.source, packed=wp[0].producer is not None)
     wz = g.add_const(np.zeros(w_q.shape[1] if w_z.size > 1 else (), np.int8), f"{n.name}_W_zero_point")
     mm = g.add_node("MatMulInteger", [xp[0], wc, xp[2], wz], [n.outputs[0].name + "_int32"], source=n.source,
                     name=g.unique_node_name(n.name + "_matmulinteger"))

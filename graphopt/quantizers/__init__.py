@@ -7,7 +7,7 @@ Adding a scheme is one module that subclasses ``Quantizer`` and is decorated wit
 ``@register``, imported below.
 """
 
-from graphopt.quantizers import uniform  # noqa: F401,E402  - registers the built-in schemes
+from graphopt.quantizers import uniform, zoo  # noqa: F401,E402  - registers the built-in schemes
 from graphopt.quantizers.base import (  # noqa: F401
     DOMAIN,
     FAKE_QUANT,
@@ -15,6 +15,7 @@ from graphopt.quantizers.base import (  # noqa: F401
     Lowered,
     Quantizer,
     add_fake_quant,
+    apply,
     apply_node,
     from_node,
     get,

@@ -88,10 +88,24 @@ class Quantizer:
         return False
 
     # -- ONNX ----------------------------------------------------------------
-    def integer_bits(self) -> int | None:
-        """Bit width of the integer codes an ONNX integer kernel reads, or None when the scheme
-        has no integer form (it is then simulated in float)."""
+    def kernel_bits(self, kind: str = "weight") -> int | None:
+        """Bit width of the integer container an ONNX integer kernel reads for a ``kind``
+        tensor (8 for a 4-bit weight held in int8), or None when the scheme has no integer form
+        (it is then simulated in float)."""
         return None
+
+    def true_bits(self) -> float:
+        """Bits of information per value (what the report and the size tables count)."""
+        return float(getattr(self, "bits", 32))
+
+    def integer_step(self, params: dict[str, np.ndarray]) -> tuple[np.ndarray | None, str]:
+        """The per-channel step of the integer grid a lowered weight sits on (an int32 bias
+        then has scale input step x this), or (None, why there is none)."""
+        return None, f"the {self.scheme} scheme has no integer grid"
+
+    def with_bits(self, bits: int) -> "Quantizer":
+        """The same scheme at another bit width (``override``, ``first_last_bits``)."""
+        raise GraphOptError(f"the {self.scheme} scheme has no bit width to override")
 
     def lower(self, graph, node, fmt: str) -> Lowered:  # pragma: no cover - abstract
         """Replace ``node`` in ``graph`` by standard ONNX ops (``fmt`` is ``qdq``, ``qoperator``
@@ -132,13 +146,38 @@ def parse(text: str, what: str = "weights") -> Quantizer:
     chosen by the spec's first word, without its digits (``int8`` -> ``int`` -> uniform)."""
     head = str(text).strip().lower().split(":", 1)[0]
     word = head.rstrip("0123456789")
-    cls = _KEYWORDS.get(word)
+    cls = _KEYWORDS.get(head) or _KEYWORDS.get(word)  # "pow2" is a name; "int8" is "int" + 8
     if cls is None:
         known = sorted(_KEYWORDS)
         near = difflib.get_close_matches(word, known, n=1)
         hint = f"did you mean '{near[0]}'?" if near else f"known: {', '.join(known)}"
         raise GraphOptError(f"bad {what} spec '{text}': unknown quantizer '{word or head}' ({hint})")
     return cls.parse(text, what)
+
+
+def apply(spec: str, array, axis: int | None = None, method: str = "minmax") -> np.ndarray:
+    """Quantize-dequantize ``array`` with the weight spec ``spec`` and return the float32
+    result: what the scheme does to these numbers. ``axis`` is the channel axis for a
+    ``:channel`` spec (per-tensor specs ignore it); ``method`` is ``minmax`` or ``mse``.
+
+    >>> apply("pow2:b3:tensor", np.array([0.3, -1.0, 0.05]))
+    array([ 0.25, -1.  ,  0.  ], dtype=float32)
+    """
+    q = parse(spec, "weights")
+    a = np.asarray(array, np.float32)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    if getattr(q, "granularity", "tensor") != "tensor":
+        if axis is None:
+            raise GraphOptError(f"spec '{spec}' is per {q.granularity}: give the channel axis (axis=0 for a "
+                                "Conv or Gemm weight)")
+        if not -a.ndim <= axis < a.ndim:
+            raise GraphOptError(f"axis {axis} is out of range for an array of rank {a.ndim}")
+        axis %= a.ndim
+    out_axis = 0 if axis is None else axis
+    in_axis = (1 if a.ndim > 1 else 0) if out_axis == 0 else 0
+    params, used = q.weight_params(a, out_axis, in_axis, method)
+    return q.apply_np(a, params, used).reshape(np.shape(array))
 
 
 # ------------------------------------------------------------------ FakeQuant nodes

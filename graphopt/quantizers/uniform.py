@@ -157,8 +157,18 @@ class Uniform(Quantizer):
         return self.learnable and param == "scale"
 
     # -- ONNX ----------------------------------------------------------------
-    def integer_bits(self) -> int | None:
-        return self.bits
+    def kernel_bits(self, kind: str = "weight") -> int | None:
+        if self._int8_container(kind, True):
+            return 8
+        return self.bits if INT_TYPES.get((self.bits, self.signed)) is not None else None
+
+    def _int8_container(self, kind: str, is_const: bool) -> bool:
+        """A constant signed weight of at most 8 bits is held in int8: QLinearConv/QGemm then run
+        on it (there are no int4 convolution kernels); its file storage is still packed."""
+        return kind == "weight" and is_const and self.signed and self.bits <= 8 and not self.block_size
+
+    def integer_step(self, params):
+        return np.asarray(params["scale"], np.float32), ""
 
     def integer_type(self, kind: str, is_const: bool) -> tuple[int | None, str]:
         """The ONNX integer type that holds this quantizer's codes, or (None, why not)."""
@@ -171,17 +181,18 @@ class Uniform(Quantizer):
 
     def lower(self, graph, node, fmt):
         is_const = graph.const_value(node.inputs[0]) is not None
+        if fmt != "float" and self._int8_container(node.attr("kind", "act"), is_const):
+            return Lowered(True, _qdq(graph, node, self, TensorProto.INT8, True))
         elem, why = self.integer_type(node.attr("kind", "act"), is_const)
         if fmt == "float" or elem is None:
             _simulate(graph, node, self)
             return Lowered(False, 13, "float format asked for" if fmt == "float" else why)
-        opset = 21 if (self.bits in (4, 16) or self.block_size) else 13
-        _qdq(graph, node, self, elem, is_const)
-        return Lowered(True, opset)
+        return Lowered(True, _qdq(graph, node, self, elem, is_const))
 
     def describe(self) -> str:
         sym = "symmetric" if self.symmetric else "asymmetric"
         return f"uniform {self} ({sym}{', learnable scale' if self.learnable else ''})"
+
 
 
 # ------------------------------------------------------------------ the formula, once per library
@@ -360,14 +371,60 @@ def range_from_histogram(counts: np.ndarray, lo: float, hi: float, spec: Uniform
         err = ((q - centres[None, :]) ** 2 * counts[None, :]).sum(1)
         best = int(np.argmin(err))
         return float(cand_lo[best]), float(cand_hi[best])
-    raise GraphOptError(f"unknown activation calibration method '{method}' (minmax, percentile, mse)")
+    if method == "entropy":
+        t = entropy_threshold(counts, lo, hi, spec)
+        return max(lo, -t) if lo < 0 else lo, min(hi, t)
+    raise GraphOptError(f"unknown activation calibration method '{method}' (minmax, percentile, mse, entropy)")
+
+
+def entropy_threshold(counts: np.ndarray, lo: float, hi: float, spec: Uniform, stride: int = 8,
+                      eps: float = 1e-4) -> float:
+    """The clip threshold t (on |x|) whose quantized distribution is closest, in KL divergence,
+    to the clipped one (the TensorRT / onnxruntime ``entropy`` method). The histogram is folded
+    to |x|; candidates are every ``stride``-th bin from the level count up, each scored with
+    vector ops."""
+    counts = np.asarray(counts, np.float64)
+    edges = np.linspace(lo, hi, counts.size + 1)
+    centres = np.abs((edges[:-1] + edges[1:]) / 2)
+    top = max(abs(lo), abs(hi))
+    nb = counts.size
+    folded, fedges = np.histogram(centres, bins=nb, range=(0.0, top), weights=counts)
+    levels = spec.qmax - spec.qmin + 1
+    if lo < 0:
+        levels //= 2  # one side of a signed grid
+    if levels >= nb or folded.sum() == 0:
+        return float(top)
+    best_kl, best_i = np.inf, nb
+    for i in range(levels, nb + 1, stride):
+        raw = folded[:i]
+        p = raw.copy()
+        p[-1] += folded[i:].sum()  # the reference: outliers clipped into the last bin
+        chunk = np.minimum(np.arange(i) * levels // i, levels - 1)  # which level each bin merges into
+        nz = raw > 0  # the candidate: the slice without its outliers, merged into levels and spread back
+        mass = np.bincount(chunk, weights=raw, minlength=levels)
+        width = np.bincount(chunk, weights=nz.astype(np.float64), minlength=levels)
+        q = np.where(nz, mass[chunk] / np.maximum(width[chunk], 1), 0.0)
+        ps, qs = p / p.sum(), q / max(q.sum(), 1e-300)
+        # smooth: a bin the candidate leaves empty gets a little mass (as onnxruntime/TensorRT do)
+        hole = (ps > 0) & (qs == 0)
+        if hole.any() and (qs > 0).any():
+            qs = np.where(hole, eps, qs * (1 - eps * hole.sum()))
+        m = (ps > 0) & (qs > 0)
+        kl = float(np.sum(ps[m] * np.log(ps[m] / qs[m])))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return float(fedges[best_i])
 
 
 
 
 # ------------------------------------------------------------------ ONNX lowering
-def _qdq(g, n, q: Uniform, elem: int, is_const: bool) -> None:
-    """A constant becomes integer codes + DequantizeLinear; a computed value a Q/DQ pair."""
+def _qdq(g, n, q: Uniform, elem: int, is_const: bool) -> int:
+    """A constant becomes integer codes + DequantizeLinear; a computed value a Q/DQ pair.
+    Returns the opset the nodes need (int8 weight codes of at most 4 bits are stored packed,
+    which needs opset 21)."""
+    from graphopt.quantizers.packing import int8_codes
+
     x, out = n.inputs[0], n.outputs[0]
     axis = n.attr("axis")
     s = np.asarray(g.const_value(n.inputs[1]), np.float32)
@@ -379,9 +436,13 @@ def _qdq(g, n, q: Uniform, elem: int, is_const: bool) -> None:
         attrs["block_size"] = int(q.block_size)
     sc = g.add_const(s, f"{x.name}_scale")
     zc = g.add_const(z.astype(numpy_dtype(elem)), f"{x.name}_zero_point")
+    opset = 21 if (q.bits in (4, 16) or q.block_size) and elem != TensorProto.INT8 else 13
     if is_const:
-        codes = q.codes_np(g.const_value(x), {"scale": s, "zero_point": z}, axis).astype(numpy_dtype(elem))
-        qc = g.add_const(codes, f"{x.name}_quantized")
+        codes = q.codes_np(g.const_value(x), {"scale": s, "zero_point": z}, axis)
+        if elem == TensorProto.INT8 and q.bits < 8:
+            qc, opset = int8_codes(g, codes, x.name, n.source)
+        else:
+            qc = g.add_const(codes.astype(numpy_dtype(elem)), f"{x.name}_quantized")
         dq = g.add_node("DequantizeLinear", [qc, sc, zc], [out.name + "_dq"], attrs=attrs, source=n.source,
                         name=g.unique_node_name(n.name + "_dq"))
     else:
@@ -395,6 +456,7 @@ def _qdq(g, n, q: Uniform, elem: int, is_const: bool) -> None:
     g.remove_node(n)
     if not x.uses and x.const is not None:
         g.remove_const(x)
+    return opset
 
 
 def _simulate(g, n, q: Uniform) -> None:

@@ -1,0 +1,74 @@
+"""How integer weight codes are stored in an ONNX file: the smallest standard form that
+onnxruntime turns into an int8 initializer at session start (so QLinearConv/QGemm run on it).
+
+* codes in [-8, 7]: an INT4 initializer and ``Cast(to=INT8)`` (half a byte per weight);
+* at most 16 distinct codes (a power-of-two or APoT tensor): a UINT4 index, a 16-entry int8
+  codebook, ``Cast(to=INT32)`` and ``Gather``;
+* anything else: an INT8 initializer.
+
+onnxruntime's constant folding runs the Cast/Gather on the initializers before its Q/DQ
+fusion, so the int4 file runs exactly as fast as its int8 twin (measured in
+``tools/bench_zoo.py``). The unpacking nodes are named ``*_unpack`` so that ``to_model`` keeps
+them with the DequantizeLinear they feed when it converts opsets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from graphopt.ir import numpy_dtype
+
+UNPACK_TAG = "_unpack"
+
+
+def int8_codes(g, codes: np.ndarray, name: str, source: str, packed: bool = True):
+    """A value holding ``codes`` (integers in [-128, 127]) as INT8, stored as compactly as
+    onnxruntime allows. Returns ``(value, opset)``: the default-domain opset the nodes need."""
+    codes = np.asarray(codes)
+    c8 = codes.astype(np.int8)
+    if not packed or c8.size == 0:
+        return g.add_const(c8, f"{name}_quantized"), 13
+    lo, hi = int(c8.min()), int(c8.max())
+
+    def node(op, ins, tag, **attrs):
+        m = g.add_node(op, ins, [f"{name}_{tag}"], attrs=attrs, source=source,
+                       name=g.unique_node_name(f"{name}_{tag}{UNPACK_TAG}"))
+        return m.outputs[0]
+
+    if lo >= -8 and hi <= 7:
+        packed4 = g.add_const(c8.astype(numpy_dtype(TensorProto.INT4)), f"{name}_int4")
+        out = node("Cast", [packed4], "int8", to=TensorProto.INT8)
+    else:
+        book, index = np.unique(c8, return_inverse=True)
+        if book.size > 16:
+            return g.add_const(c8, f"{name}_quantized"), 13
+        book = np.concatenate([book, np.zeros(16 - book.size, np.int8)]).astype(np.int8)
+        idx = g.add_const(index.reshape(c8.shape).astype(numpy_dtype(TensorProto.UINT4)), f"{name}_index")
+        i32 = node("Cast", [idx], "index32", to=TensorProto.INT32)
+        i32.dtype, i32.shape = TensorProto.INT32, c8.shape
+        out = node("Gather", [g.add_const(book, f"{name}_codebook"), i32], "int8", axis=0)
+    out.dtype, out.shape = TensorProto.INT8, c8.shape
+    return out, 21
+
+
+def is_unpack_node(name: str) -> bool:
+    return name.endswith(UNPACK_TAG) or UNPACK_TAG + "_" in name
+
+
+def codes_of(g, v) -> np.ndarray | None:
+    """The int8 codes a value holds: a constant's, or those its unpacking Cast/Gather compute
+    from constants. None when the value is computed from data."""
+    c = g.const_value(v)
+    if c is not None:
+        return np.asarray(c)
+    p = v.producer
+    if p is None or not is_unpack_node(p.name):
+        return None
+    if p.op_type == "Cast":
+        src = codes_of(g, p.inputs[0])
+        return None if src is None else src.astype(np.int8 if p.attr("to") == TensorProto.INT8 else np.int32)
+    if p.op_type == "Gather":
+        book, idx = codes_of(g, p.inputs[0]), codes_of(g, p.inputs[1])
+        return None if book is None or idx is None else np.take(book, idx.astype(np.int64), axis=0)
+    return None

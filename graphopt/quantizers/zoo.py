@@ -1,0 +1,733 @@
+"""The non-uniform weight schemes: power-of-two, APoT, term, piecewise-linear, binary, ternary.
+
+Each is a registered ``Quantizer``; its maths is written once, in torch, on a ``[rows, n]``
+view of the tensor (one row per output channel, or one row for the whole tensor), and numpy
+calls the same code. Spec text is ``<scheme>[<bits>][:<token>]...``; every scheme takes
+``tensor`` or ``channel`` (the default) and ``b<N>`` for its bit width; the other tokens are
+the scheme's own (see each class, and ``docs/quantizers.md``).
+
+**Integer-kernel lowering.** A scheme whose dequantized weights are integers times a step
+``s`` (per channel), with the integers in [-127, 127], *is* an int8 uniform tensor with scale
+``s``. Such a weight is written as int8 codes (packed to 4 bits when they allow, see
+``packing``) and a DequantizeLinear, so onnxruntime runs QLinearConv/QGemm on it; the report
+gives the scheme's true bit width beside it. Every other weight is written as its exact
+dequantized float values (the float simulation), and the conversion summary says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from graphopt.errors import GraphOptError
+from graphopt.quantizers.base import Lowered, Quantizer, parse, register
+
+GRANULARITIES = ("tensor", "channel")
+
+
+# ------------------------------------------------------------------ row views
+def to_rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """``x`` as ``[rows, n]``: one row per index of ``axis`` (or one row)."""
+    if axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def from_rows(r: torch.Tensor, shape, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return r.reshape(shape)
+    moved = [shape[axis]] + [d for i, d in enumerate(shape) if i != axis % len(shape)]
+    return r.reshape(moved).movedim(0, axis)
+
+
+def _col(p: torch.Tensor, rows: int) -> torch.Tensor:
+    """A per-row parameter (scalar or [rows] or [rows, k]) as [rows, k]."""
+    p = p.to(torch.float32)
+    if p.dim() == 0 or p.numel() == 1:
+        return p.reshape(1, 1).expand(rows, 1)
+    return p.reshape(rows, -1)
+
+
+def nearest_level(u: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Each element of ``u`` replaced by the nearest of the sorted ``levels`` (ties go to the
+    level of larger magnitude's lower neighbour, i.e. to the left): one bucketize."""
+    mids = (levels[1:] + levels[:-1]) / 2
+    return levels[torch.bucketize(u.contiguous(), mids)]
+
+
+def dyadic_step(levels: np.ndarray, max_exp: int = 40) -> float | None:
+    """The largest power of two ``d`` with every level an integer multiple of it, or None."""
+    lv = np.abs(np.asarray(levels, np.float64))
+    for k in range(max_exp):
+        d = 2.0 ** -k
+        if np.all(np.abs(lv / d - np.round(lv / d)) == 0):
+            return d
+    return None
+
+
+# ------------------------------------------------------------------ the shared base
+@dataclass(frozen=True)
+class ZooScheme(Quantizer):
+    """Base of the weight-only schemes: spec parsing, attributes, the row maths, the MSE clip
+    search, the integer-kernel lowering and the float simulation."""
+
+    param_names = ("alpha",)
+    default_bits: ClassVar[int] = 4
+    bit_range: ClassVar[tuple[int, int]] = (2, 8)
+    words: ClassVar[dict[str, tuple[str, Any]]] = {}  # token -> (field, value)
+    numbers: ClassVar[dict[str, str]] = {}  # token prefix -> int field
+    fixed_bits: ClassVar[bool] = False  # binary/ternary
+
+    bits: int = 4
+    granularity: str = "channel"
+
+    # -- spec text -----------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str, what: str) -> "ZooScheme":
+        raw = str(text).strip().lower()
+        parts = raw.split(":")
+        head = parts[0]
+        kw = next(k for k in (cls.keywords or (cls.scheme,)) if head.startswith(k))
+        digits = head[len(kw):]
+        values: dict[str, Any] = {}
+        if digits:
+            if not digits.isdigit() or cls.fixed_bits:
+                raise GraphOptError(f"bad {what} spec '{text}': {cls.scheme} takes no bit count after its name"
+                                    if cls.fixed_bits else f"bad {what} spec '{text}'")
+            values["bits"] = int(digits)
+        seen = set()
+        for tok in parts[1:]:
+            if not tok:
+                raise GraphOptError(f"bad {what} spec '{text}': empty option")
+            field = None
+            special = cls.special_token(tok, text, what)
+            if special is not None:
+                field, val = special
+            elif tok in GRANULARITIES:
+                field, val = "granularity", tok
+            elif tok in cls.words:
+                field, val = cls.words[tok]
+            else:
+                m = re.fullmatch(r"([a-z]+)(\d+)", tok)
+                prefixes = {"b": "bits", **cls.numbers} if not cls.fixed_bits else dict(cls.numbers)
+                if m and m.group(1) in prefixes:
+                    field, val = prefixes[m.group(1)], int(m.group(2))
+            if field is None:
+                opts = sorted(set(GRANULARITIES) | set(cls.words) | {f"{p}<N>" for p in
+                                                                      ({} if cls.fixed_bits else {"b": 0}) | cls.numbers})
+                raise GraphOptError(f"bad {what} spec '{text}': unknown option '{tok}' for {cls.scheme} "
+                                    f"(options: {', '.join(opts)})")
+            if field in seen:
+                raise GraphOptError(f"bad {what} spec '{text}': '{field}' given twice")
+            seen.add(field)
+            values[field] = val
+        values.setdefault("bits", cls.default_bits)
+        lo, hi = cls.bit_range
+        if not lo <= values["bits"] <= hi:
+            raise GraphOptError(f"bad {what} spec '{text}': {cls.scheme} takes {lo}..{hi} bits, not {values['bits']}")
+        q = cls(**values)
+        why = q.invalid()
+        if why:
+            raise GraphOptError(f"bad {what} spec '{text}': {why}")
+        return q
+
+    def invalid(self) -> str:
+        """Why this combination of options is impossible ('' when it is fine)."""
+        return ""
+
+    @classmethod
+    def special_token(cls, tok: str, text: str, what: str) -> tuple[str, Any] | None:
+        """A scheme's own token form beyond words and ``<prefix><int>`` (None: not one)."""
+        return None
+
+    def __str__(self) -> str:
+        name = self.scheme if self.fixed_bits else (f"{self.scheme}:b{self.bits}" if self.scheme[-1].isdigit()
+                                                    else f"{self.scheme}{self.bits}")
+        toks = [name, self.granularity]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for tok, (field, val) in self.words.items():
+            if getattr(self, field) == val and defaults[field] != val:
+                toks.append(tok)
+        for prefix, field in self.numbers.items():
+            if getattr(self, field) != defaults[field]:
+                toks.append(f"{prefix}{getattr(self, field)}")
+        return ":".join(toks)
+
+    def with_bits(self, bits: int) -> "ZooScheme":
+        return self if self.fixed_bits else dataclasses.replace(self, bits=int(bits))
+
+    # -- node attributes -----------------------------------------------------
+    def to_attrs(self) -> dict[str, Any]:
+        return {"spec": str(self)}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "ZooScheme":
+        spec = attrs.get("spec")
+        if isinstance(spec, bytes):
+            spec = spec.decode()
+        if not spec:
+            raise GraphOptError(f"{cls.scheme} FakeQuant without a 'spec' attribute")
+        return _parse_cached(str(spec))
+
+    # -- maths (override rows) -------------------------------------------------
+    def rows(self, r: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Dequantized values of ``r`` ([rows, n]), parameters as [rows, k] tensors."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _apply_torch(self, x: torch.Tensor, params: dict[str, torch.Tensor], axis: int | None) -> torch.Tensor:
+        r = to_rows(x, axis)
+        p = {k: _col(v, r.shape[0]) for k, v in params.items()}
+        return from_rows(self.rows(r, p), x.shape, axis)
+
+    def apply_np(self, x, params, axis):
+        x = np.asarray(x, np.float32)
+        with torch.no_grad():
+            y = self._apply_torch(torch.from_numpy(np.ascontiguousarray(x)),
+                                  {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in params.items()}, axis)
+        return y.numpy().astype(np.float32)
+
+    def torch_function(self, axis):
+        fn = {1: zoo_fake_quant_1, 2: zoo_fake_quant_2}[len(self.param_names)]
+        return fn, (str(self), axis)
+
+    # -- parameters ----------------------------------------------------------
+    def initial_params(self, r: np.ndarray) -> dict[str, np.ndarray]:
+        """Parameters for the rows ``r`` ([rows, n] float32) by the scheme's own rule."""
+        return {"alpha": np.maximum(np.abs(r).max(axis=1), 1e-12).astype(np.float32)}
+
+    search_clip: ClassVar[bool] = True  # method=mse searches a clip ratio of alpha
+
+    def weight_params(self, w, out_axis, in_axis, method="minmax"):
+        if method not in ("minmax", "mse"):
+            raise GraphOptError(f"the {self.scheme} scheme chooses its parameters by minmax or mse, not '{method}'")
+        axis = out_axis if self.granularity == "channel" else None
+        rt = to_rows(torch.from_numpy(np.ascontiguousarray(np.asarray(w, np.float32))), axis)
+        r = rt.numpy()
+        params = self.initial_params(r)
+        if method == "mse" and self.search_clip:
+            params = self._mse_clip(rt, params)
+        if axis is None:
+            params = {k: (v.reshape(()) if v.size == 1 else v.reshape(v.shape[1:])) for k, v in params.items()}
+        return params, axis
+
+    def _mse_clip(self, rt: torch.Tensor, params: dict[str, np.ndarray], grid: int = 40) -> dict[str, np.ndarray]:
+        """Per row, the clip ratio in [0.3, 1] (scaling every parameter) with the least squared
+        error; all rows at once, one grid point at a time."""
+        best = {k: v.copy() for k, v in params.items()}
+        best_err = np.full(rt.shape[0], np.inf)
+        with torch.no_grad():
+            for ratio in np.linspace(0.3, 1.0, grid, dtype=np.float32):
+                cand = {k: (v * ratio).astype(np.float32) for k, v in params.items()}
+                q = self.rows(rt, {k: _col(torch.from_numpy(v), rt.shape[0]) for k, v in cand.items()})
+                err = ((q - rt) ** 2).sum(1).double().numpy()
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                for k in best:
+                    best[k] = np.where(better.reshape((-1,) + (1,) * (best[k].ndim - 1)), cand[k], best[k])
+        return best
+
+    # -- integer form --------------------------------------------------------
+    def integer_step(self, params: dict[str, np.ndarray]) -> tuple[np.ndarray | None, str]:
+        """The per-row step ``s`` of the int8 grid this scheme's values lie on, or (None, why
+        not). The lowering checks the codes value by value besides."""
+        return None, f"{self.scheme} levels are not integer multiples of one step"
+
+    def kernel_bits(self, kind: str = "weight") -> int | None:
+        return 8 if self.integer_step(self._unit_params())[0] is not None else None
+
+    def _unit_params(self) -> dict[str, np.ndarray]:
+        return {k: np.ones(1, np.float32) for k in self.param_names}
+
+    def weight_codes(self, w: np.ndarray, params, axis) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+        """(int codes, per-row step, '') such that codes * step == the quantized ``w`` exactly
+        in float32; or (None, None, why not)."""
+        step, why = self.integer_step(params)
+        if step is None:
+            return None, None, why
+        y = self.apply_np(w, params, axis)
+        yr = to_rows(torch.from_numpy(y), axis).numpy().astype(np.float64)
+        s = np.broadcast_to(np.asarray(step, np.float32).reshape(-1, 1), (yr.shape[0], 1)).astype(np.float32)
+        codes = np.round(yr / s.astype(np.float64))
+        if np.abs(codes).max(initial=0) > 127:
+            return None, None, f"its codes reach {int(np.abs(codes).max())}, beyond int8's 127"
+        if not np.array_equal((codes.astype(np.float32) * s).astype(np.float32), yr.astype(np.float32)):
+            return None, None, "its values are not exact multiples of the int8 step in float32"
+        return from_rows(torch.from_numpy(codes), w.shape, axis).numpy(), s.reshape(-1), ""
+
+    def lower(self, graph, node, fmt):
+        return lower_weight(self, graph, node, fmt)
+
+    # -- report --------------------------------------------------------------
+    def true_bits(self) -> float:
+        return float(self.bits)
+
+    def describe(self) -> str:
+        return f"{self.scheme} {self} ({self.true_bits():g} bits)"
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cached(spec: str) -> Quantizer:
+    return parse(spec, "FakeQuant")
+
+
+def _ste(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Forward ``y``, gradient of the identity (straight-through) when training."""
+    return x + (y - x).detach() if x.requires_grad else y
+
+
+def zoo_fake_quant_1(x: torch.Tensor, a: torch.Tensor, spec: str, axis: int | None) -> torch.Tensor:
+    q = _parse_cached(spec)
+    with torch.no_grad():
+        y = q._apply_torch(x.detach(), {q.param_names[0]: a.detach()}, axis)
+    return _ste(x, y)
+
+
+def zoo_fake_quant_2(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: str, axis: int | None) -> torch.Tensor:
+    q = _parse_cached(spec)
+    with torch.no_grad():
+        y = q._apply_torch(x.detach(), {q.param_names[0]: a.detach(), q.param_names[1]: b.detach()}, axis)
+    return _ste(x, y)
+
+
+def lower_weight(q: ZooScheme, g, n, fmt: str) -> Lowered:
+    """A zoo weight as int8 codes + DequantizeLinear (integer kernels), or as its exact float
+    values (simulation)."""
+    from graphopt.quantizers.base import params_of
+    from graphopt.quantizers.packing import int8_codes
+
+    x, out = n.inputs[0], n.outputs[0]
+    w = g.const_value(x)
+    if w is None:
+        raise GraphOptError(f"FakeQuant '{n.name}': the {q.scheme} scheme quantizes constant weights only")
+    w = np.asarray(w, np.float32)
+    params, axis = params_of(g, n), n.attr("axis")
+    codes, step, why = q.weight_codes(w, params, axis) if fmt != "float" else (None, None, "float format asked for")
+    if codes is None:
+        y = g.add_const(q.apply_np(w, params, axis), f"{x.name}_{q.scheme}")
+        g.replace_all_uses(out, y)
+        g.remove_node(n)
+        return Lowered(False, 13, why)
+    qv, opset = int8_codes(g, codes, x.name, n.source)
+    attrs = {"axis": int(axis)} if axis is not None and step.size > 1 else {}
+    sc = g.add_const(step.astype(np.float32) if attrs else step.reshape(()).astype(np.float32), f"{x.name}_scale")
+    zc = g.add_const(np.zeros(step.shape if attrs else (), np.int8), f"{x.name}_zero_point")
+    dq = g.add_node("DequantizeLinear", [qv, sc, zc], [out.name + "_dq"], attrs=attrs, source=n.source,
+                    name=g.unique_node_name(n.name + "_dq"))
+    dq.outputs[0].dtype, dq.outputs[0].shape = out.dtype or 1, out.shape
+    g.replace_all_uses(out, dq.outputs[0])
+    g.remove_node(n)
+    return Lowered(True, opset)
+
+
+# ------------------------------------------------------------------ level-set schemes
+@dataclass(frozen=True)
+class LevelScheme(ZooScheme):
+    """A scheme with a fixed set of dyadic levels L, scaled per row by ``alpha``:
+    y = alpha * nearest_level(clamp(x / alpha, min L, max L)). alpha starts at
+    max|w| / max L (and the MSE search shrinks it)."""
+
+    def unit_levels(self) -> np.ndarray:
+        """The sorted signed levels (float64, exact powers-of-two sums)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def initial_params(self, r):
+        top = float(np.abs(self.unit_levels()).max())
+        return {"alpha": (np.maximum(np.abs(r).max(axis=1), 1e-12) / top).astype(np.float32)}
+
+    @functools.cached_property
+    def _levels_t(self) -> torch.Tensor:
+        return torch.from_numpy(self.unit_levels().astype(np.float32))
+
+    def rows(self, r, params):
+        a = params["alpha"]
+        lv = self._levels_t
+        return a * nearest_level(torch.clamp(r / a, float(lv[0]), float(lv[-1])), lv)
+
+    def integer_step(self, params):
+        d = dyadic_step(self.unit_levels())
+        if d is None or np.abs(self.unit_levels()).max() / d > 127:
+            return None, (f"its levels span {np.abs(self.unit_levels()).max() / (d or 1):g} steps of the smallest, "
+                          "beyond int8's 127" if d else "its levels are not multiples of one power-of-two step")
+        return (np.asarray(params["alpha"], np.float32).reshape(-1) * np.float32(d)).astype(np.float32), ""
+
+    def level_count(self) -> int:
+        return int(np.unique(self.unit_levels()).size)
+
+    def true_bits(self) -> float:
+        return round(math.log2(self.level_count()), 2)
+
+
+@register
+@dataclass(frozen=True)
+class Pow2(LevelScheme):
+    """Power-of-two (logarithmic) weights: levels {0, +-2^-j * alpha}, j = 0..2^(b-1)-2, so a
+    multiply becomes a shift. ``round``: ``nearest`` level (least squared error, the default),
+    ``msb`` (keep the most significant bit of the uniform code on the same grid, i.e. round
+    down in the log domain after uniform rounding) or ``log`` (round log2|x| to the nearest
+    integer). ``e<N>`` caps the number of exponents."""
+
+    scheme = "pow2"
+    doc = "pow2[:b<bits>][:e<N>][:nearest|msb|log][:tensor|channel]: power-of-two levels (shifts); int8 kernels"
+    words = {"nearest": ("mode", "nearest"), "msb": ("mode", "msb"), "log": ("mode", "log")}
+    numbers = {"e": "exponents"}
+
+    mode: str = "nearest"
+    exponents: int = 0  # 0: 2^(b-1) - 1
+
+    def invalid(self):
+        if self.exponents and self.exponents > (1 << (self.bits - 1)) - 1:
+            return f"{self.bits} bits hold at most {(1 << (self.bits - 1)) - 1} exponents, not {self.exponents}"
+        return ""
+
+    @property
+    def n_exp(self) -> int:
+        return self.exponents or (1 << (self.bits - 1)) - 1
+
+    def unit_levels(self):
+        mags = 2.0 ** -np.arange(self.n_exp, dtype=np.float64)
+        return np.concatenate([-mags, [0.0], mags[::-1]])
+
+    def rows(self, r, params):
+        if self.mode == "nearest":
+            return super().rows(r, params)
+        a = params["alpha"]
+        u = torch.clamp(r.abs() / a, 0.0, 1.0)
+        emin = -(self.n_exp - 1)
+        if self.mode == "msb":  # uniform code on the grid of the smallest level, then its top bit
+            code = torch.round(u * 2.0 ** (-emin))
+            _, e = torch.frexp(code)  # code = mantissa * 2^e, mantissa in [0.5, 1): top bit 2^(e-1)
+            mag = torch.where(code >= 1, torch.ldexp(torch.ones_like(code), e - 1), torch.zeros_like(code))
+            mag = mag * 2.0 ** emin
+        else:  # log: nearest exponent in the log domain; below half the smallest level -> 0
+            e = torch.clamp(torch.round(torch.log2(u.clamp_min(1e-30))), emin, 0)
+            mag = torch.where(u >= 2.0 ** emin / 2, torch.exp2(e), torch.zeros_like(u))
+        return a * (torch.sign(r) * mag)
+
+
+@register
+@dataclass(frozen=True)
+class APoT(LevelScheme):
+    """Additive Powers-of-Two (Li, Dong & Wang, ICLR 2020): each magnitude level is a sum of
+    n power-of-two terms, one from each of n disjoint sets. With m = b - 1 magnitude bits and
+    base bits k (``k<K>``, default 2), n = ceil(m / k) and term i's set is
+    {0, 2^-i, 2^-(i+n), ..., 2^-(i+(2^k-2)n)} (the paper's construction); when k does not
+    divide m, the last term has the remaining bits and the exponents are dealt out in the
+    same round-robin order. Levels are normalised so the largest is alpha (the clip)."""
+
+    scheme = "apot"
+    doc = "apot<bits>[:k<base bits>][:tensor|channel]: additive powers-of-two (Li et al. 2020); int8 kernels to 5 bits"
+    numbers = {"k": "base"}
+    bit_range = (2, 8)
+
+    base: int = 2
+
+    def invalid(self):
+        if self.base < 1:
+            return "base bits k must be at least 1"
+        return ""
+
+    def term_sets(self) -> list[list[float]]:
+        m = self.bits - 1
+        k = min(self.base, m)
+        n = -(-m // k)
+        sizes = [k] * (m // k) + ([m % k] if m % k else [])
+        need = [(1 << s) - 1 for s in sizes]
+        sets: list[list[float]] = [[0.0] for _ in sizes]
+        e, i = 0, 0
+        while any(len(s) - 1 < c for s, c in zip(sets, need)):
+            if len(sets[i]) - 1 < need[i]:
+                sets[i].append(2.0 ** -e)
+                e += 1
+            i = (i + 1) % n
+        return sets
+
+    def unit_levels(self):
+        sums = np.zeros(1)
+        for s in self.term_sets():
+            sums = (sums[:, None] + np.asarray(s)[None, :]).reshape(-1)
+        mags = np.unique(sums)  # the paper's levels before its normalisation (kept dyadic)
+        return np.unique(np.concatenate([-mags, mags]))
+
+
+@register
+@dataclass(frozen=True)
+class Binary(LevelScheme):
+    """Binary weights (XNOR-Net): sign(w) * alpha per row, alpha = mean |w| (the L2-optimal
+    scale for sign). Zero maps to +alpha."""
+
+    scheme = "binary"
+    doc = "binary[:tensor|channel]: sign(w) * mean|w| (XNOR-Net); int8 kernels"
+    fixed_bits = True
+    bit_range = (1, 1)
+    default_bits = 1
+    search_clip = False
+
+    bits: int = 1
+
+    def unit_levels(self):
+        return np.array([-1.0, 1.0])
+
+    def initial_params(self, r):
+        return {"alpha": np.maximum(np.abs(r).mean(axis=1), 1e-12).astype(np.float32)}
+
+    def rows(self, r, params):
+        return params["alpha"] * torch.where(r >= 0, 1.0, -1.0)
+
+
+@register
+@dataclass(frozen=True)
+class Ternary(LevelScheme):
+    """Ternary weights (TWN, Li & Liu 2016): threshold delta = 0.7 * mean |w| per row; values
+    beyond it become +-alpha, alpha = mean |w| over them; the rest 0."""
+
+    scheme = "ternary"
+    doc = "ternary[:tensor|channel]: {-a, 0, a}, threshold 0.7 mean|w| (TWN); int8 kernels"
+    param_names = ("alpha", "delta")
+    fixed_bits = True
+    bit_range = (2, 2)
+    default_bits = 2
+    search_clip = False
+
+    bits: int = 2
+
+    def unit_levels(self):
+        return np.array([-1.0, 0.0, 1.0])
+
+    def initial_params(self, r):
+        a = np.abs(r).astype(np.float64)
+        delta = 0.7 * a.mean(axis=1)
+        big = a > delta[:, None]
+        alpha = (a * big).sum(1) / np.maximum(big.sum(1), 1)
+        return {"alpha": np.maximum(alpha, 1e-12).astype(np.float32), "delta": delta.astype(np.float32)}
+
+    def rows(self, r, params):
+        keep = r.abs() > params["delta"]
+        return params["alpha"] * torch.where(keep, torch.sign(r), torch.zeros_like(r))
+
+    def true_bits(self) -> float:
+        return round(math.log2(3), 2)
+
+
+# ------------------------------------------------------------------ term quantization
+@register
+@dataclass(frozen=True)
+class Term(ZooScheme):
+    """Term quantization (Kung, McDanel & Zhang): the b-bit uniform code of each value is
+    written as a sum of power-of-two terms (binary, or signed digits with ``sd``: the
+    non-adjacent form, fewest nonzero digits); a group of ``g<G>`` consecutive values along a
+    row shares a budget of ``t<T>`` terms, and only the T largest terms of the group are kept
+    (ties: the earlier value). T >= G*(b-1) keeps every term (the uniform code); T = G keeps
+    about one term per value (logarithmic). Groups run along each output channel's row."""
+
+    scheme = "term"
+    param_names = ("scale",)
+    doc = "term<bits>[:g<group>][:t<budget>][:sd][:tensor|channel]: a group keeps its largest power-of-two terms; int8"
+    words = {"sd": ("signed_digits", True)}
+    numbers = {"g": "group", "t": "budget"}
+    default_bits = 8
+    bit_range = (2, 8)
+
+    bits: int = 8
+    group: int = 8
+    budget: int = 16
+    signed_digits: bool = False
+
+    def invalid(self):
+        if self.group < 1:
+            return "group size g must be at least 1"
+        if self.budget < self.group:
+            return (f"term budget t{self.budget} is below the group size g{self.group}: every value of a group "
+                    "needs at least one term (use t >= g)")
+        return ""
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def initial_params(self, r):
+        return {"scale": (np.maximum(np.abs(r).max(axis=1), 1e-12) / self.qmax).astype(np.float32)}
+
+    def rows(self, r, params):
+        s = params["scale"]
+        code = torch.clamp(torch.round(r / s), -self.qmax, self.qmax)
+        return keep_terms(code, self.group, self.budget, self.bits, self.signed_digits) * s
+
+    def integer_step(self, params):
+        return np.asarray(params["scale"], np.float32).reshape(-1), ""
+
+    def kernel_bits(self, kind="weight"):
+        return 8
+
+    def true_bits(self) -> float:
+        return float(self.bits)
+
+    def describe(self) -> str:
+        return f"term {self} ({self.bits}-bit codes, {self.budget / self.group:g} terms/value)"
+
+
+def keep_terms(code: torch.Tensor, group: int, budget: int, bits: int, signed_digits: bool) -> torch.Tensor:
+    """The integer ``code`` ([rows, n]) with, in each group of ``group`` consecutive values,
+    only its ``budget`` largest power-of-two terms. Batched over all groups."""
+    rows, n = code.shape
+    pad = (-n) % group
+    c = torch.nn.functional.pad(code, (0, pad)).reshape(rows, -1, group)  # [rows, groups, g]
+    nd = bits + 1  # digit positions (signed digits may carry one past the top bit)
+    if signed_digits:
+        digits = naf_digits(c.to(torch.int64), nd)  # [..., nd] in {-1, 0, 1}
+    else:
+        mag = c.abs().to(torch.int64)
+        digits = ((mag[..., None] >> torch.arange(nd)) & 1) * torch.sign(c).to(torch.int64)[..., None]
+    # rank terms within a group: exponent descending, then position ascending (stable)
+    exps = torch.arange(nd).expand_as(digits)
+    key = torch.where(digits != 0, exps, torch.full_like(exps, -1))
+    flat_key = key.reshape(rows, c.shape[1], -1)  # [rows, groups, g*nd], position-major
+    order = torch.argsort(-flat_key, dim=-1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+    keep = (rank < budget) & (flat_key >= 0)
+    kept = digits.reshape_as(flat_key) * keep * (2 ** exps).reshape_as(flat_key)
+    out = kept.reshape(rows, c.shape[1], group, nd).sum(-1).reshape(rows, -1)[:, :n]
+    return out.to(code.dtype)
+
+
+def naf_digits(c: torch.Tensor, nd: int) -> torch.Tensor:
+    """Non-adjacent form digits (least significant first) of integers ``c``: one loop over
+    digit positions, each step on the whole tensor."""
+    v = c.clone()
+    out = []
+    for _ in range(nd):
+        odd = (v & 1) != 0
+        d = torch.where(odd, 2 - torch.remainder(v, 4), torch.zeros_like(v))  # 1 or -1 where odd
+        out.append(d)
+        v = (v - d) // 2
+    return torch.stack(out, -1)
+
+
+# ------------------------------------------------------------------ piecewise-linear
+# The closed forms of Fang et al. (ECCV 2020) for the breakpoint of a normalised
+# (unit-variance) Gaussian or Laplacian with |x| <= m:  p = ln(0.8614 m + 0.6079) and
+# p = 0.8030 sqrt(m) - 0.3167.
+_GAUSS = (0.86143114, 0.607901097496529)
+_LAPLACE = (0.80304483, -0.3166785508381478)
+
+
+@register
+@dataclass(frozen=True)
+class PWLQ(ZooScheme):
+    """Piecewise-linear quantization (Fang et al., ECCV 2020). [-m, m] is split at breakpoints
+    0 < p1 < ... < pk < m (``bp1``..``bp3``): the centre [-p1, p1] is uniform with b bits
+    (signed, symmetric) and each band [p_i, p_(i+1)] on either side is uniform with b-1 bits,
+    its own step, offset p_i. The region index costs ceil(log2(k+1)) bits more, as in the
+    paper (its "b-bit PWLQ"). Breakpoints from the Gaussian (``gauss``, default) or Laplacian
+    (``laplace``) closed form (one breakpoint), by a batched squared-error search (``mse``, the
+    default for 2-3), or fixed (``at0.3``, ``at0.2/0.5``: fractions of m), per channel. With p1 = m it is the uniform scheme exactly."""
+
+    scheme = "pwlq"
+    param_names = ("alpha", "breaks")
+    doc = "pwlq<bits>[:bp1|bp2|bp3][:gauss|laplace|mse][:tensor|channel]: piecewise-linear (Fang et al. 2020); float"
+    words = {"bp1": ("breakpoints", 1), "bp2": ("breakpoints", 2), "bp3": ("breakpoints", 3),
+             "gauss": ("fit", "gauss"), "laplace": ("fit", "laplace"), "mse": ("fit", "mse")}
+    bit_range = (2, 8)
+    search_clip = False
+
+    breakpoints: int = 1
+    fit: str = "auto"  # gauss for one breakpoint, mse for more
+    at: tuple[float, ...] = ()  # fixed breakpoints as fractions of m (``at0.3`` or ``at0.2/0.5``)
+
+    @classmethod
+    def special_token(cls, tok, text, what):
+        if not tok.startswith("at"):
+            return None
+        try:
+            ratios = tuple(float(r) for r in tok[2:].split("/"))
+        except ValueError:
+            raise GraphOptError(f"bad {what} spec '{text}': '{tok}' is not at<r1>[/<r2>...] with fractions of "
+                                "the range") from None
+        return "at", ratios
+
+    def __post_init__(self):
+        if self.at:
+            object.__setattr__(self, "breakpoints", len(self.at))
+
+    def invalid(self):
+        if self.at:
+            r = np.asarray(self.at)
+            if len(r) > 3:
+                return f"at most 3 breakpoints, not {len(r)}"
+            if not (np.all(r > 0) and np.all(r <= 1) and np.all(np.diff(r) > 0)):
+                return (f"PWLQ breakpoints {'/'.join(f'{v:g}' for v in r)} must be increasing fractions of the range "
+                        "in (0, 1]")
+        elif self.fit in ("gauss", "laplace") and self.breakpoints != 1:
+            return f"the {self.fit} closed form gives one breakpoint; use mse for {self.breakpoints}"
+        return ""
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        if self.at:
+            base = ":".join(t for t in base.split(":") if not t.startswith("bp")) + ":at" + "/".join(
+                f"{v:g}" for v in self.at)
+        return base
+
+    def rows(self, r, params):
+        m = params["alpha"]  # [rows, 1]
+        bp = params["breaks"].reshape(r.shape[0], -1)  # [rows, k]
+        edges = torch.cat([torch.zeros_like(m), bp, m], 1)  # [rows, k+2]
+        a = torch.minimum(r.abs(), m)
+        region = (a[:, :, None] > edges[:, None, 1:-1]).sum(-1)  # 0 = centre
+        lo = torch.gather(edges, 1, region)
+        hi = torch.gather(edges, 1, region + 1)
+        step = (hi - lo) / float((1 << (self.bits - 1)) - 1)  # b bits signed in the centre, b-1 unsigned in a band
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        q = torch.where(step > 0, lo + torch.round((a - lo) / safe) * step, lo)
+        return torch.sign(r) * q
+
+    def initial_params(self, r):
+        r64 = r.astype(np.float64)
+        m = np.maximum(np.abs(r64).max(axis=1), 1e-12)
+        if self.at:
+            breaks = m[:, None] * np.asarray(self.at, np.float64)[None, :]
+        elif self.fit in ("gauss", "laplace") or (self.fit == "auto" and self.breakpoints == 1):
+            sd = np.maximum(r64.std(axis=1), 1e-12)
+            mn = m / sd
+            gauss = self.fit != "laplace"
+            c, i = _GAUSS if gauss else _LAPLACE
+            p = (np.log(c * mn + i) if gauss else c * np.sqrt(mn) + i) * sd
+            breaks = np.clip(p, 0.02 * m, m)[:, None]
+        else:
+            breaks = self._search(r, m)
+        return {"alpha": m.astype(np.float32), "breaks": breaks.astype(np.float32)}
+
+    def _search(self, r: np.ndarray, m: np.ndarray, grid: int = 24) -> np.ndarray:
+        """Breakpoint ratios on a grid, every ordered k-tuple tried for all rows at once."""
+        import itertools
+
+        ratios = np.linspace(0.05, 0.95, grid if self.breakpoints == 1 else (14 if self.breakpoints == 2 else 9))
+        cands = np.array(list(itertools.combinations(ratios, self.breakpoints)))  # [C, k]
+        rt = torch.from_numpy(r.astype(np.float32))
+        mt = torch.from_numpy(m.astype(np.float32))[:, None]
+        best_err = torch.full((r.shape[0],), float("inf"))
+        best = torch.from_numpy(np.broadcast_to(cands[0], (r.shape[0], self.breakpoints)).copy().astype(np.float32))
+        with torch.no_grad():
+            for c in cands:  # one candidate tuple at a time, all rows and weights at once
+                bp = mt * torch.from_numpy(c.astype(np.float32))[None, :]
+                err = ((self.rows(rt, {"alpha": mt, "breaks": bp}) - rt) ** 2).sum(1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better[:, None], bp, best)
+        return best.numpy()
+
+    def kernel_bits(self, kind="weight"):
+        return None
+
+    def true_bits(self) -> float:
+        return float(self.bits + math.ceil(math.log2(self.breakpoints + 1)))
+
+    def describe(self) -> str:
+        return f"pwlq {self} ({self.bits}-bit regions + {self.true_bits() - self.bits:g} region bit(s))"
