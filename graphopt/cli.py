@@ -308,8 +308,11 @@ def check_format(pipeline, fmt: str) -> None:
     from graphopt.backends.lowering import check_format as format_takes
 
     quant = [p for p in pipeline if p.name == "quantize"]
-    format_takes(fmt, bool(quant), [(f"the pipeline's {what}", q, kind) for p in quant
-                                   for what, q, kind in p.planned_quantizers()])
+    try:
+        planned = [(f"the pipeline's {what}", q, kind) for p in quant for what, q, kind in p.planned_quantizers()]
+    except GraphOptError as e:  # a spec string that does not parse is a bad option value
+        raise UsageError(str(e)) from None
+    format_takes(fmt, bool(quant), planned)
 
 
 def load_xy(x_path: str, y_path: str | None, graph):

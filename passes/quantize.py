@@ -72,7 +72,8 @@ class Quantize(Pass):
         "minmax", "weights: min-max range, MSE-optimal clipping, or GPTQ (MSE clipping + Hessian-aware rounding "
                   "from the calibration data)")
     skip: list[str] = option([], "node name/source patterns (fnmatch) to leave in float")
-    override: list[str] = option([], "PATTERN=BITS: other weight bits for matching layers")
+    override: list[str] = option([], "PATTERN=BITS: other weight bits for matching layers (uniform int<BITS> "
+                                     "when the weight scheme is not uniform)")
     first_last_bits: Optional[int] = option(None, "weight bits for the first and last compute layers", minimum=2,
                                             maximum=16)
     drop_inactive_bounds: bool = option(True, "remove per-channel Min bounds the calibration data never reaches")
@@ -90,14 +91,21 @@ class Quantize(Pass):
             out[pat] = int(bits)
         return out
 
+    @staticmethod
+    def _at_bits(wspec, bits: int):
+        """The weight quantizer of a layer given other bits (``override``, ``first_last_bits``):
+        the same uniform spec at those bits, or, for the other schemes, uniform int<bits> per
+        channel (an 8-bit first layer of a power-of-two model is an int8 layer)."""
+        return wspec.with_bits(bits) if isinstance(wspec, Uniform) else Uniform(bits, True, "channel")
+
     def planned_quantizers(self) -> list[tuple[str, object]]:
         """(what, quantizer) for every spec this pass will use, known before it runs (for a CLI
         that checks the output format before doing any work)."""
         w, a = parse(self.weights, "weights"), parse(self.acts, "acts")
         out = [("weights", w, "weight"), ("activations", a, "act")]
-        out += [(f"weights of '{pat}'", w.with_bits(bits), "weight") for pat, bits in self._overrides().items()]
+        out += [(f"weights of '{pat}'", self._at_bits(w, bits), "weight") for pat, bits in self._overrides().items()]
         if self.first_last_bits:
-            out.append(("first/last layer weights", w.with_bits(self.first_last_bits), "weight"))
+            out.append(("first/last layer weights", self._at_bits(w, self.first_last_bits), "weight"))
         return out
 
     def requires(self, graph: Graph) -> None:
@@ -193,7 +201,7 @@ class Quantize(Pass):
             bits = next((b for p, b in overrides.items() if L.matches(n, [p])), None)
             if bits is None and n in first_last:
                 bits = self.first_last_bits
-            spec = wspec if bits is None else wspec.with_bits(bits)
+            spec = wspec if bits is None else self._at_bits(wspec, bits)
             h = hessians.get(n)
             self._quantize_weights(graph, n, spec, self.weight_method, None if h is None else h.result())
             why = self._quantize_bias(graph, n)

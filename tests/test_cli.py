@@ -245,3 +245,21 @@ def test_weights_from_npz_and_safetensors(tmp_path, fmt):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     _one_line_error(cli("convert", f"{tmp_path / 'mymodel.py'}:make", "--input-shape", "2,4", "--weights",
                         tmp_path / "bad.npz", "-o", out), "not a readable .npz")
+
+
+def test_zoo_schemes_from_the_cli(model_file, tmp_path):
+    p, proto, x = model_file
+    out = tmp_path / "apot.onnx"
+    r = cli("convert", p, "-o", out, "--pipeline", "canonicalize,fold-bn,quantize{weights=apot4:channel}",
+            "--calib", p.parent / "calib.npy", "--format", "qoperator")
+    assert r.returncode == 0, r.stderr
+    assert "apot" in r.stdout  # the report names the scheme
+    assert rel_err(run_ort(str(out), x), run_ort(proto, x)) < 0.5
+    r = cli("convert", p, "-o", tmp_path / "pw.onnx", "--pipeline", "quantize{weights=pwlq4}",
+            "--calib", p.parent / "calib.npy", "--format", "qdq")
+    assert r.returncode == 0, r.stderr
+    assert "simulated in float" in r.stdout and "pwlq" in r.stdout
+    bad = tmp_path / "bad.onnx"
+    r = cli("convert", p, "-o", bad, "--pipeline", "quantize{weights=term4:g8:t3}", "--calib", p.parent / "calib.npy")
+    _one_line_error(r, "term budget t3 is below the group size g8", rc=2)
+    assert not bad.exists()

@@ -155,45 +155,57 @@ def to_model(g: Graph, opset: int) -> onnx.ModelProto:
         return model
     from graphopt.quantizers.packing import is_unpack_node
 
-    def kept_aside(n) -> bool:  # Q/DQ and the nodes that unpack stored weight codes
-        return n.op_type in ("QuantizeLinear", "DequantizeLinear") or is_unpack_node(n.name)
+    # The integer part of the graph is kept aside: Q/DQ, the weight unpacking, the QLinear and
+    # integer ops, and whatever reads their integer outputs. It is converted by nobody: these
+    # ops have the same form in every opset from 13 (21 for int4), so it is put back as it is.
+    integer_ops = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+                   "ConvInteger", "QLinearAdd", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool"}
 
-    qdq = [n for n in model.graph.node if kept_aside(n)]
-    qdq_inputs = {i for n in qdq for i in n.input}
-    others = {i for n in model.graph.node if not kept_aside(n) for i in n.input}
-    q_outputs = {n.output[0]: n for n in qdq if n.op_type == "QuantizeLinear"}
-    producers = {o: n for n in qdq for o in n.output}
+    def float_out(n) -> bool:  # a kept-aside node whose output is float again
+        return n.op_type == "DequantizeLinear" or (n.op_type == "Cast" and any(
+            a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute))
+
+    aside: list = []
+    int_values: set[str] = set()
+    for n in model.graph.node:  # topological order
+        if n.op_type in integer_ops or is_unpack_node(n.name) or any(i in int_values for i in n.input):
+            aside.append(n)
+            if not float_out(n):
+                int_values.update(n.output)
+    aside_ids = {id(n) for n in aside}
+    rest = [n for n in model.graph.node if id(n) not in aside_ids]
     init_dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    producers = {o: n for n in aside for o in n.output}
 
-    def dims(name: str) -> tuple:
-        """The shape of stored weight codes: an initializer's, or through Cast/Gather to one."""
+    def dims(name: str):
+        """The shape of stored weight codes (an initializer, or through Cast/Gather to one), or
+        None for an activation."""
         if name in init_dims:
             return init_dims[name]
-        p = producers[name]
+        p = producers.get(name)
+        if p is None or not is_unpack_node(p.name):
+            return None
         return dims(p.input[1] if p.op_type == "Gather" else p.input[0])
 
+    read_by_rest = {i for n in rest for i in n.input} | {o.name for o in model.graph.output}
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
     del stripped.graph.node[:]
     del stripped.graph.value_info[:]
-    standins = []
-    for n in model.graph.node:
-        if n.op_type == "QuantizeLinear" or is_unpack_node(n.name):
+    stripped.graph.node.extend(rest)
+    standin_inputs = []
+    for n in aside:  # the float values the rest reads from the integer part become stand-ins
+        if not float_out(n) or n.output[0] not in read_by_rest:
             continue
-        if n.op_type == "DequantizeLinear":
-            src = n.input[0]
-            if src in q_outputs:  # activation pair: an Identity from the float input
-                idn = onnx.helper.make_node("Identity", [q_outputs[src].input[0]], [n.output[0]],
-                                            name=f"__graphopt_standin_{len(standins)}")
-                stripped.graph.node.append(idn)
-                standins.append(idn.name)
-            else:  # weight: a float stand-in initializer of the same shape
-                stripped.graph.initializer.append(
-                    onnx.numpy_helper.from_array(np.zeros(dims(src), np.float32), n.output[0]))
-            continue
-        stripped.graph.node.append(n)
-    only_qdq = qdq_inputs - others
-    inits = [t for t in stripped.graph.initializer if t.name not in only_qdq]
+        d = dims(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if d is not None:  # a weight: a float initializer of its shape
+            stripped.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(d, np.float32), n.output[0]))
+        else:  # an activation: a graph input
+            stripped.graph.input.append(onnx.helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None))
+            standin_inputs.append(n.output[0])
+    used_by_rest = {i for n in rest for i in n.input}
+    aside_only = {i for n in aside for i in n.input} - used_by_rest
+    inits = [t for t in stripped.graph.initializer if t.name not in aside_only]
     del stripped.graph.initializer[:]
     stripped.graph.initializer.extend(inits)
     try:
@@ -201,13 +213,16 @@ def to_model(g: Graph, opset: int) -> onnx.ModelProto:
     except Exception as e:
         raise GraphOptError(f"cannot convert the model from opset {cur} to {opset} (needed for 4/16-bit or blocked "
                             f"quantization): {str(e).splitlines()[0]}") from e
-    dq_outs = {n.output[0] for n in qdq if n.op_type == "DequantizeLinear"}
-    keep_nodes = [n for n in conv.graph.node if n.name not in standins]
+    standin_outs = {o for n in aside for o in n.output}
+    nodes = list(conv.graph.node) + aside
     del conv.graph.node[:]
-    conv.graph.node.extend(keep_nodes + qdq)
-    kept = [t for t in conv.graph.initializer if t.name not in dq_outs]
+    conv.graph.node.extend(nodes)
+    kept = [t for t in conv.graph.initializer if t.name not in standin_outs]
     del conv.graph.initializer[:]
-    conv.graph.initializer.extend(kept + [t for t in model.graph.initializer if t.name in only_qdq])
+    conv.graph.initializer.extend(kept + [t for t in model.graph.initializer if t.name in aside_only])
+    ins = [v for v in conv.graph.input if v.name not in standin_inputs]
+    del conv.graph.input[:]
+    conv.graph.input.extend(ins)
     del conv.graph.value_info[:]
     return to_onnx(from_model_proto(conv, infer_shapes=False))
 

@@ -189,8 +189,8 @@ class ZooScheme(Quantizer):
     def apply_np(self, x, params, axis):
         x = np.asarray(x, np.float32)
         with torch.no_grad():
-            y = self._apply_torch(torch.from_numpy(np.ascontiguousarray(x)),
-                                  {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in params.items()}, axis)
+            y = self._apply_torch(torch.from_numpy(np.array(x, np.float32)),
+                                  {k: torch.from_numpy(np.array(v, np.float32)) for k, v in params.items()}, axis)
         return y.numpy().astype(np.float32)
 
     def torch_function(self, axis):
@@ -208,7 +208,7 @@ class ZooScheme(Quantizer):
         if method not in ("minmax", "mse"):
             raise GraphOptError(f"the {self.scheme} scheme chooses its parameters by minmax or mse, not '{method}'")
         axis = out_axis if self.granularity == "channel" else None
-        rt = to_rows(torch.from_numpy(np.ascontiguousarray(np.asarray(w, np.float32))), axis)
+        rt = to_rows(torch.from_numpy(np.array(w, np.float32)), axis)  # a copy: torch wants writable arrays
         r = rt.numpy()
         params = self.initial_params(r)
         if method == "mse" and self.search_clip:

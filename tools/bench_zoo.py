@@ -1,0 +1,275 @@
+"""The quantizer zoo side by side: top-1 for weights at 8/6/5/4/3 bits (activations uint8) for
+every scheme, with and without bias correction, next to onnxruntime's quantize_static (per
+channel, QDQ, MinMax) at 8 and 4 bits, in the pattern of Table 1 of the PWLQ paper.
+
+  python tools/bench_zoo.py --model effnet    [--rows uniform,pow2,...] [--bits 8,4] [--redo]
+  python tools/bench_zoo.py --model resnet20
+  python tools/bench_zoo.py --model effnet --latency      # paired latency of the 4-bit row
+  python tools/bench_zoo.py --table                       # the README tables from the results
+
+Every cell (model, scheme, bits, bias correction) is its own resumable unit: its result is
+written to tools/results/zoo.json as soon as it is measured, and a rerun skips the cells
+already there, so the table can be finished across sessions.
+
+* EfficientNet-Lite0: calibrate on the first 128 imagenet-sample images, top-1 on the other 372.
+  ResNet-20: calibrate on 256 CIFAR-10 *training* images, top-1 on all 10,000 test images.
+* Every graphopt row runs canonicalize,fold-bn,equalize,absorb-bias, then
+  quantize{weights=SCHEME:channel,weight_method=mse,first_last_bits=8} (``uniform+gptq``:
+  GPTQ rounding instead), then correct-bias in the "+bc" cells. The first and last layers are
+  8-bit in every row (as in the w4a8 preset); the others are at the column's bits.
+* "calib" is the top-1 on the calibration images: the presets are chosen by it, never by the
+  test column.
+* Conversion time is in-process: load the FP32 file, run the pipeline, lower, write the file.
+* Float layers: the Conv/Gemm that onnxruntime's optimized graph still runs in float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import SHARED, cifar10, cifar_normalize, imagenet_sample, need_shared, ort_session
+
+RESULTS = Path(__file__).resolve().parent / "results" / "zoo.json"
+CACHE = Path(tempfile.gettempdir()) / "graphopt-zoo"
+PREFIX = "canonicalize,fold-bn,equalize,absorb-bias"
+# row -> (weight spec with {b}, weight_method, bit widths it has)
+ROWS = {
+    "uniform": ("int{b}:channel", "mse", (8, 6, 5, 4, 3)),
+    "uniform+gptq": ("int{b}:channel", "gptq", (8, 6, 5, 4, 3)),
+    "pow2": ("pow2:b{b}:channel", "mse", (8, 6, 5, 4, 3)),
+    "apot": ("apot{b}:channel", "mse", (8, 6, 5, 4, 3)),
+    "term": ("term{b}:channel:g8:t16", "mse", (8, 6, 5, 4, 3)),
+    "pwlq": ("pwlq{b}:channel", "mse", (8, 6, 5, 4, 3)),
+    "ternary": ("ternary:channel", "minmax", (2,)),
+    "binary": ("binary:channel", "minmax", (1,)),
+}
+PEER_BITS = (8, 4)
+
+
+def data(model: str):
+    if model == "effnet":
+        x, y = imagenet_sample()
+        return x[:128], y[:128], x[128:], y[128:]
+    xt, yt = cifar10("test")
+    xtr, ytr = cifar10("train")
+    idx = np.random.default_rng(0).permutation(len(ytr))[:256]
+    return cifar_normalize(xtr[idx]), ytr[idx], cifar_normalize(xt), yt
+
+
+def fp32_file(model: str) -> Path:
+    if model == "effnet":
+        return need_shared(SHARED / "models" / "efficientnet_lite0.onnx")
+    out = CACHE / "resnet20_fp32.onnx"
+    if not out.exists():
+        import torch
+        from cifar_resnet import resnet_cifar
+
+        import graphopt
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        g = graphopt.from_torch(resnet_cifar(20), torch.zeros(1, 3, 32, 32))
+        graphopt.save_onnx(g, out)
+    return out
+
+
+def top1(path, x, y) -> float:
+    sess = ort_session(path)
+    name = sess.get_inputs()[0].name
+    logits = np.concatenate([sess.run(None, {name: x[i:i + 250]})[0] for i in range(0, len(x), 250)])
+    return round(100 * float((logits.argmax(1) == y).mean()), 2)
+
+
+def convert(src: Path, out: Path, calib: np.ndarray, pipeline: str) -> float:
+    import graphopt
+    from graphopt.backends.lowering import lower, to_model
+    from graphopt.passmanager import Context, PassManager
+
+    t = time.perf_counter()
+    g = graphopt.load_onnx(str(src))
+    r = PassManager(pipeline).run(g, Context(calib=calib))
+    low, rep = lower(r.graph, "qdq")
+    import onnx
+
+    tmp = out.with_suffix(".part")
+    onnx.save(to_model(low, rep.opset), str(tmp))
+    os.replace(tmp, out)
+    return time.perf_counter() - t
+
+
+def ort_peer(src: Path, out: Path, calib: np.ndarray, bits: int) -> float:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from bench_quant import Reader
+
+    name = ort_session(src).get_inputs()[0].name
+    t = time.perf_counter()
+    quantize_static(str(src), str(out), Reader(calib, name), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt4 if bits == 4 else QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return time.perf_counter() - t
+
+
+def load() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+
+
+def save(res: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".part")
+    tmp.write_text(json.dumps(res, indent=1, sort_keys=True))
+    os.replace(tmp, RESULTS)
+
+
+def cell_path(model: str, key: str) -> Path:
+    return CACHE / model / (key.replace("/", "_").replace("+", "p") + ".onnx")
+
+
+def measure(model: str, rows: list[str], bits_wanted: set[int], redo: bool) -> None:
+    from graphopt.backends.lowering import ort_kernel_report
+
+    src = fp32_file(model)
+    calib, ycal, xt, yt = data(model)
+    res = load()
+    jobs = [("fp32", None, None, None)]
+    jobs += [(f"ort/w{b}", "ort", b, None) for b in PEER_BITS]
+    for row in rows:
+        spec, method, widths = ROWS[row]
+        for b in widths:
+            if b in bits_wanted or len(widths) == 1:
+                for bc in (False, True):
+                    jobs.append((f"{row}/w{b}{'+bc' if bc else ''}", row, b, bc))
+    for key, row, b, bc in jobs:
+        full = f"{model}/{key}"
+        if full in res and not redo:
+            continue
+        out = cell_path(model, key)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if row is None:
+            out, secs, pipe = src, None, "FP32"
+        elif row == "ort":
+            secs, pipe = ort_peer(src, out, calib, b), "onnxruntime quantize_static per-channel QDQ MinMax"
+        else:
+            spec, method, _ = ROWS[row]
+            pipe = (f"{PREFIX},quantize{{weights={spec.format(b=b)},weight_method={method},first_last_bits=8}}"
+                    + (",correct-bias" if bc else ""))
+            secs = convert(src, out, calib, pipe)
+        kr = ort_kernel_report(str(out))
+        res[full] = {"pipeline": pipe, "test": top1(out, xt, yt), "calib": top1(out, calib, ycal),
+                     "mb": round(out.stat().st_size / 1e6, 3), "convert_s": None if secs is None else round(secs, 2),
+                     "float_layers": len(kr["float"]), "integer_layers": int(sum(kr["integer"].values()))}
+        save(res)
+        print(f"{full:34s} test {res[full]['test']:6.2f} calib {res[full]['calib']:6.2f} "
+              f"{res[full]['mb']:7.2f} MB  float layers {res[full]['float_layers']:3d}  "
+              f"{'' if secs is None else f'{secs:.1f} s'}", flush=True)
+
+
+LAT_KEYS = ["ort/w8", "ort/w4", "uniform/w8+bc", "uniform/w4+bc", "uniform+gptq/w4+bc", "pow2/w4+bc", "apot/w4+bc",
+            "term/w4+bc", "pwlq/w4+bc", "ternary/w2+bc", "binary/w1+bc", "uniform/w3+bc", "apot/w3+bc"]
+
+
+def latency(model: str, rounds: int) -> None:
+    """Paired latency ratios (median of ``rounds`` rounds) to FP32 and to graphopt int8
+    (uniform/w8+bc), batch 1 and batch 32."""
+    from common import paired_latency_ratios
+
+    res = load()
+    src = fp32_file(model)
+    _, _, xt, _ = data(model)
+    fp = ort_session(src)
+    name = fp.get_inputs()[0].name
+    i8 = ort_session(cell_path(model, "uniform/w8+bc"))
+    for key in LAT_KEYS:
+        full = f"{model}/{key}"
+        p = cell_path(model, key)
+        if full not in res or not p.exists():
+            print(f"{full}: not measured yet (or its file is gone); run the accuracy cells first")
+            continue
+        s = ort_session(p)
+        out = {}
+        for b in (1, 32):
+            feed = {name: xt[:b]}
+            out[f"b{b}_vs_fp32"] = round(float(np.median(paired_latency_ratios(fp, s, feed, feed, rounds))), 3)
+            out[f"b{b}_vs_int8"] = round(float(np.median(paired_latency_ratios(i8, s, feed, feed, rounds))), 3)
+        res[full]["latency"] = out
+        save(res)
+        print(f"{full:34s} " + "  ".join(f"{k} {v:.2f}x" for k, v in out.items()), flush=True)
+
+
+def table() -> None:
+    res = load()
+    for model, title in (("effnet", "EfficientNet-Lite0 (test: 372 imagenet-sample images, FP32 {fp})"),
+                         ("resnet20", "ResNet-20 CIFAR-10 (test: 10,000 images, FP32 {fp})")):
+        if f"{model}/fp32" not in res:
+            continue
+        print(f"\n**{title.format(fp=res[f'{model}/fp32']['test'])}**, top-1 test (calib) for weight bits; "
+              "activations uint8\n")
+        cols = [8, 6, 5, 4, 3]
+        print("| scheme | bc | " + " | ".join(f"W{b}" for b in cols) + " |")
+        print("|---|---|" + "---|" * len(cols))
+        for b in PEER_BITS:
+            pass
+        peer = ["-"] * len(cols)
+        for i, b in enumerate(cols):
+            r = res.get(f"{model}/ort/w{b}")
+            if r:
+                peer[i] = f"{r['test']:.1f} ({r['calib']:.1f})"
+        print("| ORT quantize_static | - | " + " | ".join(peer) + " |")
+        for row, (_, _, widths) in ROWS.items():
+            for bc in (False, True):
+                cells = []
+                for b in cols if len(widths) > 1 else widths:
+                    r = res.get(f"{model}/{row}/w{b}{'+bc' if bc else ''}")
+                    cells.append("-" if r is None else f"{r['test']:.1f} ({r['calib']:.1f})")
+                if all(c == "-" for c in cells):
+                    continue
+                if len(widths) == 1:
+                    cells = [f"W{widths[0]}: {cells[0]}"] + [""] * (len(cols) - 1)
+                print(f"| {row} | {'yes' if bc else 'no'} | " + " | ".join(cells) + " |")
+        lat = [(k, res[f"{model}/{k}"]) for k in LAT_KEYS if "latency" in res.get(f"{model}/{k}", {})]
+        if lat:
+            fp = res[f"{model}/fp32"]
+            print(f"\n| model | top-1 | MB ({fp['mb']:.1f} FP32) | size / FP32 | b1 vs FP32 | b32 vs FP32 | b1 vs int8 | "
+                  "b32 vs int8 | float Conv/Gemm | convert s |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
+            for k, r in lat:
+                L = r["latency"]
+                print(f"| {k} | {r['test']:.1f} | {r['mb']:.2f} | {r['mb'] / fp['mb']:.3f} | {L['b1_vs_fp32']:.2f} | "
+                      f"{L['b32_vs_fp32']:.2f} | {L['b1_vs_int8']:.2f} | {L['b32_vs_int8']:.2f} | "
+                      f"{r['float_layers']} | {r['convert_s']} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["effnet", "resnet20"])
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
+    ap.add_argument("--bits", default="8,6,5,4,3", help="weight bit widths (columns) to measure")
+    ap.add_argument("--redo", action="store_true", help="measure cells again even if they have results")
+    ap.add_argument("--latency", action="store_true", help="paired latency of the cells in LAT_KEYS")
+    ap.add_argument("--rounds", type=int, default=9, help="latency rounds")
+    ap.add_argument("--table", action="store_true", help="print the tables from the results file")
+    args = ap.parse_args()
+    if args.table:
+        table()
+        return 0
+    if not args.model:
+        ap.error("--model is required (or --table)")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        ap.error(f"unknown rows {bad} (known: {', '.join(ROWS)})")
+    if args.latency:
+        latency(args.model, args.rounds)
+    else:
+        measure(args.model, rows, {int(b) for b in args.bits.split(",")}, args.redo)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
