@@ -104,8 +104,8 @@ def convert(src: Path, out: Path, calib: np.ndarray, pipeline: str) -> float:
 
 
 def ort_peer(src: Path, out: Path, calib: np.ndarray, bits: int) -> float:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from bench_quant import Reader
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     name = ort_session(src).get_inputs()[0].name
     t = time.perf_counter()
@@ -213,8 +213,6 @@ def table() -> None:
         cols = [8, 6, 5, 4, 3]
         print("| scheme | bc | " + " | ".join(f"W{b}" for b in cols) + " |")
         print("|---|---|" + "---|" * len(cols))
-        for b in PEER_BITS:
-            pass
         peer = ["-"] * len(cols)
         for i, b in enumerate(cols):
             r = res.get(f"{model}/ort/w{b}")
