@@ -35,16 +35,29 @@ UNARY_ACTS = ("Relu", "Clip", "Min", "Max", "Sigmoid", "HardSigmoid", "HardSwish
 FLOAT_TYPES = (1,)  # FLOAT
 
 
-def _gptq_weights(n: Node, w: np.ndarray, H: np.ndarray, s: np.ndarray, z: np.ndarray, spec: Uniform) -> np.ndarray:
-    """GPTQ-rounded weights (on the grid of scale ``s``), in ``w``'s layout."""
-    from graphopt.quantizers.gptq import gptq
+def _gptq_weights(n: Node, w: np.ndarray, H: np.ndarray, params: dict, axis, spec) -> np.ndarray:
+    """GPTQ-rounded weights (on ``spec``'s grid with ``params``), in ``w``'s layout."""
+    import torch
+
+    from graphopt.quantizers.gptq import gptq, uniform_rounding
 
     geo = geometry(n)
     rows = geo.grouped_rows(w)
     G, R, _ = rows.shape
-    sb = np.broadcast_to(np.asarray(s, np.float64).reshape(-1), (G * R,)).reshape(G, R)
-    zb = np.broadcast_to(np.asarray(z, np.float64).reshape(-1), (G * R,)).reshape(G, R)
-    q = gptq(rows, H, sb, zb, spec.qmin, spec.qmax).astype(np.float32)
+    if isinstance(spec, Uniform):
+        rnd = uniform_rounding(np.broadcast_to(np.asarray(params["scale"], np.float64).reshape(-1), (G * R,)),
+                               np.broadcast_to(np.asarray(params["zero_point"], np.float64).reshape(-1), (G * R,)),
+                               spec.qmin, spec.qmax, (G, R))
+    else:  # an element-wise zoo scheme: its own row maths, one parameter row per output channel
+        def as_rows(v) -> torch.Tensor:  # a parameter per output channel (rows are channels), or shared
+            v = np.asarray(v, np.float32)
+            r = v.reshape(G * R, -1) if axis is not None else np.broadcast_to(v.reshape(1, -1), (G * R, v.size))
+            return torch.from_numpy(np.ascontiguousarray(r))
+        per_row = {k: as_rows(v) for k, v in params.items()}
+
+        def rnd(col):
+            return spec.rows(col.reshape(G * R, 1).float(), per_row).reshape(G, R).double()
+    q = gptq(rows, H, rnd).astype(np.float32)
     return geo.from_out_view(q.reshape(G * R, -1), w.shape)
 
 
@@ -130,9 +143,9 @@ class Quantize(Pass):
                                 "activation scale")
         if uniform_w and (not wspec.symmetric or not wspec.signed):
             raise GraphOptError("weights must be signed and symmetric (zero point 0), as integer kernels expect")
-        if self.weight_method == "gptq" and not uniform_w:
-            raise GraphOptError(f"weight_method=gptq rounds onto a uniform grid; the {wspec.scheme} scheme takes "
-                                "minmax or mse")
+        if self.weight_method == "gptq" and not (uniform_w or getattr(wspec, "elementwise", False)):
+            raise GraphOptError(f"weight_method=gptq rounds one weight at a time; the {wspec.scheme} scheme rounds "
+                                "groups of weights together: use minmax or mse")
         overrides = self._overrides()
         if ctx.calib is None:
             raise GraphOptError("quantize needs calibration data (--calib FILE.npy or an image folder)")
@@ -285,12 +298,14 @@ class Quantize(Pass):
         w = L.weight(graph, n)
         geo = geometry(n)
         params, axis = spec.weight_params(w, geo.out_axis, geo.in_axis, "mse" if method == "gptq" else method)
+        if method == "gptq" and axis is not None and axis != geo.out_axis:
+            raise GraphOptError("weight_method=gptq needs per-tensor or per-output-channel parameters")
         float_w = None
         if method == "gptq":
             if spec.granularity == "block":
                 raise GraphOptError("weight_method=gptq supports per-tensor and per-channel weights, not blocks")
             float_w = w
-            L.set_input_const(graph, n, 1, _gptq_weights(n, w, hessian, params["scale"], params["zero_point"], spec))
+            L.set_input_const(graph, n, 1, _gptq_weights(n, w, hessian, params, axis, spec))
         fq = add_fake_quant(graph, n.inputs[1], spec, params, "weight", axis, source=n.source, consumers=[(n, 1)])
         if float_w is not None:
             fq.meta[FLOAT_WEIGHT] = float_w  # what bias correction measures the error against

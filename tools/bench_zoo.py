@@ -14,8 +14,8 @@ already there, so the table can be finished across sessions.
 * EfficientNet-Lite0: calibrate on the first 128 imagenet-sample images, top-1 on the other 372.
   ResNet-20: calibrate on 256 CIFAR-10 *training* images, top-1 on all 10,000 test images.
 * Every graphopt row runs canonicalize,fold-bn,equalize,absorb-bias, then
-  quantize{weights=SCHEME:channel,weight_method=mse,first_last_bits=8} (``uniform+gptq``:
-  GPTQ rounding instead), then correct-bias in the "+bc" cells. The first and last layers are
+  quantize{weights=SCHEME:channel,weight_method=mse,first_last_bits=8} (the ``+gptq`` rows:
+  GPTQ rounding onto the scheme's own grid instead), then correct-bias in the "+bc" cells. The first and last layers are
   8-bit in every row (as in the w4a8 preset); the others are at the column's bits.
 * "calib" is the top-1 on the calibration images: the presets are chosen by it, never by the
   test column.
@@ -49,6 +49,12 @@ ROWS = {
     "pwlq": ("pwlq{b}:channel", "mse", (8, 6, 5, 4, 3)),
     "ternary": ("ternary:channel", "minmax", (2,)),
     "binary": ("binary:channel", "minmax", (1,)),
+    # GPTQ's Hessian-aware rounding onto the zoo's own grids (every element-wise scheme)
+    "pow2+gptq": ("pow2:b{b}:channel", "gptq", (4, 3)),
+    "apot+gptq": ("apot{b}:channel", "gptq", (8, 6, 5, 4, 3)),
+    "pwlq+gptq": ("pwlq{b}:channel", "gptq", (8, 6, 5, 4, 3)),
+    "ternary+gptq": ("ternary:channel", "gptq", (2,)),
+    "binary+gptq": ("binary:channel", "gptq", (1,)),
 }
 PEER_BITS = (8, 4)
 

@@ -1,6 +1,8 @@
-"""GPTQ (optimal brain quantization): Hessian-aware rounding of a layer's weights onto a uniform
-grid (Frantar et al., ICLR 2023). A rounding method of the uniform scheme: its grid comes from
-``Uniform.weight_params`` and its codes are that scheme's codes."""
+"""GPTQ (optimal brain quantization): Hessian-aware rounding of a layer's weights onto a grid
+(Frantar et al., ICLR 2023). The grid is the weight scheme's own: ``gptq`` takes a function that
+rounds one column of weights (every row with its own parameters), so it serves the uniform
+scheme and every zoo scheme whose rounding is element-wise (pow2, APoT, PWLQ, binary,
+ternary)."""
 
 from __future__ import annotations
 
@@ -45,11 +47,17 @@ class HessianObserver:
         return (self.H / max(self.n, 1)).numpy()
 
 
-def gptq(w_rows: np.ndarray, H: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int,
-         damp: float = 0.01, act_order: bool = True) -> np.ndarray:
+def uniform_rounding(scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int, shape: tuple[int, int]):
+    """The column rounding of the uniform grid with per-row ``scale``/``zp`` ([G, R])."""
+    s = torch.from_numpy(np.array(scale, np.float64)).reshape(shape)
+    z = torch.from_numpy(np.array(zp, np.float64)).reshape(shape)
+    return lambda w: fake_quant_torch(w, s, z, qmin, qmax)
+
+
+def gptq(w_rows: np.ndarray, H: np.ndarray, round_col, damp: float = 0.01, act_order: bool = True) -> np.ndarray:
     """GPTQ rounding of weights ``w_rows`` [G, R, K] (G groups of R rows over K inputs) with
-    per-row ``scale``/``zp`` [G, R] and input Hessians ``H`` [G, K, K]. Returns the dequantized
-    weights (on the quantization grid). Columns are rounded in order; each rounding error is
+    input Hessians ``H`` [G, K, K]; ``round_col`` maps one column [G, R] (float64) to its
+    value on the grid. Returns the dequantized weights (on the quantization grid). Columns are rounded in order; each rounding error is
     spread over the columns still to come through the inverse Hessian, which keeps
     E[(W_q x - W x)^2] small. With ``act_order`` the columns whose inputs carry the most energy
     (largest Hessian diagonal, summed over groups) go first."""
@@ -67,12 +75,10 @@ def gptq(w_rows: np.ndarray, H: np.ndarray, scale: np.ndarray, zp: np.ndarray, q
     L = torch.linalg.cholesky(Hm)
     Hinv = torch.cholesky_inverse(L)
     U = torch.linalg.cholesky(Hinv, upper=True)  # [G, K, K]
-    s = torch.from_numpy(np.array(scale, np.float64)).reshape(G, R)
-    z = torch.from_numpy(np.array(zp, np.float64)).reshape(G, R)
     Q = torch.zeros_like(W)
     for j in range(K):  # columns in order; every op is batched over groups and rows
         w = W[:, :, j]
-        q = fake_quant_torch(w, s, z, qmin, qmax)
+        q = round_col(w)
         Q[:, :, j] = q
         err = (w - q) / U[:, j, j][:, None]
         if j + 1 < K:

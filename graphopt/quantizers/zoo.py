@@ -84,6 +84,7 @@ class ZooScheme(Quantizer):
     words: ClassVar[dict[str, tuple[str, Any]]] = {}  # token -> (field, value)
     numbers: ClassVar[dict[str, str]] = {}  # token prefix -> int field
     fixed_bits: ClassVar[bool] = False  # binary/ternary
+    elementwise: ClassVar[bool] = True  # each value rounds on its own (GPTQ can drive it); term: False
 
     bits: int = 4
     granularity: str = "channel"
@@ -533,6 +534,7 @@ class Term(ZooScheme):
     numbers = {"g": "group", "t": "budget"}
     default_bits = 8
     bit_range = (2, 8)
+    elementwise = False
 
     bits: int = 8
     group: int = 8
