@@ -87,10 +87,21 @@ class Quantize(Pass):
     skip: list[str] = option([], "node name/source patterns (fnmatch) to leave in float")
     override: list[str] = option([], "PATTERN=BITS: other weight bits for matching layers (uniform int<BITS> "
                                      "when the weight scheme is not uniform)")
+    first_bits: Optional[int] = option(None, "weight bits for the first compute layer (over first_last_bits)",
+                                       minimum=2, maximum=16)
+    last_bits: Optional[int] = option(None, "weight bits for the last compute layer (over first_last_bits)",
+                                      minimum=2, maximum=16)
     first_last_bits: Optional[int] = option(None, "weight bits for the first and last compute layers", minimum=2,
                                             maximum=16)
     drop_inactive_bounds: bool = option(True, "remove per-channel Min bounds the calibration data never reaches")
     batch_size: int = option(32, "calibration batch size", minimum=1)
+    qat: Literal["none", "ste", "lsq", "pact", "dorefa"] = option(
+        "none", "prepare for quantization-aware training (a finetune step follows): ste = fixed scales, "
+                "straight-through; lsq = learned steps (weights and activations); pact = learned activation clips "
+                "(weights: lsq); dorefa = DoReFa weights (dorefa<bits>) and [0, 1]-clipped activations. See docs/qat.md")
+    grad_bits: Optional[int] = option(None, "DoReFa gradient quantization: quantize the gradient at every layer "
+                                            "output to this many bits in training (dropped on export)",
+                                      minimum=2, maximum=16)
     learn_scales: bool = option(False, "mark weight and activation scales learnable: the torch back end makes them "
                                        "parameters with true gradients (a start for QAT)")
 
@@ -103,6 +114,24 @@ class Quantize(Pass):
                 raise GraphOptError(f"bad override '{item}': expected PATTERN=BITS with BITS in 2..16")
             out[pat] = int(bits)
         return out
+
+    def _qat_specs(self, wspec, aspec):
+        """The specs with the ``qat`` estimator applied (an estimator named in a spec wins)."""
+        from graphopt.quantizers.zoo import DoReFa
+
+        if self.qat == "none":
+            return wspec, aspec
+        uniform_w = isinstance(wspec, Uniform)
+        if self.qat in ("lsq", "pact") and uniform_w and wspec.estimator == "ste":
+            wspec = dataclasses.replace(wspec, estimator="lsq", learnable=True)
+        if self.qat == "dorefa" and uniform_w:
+            wspec = DoReFa(bits=wspec.bits, granularity="tensor" if wspec.granularity == "tensor" else "channel")
+        if aspec.estimator == "ste":
+            est = {"ste": "ste", "lsq": "lsq", "pact": "pact", "dorefa": "dorefa"}[self.qat]
+            if est == "pact" and aspec.signed:
+                raise GraphOptError("qat=pact learns the clip of unsigned activations: use acts=uint<bits>:tensor")
+            aspec = dataclasses.replace(aspec, estimator=est, learnable=est in ("lsq", "pact"))
+        return wspec, aspec
 
     @staticmethod
     def _at_bits(wspec, bits: int):
@@ -117,8 +146,10 @@ class Quantize(Pass):
         w, a = parse(self.weights, "weights"), parse(self.acts, "acts")
         out = [("weights", w, "weight"), ("activations", a, "act")]
         out += [(f"weights of '{pat}'", self._at_bits(w, bits), "weight") for pat, bits in self._overrides().items()]
-        if self.first_last_bits:
-            out.append(("first/last layer weights", self._at_bits(w, self.first_last_bits), "weight"))
+        for what, bits in (("first layer weights", self.first_bits or self.first_last_bits),
+                           ("last layer weights", self.last_bits or self.first_last_bits)):
+            if bits:
+                out.append((what, self._at_bits(w, bits), "weight"))
         return out
 
     def requires(self, graph: Graph) -> None:
@@ -133,6 +164,7 @@ class Quantize(Pass):
         if not isinstance(aspec, Uniform):
             raise GraphOptError(f"bad acts spec '{self.acts}': the {aspec.scheme} scheme quantizes weights only; "
                                 "activations take int<bits>/uint<bits>")
+        wspec, aspec = self._qat_specs(wspec, aspec)
         uniform_w = isinstance(wspec, Uniform)
         if self.learn_scales:
             if not uniform_w:
@@ -161,11 +193,12 @@ class Quantize(Pass):
         mins = [n for n in graph.nodes if n.op_type == "Min" and L.per_channel_min_bound(graph, n) is not None] \
             if self.drop_inactive_bounds else []
 
-        from graphopt.training.calibration import CalibrationData, Histogram, MinMax, observe
+        from graphopt.training.calibration import AbsMean, CalibrationData, Histogram, MinMax, observe
 
         data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(ctx.calib,
                                                                                         batch_size=self.batch_size)
-        obs: dict[str, list] = {v.name: [MinMax()] for v in targets}
+        lsq_acts = aspec.estimator in ("lsq", "pact")  # PACT falls back to LSQ on signed tensors
+        obs: dict[str, list] = {v.name: [MinMax()] + ([AbsMean()] if lsq_acts else []) for v in targets}
         for m in mins:
             obs.setdefault(m.inputs[0].name, []).append(MinMax(axis=1))
         hessians: dict[Node, object] = {}
@@ -180,6 +213,7 @@ class Quantize(Pass):
                 obs.setdefault(n.inputs[0].name, []).append(h)
         first = observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (ranges)")
         ranges = {v.name: (float(first[v.name][0]["min"][0]), float(first[v.name][0]["max"][0])) for v in targets}
+        abs_means = {v.name: first[v.name][1]["abs_mean"] for v in targets} if lsq_acts else {}
 
         dropped = 0
         for m in mins:
@@ -205,15 +239,23 @@ class Quantize(Pass):
         act_fq: dict[str, Node] = {}
         for v in targets:
             lo, hi = ranges[v.name]
-            act_fq[v.name] = add_fake_quant(graph, v, aspec, aspec.act_params(lo, hi), "act")
+            spec = aspec
+            if aspec.estimator == "pact" and lo < 0:  # PACT clips at 0: a signed tensor learns its step (LSQ)
+                spec = dataclasses.replace(aspec, estimator="lsq")
+            act_fq[v.name] = add_fake_quant(graph, v, spec, spec.act_params(lo, hi, abs_means.get(v.name)), "act")
         n_w = 0
-        first_last = {compute[0], compute[-1]} if compute and self.first_last_bits else set()
+        edge_bits: dict = {}
+        if compute:
+            for n, b in ((compute[-1], self.last_bits or self.first_last_bits),
+                         (compute[0], self.first_bits or self.first_last_bits)):
+                if b:
+                    edge_bits[n] = b
         layers = ctx.progress(compute, total=len(compute), desc="GPTQ rounding") if self.weight_method == "gptq" \
             else compute
         for n in layers:
             bits = next((b for p, b in overrides.items() if L.matches(n, [p])), None)
-            if bits is None and n in first_last:
-                bits = self.first_last_bits
+            if bits is None:
+                bits = edge_bits.get(n)
             spec = wspec if bits is None else self._at_bits(wspec, bits)
             h = hessians.get(n)
             self._quantize_weights(graph, n, spec, self.weight_method, None if h is None else h.result())
@@ -221,6 +263,11 @@ class Quantize(Pass):
             if why:
                 float_biases[n.source] = why
             n_w += 1
+        if self.grad_bits:
+            from graphopt.training.gradquant import add_grad_quant
+
+            for n in compute:
+                add_grad_quant(graph, n.outputs[0], self.grad_bits, source=n.source)
         changed = n_w > 0 or len(targets) > 0 or dropped > 0
         return PassResult(graph, changed, {"weights": n_w, "activations": len(targets), "bounds_dropped": dropped,
                                         "skipped": skipped, "float_layers": float_layers,

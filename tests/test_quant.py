@@ -271,7 +271,7 @@ def test_presets_parse():
 
 
 def test_gptq_beats_round_to_nearest_on_layer_output():
-    from graphopt.quantizers.gptq import HessianObserver, gptq
+    from graphopt.quantizers.gptq import HessianObserver, gptq, uniform_rounding
     from graphopt.quantizers.uniform import fake_quant_np
 
     rng = np.random.default_rng(0)
@@ -282,7 +282,7 @@ def test_gptq_beats_round_to_nearest_on_layer_output():
     s, z = weight_qparams(w, spec, 0)
     h = HessianObserver("Gemm")
     h.update(x)
-    q_gptq = gptq(w[None], h.result(), s[None], z[None], spec.qmin, spec.qmax)[0]
+    q_gptq = gptq(w[None], h.result(), uniform_rounding(s[None], z[None], spec.qmin, spec.qmax, (1, 8)))[0]
     q_rtn = fake_quant_np(w, s[:, None], z[:, None], spec.qmin, spec.qmax)
     on_grid = np.round(q_gptq / s[:, None])
     np.testing.assert_allclose(q_gptq / s[:, None], on_grid, atol=1e-6)  # GPTQ output stays on the grid

@@ -13,7 +13,9 @@ already there, so the table can be finished across sessions.
 
 * EfficientNet-Lite0: calibrate on the first 128 imagenet-sample images, top-1 on the other 372.
   ResNet-20: calibrate on 256 CIFAR-10 *training* images, top-1 on all 10,000 test images.
-* Every graphopt row runs canonicalize,fold-bn,equalize,absorb-bias, then
+* Every graphopt row runs canonicalize,fold-bn,equalize,absorb-bias (the ``-noeq`` rows:
+  canonicalize,fold-bn; the ``-relu`` rows: equalize{relu6=relu}, the DFQ paper's way, which
+  leaves no per-channel ReLU6 bound between layers), then
   quantize{weights=SCHEME:channel,weight_method=mse,first_last_bits=8} (the ``+gptq`` rows:
   GPTQ rounding onto the scheme's own grid instead), then correct-bias in the "+bc" cells. The first and last layers are
   8-bit in every row (as in the w4a8 preset); the others are at the column's bits.
@@ -55,6 +57,18 @@ ROWS = {
     "pwlq+gptq": ("pwlq{b}:channel", "gptq", (8, 6, 5, 4, 3)),
     "ternary+gptq": ("ternary:channel", "gptq", (2,)),
     "binary+gptq": ("binary:channel", "gptq", (1,)),
+    # the classifier at the column's bits too (only the first layer 8-bit): the file-size rows
+    "uniform+gptq-last4": ("int{b}:channel", "gptq", (4, 3)),
+    "pwlq+gptq-last4": ("pwlq{b}:channel", "gptq", (4, 3)),
+    # without equalize/absorb-bias: no per-channel ReLU6 bounds, so every layer fuses as in int8
+    "uniform+gptq-noeq": ("int{b}:channel", "gptq", (8, 4, 3)),
+    "apot+gptq-noeq": ("apot{b}:channel", "gptq", (4, 3)),
+    "pwlq+gptq-noeq": ("pwlq{b}:channel", "gptq", (4, 3)),
+    # equalize{relu6=relu}, as the DFQ paper does: ReLU6 between a pair becomes ReLU (the
+    # function changes a little), no per-channel bounds, every layer fuses
+    "uniform+gptq-relu": ("int{b}:channel", "gptq", (8, 4, 3)),
+    "apot+gptq-relu": ("apot{b}:channel", "gptq", (4, 3)),
+    "pwlq+gptq-relu": ("pwlq{b}:channel", "gptq", (4, 3)),
 }
 PEER_BITS = (8, 4)
 
@@ -134,7 +148,7 @@ def save(res: dict) -> None:
 
 
 def cell_path(model: str, key: str) -> Path:
-    return CACHE / model / (key.replace("/", "_").replace("+", "p") + ".onnx")
+    return CACHE / model / (key.replace("/", "_").replace("+", "p").replace("-", "_") + ".onnx")
 
 
 def measure(model: str, rows: list[str], bits_wanted: set[int], redo: bool) -> None:
@@ -163,7 +177,10 @@ def measure(model: str, rows: list[str], bits_wanted: set[int], redo: bool) -> N
             secs, pipe = ort_peer(src, out, calib, b), "onnxruntime quantize_static per-channel QDQ MinMax"
         else:
             spec, method, _ = ROWS[row]
-            pipe = (f"{PREFIX},quantize{{weights={spec.format(b=b)},weight_method={method},first_last_bits=8}}"
+            edges = "first_bits=8" if row.endswith("-last4") else "first_last_bits=8"
+            prefix = {"noeq": "canonicalize,fold-bn", "relu": PREFIX.replace("equalize", "equalize{relu6=relu}")}.get(
+                row.rpartition("-")[2], PREFIX)
+            pipe = (f"{prefix},quantize{{weights={spec.format(b=b)},weight_method={method},{edges}}}"
                     + (",correct-bias" if bc else ""))
             secs = convert(src, out, calib, pipe)
         kr = ort_kernel_report(str(out))
@@ -176,13 +193,15 @@ def measure(model: str, rows: list[str], bits_wanted: set[int], redo: bool) -> N
               f"{'' if secs is None else f'{secs:.1f} s'}", flush=True)
 
 
-LAT_KEYS = ["ort/w8", "ort/w4", "uniform/w8+bc", "uniform/w4+bc", "uniform+gptq/w4+bc", "pow2/w4+bc", "apot/w4+bc",
-            "term/w4+bc", "pwlq/w4+bc", "ternary/w2+bc", "binary/w1+bc", "uniform/w3+bc", "apot/w3+bc"]
+LAT_KEYS = ["ort/w8", "ort/w4", "uniform/w8+bc", "uniform+gptq/w4+bc", "pow2/w4+bc", "apot/w4+bc", "term/w4+bc",
+            "pwlq/w4+bc", "ternary/w2+bc", "binary/w1+bc", "uniform+gptq-relu/w8+bc", "uniform+gptq-relu/w4+bc",
+            "apot+gptq-relu/w4+bc", "uniform+gptq-last4/w4+bc"]
 
 
 def latency(model: str, rounds: int) -> None:
-    """Paired latency ratios (median of ``rounds`` rounds) to FP32 and to graphopt int8
-    (uniform/w8+bc), batch 1 and batch 32."""
+    """Paired latency ratios (median of ``rounds`` rounds) to FP32 and to graphopt's int8 of the
+    same pipeline (uniform/w8+bc for the exact-ReLU6 rows, uniform+gptq-relu/w8+bc for the
+    -relu rows), batch 1 and batch 32."""
     from common import paired_latency_ratios
 
     res = load()
@@ -190,8 +209,13 @@ def latency(model: str, rounds: int) -> None:
     _, _, xt, _ = data(model)
     fp = ort_session(src)
     name = fp.get_inputs()[0].name
-    i8 = ort_session(cell_path(model, "uniform/w8+bc"))
+    refs = {}
     for key in LAT_KEYS:
+        ref_key = "uniform+gptq-relu/w8+bc" if "-relu" in key else "uniform/w8+bc"
+        if not cell_path(model, ref_key).exists():
+            print(f"{model}/{ref_key}: not measured yet; run the accuracy cells first")
+            continue
+        i8 = refs.setdefault(ref_key, ort_session(cell_path(model, ref_key)))
         full = f"{model}/{key}"
         p = cell_path(model, key)
         if full not in res or not p.exists():
@@ -203,9 +227,11 @@ def latency(model: str, rounds: int) -> None:
             feed = {name: xt[:b]}
             out[f"b{b}_vs_fp32"] = round(float(np.median(paired_latency_ratios(fp, s, feed, feed, rounds))), 3)
             out[f"b{b}_vs_int8"] = round(float(np.median(paired_latency_ratios(i8, s, feed, feed, rounds))), 3)
+        out["int8_reference"] = ref_key
         res[full]["latency"] = out
         save(res)
-        print(f"{full:34s} " + "  ".join(f"{k} {v:.2f}x" for k, v in out.items()), flush=True)
+        print(f"{full:34s} " + "  ".join(f"{k} {v:.2f}x" for k, v in out.items() if k != "int8_reference"),
+              flush=True)
 
 
 def table() -> None:
@@ -256,7 +282,7 @@ def main() -> int:
     ap.add_argument("--bits", default="8,6,5,4,3", help="weight bit widths (columns) to measure")
     ap.add_argument("--redo", action="store_true", help="measure cells again even if they have results")
     ap.add_argument("--latency", action="store_true", help="paired latency of the cells in LAT_KEYS")
-    ap.add_argument("--rounds", type=int, default=9, help="latency rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="latency rounds")
     ap.add_argument("--table", action="store_true", help="print the tables from the results file")
     args = ap.parse_args()
     if args.table:

@@ -29,6 +29,7 @@ from graphopt.errors import GraphOptError
 from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, clip_bounds
 from graphopt.quantizers import DOMAIN, from_node, is_fake_quant
+from graphopt.quantizers.base import refresh_bias_scales
 from graphopt.quantizers.packing import codes_of, int8_codes
 
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat",
@@ -82,8 +83,12 @@ def check_format(fmt: str, quantized: bool, quantizers) -> None:
 def lower(graph: Graph, fmt: str) -> tuple[Graph, LowerReport]:
     """A lowered copy of ``graph`` (FakeQuant-free) and what was done. Each FakeQuant is
     lowered by its own scheme (``Quantizer.lower``); QOperator fusion then runs on the Q/DQ form."""
+    from graphopt.training.gradquant import drop_grad_quants
+
     g = graph.copy()
     rep = LowerReport(fmt)
+    drop_grad_quants(g)  # gradient quantizers act in training only
+    refresh_bias_scales(g)  # int32 biases on the steps the layers have now (training moves them)
     quantizers = {n: from_node(n) for n in g.nodes if is_fake_quant(n)}
     check_format(fmt, bool(quantizers), [(f"the {n.attr('kind', 'act')} quantizer of '{n.source}'", q,
                                           n.attr("kind", "act"))

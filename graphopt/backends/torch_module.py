@@ -778,6 +778,13 @@ def _fake_quant(b, n):
     return [b.call(fn, b.inp(n, 0), *params, *static)]
 
 
+@lowering("GradQuant", domain="ai.graphopt")
+def _grad_quant(b, n):
+    from graphopt.training.gradquant import grad_quant
+
+    return [b.call(grad_quant, b.inp(n, 0), int(n.attr("bits", 8)))]
+
+
 # --------------------------------------------------------------------------- module
 class TorchGraphModule(torch.fx.GraphModule):
     """The ``nn.Module`` returned by ``to_torch``. ``param_names`` maps IR constant names to

@@ -240,3 +240,39 @@ def add_fake_quant(graph, v, quantizer: Quantizer, params: dict[str, np.ndarray]
         graph.rename_value(v, graph.unique_name(name + "_float"))
         graph.rename_value(out, name)
     return fq
+
+
+def bias_scale(graph, layer) -> np.ndarray | None:
+    """The int32 bias step of a Conv/Gemm whose input and weight are quantized: input step x
+    weight step (per output channel), the only scale an integer kernel's accumulator has.
+    None when the layer has no such pair."""
+    x_fq, w_fq = layer.inputs[0].producer, layer.inputs[1].producer
+    if not (is_fake_quant(x_fq) and is_fake_quant(w_fq)):
+        return None
+    sx, _ = from_node(x_fq).integer_step(params_of(graph, x_fq))
+    sw, _ = from_node(w_fq).integer_step(params_of(graph, w_fq))
+    if sx is None or sw is None or np.size(sx) != 1:
+        return None
+    return (np.asarray(sw, np.float32).reshape(-1) * np.float32(np.asarray(sx).reshape(()))).astype(np.float32)
+
+
+def refresh_bias_scales(graph) -> int:
+    """Set every int32 bias quantizer's scale to its layer's current input step x weight step.
+    Training moves learned steps (LSQ, PACT); the bias grid must follow them, or the integer
+    kernel, which derives it from the two steps, would read the codes on another scale."""
+    changed = 0
+    for n in list(graph.nodes):
+        if not is_fake_quant(n) or n.attr("kind") != "bias":
+            continue
+        for layer, i in n.outputs[0].uses:
+            if i != 2:
+                continue
+            s = bias_scale(graph, layer)
+            old = np.asarray(graph.const_value(n.inputs[1]), np.float32)
+            if s is None or s.size not in (1, old.size) or np.array_equal(s.reshape(old.shape) if s.size == old.size
+                                                                         else s, old):
+                continue
+            v = graph.add_const(s.reshape(old.shape) if s.size == old.size else s.reshape(()), f"{n.name}_scale")
+            graph.set_input(n, 1, v)
+            changed += 1
+    return changed

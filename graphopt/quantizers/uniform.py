@@ -21,6 +21,7 @@ says why. All maths is vectorized over channels (numpy for static weights, torch
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -45,7 +46,8 @@ def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-_SPEC_RE = re.compile(r"^(u?int)(\d+)(?::(tensor|channel|block)(\d*))?(?::(sym|asym))?$")
+_SPEC_RE = re.compile(r"^(u?int)(\d+)(?::(tensor|channel|block)(\d*))?(?::(sym|asym))?(?::(ste|lsq|pact|dorefa))?$")
+ESTIMATORS = ("ste", "lsq", "pact", "dorefa")
 
 
 @register
@@ -65,6 +67,7 @@ class Uniform(Quantizer):
     symmetric: bool = True
     narrow: bool = False
     learnable: bool = False
+    estimator: str = "ste"  # the training estimator: ste | lsq | pact | dorefa (see train_function)
 
     @property
     def qmin(self) -> int:
@@ -80,6 +83,8 @@ class Uniform(Quantizer):
             s += str(self.block_size)
         if self.symmetric != self.signed:
             s += ":sym" if self.symmetric else ":asym"
+        if self.estimator != "ste":
+            s += ":" + self.estimator
         return s
 
     def with_bits(self, bits: int) -> "Uniform":
@@ -91,7 +96,7 @@ class Uniform(Quantizer):
         m = _SPEC_RE.match(str(text).strip().lower())
         if not m:
             raise GraphOptError(f"bad {what} spec '{text}': expected e.g. int8:channel, uint8:tensor, int4:block32")
-        kind, bits, gran, block, sym = m.groups()
+        kind, bits, gran, block, sym, est = m.groups()
         bits = int(bits)
         if not 2 <= bits <= 16:
             raise GraphOptError(f"bad {what} spec '{text}': bits must be 2..16")
@@ -103,7 +108,14 @@ class Uniform(Quantizer):
             raise GraphOptError(f"bad {what} spec '{text}': only block takes a size")
         signed = kind == "int"
         symmetric = signed if sym is None else sym == "sym"
-        return cls(bits, signed, gran, block_size, symmetric)
+        est = est or "ste"
+        if est == "pact" and (signed or what != "acts"):
+            raise GraphOptError(f"bad {what} spec '{text}': pact learns the clip of an unsigned activation "
+                                "(acts=uint<bits>:tensor:pact)")
+        if est == "dorefa" and what == "weights":
+            raise GraphOptError(f"bad {what} spec '{text}': DoReFa weights are their own scheme (dorefa<bits>); "
+                                "uint<bits>:tensor:dorefa is the DoReFa activation (clipped to [0, 1])")
+        return cls(bits, signed, gran, block_size, symmetric, learnable=est in ("lsq", "pact"), estimator=est)
 
     # -- node attributes -----------------------------------------------------
     def to_attrs(self) -> dict[str, Any]:
@@ -114,6 +126,8 @@ class Uniform(Quantizer):
             a["symmetric"] = 0
         if self.learnable:
             a["learnable"] = 1
+        if self.estimator != "ste":
+            a["estimator"] = self.estimator
         return a
 
     @classmethod
@@ -121,25 +135,49 @@ class Uniform(Quantizer):
         block = int(attrs.get("block_size", 0) or 0)
         gran = "block" if block else ("tensor" if attrs.get("axis") is None else "channel")
         return cls(int(attrs.get("bits", 8)), bool(attrs.get("signed", 1)), gran, block,
-                   bool(attrs.get("symmetric", 1)), bool(attrs.get("narrow", 0)), bool(attrs.get("learnable", 0)))
+                   bool(attrs.get("symmetric", 1)), bool(attrs.get("narrow", 0)), bool(attrs.get("learnable", 0)),
+                   _text(attrs.get("estimator", "ste")))
 
     # -- parameters ----------------------------------------------------------
     def weight_params(self, w, out_axis, in_axis, method="minmax"):
         axis = {"tensor": None, "channel": out_axis, "block": in_axis}[self.granularity]
+        if self.estimator == "lsq" and self.granularity != "block":  # LSQ's start: 2 mean|w| / sqrt(Qp)
+            a = np.abs(np.asarray(w, np.float64))
+            m = a.mean() if axis is None else np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).mean(1)
+            s = np.maximum(2 * m / np.sqrt(self.qmax), 1e-8).astype(np.float32)
+            return {"scale": s.reshape(()) if axis is None else s, "zero_point": np.zeros_like(s)}, axis
         s, z = weight_qparams(w, self, axis if axis is not None else 0, method)
         if axis is None:
             s, z = s.reshape(()), z.reshape(())
         return {"scale": s, "zero_point": z}, axis
 
-    def act_params(self, lo, hi):
+    def act_params(self, lo, hi, abs_mean: float | None = None):
+        """Per-tensor parameters for an activation observed in [lo, hi]. DoReFa activations
+        are clipped to [0, 1] whatever the data; LSQ starts at 2 mean|x| / sqrt(Qp) when the
+        mean absolute value is given."""
+        if self.estimator == "dorefa":
+            lo, hi = 0.0, 1.0
+        if self.estimator == "pact":  # PACT clips at 0: its grid starts there
+            lo = 0.0
+        if self.estimator == "lsq" and abs_mean is not None and abs_mean > 0:
+            z = 0.0 if self.symmetric or lo >= 0 else scale_zp(np.array(lo), np.array(hi), self)[1]
+            s = 2 * abs_mean / np.sqrt(self.qmax - (z if not self.symmetric else 0))
+            return {"scale": np.array(s, np.float32).reshape(()), "zero_point": np.array(z, np.float32).reshape(())}
         s, z = scale_zp(np.array(lo), np.array(hi), self)
         return {"scale": s.reshape(()), "zero_point": z.reshape(())}
 
     # -- maths ---------------------------------------------------------------
+    def step(self, scale) -> np.ndarray:
+        """The step a stored scale stands for: itself, or for LSQ |scale| (at least 1e-8), the
+        positive step its training used whatever sign the parameter reached."""
+        scale = np.asarray(scale, np.float32)
+        return np.maximum(np.abs(scale), np.float32(1e-8)) if self.estimator == "lsq" else scale
+
     def _shaped(self, x: np.ndarray, params, axis) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point shaped to broadcast against ``x``."""
         dim = x.shape[axis] if axis is not None else None
-        return tuple(broadcast_param(params[k], x.ndim, axis, self.block_size, dim) for k in ("scale", "zero_point"))
+        p = {"scale": self.step(params["scale"]), "zero_point": params["zero_point"]}
+        return tuple(broadcast_param(p[k], x.ndim, axis, self.block_size, dim) for k in ("scale", "zero_point"))
 
     def apply_np(self, x, params, axis):
         x = np.asarray(x, np.float32)
@@ -151,6 +189,10 @@ class Uniform(Quantizer):
         return quantize_np(x, *self._shaped(x, params, axis), self.qmin, self.qmax)
 
     def torch_function(self, axis):
+        if self.estimator == "lsq":
+            return lsq_fake_quant, (self.qmin, self.qmax, axis, self.block_size)
+        if self.estimator == "pact":
+            return pact_fake_quant, (self.qmin, self.qmax)
         return fake_quant, (self.qmin, self.qmax, axis, self.block_size)
 
     def trainable(self, param: str) -> bool:
@@ -168,7 +210,7 @@ class Uniform(Quantizer):
         return kind == "weight" and is_const and self.signed and self.bits <= 8 and not self.block_size
 
     def integer_step(self, params):
-        return np.asarray(params["scale"], np.float32), ""
+        return self.step(params["scale"]), ""
 
     def integer_type(self, kind: str, is_const: bool) -> tuple[int | None, str]:
         """The ONNX integer type that holds this quantizer's codes, or (None, why not)."""
@@ -191,7 +233,8 @@ class Uniform(Quantizer):
 
     def describe(self) -> str:
         sym = "symmetric" if self.symmetric else "asymmetric"
-        return f"uniform {self} ({sym}{', learnable scale' if self.learnable else ''})"
+        est = f", {self.estimator} estimator" if self.estimator != "ste" else ""
+        return f"uniform {self} ({sym}{', learnable scale' if self.learnable else ''}{est})"
 
 
 
@@ -239,6 +282,56 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     u = x / s
     r = torch.round(u).detach() + (u - u.detach())  # value round(u) exactly, gradient of u
     return (torch.clamp(r + z, qmin, qmax) - z) * s
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _shaped_params(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, axis, block_size):
+    if axis is not None and s.dim() > 0 and s.numel() > 1:
+        ax = axis % x.dim()
+        if block_size:
+            s = torch.repeat_interleave(s, block_size, dim=ax).narrow(ax, 0, x.shape[ax])
+            z = torch.repeat_interleave(z, block_size, dim=ax).narrow(ax, 0, x.shape[ax])
+        else:
+            shape = [1] * x.dim()
+            shape[ax] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+    return s, z
+
+
+def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                   axis: int | None, block_size: int) -> torch.Tensor:
+    """LSQ (Esser et al., ICLR 2020): the step is learned, its gradient scaled by
+    g = 1 / sqrt(N * Qp) (N: values per step; for a per-tensor activation, the values of one
+    sample), and kept positive (|s|, at least 1e-8: a step that a large update pushes through
+    zero stays a step instead of turning the layer into NaNs). The forward value is QuantizeLinear +
+    DequantizeLinear with that step, as the ONNX export computes."""
+    s = scale.abs().clamp_min(1e-8)  # the same step whether or not it trains (the export writes it)
+    if scale.requires_grad:
+        per = x.numel() / max(scale.numel(), 1)
+        if axis is None and x.dim() > 1:  # an activation: N counts one sample's features
+            per = per / x.shape[0]
+        g = 1.0 / math.sqrt(max(per * max(qmax, 1), 1.0))
+        s = (s - s * g).detach() + s * g  # value s, gradient scaled by g
+    s, z = _shaped_params(x, s, zero_point.detach(), axis, block_size)
+    u = x / s
+    r = torch.round(u).detach() + (u - u.detach())
+    return (torch.clamp(r + z, qmin, qmax) - z) * s
+
+
+def pact_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+                    ) -> torch.Tensor:
+    """PACT (Choi et al. 2018): y = quantize(clip(x, 0, alpha)) with alpha = scale * (qmax - qmin)
+    learned. The gradient to alpha is 1 where x >= alpha and 0 elsewhere; to x it is 1 inside
+    (0, alpha). The rounding passes gradients straight through. The forward value is
+    QuantizeLinear + DequantizeLinear with zero point qmin."""
+    alpha = scale * (qmax - qmin)
+    yc = torch.where(x >= alpha, alpha, torch.relu(x))
+    s = scale.detach()
+    q = torch.clamp(torch.round(yc.detach() / s), qmin, qmax) * s
+    return yc + (q - yc).detach()
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
@@ -427,7 +520,7 @@ def _qdq(g, n, q: Uniform, elem: int, is_const: bool) -> int:
 
     x, out = n.inputs[0], n.outputs[0]
     axis = n.attr("axis")
-    s = np.asarray(g.const_value(n.inputs[1]), np.float32)
+    s = q.step(g.const_value(n.inputs[1]))
     z = np.asarray(g.const_value(n.inputs[2]), np.float32)
     attrs = {}
     if axis is not None and s.size > 1:
@@ -462,7 +555,7 @@ def _qdq(g, n, q: Uniform, elem: int, is_const: bool) -> int:
 def _simulate(g, n, q: Uniform) -> None:
     """The formula as float ops: ((clip(round(x / s) + z, qmin, qmax)) - z) * s, per axis."""
     x, out = n.inputs[0], n.outputs[0]
-    s = np.asarray(g.const_value(n.inputs[1]), np.float32)
+    s = q.step(g.const_value(n.inputs[1]))
     z = np.asarray(g.const_value(n.inputs[2]), np.float32)
     axis = n.attr("axis")
     rank = len(x.shape) if x.shape is not None else (np.asarray(g.const_value(x)).ndim if x.const is not None else None)

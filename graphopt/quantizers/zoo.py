@@ -182,10 +182,33 @@ class ZooScheme(Quantizer):
         """Dequantized values of ``r`` ([rows, n]), parameters as [rows, k] tensors."""
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def _apply_torch(self, x: torch.Tensor, params: dict[str, torch.Tensor], axis: int | None) -> torch.Tensor:
+    def _apply_torch(self, x: torch.Tensor, params: dict[str, torch.Tensor], axis: int | None,
+                     train: bool = False) -> torch.Tensor:
         r = to_rows(x, axis)
-        p = {k: _col(v, r.shape[0]) for k, v in params.items()}
-        return from_rows(self.rows(r, p), x.shape, axis)
+        p = {k: _col(v, r.shape[0]) for k, v in self.row_params(r, params).items()}
+        if not train:
+            with torch.no_grad():
+                return from_rows(self.rows(r, p), x.shape, axis)
+        with torch.no_grad():
+            value = self.rows(r.detach(), {k: v.detach() for k, v in p.items()})
+        g = self.surrogate(r, p)  # what the gradient follows; the value is exactly ``rows``
+        return from_rows(g + (value - g).detach(), x.shape, axis)
+
+    def row_params(self, r: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The parameters ``rows`` uses: the stored ones (binary/ternary recompute theirs from
+        the weights, so that training and the export use the current weights' scale)."""
+        return params
+
+    def surrogate(self, r: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training estimator: a differentiable stand-in whose gradient the quantizer
+        passes back. Default: straight-through (identity) inside the clip, zero outside."""
+        a = params.get("alpha", params.get("scale"))
+        if a is None:
+            return r
+        top = float(np.abs(self.unit_levels()).max()) if hasattr(self, "unit_levels") else (
+            float((1 << (self.bits - 1)) - 1) if self.param_names == ("scale",) else 1.0)
+        inside = (r.abs() <= a.detach() * top).to(r.dtype)
+        return r * inside + (r * (1 - inside)).detach()
 
     def apply_np(self, x, params, axis):
         x = np.asarray(x, np.float32)
@@ -218,6 +241,13 @@ class ZooScheme(Quantizer):
             params = {k: (v.reshape(()) if v.size == 1 else v.reshape(v.shape[1:])) for k, v in params.items()}
         return params, axis
 
+    def effective_params(self, w: np.ndarray, params: dict[str, np.ndarray], axis) -> dict[str, np.ndarray]:
+        """``row_params`` for a numpy weight (what the lowering writes)."""
+        r = to_rows(torch.from_numpy(np.array(w, np.float32)), axis)
+        tp = {k: _col(torch.from_numpy(np.array(v, np.float32)), r.shape[0]) for k, v in params.items()}
+        out = self.row_params(r, tp)
+        return {k: v.numpy().reshape(-1) if v.shape[1] == 1 else v.numpy() for k, v in out.items()}
+
     def _mse_clip(self, rt: torch.Tensor, params: dict[str, np.ndarray], grid: int = 40) -> dict[str, np.ndarray]:
         """Per row, the clip ratio in [0.3, 1] (scaling every parameter) with the least squared
         error; all rows at once, one grid point at a time."""
@@ -249,6 +279,7 @@ class ZooScheme(Quantizer):
     def weight_codes(self, w: np.ndarray, params, axis) -> tuple[np.ndarray | None, np.ndarray | None, str]:
         """(int codes, per-row step, '') such that codes * step == the quantized ``w`` exactly
         in float32; or (None, None, why not)."""
+        params = self.effective_params(w, params, axis)
         step, why = self.integer_step(params)
         if step is None:
             return None, None, why
@@ -278,23 +309,14 @@ def _parse_cached(spec: str) -> Quantizer:
     return parse(spec, "FakeQuant")
 
 
-def _ste(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Forward ``y``, gradient of the identity (straight-through) when training."""
-    return x + (y - x).detach() if x.requires_grad else y
-
-
 def zoo_fake_quant_1(x: torch.Tensor, a: torch.Tensor, spec: str, axis: int | None) -> torch.Tensor:
     q = _parse_cached(spec)
-    with torch.no_grad():
-        y = q._apply_torch(x.detach(), {q.param_names[0]: a.detach()}, axis)
-    return _ste(x, y)
+    return q._apply_torch(x, {q.param_names[0]: a}, axis, train=x.requires_grad)
 
 
 def zoo_fake_quant_2(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: str, axis: int | None) -> torch.Tensor:
     q = _parse_cached(spec)
-    with torch.no_grad():
-        y = q._apply_torch(x.detach(), {q.param_names[0]: a.detach(), q.param_names[1]: b.detach()}, axis)
-    return _ste(x, y)
+    return q._apply_torch(x, {q.param_names[0]: a, q.param_names[1]: b}, axis, train=x.requires_grad)
 
 
 def lower_weight(q: ZooScheme, g, n, fmt: str) -> Lowered:
@@ -481,6 +503,13 @@ class Binary(LevelScheme):
     def rows(self, r, params):
         return params["alpha"] * torch.where(r >= 0, 1.0, -1.0)
 
+    def row_params(self, r, params):  # alpha = mean|w| of the current weights (XNOR-Net)
+        return {"alpha": r.detach().abs().mean(1, keepdim=True).clamp_min(1e-12)}
+
+    def surrogate(self, r, params):  # clipped straight-through: gradient 1 where |w| <= 1
+        inside = (r.abs() <= 1).to(r.dtype)
+        return r * inside + (r * (1 - inside)).detach()
+
 
 @register
 @dataclass(frozen=True)
@@ -511,6 +540,17 @@ class Ternary(LevelScheme):
     def rows(self, r, params):
         keep = r.abs() > params["delta"]
         return params["alpha"] * torch.where(keep, torch.sign(r), torch.zeros_like(r))
+
+    def row_params(self, r, params):  # TWN's threshold and scale from the current weights
+        a = r.detach().abs()
+        delta = 0.7 * a.mean(1, keepdim=True)
+        big = (a > delta).to(a.dtype)
+        alpha = (a * big).sum(1, keepdim=True) / big.sum(1, keepdim=True).clamp_min(1)
+        return {"alpha": alpha.clamp_min(1e-12), "delta": delta}
+
+    def surrogate(self, r, params):
+        inside = (r.abs() <= 1).to(r.dtype)
+        return r * inside + (r * (1 - inside)).detach()
 
     def true_bits(self) -> float:
         return round(math.log2(3), 2)
@@ -733,3 +773,42 @@ class PWLQ(ZooScheme):
 
     def describe(self) -> str:
         return f"pwlq {self} ({self.bits}-bit regions + {self.true_bits() - self.bits:g} region bit(s))"
+
+
+# ------------------------------------------------------------------ DoReFa weights
+@register
+@dataclass(frozen=True)
+class DoReFa(ZooScheme):
+    """DoReFa-Net weights (Zhou et al. 2016): w_n = tanh(w) / (2 max|tanh(w)|) + 1/2 in [0, 1],
+    quantized to k bits, then w_q = 2 quantize_k(w_n) - 1, scaled by alpha (max|w| at
+    quantization time, since a folded-BN graph has no BatchNorm to restore the scale). In
+    training the gradient flows through the tanh normalisation (the rounding is straight-
+    through). The levels are the odd integers in [-(2^k - 1), 2^k - 1] times alpha / (2^k - 1):
+    int8 kernels up to 7 bits."""
+
+    scheme = "dorefa"
+    doc = "dorefa<bits>[:tensor|channel]: DoReFa-Net tanh-normalised weights, for QAT; int8 kernels to 7 bits"
+    bit_range = (1, 8)
+    search_clip = False
+
+    granularity: str = "tensor"
+
+    @property
+    def n(self) -> int:
+        return (1 << self.bits) - 1
+
+    def _normalised(self, r: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(r)
+        return t / (2 * t.abs().amax(1, keepdim=True).clamp_min(1e-12)) + 0.5
+
+    def rows(self, r, params):
+        code = 2 * torch.round(self._normalised(r) * self.n) - self.n
+        return code * (params["alpha"] / self.n)
+
+    def surrogate(self, r, params):
+        return params["alpha"].detach() * (2 * self._normalised(r) - 1)
+
+    def integer_step(self, params):
+        if self.n > 127:
+            return None, f"{self.bits}-bit DoReFa codes reach {self.n}, beyond int8's 127"
+        return (np.asarray(params["alpha"], np.float32).reshape(-1) / np.float32(self.n)).astype(np.float32), ""

@@ -365,3 +365,17 @@ def compare(reference: Graph, test: Graph, data: Any, names: Sequence[str], *, b
     for i, n in enumerate(names):
         out[n] = float("inf") if noise[i] == 0 else float(10 * torch.log10(sig[i].clamp_min(1e-30) / noise[i]))
     return out
+
+
+class AbsMean(Observer):
+    """Mean absolute value of a whole tensor (LSQ's initial step)."""
+
+    def __init__(self):
+        self.s, self.n = 0.0, 0
+
+    def update(self, x):
+        self.s += float(x.detach().double().abs().sum())
+        self.n += x.numel()
+
+    def result(self):
+        return {"abs_mean": self.s / max(self.n, 1)}

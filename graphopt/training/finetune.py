@@ -185,5 +185,8 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
             _save_checkpoint(cfg.checkpoint, module, max(start_epoch, len(history) + start_epoch - 1), step)
     module.eval()
     student.update_from(module)
+    from graphopt.quantizers.base import refresh_bias_scales
+
+    refresh_bias_scales(student)  # biases follow the learned steps, as the export will
     return {"epochs": len(history), "steps": step, "loss": history, "interrupted": interrupted,
             "world_size": world}

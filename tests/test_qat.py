@@ -1,0 +1,141 @@
+"""Quantization-aware training: each estimator trains its own parameters, and the exported
+integer model computes what the fake-quant model computed."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from nets import build, run_ort
+
+import graphopt
+from graphopt import from_torch
+from graphopt.backends.lowering import lower, to_model
+from graphopt.errors import GraphOptError, PassError
+from graphopt.passmanager import Context, PassManager, TrainingData
+from graphopt.quantizers import parse
+from graphopt.training.gradquant import grad_quant
+
+
+def test_lsq_step_gets_the_scaled_gradient_and_stays_positive():
+    q = parse("int4:tensor:lsq", "weights")
+    fn, static = q.torch_function(None)
+    x = torch.linspace(-1, 1, 64)
+    s = torch.tensor(0.1, requires_grad=True)
+    fn(x, s, torch.tensor(0.0), *static).pow(2).sum().backward()
+    # the same forward with the plain (unscaled) estimator
+    plain, st2 = parse("int4:tensor", "weights").torch_function(None)
+    s2 = torch.tensor(0.1, requires_grad=True)
+    plain(x, s2, torch.tensor(0.0), *st2).pow(2).sum().backward()
+    g = 1 / math.sqrt(64 * 7)
+    assert s.grad != 0 and torch.allclose(s.grad, s2.grad * g, rtol=1e-4)
+    neg = torch.tensor(-0.1, requires_grad=True)  # a step pushed through zero is still a step
+    y = fn(x, neg, torch.tensor(0.0), *static)
+    assert torch.isfinite(y).all() and torch.allclose(y, fn(x, s.detach().requires_grad_(), torch.tensor(0.0), *static))
+
+
+def test_lsq_initial_step_is_two_mean_abs_over_sqrt_qp():
+    w = np.random.default_rng(0).standard_normal((8, 30)).astype(np.float32)
+    params, axis = parse("int4:channel:lsq", "weights").weight_params(w, 0, 1)
+    np.testing.assert_allclose(params["scale"], 2 * np.abs(w).mean(1) / math.sqrt(7), rtol=1e-5)
+
+
+def test_pact_gradient_to_alpha_is_one_above_the_clip():
+    q = parse("uint4:tensor:pact", "acts")
+    fn, static = q.torch_function(None)
+    x = torch.tensor([-1.0, 0.2, 0.5, 2.0, 3.0, 5.0], requires_grad=True)
+    scale = torch.tensor(1.5 / 15, requires_grad=True)  # alpha = 1.5
+    y = fn(x, scale, torch.tensor(0.0), *static)
+    y.sum().backward()
+    assert scale.grad.item() == pytest.approx(3 * 15)  # three values >= alpha, d alpha / d scale = 15
+    np.testing.assert_array_equal(x.grad.numpy(), [0, 1, 1, 0, 0, 0])
+    assert y.detach().max().item() == pytest.approx(1.5)
+
+
+def test_dorefa_weights_train_through_tanh():
+    q = parse("dorefa4", "weights")
+    fn, static = q.torch_function(None)
+    w = torch.randn(6, 10, requires_grad=True)
+    y = fn(w, torch.tensor(2.0), *static)
+    assert len(torch.unique(y.detach())) <= 16
+    y.sum().backward()
+    w2 = w.detach().clone().requires_grad_()
+    t = torch.tanh(w2)
+    (2.0 * (2 * (t / (2 * t.abs().max()) + 0.5) - 1)).sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
+def test_binary_and_ternary_use_the_current_weights_and_a_clipped_ste():
+    for spec in ("binary:channel", "ternary:channel"):
+        q = parse(spec, "weights")
+        fn, static = q.torch_function(0)
+        w = (torch.randn(4, 12) * 0.5).requires_grad_()
+        stale = [torch.ones(4)] * len(q.param_names)
+        y = fn(w, *stale, *static)
+        np.testing.assert_allclose(y.detach().abs().amax(1).numpy(),
+                                   q.apply_np(w.detach().numpy(), {}, 0).__abs__().max(1), rtol=1e-6)
+        y.sum().backward()
+        np.testing.assert_array_equal(w.grad.numpy(), (w.detach().abs() <= 1).float().numpy())
+
+
+def test_dorefa_gradient_quantization_is_identity_forward_and_k_bit_backward():
+    torch.manual_seed(0)
+    x = torch.randn(200, requires_grad=True)
+    y = grad_quant(x, 3)
+    assert torch.equal(y.detach(), x.detach())
+    g = torch.randn(200)
+    y.backward(g)
+    m = g.abs().max()
+    levels = (x.grad / (2 * m) + 0.5) * 7
+    assert torch.allclose(levels, levels.round(), atol=1e-4) and len(torch.unique(x.grad)) <= 8
+
+
+def _qat(pipeline: str, steps: int = 40, seed: int = 0):
+    model, x = build("resnet", seed)
+    rng = np.random.default_rng(seed)
+    xs = rng.standard_normal((256,) + x.shape[1:]).astype(np.float32)
+    with torch.no_grad():
+        ys = model(torch.from_numpy(xs)).argmax(1).numpy()
+    g = from_torch(model, torch.from_numpy(x))
+    ctx = Context(calib=xs[:64], train=TrainingData(xs, ys))
+    r = PassManager(pipeline).run(g, ctx)
+    return r.graph, xs, r
+
+
+@pytest.mark.parametrize("qat", ["lsq", "pact", "ste", "dorefa"])
+def test_qat_trains_and_the_export_computes_what_was_trained(qat):
+    before, _, _ = _qat(f"canonicalize,fold-bn,quantize{{weights=int4:channel,acts=uint8:tensor,qat={qat}}}")
+    g, xs, r = _qat(f"canonicalize,fold-bn,quantize{{weights=int4:channel,acts=uint8:tensor,qat={qat}}},"
+                    "finetune{epochs=2,batch_size=32,lr=0.01,teacher=none,kd_weight=0}")
+    fq = [n for n in g.nodes if n.op_type == "FakeQuant" and n.attr("kind") == "act"]
+    moved = [not np.array_equal(g.const_value(n.inputs[1]), before.values[n.inputs[1].name].const)
+             for n in fq if n.inputs[1].name in before.values]
+    if qat in ("lsq", "pact"):
+        assert any(moved), "the learned steps/clips did not move"
+    lowered, rep = lower(g, "qdq")
+    proto = to_model(lowered, rep.opset)
+    with torch.no_grad():
+        sim = graphopt.to_torch(g)(torch.from_numpy(xs)).numpy()
+    got = run_ort(proto, xs)
+    step = float(np.asarray(g.const_value(g.outputs[0].producer.inputs[1])).max())
+    assert np.abs(got - sim).max() <= step * 1.001
+    assert (got.argmax(1) == sim.argmax(1)).mean() >= 0.999
+
+
+def test_grad_bits_inserts_gradient_quantizers_that_the_export_drops():
+    g, xs, r = _qat("canonicalize,fold-bn,quantize{weights=int4:channel,qat=lsq,grad_bits=6},"
+                    "finetune{epochs=1,batch_size=32,teacher=none,kd_weight=0}")
+    assert sum(n.op_type == "GradQuant" for n in g.nodes) == 7
+    lowered, rep = lower(g, "qdq")
+    assert not any(n.op_type == "GradQuant" for n in lowered.nodes)
+
+
+def test_qat_errors():
+    model, x = build("mlp")
+    g = from_torch(model, torch.from_numpy(x))
+    with pytest.raises(PassError, match="pact learns the clip of unsigned"):
+        PassManager("quantize{acts=int8:tensor,qat=pact}").run(g.copy(), Context(calib=x))
+    with pytest.raises(GraphOptError, match="unknown option 'lsq' for apot"):
+        parse("apot4:lsq", "weights")
+    with pytest.raises(GraphOptError, match="pact learns the clip"):
+        parse("int4:tensor:pact", "acts")
