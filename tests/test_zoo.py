@@ -327,3 +327,14 @@ def test_gptq_refuses_group_rounding():
     g = from_torch(model, torch.from_numpy(x))
     with pytest.raises(PassError, match="rounds groups of weights together"):
         PassManager("quantize{weights=term4:g4:t6,weight_method=gptq}").run(g, Context(calib=x))
+
+
+def test_float_simulated_weights_are_stored_as_an_index_and_a_codebook():
+    g, calib = _quantized("pwlq4", "resnet")
+    lowered, rep = lower(g, "qdq")
+    proto = to_model(lowered, rep.opset)
+    floats = sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    index = sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.name.endswith("_index"))
+    weights = sum(int(np.prod(g.const_value(n.inputs[0]).shape)) for n in g.nodes
+                  if n.op_type == "FakeQuant" and n.attr("kind") == "weight")
+    assert index == weights and floats < weights / 2  # one byte a weight, codebooks are small

@@ -72,3 +72,46 @@ def codes_of(g, v) -> np.ndarray | None:
         book, idx = codes_of(g, p.inputs[0]), codes_of(g, p.inputs[1])
         return None if book is None or idx is None else np.take(book, idx.astype(np.int64), axis=0)
     return None
+
+
+def float_codebook(g, y: np.ndarray, axis: int | None, name: str, source: str):
+    """An exact float weight ``y`` whose rows (one per index of ``axis``, or one) each hold at
+    most 256 distinct values, stored as a uint8 index per weight and a float32 codebook per
+    row: ``GatherElements(book, Cast(index))`` reshaped to ``y``'s layout. onnxruntime folds it
+    into the float initializer at session start, so the file is about a quarter of FP32 and the
+    values are bit for bit ``y``. Returns the value, or None when a row has more levels."""
+    y = np.asarray(y, np.float32)
+    moved = np.moveaxis(y, axis, 0) if axis is not None else y.reshape(1, -1)
+    rows = moved.reshape(moved.shape[0], -1)
+    order = np.argsort(rows, axis=1, kind="stable")
+    s = np.take_along_axis(rows, order, 1)
+    new = np.concatenate([np.ones((rows.shape[0], 1), bool), s[:, 1:] != s[:, :-1]], 1)
+    rank = np.cumsum(new, 1) - 1  # level index of each sorted value
+    levels = int(rank.max(initial=0)) + 1
+    if levels > 256:
+        return None
+    book = np.zeros((rows.shape[0], levels), np.float32)
+    np.put_along_axis(book, rank, s, 1)
+    idx = np.empty_like(rank)
+    np.put_along_axis(idx, order, rank, 1)
+
+    def node(op, ins, tag, **attrs):
+        m = g.add_node(op, ins, [f"{name}_{tag}"], attrs=attrs, source=source,
+                       name=g.unique_node_name(f"{name}_{tag}"))
+        return m.outputs[0]
+
+    iv = g.add_const(idx.astype(np.uint8), f"{name}_index")
+    i64 = node("Cast", [iv], "index64", to=TensorProto.INT64)
+    i64.dtype, i64.shape = TensorProto.INT64, rows.shape
+    flat = node("GatherElements", [g.add_const(book, f"{name}_codebook"), i64], "rows", axis=1)
+    flat.dtype, flat.shape = TensorProto.FLOAT, rows.shape
+    out = node("Reshape", [flat, g.add_const(np.array(moved.shape, np.int64), f"{name}_shape")], "moved")
+    out.dtype, out.shape = TensorProto.FLOAT, tuple(moved.shape)
+    if axis is None:
+        out = node("Reshape", [out, g.add_const(np.array(y.shape, np.int64), f"{name}_shape_out")], "value")
+    elif axis != 0:
+        perm = list(range(1, y.ndim))
+        perm.insert(axis, 0)
+        out = node("Transpose", [out], "value", perm=perm)
+    out.dtype, out.shape = TensorProto.FLOAT, tuple(y.shape)
+    return out

@@ -333,7 +333,12 @@ def lower_weight(q: ZooScheme, g, n, fmt: str) -> Lowered:
     params, axis = params_of(g, n), n.attr("axis")
     codes, step, why = q.weight_codes(w, params, axis) if fmt != "float" else (None, None, "float format asked for")
     if codes is None:
-        y = g.add_const(q.apply_np(w, params, axis), f"{x.name}_{q.scheme}")
+        from graphopt.quantizers.packing import float_codebook
+
+        yv = q.apply_np(w, params, axis)
+        y = float_codebook(g, yv, axis, f"{x.name}_{q.scheme}", n.source) if fmt != "float" else None
+        if y is None:  # more than 256 levels a row (or the float format): the plain float values
+            y = g.add_const(yv, f"{x.name}_{q.scheme}")
         g.replace_all_uses(out, y)
         g.remove_node(n)
         return Lowered(False, 13, why)
