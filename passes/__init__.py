@@ -12,7 +12,19 @@ register_preset("int8", "canonicalize,fold-bn,quantize{weights=int8:channel,acts
 register_preset("dfq", "canonicalize,fold-bn,equalize,absorb-bias,quantize{weights=int8:tensor,acts=uint8:tensor,"
                 "weight_method=mse},correct-bias", "data-free quantization recipe: per-tensor W8A8 (MSE weight "
                 "clipping) after equalization and bias absorption, then bias correction (needs --calib)")
-register_preset("w4a8", "canonicalize,fold-bn,equalize,absorb-bias,quantize{weights=int4:channel,acts=uint8:tensor,"
-                "weight_method=gptq,first_last_bits=8},correct-bias",
-                "per-channel 4-bit weights (GPTQ rounding; first and last layers 8-bit), 8-bit activations, "
-                "with equalization and bias correction (needs --calib)")
+register_preset("w4a8", "canonicalize,fold-bn,quantize{weights=int4:channel,acts=uint8:tensor,weight_method=gptq,"
+                "first_last_bits=8},correct-bias",
+                "per-channel 4-bit weights (GPTQ rounding; first and last layers 8-bit), 8-bit activations, bias "
+                "correction; no equalization, so every layer fuses as in int8 (needs --calib)")
+register_preset("w4a8-small", "canonicalize,fold-bn,equalize,absorb-bias,quantize{weights=int4:channel,"
+                "acts=uint8:tensor,weight_method=gptq,first_bits=8},correct-bias",
+                "w4a8 with the classifier 4-bit too (only the first layer 8-bit) and equalization: the smallest "
+                "4-bit file (needs --calib)")
+register_preset("w4a8-pwlq", "canonicalize,fold-bn,quantize{weights=pwlq4:channel,acts=uint8:tensor,"
+                "weight_method=gptq,first_last_bits=8}",
+                "piecewise-linear 4-bit weights (+1 region bit: 5 bits stored) with GPTQ rounding: the most "
+                "accurate 4-bit recipe, but its layers run in float (needs --calib)")
+register_preset("w3a8", "canonicalize,fold-bn,equalize,absorb-bias,quantize{weights=apot3:channel,"
+                "acts=uint8:tensor,weight_method=gptq,first_last_bits=8},correct-bias",
+                "3-bit APoT weights (GPTQ rounding onto its grid; first and last layers 8-bit), 8-bit activations, "
+                "equalization and bias correction (needs --calib)")

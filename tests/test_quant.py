@@ -177,14 +177,17 @@ def test_low_bit_weights_run_on_int8_kernels_and_store_packed(bits):
     assert report["float"] == [] and sum(report["integer"].values()) >= 1, report
 
 
-def test_odd_bit_activations_are_simulated_in_float():
-    _, g3, calib, _ = quantized("mlp", "quantize{acts=uint6:tensor}")
+@pytest.mark.parametrize("bits", [4, 6])
+def test_low_bit_activations_lower_exactly_in_an_8_bit_container(bits):
+    _, g3, calib, _ = quantized("mlp", f"quantize{{acts=uint{bits}:tensor}}")
     lowered, rep = lower(g3, "qdq")
-    acts = [n for n in g3.nodes if n.op_type == "FakeQuant" and n.attr("kind") == "act"]
-    assert len(rep.simulated) == len(acts) > 0  # 6-bit activations: no ONNX integer type holds them
+    assert not rep.simulated  # Clip to the low-bit range, then uint8 Q/DQ: the same codes
+    assert sum(n.op_type == "Clip" for n in lowered.nodes) >= 3
+    proto = to_model(lowered, rep.opset)
+    assert not any(t.data_type == onnx.TensorProto.UINT4 for t in proto.graph.initializer)
     with torch.no_grad():
         sim = graphopt.to_torch(g3)(torch.from_numpy(calib[:8])).numpy()
-    assert np.abs(run_ort(to_model(lowered, rep.opset), calib[:8]) - sim).max() <= output_step(g3) * 1.001
+    assert np.abs(run_ort(proto, calib[:8]) - sim).max() <= output_step(g3) * 1.001
 
 
 def test_qoperator_takes_low_bit_weights_but_not_4_bit_activations():

@@ -225,6 +225,12 @@ class Uniform(Quantizer):
         is_const = graph.const_value(node.inputs[0]) is not None
         if fmt != "float" and self._int8_container(node.attr("kind", "act"), is_const):
             return Lowered(True, _qdq(graph, node, self, TensorProto.INT8, True))
+        if fmt != "float" and not is_const and self.bits < 8 and not self.block_size:
+            # a 2-7-bit activation in an 8-bit container: Clip to its range, then Q/DQ (onnxruntime
+            # cannot run uint4 Q/DQ next to a fused layer; this is exact and always loads)
+            _clip_to_range(graph, node, self)
+            _qdq(graph, node, self, TensorProto.INT8 if self.signed else TensorProto.UINT8, False)
+            return Lowered(True, 13)
         elem, why = self.integer_type(node.attr("kind", "act"), is_const)
         if fmt == "float" or elem is None:
             _simulate(graph, node, self)
@@ -550,6 +556,20 @@ def _qdq(g, n, q: Uniform, elem: int, is_const: bool) -> int:
     if not x.uses and x.const is not None:
         g.remove_const(x)
     return opset
+
+
+def _clip_to_range(g, n, q: Uniform) -> None:
+    """Put Clip(x, (qmin - z) s, (qmax - z) s) before the FakeQuant ``n`` (per tensor): a
+    QuantizeLinear to 8 bits after it then writes exactly the low-bit codes."""
+    x = n.inputs[0]
+    s = float(q.step(g.const_value(n.inputs[1])).reshape(-1)[0])
+    z = float(np.asarray(g.const_value(n.inputs[2])).reshape(-1)[0])
+    lo = g.add_const(np.array((q.qmin - z) * s, np.float32), f"{x.name}_lo")
+    hi = g.add_const(np.array((q.qmax - z) * s, np.float32), f"{x.name}_hi")
+    c = g.add_node("Clip", [x, lo, hi], [f"{x.name}_{q.bits}bit"], source=n.source,
+                   name=g.unique_node_name(f"{n.name}_clip"))
+    c.outputs[0].dtype, c.outputs[0].shape = x.dtype or TensorProto.FLOAT, x.shape
+    g.set_input(n, 0, c.outputs[0])
 
 
 def _simulate(g, n, q: Uniform) -> None:
