@@ -267,33 +267,6 @@ def fake_quant_torch(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: in
     return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-               axis: int | None, block_size: int) -> torch.Tensor:
-    """QuantizeLinear + DequantizeLinear in float, as the torch back end runs it (calibration,
-    bias correction, QAT). With gradients: the rounding is straight-through, so dy/dx is 1 inside
-    the range and 0 outside; dy/dscale and dy/dzero_point are their exact values given that
-    rounding (LSQ's form), so a learnable scale trains."""
-    s, z = scale, zero_point
-    if axis is not None and s.dim() > 0 and s.numel() > 1:
-        ax = axis % x.dim()
-        if block_size:
-            s = torch.repeat_interleave(s, block_size, dim=ax).narrow(ax, 0, x.shape[ax])
-            z = torch.repeat_interleave(z, block_size, dim=ax).narrow(ax, 0, x.shape[ax])
-        else:
-            shape = [1] * x.dim()
-            shape[ax] = -1
-            s, z = s.reshape(shape), z.reshape(shape)
-    if not (x.requires_grad or s.requires_grad or z.requires_grad):
-        return fake_quant_torch(x, s, z, qmin, qmax)
-    u = x / s
-    r = torch.round(u).detach() + (u - u.detach())  # value round(u) exactly, gradient of u
-    return (torch.clamp(r + z, qmin, qmax) - z) * s
-
-
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 def _shaped_params(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, axis, block_size):
     if axis is not None and s.dim() > 0 and s.numel() > 1:
         ax = axis % x.dim()
@@ -305,6 +278,24 @@ def _shaped_params(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, axis, bloc
             shape[ax] = -1
             s, z = s.reshape(shape), z.reshape(shape)
     return s, z
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+               axis: int | None, block_size: int) -> torch.Tensor:
+    """QuantizeLinear + DequantizeLinear in float, as the torch back end runs it (calibration,
+    bias correction, QAT). With gradients: the rounding is straight-through, so dy/dx is 1 inside
+    the range and 0 outside; dy/dscale and dy/dzero_point are their exact values given that
+    rounding (LSQ's form), so a learnable scale trains."""
+    s, z = _shaped_params(x, scale, zero_point, axis, block_size)
+    if not (x.requires_grad or s.requires_grad or z.requires_grad):
+        return fake_quant_torch(x, s, z, qmin, qmax)
+    u = x / s
+    r = torch.round(u).detach() + (u - u.detach())  # value round(u) exactly, gradient of u
+    return (torch.clamp(r + z, qmin, qmax) - z) * s
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
