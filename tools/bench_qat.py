@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import cifar10, cifar_normalize, ort_session
+from common import cifar10, cifar_normalize, load_results, ort_session, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-qat"
@@ -66,14 +65,11 @@ def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def load() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    return load_results(RESULTS)
 
 
 def save(res: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".part")
-    tmp.write_text(json.dumps(res, indent=1, sort_keys=True))
-    os.replace(tmp, RESULTS)
+    save_results(RESULTS, res)
 
 
 def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:

@@ -28,7 +28,6 @@ already there, so the table can be finished across sessions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -36,7 +35,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import SHARED, cifar10, cifar_normalize, imagenet_sample, need_shared, ort_session
+from common import (
+    SHARED,
+    cifar10,
+    cifar_normalize,
+    imagenet_sample,
+    load_results,
+    need_shared,
+    ort_session,
+    save_results,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "zoo.json"
 CACHE = Path(tempfile.gettempdir()) / "graphopt-zoo"
@@ -137,14 +145,11 @@ def ort_peer(src: Path, out: Path, calib: np.ndarray, bits: int) -> float:
 
 
 def load() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    return load_results(RESULTS)
 
 
 def save(res: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".part")
-    tmp.write_text(json.dumps(res, indent=1, sort_keys=True))
-    os.replace(tmp, RESULTS)
+    save_results(RESULTS, res)
 
 
 def cell_path(model: str, key: str) -> Path:

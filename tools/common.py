@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import statistics
 import sys
@@ -145,3 +146,16 @@ def ort_session(model, threads: int | None = None):
 
 def batched(fn, x: np.ndarray, batch: int = 100) -> np.ndarray:
     return np.concatenate([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def load_results(path: Path) -> dict:
+    """A benchmark's results file (resumable rows), or {} before its first row."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_results(path: Path, res: dict) -> None:
+    """Write a benchmark's results file atomically (a stop mid-write keeps the old one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    tmp.write_text(json.dumps(res, indent=1, sort_keys=True))
+    os.replace(tmp, path)

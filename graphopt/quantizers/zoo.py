@@ -484,6 +484,20 @@ class APoT(LevelScheme):
         return np.unique(np.concatenate([-mags, mags]))
 
 
+def clipped_ste(r: torch.Tensor) -> torch.Tensor:
+    """The clipped straight-through estimator of binary/ternary training: gradient 1 where
+    |w| <= 1, 0 beyond."""
+    inside = (r.abs() <= 1).to(r.dtype)
+    return r * inside + (r * (1 - inside)).detach()
+
+
+def _from_weights(q: "LevelScheme", r: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored parameters of a scheme whose scale comes from the weights (``row_params``):
+    the same formula, so the stored values equal what training and the export compute."""
+    out = q.row_params(torch.from_numpy(np.array(r, np.float32)), {})
+    return {k: v.numpy().reshape(-1).astype(np.float32) for k, v in out.items()}
+
+
 @register
 @dataclass(frozen=True)
 class Binary(LevelScheme):
@@ -503,7 +517,7 @@ class Binary(LevelScheme):
         return np.array([-1.0, 1.0])
 
     def initial_params(self, r):
-        return {"alpha": np.maximum(np.abs(r).mean(axis=1), 1e-12).astype(np.float32)}
+        return _from_weights(self, r)
 
     def rows(self, r, params):
         return params["alpha"] * torch.where(r >= 0, 1.0, -1.0)
@@ -511,9 +525,8 @@ class Binary(LevelScheme):
     def row_params(self, r, params):  # alpha = mean|w| of the current weights (XNOR-Net)
         return {"alpha": r.detach().abs().mean(1, keepdim=True).clamp_min(1e-12)}
 
-    def surrogate(self, r, params):  # clipped straight-through: gradient 1 where |w| <= 1
-        inside = (r.abs() <= 1).to(r.dtype)
-        return r * inside + (r * (1 - inside)).detach()
+    def surrogate(self, r, params):
+        return clipped_ste(r)
 
 
 @register
@@ -536,11 +549,7 @@ class Ternary(LevelScheme):
         return np.array([-1.0, 0.0, 1.0])
 
     def initial_params(self, r):
-        a = np.abs(r).astype(np.float64)
-        delta = 0.7 * a.mean(axis=1)
-        big = a > delta[:, None]
-        alpha = (a * big).sum(1) / np.maximum(big.sum(1), 1)
-        return {"alpha": np.maximum(alpha, 1e-12).astype(np.float32), "delta": delta.astype(np.float32)}
+        return _from_weights(self, r)
 
     def rows(self, r, params):
         keep = r.abs() > params["delta"]
@@ -554,8 +563,7 @@ class Ternary(LevelScheme):
         return {"alpha": alpha.clamp_min(1e-12), "delta": delta}
 
     def surrogate(self, r, params):
-        inside = (r.abs() <= 1).to(r.dtype)
-        return r * inside + (r * (1 - inside)).detach()
+        return clipped_ste(r)
 
     def true_bits(self) -> float:
         return round(math.log2(3), 2)
