@@ -15,8 +15,8 @@ def from_torch(module, example_inputs, **kw):
     return _f(module, example_inputs, **kw)
 
 
-def to_torch(graph, outputs=None, train_bn=False):
+def to_torch(graph, outputs=None, train_bn=False, folded_bn="frozen"):
     """``Graph`` -> ``nn.Module`` that runs it (see ``graphopt.backends.torch_module.to_torch``)."""
     from graphopt.backends.torch_module import to_torch as _t
 
-    return _t(graph, outputs, train_bn=train_bn)
+    return _t(graph, outputs, train_bn=train_bn, folded_bn=folded_bn)

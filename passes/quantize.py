@@ -93,6 +93,9 @@ class Quantize(Pass):
                                       minimum=2, maximum=16)
     first_last_bits: Optional[int] = option(None, "weight bits for the first and last compute layers", minimum=2,
                                             maximum=16)
+    first_last_act_bits: Optional[int] = option(
+        None, "activation bits for the inputs of the first and last compute layers and the graph outputs "
+              "(binary and 2-bit networks keep these wider, as IR-Net and PACT do)", minimum=1, maximum=16)
     drop_inactive_bounds: bool = option(True, "remove per-channel Min bounds the calibration data never reaches")
     batch_size: int = option(32, "calibration batch size", minimum=1)
     qat: Literal["none", "ste", "lsq", "pact", "dorefa"] = option(
@@ -146,6 +149,8 @@ class Quantize(Pass):
         w, a = parse(self.weights, "weights"), parse(self.acts, "acts")
         out = [("weights", w, "weight"), ("activations", a, "act")]
         out += [(f"weights of '{pat}'", self._at_bits(w, bits), "weight") for pat, bits in self._overrides().items()]
+        if self.first_last_act_bits:
+            out.append(("first/last layer activations", a.with_bits(self.first_last_act_bits), "act"))
         for what, bits in (("first layer weights", self.first_bits or self.first_last_bits),
                            ("last layer weights", self.last_bits or self.first_last_bits)):
             if bits:
@@ -237,11 +242,13 @@ class Quantize(Pass):
         self._share_concat_ranges(graph, ranges)
 
         act_fq: dict[str, Node] = {}
+        edge_acts = ({compute[0].inputs[0], compute[-1].inputs[0], *graph.outputs}
+                     if self.first_last_act_bits and compute else set())
         for v in targets:
             lo, hi = ranges[v.name]
-            spec = aspec
-            if aspec.estimator == "pact" and lo < 0:  # PACT clips at 0: a signed tensor learns its step (LSQ)
-                spec = dataclasses.replace(aspec, estimator="lsq")
+            spec = aspec.with_bits(self.first_last_act_bits) if v in edge_acts else aspec
+            if spec.estimator == "pact" and lo < 0:  # PACT clips at 0: a signed tensor learns its step (LSQ)
+                spec = dataclasses.replace(spec, estimator="lsq")
             act_fq[v.name] = add_fake_quant(graph, v, spec, spec.act_params(lo, hi, abs_means.get(v.name)), "act")
         n_w = 0
         edge_bits: dict = {}

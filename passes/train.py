@@ -19,7 +19,9 @@ class Finetune(Pass):
     Loss: distillation from a teacher (the Context's teacher, else the graph as the pipeline
     received it, e.g. before pruning), plus cross-entropy when the data has labels (``kd_weight``
     mixes them). SGD or Adam with a cosine schedule; BatchNormalization trains unless frozen;
-    masked weights stay zero; checkpoints and resume as ``graphopt finetune``. Changes the
+    masked weights stay zero; checkpoints and resume as ``graphopt finetune``. After QAT's
+    ``quantize``, a BN that fold-bn folded trains with batch statistics for ``bn_batch_epochs``
+    and is then folded back and frozen (docs/qat.md). Changes the
     function on purpose; every run trains further."""
 
     idempotent = False
@@ -36,6 +38,9 @@ class Finetune(Pass):
     teacher: Literal["auto", "context", "input", "none"] = option(
         "auto", "auto: the Context's teacher, else the pipeline's input graph; none: labels only")
     freeze_bn: bool = option(False, "keep BatchNormalization statistics fixed")
+    bn_batch_epochs: Optional[int] = option(
+        None, "QAT: epochs in which a BN folded into a fake-quantized layer normalizes with batch statistics "
+              "before it is folded back and frozen (torch.ao ConvBn); default: two thirds of the epochs", minimum=0)
     checkpoint: Optional[str] = option(None, "checkpoint file, written after every epoch")
     resume: bool = option(False, "continue from the checkpoint")
     max_steps: Optional[int] = option(None, "stop after this many steps", minimum=1)
@@ -59,7 +64,12 @@ class Finetune(Pass):
             teacher = ctx.input_graph
         if teacher is None and ctx.train.y is None:
             raise GraphOptError("finetune needs labels or a teacher to learn from")
-        cfg = FinetuneConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
+        bn_batch = self.bn_batch_epochs
+        if bn_batch is None:
+            bn_batch = (2 * self.epochs) // 3 if not self.freeze_bn else 0
+        if self.freeze_bn and bn_batch:
+            raise GraphOptError("finetune: freeze_bn=true and bn_batch_epochs > 0 contradict each other")
+        cfg = FinetuneConfig(bn_batch_epochs=min(bn_batch, self.epochs), epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
                              weight_decay=self.weight_decay, temperature=self.temperature,
                              kd_weight=self.kd_weight if teacher is not None else 0.0, checkpoint=self.checkpoint,
                              resume=self.resume, max_steps=self.max_steps, seed=self.seed,

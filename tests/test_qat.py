@@ -139,3 +139,134 @@ def test_qat_errors():
         parse("apot4:lsq", "weights")
     with pytest.raises(GraphOptError, match="pact learns the clip"):
         parse("int4:tensor:pact", "acts")
+
+
+def test_pact_clip_pushed_through_zero_stays_a_clip():
+    q = parse("uint4:tensor:pact", "acts")
+    fn, static = q.torch_function(None)
+    x = torch.linspace(-1, 3, 50)
+    pos = fn(x, torch.tensor(0.1), torch.tensor(0.0), *static)
+    neg = fn(x, torch.tensor(-0.1), torch.tensor(0.0), *static)
+    torch.testing.assert_close(neg, pos)
+    np.testing.assert_allclose(q.apply_np(x.numpy(), {"scale": np.float32(-0.1), "zero_point": np.float32(0)}, None),
+                               pos.numpy(), rtol=1e-6)
+
+
+def _weights_only(g):
+    """Drop the activation and int32 bias quantizers, so a refold can be checked to float
+    precision (a rounding flip in an activation quantizer would hide it)."""
+    for n in [n for n in g.nodes if n.op_type == "FakeQuant" and n.attr("kind") != "weight"]:
+        g.replace_all_uses(n.outputs[0], n.inputs[0])
+        g.remove_node(n, safe=False)
+    return g
+
+
+@pytest.mark.parametrize("weights", ["int4:channel:lsq", "ternary:channel", "apot4:channel"])
+def test_batch_statistics_bn_starts_as_identity_and_folds_back_exactly(weights):
+    model, x = build("resnet", 0)
+    xs = np.random.default_rng(0).standard_normal((96,) + x.shape[1:]).astype(np.float32)
+    g = from_torch(model, torch.from_numpy(x))
+    q = _weights_only(PassManager(f"canonicalize,fold-bn,quantize{{weights={weights},acts=uint8:tensor:lsq}}")
+                    .run(g, Context(calib=xs[:32])).graph)
+    m = graphopt.to_torch(q, folded_bn="batch")
+    assert len(m.bn_folds) == 6  # every Conv whose BN fold-bn folded
+    t = torch.from_numpy(xs)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(t), graphopt.to_torch(q)(t))  # identity at the start
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    m.train()
+    for i in range(6):  # batch statistics move the BN's running statistics and parameters
+        loss = m(t[16 * i:16 * i + 32]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        want = m.eval()(t).numpy()
+    bn = m.get_submodule(next(iter(m.bn_folds.values()))["module"])
+    assert not torch.allclose(bn.running_mean, bn.bias)  # the statistics moved away from the start
+    m.write_back(q)
+    with torch.no_grad():
+        got = graphopt.to_torch(q)(t).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    m.write_back(q)  # writing the same module back twice folds once
+    with torch.no_grad():
+        np.testing.assert_array_equal(graphopt.to_torch(q)(t).numpy(), got)
+
+
+def test_batch_statistics_leave_layers_that_cannot_refold_frozen():
+    model, x = build("resnet", 0)
+    g = from_torch(model, torch.from_numpy(x))
+    q = PassManager("canonicalize,fold-bn,quantize{weights=dorefa4,acts=uint8:tensor}").run(
+        g, Context(calib=x)).graph
+    assert graphopt.to_torch(q, folded_bn="batch").bn_folds == {}  # tanh normalisation is not scale-equivariant
+    plain = PassManager("canonicalize,fold-bn").run(g, Context()).graph
+    assert graphopt.to_torch(plain, folded_bn="batch").bn_folds == {}  # no fake-quantized weights
+    with pytest.raises(GraphOptError, match="folded_bn must be"):
+        graphopt.to_torch(q, folded_bn="train")
+
+
+def test_two_phase_bn_schedule_resumes_across_the_phase_change(tmp_path):
+    from graphopt.training.finetune import FinetuneConfig, finetune
+
+    pipe = "canonicalize,fold-bn,quantize{weights=int4:channel,acts=uint8:tensor,qat=lsq}"
+    g0, xs, _ = _qat(pipe)
+    ys = np.zeros(len(xs), np.int64)
+    ck = str(tmp_path / "qat.pt")
+    first = g0.copy()
+    cfg = FinetuneConfig(epochs=2, batch_size=64, lr=0.01, bn_batch_epochs=1, checkpoint=ck, max_steps=4)
+    finetune(first, xs, ys, None, cfg)  # stops inside phase 1: the checkpoint holds the batch-statistics module
+    assert int(torch.load(ck, weights_only=True)["bn_batch"]) == 1
+    resumed = g0.copy()
+    stats = finetune(resumed, xs, ys, None, FinetuneConfig(epochs=2, batch_size=64, lr=0.01, bn_batch_epochs=1,
+                                                           checkpoint=ck, resume=True))
+    assert stats["steps"] == 8 and int(torch.load(ck, weights_only=True)["bn_batch"]) == 0
+    straight = g0.copy()
+    finetune(straight, xs, ys, None, FinetuneConfig(epochs=2, batch_size=64, lr=0.01, bn_batch_epochs=1))
+    t = torch.from_numpy(xs)
+    with torch.no_grad():
+        np.testing.assert_allclose(graphopt.to_torch(resumed)(t).numpy(), graphopt.to_torch(straight)(t).numpy(),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_qat_bad_training_data_and_a_divergent_run_keep_the_last_good_checkpoint(tmp_path):
+    model, x = build("resnet", 0)
+    g = from_torch(model, torch.from_numpy(x))
+    xs = np.random.default_rng(0).standard_normal((64,) + x.shape[1:]).astype(np.float32)
+    pipe = "canonicalize,fold-bn,quantize{weights=int4:channel,acts=uint4:tensor,qat=lsq},finetune{epochs=3,batch_size=32,"
+    wrong = np.random.default_rng(0).standard_normal((64, x.shape[1], 20, 20)).astype(np.float32)
+    with pytest.raises(PassError, match=r"training samples have shape \[3, 20, 20\] \(batch excluded\), but model input"):
+        PassManager(pipe + "teacher=none}").run(g.copy(), Context(calib=xs, train=TrainingData(wrong, np.zeros(64))))
+    calls = {"n": 0}
+
+    def poison(batch, rng):  # epoch 1 (2 steps) trains; the first step of epoch 2 sees a non-finite input
+        calls["n"] += 1
+        return batch * np.float32("inf") if calls["n"] > 2 else batch
+
+    ck = tmp_path / "qat.pt"
+    with pytest.raises(PassError, match="training diverged: the loss is nan at step 3.*the last checkpoint is"):
+        PassManager(pipe + f"teacher=none,checkpoint={ck}}}").run(
+            g.copy(), Context(calib=xs, train=TrainingData(xs, np.zeros(64, np.int64), poison)))
+    state = torch.load(ck, weights_only=True)  # the epoch-1 checkpoint is on disk, whole and finite
+    assert int(state["epoch"]) == 0 and int(state["step"]) == 2
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_one_bit_activations_and_wider_edges():
+    with pytest.raises(GraphOptError, match="1 bit is for unsigned activations"):
+        parse("int1:tensor", "acts")
+    with pytest.raises(GraphOptError, match="1 bit is for unsigned activations"):
+        parse("uint1:channel", "weights")
+    g, xs, r = _qat("canonicalize,fold-bn,quantize{weights=binary:channel,acts=uint1:tensor,qat=lsq,first_last_bits=8,"
+                    "first_last_act_bits=8},finetune{epochs=1,batch_size=32,teacher=none,kd_weight=0}")
+    bits = {n.inputs[0].name: n.attr("bits") for n in g.nodes if n.op_type == "FakeQuant" and n.attr("kind") == "act"}
+    first = next(n for n in g.nodes if n.op_type == "Conv")
+    last = [n for n in g.nodes if n.op_type in ("Gemm", "MatMul")][-1]
+    edge = {first.inputs[0].producer.inputs[0].name, last.inputs[0].producer.inputs[0].name}
+    assert all(bits[k] == 8 for k in edge) and sorted(set(b for k, b in bits.items() if k not in edge)) in ([1], [1, 8])
+    lowered, rep = lower(g, "qdq")
+    with torch.no_grad():
+        sim = graphopt.to_torch(g)(torch.from_numpy(xs)).numpy()
+    got = run_ort(to_model(lowered, rep.opset), xs)
+    step = float(np.asarray(g.const_value(g.outputs[0].producer.inputs[1])).max())
+    assert np.abs(got - sim).max() <= step * 1.001

@@ -32,6 +32,11 @@ from common import cifar10, cifar_normalize, load_results, ort_session, save_res
 RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-qat"
 EDGE = "first_last_bits=8"
+# rows that use the two-phase BN schedule: epochs with batch statistics (the others: frozen throughout)
+BN_BATCH: dict[str, int] = {"w4a4-lsq-bn": 2}
+# rows below 4-bit activations keep the first and last layers' inputs (and the logits) at 8 bits, as
+# the LSQ, PACT and IR-Net papers do; the 4-bit rows quantize the network input to 4 bits too
+EDGE_ACT = {"w3a3-lsq": 8, "w2a2-lsq": 8, "w1a1": 8}
 # row -> (quantize options, what it is)
 ROWS = {
     "w8a8-ptq": ("weights=int8:channel,acts=uint8:tensor", "PTQ baseline, no training"),
@@ -48,6 +53,8 @@ ROWS = {
     "w4a4-lsq-g6": ("weights=int4:channel,acts=uint4:tensor,qat=lsq,grad_bits=6", "LSQ + 6-bit DoReFa gradients"),
     "w4a4-apot": ("weights=apot4:channel,acts=uint4:tensor,qat=lsq", "APoT weights (STE), LSQ activations"),
     "w4a4-pow2": ("weights=pow2:b4:channel,acts=uint4:tensor,qat=lsq", "power-of-two weights (STE), LSQ acts"),
+    "w4a4-lsq-bn": ("weights=int4:channel,acts=uint4:tensor,qat=lsq", "LSQ, two-phase BN: 2 epochs batch statistics"),
+    "w1a1": ("weights=binary:channel,acts=uint1:tensor,qat=lsq", "binary weights, 1-bit {0, s} activations (LSQ)"),
 }
 
 
@@ -82,6 +89,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     from graphopt.passmanager import Context, PassManager, TrainingData
 
     opts, _ = ROWS[row]
+    bn_batch = BN_BATCH.get(row, 0)
     xtr_u8, ytr = cifar10("train")
     xt_u8, yt = cifar10("test")
     xtr, xt = cifar_normalize(xtr_u8[:limit]), cifar_normalize(xt_u8)
@@ -92,10 +100,11 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     ck = WORK / f"{row}.pt"
     train = "ptq" not in row
-    pipe = f"canonicalize,fold-bn,quantize{{{opts},{EDGE}}}"
+    edge = EDGE + (f",first_last_act_bits={EDGE_ACT[row]}" if row in EDGE_ACT else "")
+    pipe = f"canonicalize,fold-bn,quantize{{{opts},{edge}}}"
     if train:
         pipe += (f",finetune{{epochs={epochs},batch_size=128,lr={lr},weight_decay=0.0001,kd_weight=0.5,"
-                 f"temperature=4,checkpoint={ck},resume=true}}")
+                 f"temperature=4,bn_batch_epochs={bn_batch},checkpoint={ck},resume=true}}")
     t = time.perf_counter()
     ctx = Context(calib=calib, train=TrainingData(xtr, ytr, augment), teacher=g.copy())
     r = PassManager(pipe).run(g, ctx)
@@ -118,15 +127,83 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
             "steps": steps, "train_images": len(xtr), "mb": round(out.stat().st_size / 1e6, 3)}
 
 
+# the Brevitas peer: row -> (weight bits, activation bits, what); same recipe, weights and data
+PEER_ROWS = {
+    "brevitas-w4a4": (4, 4, "Brevitas QuantConv2d/QuantReLU, float BN (batch statistics)"),
+    "brevitas-w2a2": (2, 2, "Brevitas, 8-bit network input and classifier input"),
+}
+
+
+def ort_kernels(path: Path) -> dict[str, int]:
+    """The compute ops of onnxruntime's optimized graph (integer kernels show as QLinearConv etc.)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(path.with_suffix(".ort.onnx"))
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops: dict[str, int] = {}
+    for n in onnx.load(so.optimized_model_filepath).graph.node:
+        if n.op_type in ("Conv", "QLinearConv", "ConvInteger", "FusedConv", "QLinearMatMul", "MatMulInteger", "Gemm",
+                         "FusedGemm", "MatMul", "BatchNormalization"):
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return ops
+
+
+def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
+    import torch
+    from cifar_resnet import resnet_cifar
+    from peers.brevitas_resnet import export, from_fp32, train
+
+    wb, ab, _ = PEER_ROWS[row]
+    xtr_u8, ytr = cifar10("train")
+    xt_u8, yt = cifar10("test")
+    xtr, xt = cifar_normalize(xtr_u8[:limit]), cifar_normalize(xt_u8)
+    ytr = ytr[:limit]
+    fp32 = resnet_cifar(20)
+    model = from_fp32(fp32, wb, ab, 8 if ab < 4 else ab)
+    WORK.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    stats = train(model, fp32, xtr, ytr, augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row}.pt")
+    secs = time.perf_counter() - t
+    with torch.no_grad():
+        sim = np.concatenate([model(torch.from_numpy(xt[i:i + 500])).numpy() for i in range(0, len(xt), 500)])
+    out = WORK / f"{row}.onnx"
+    why = export(model, out)
+    res = {"pipeline": f"brevitas {row}: W{wb}A{ab}, first conv and classifier W8", "epochs": epochs,
+           "torch_top1": round(100 * float((sim.argmax(1) == yt).mean()), 2), "wall_s": round(secs, 1),
+           "s_per_epoch": round(secs / max(epochs, 1), 1), "steps": stats["steps"], "train_images": len(xtr),
+           "ort_top1": None, "agree": None, "mb": None, "export": why or "ok"}
+    if why is None:
+        try:
+            sess = ort_session(out)
+            name = sess.get_inputs()[0].name
+            bs = 1 if sess.get_inputs()[0].shape[0] == 1 else 500  # Brevitas exports a fixed batch of one
+            ort = np.concatenate([sess.run(None, {name: xt[i:i + bs]})[0] for i in range(0, len(xt), bs)])
+            res.update(ort_top1=round(100 * float((ort.argmax(1) == yt).mean()), 2),
+                       agree=round(100 * float((sim.argmax(1) == ort.argmax(1)).mean()), 2),
+                       max_diff=float(np.abs(ort - sim).max()), mb=round(out.stat().st_size / 1e6, 3))
+            import onnx
+
+            res["onnx_ops"] = sorted({n.op_type for n in onnx.load(str(out)).graph.node})
+            res["ort_kernels"] = ort_kernels(out)
+        except Exception as e:
+            res["export"] = f"onnxruntime cannot run it: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return res
+
+
 def table() -> None:
     res = load()
     print("| row | what | epochs | top-1 torch | top-1 onnxruntime | agree | s/epoch |")
     print("|---|---|---|---|---|---|---|")
-    for row, (_, what) in ROWS.items():
+    rows = {**{k: w for k, (_, w) in ROWS.items()}, **{k: w for k, (_, _, w) in PEER_ROWS.items()}}
+    fmt = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
+    for row, what in rows.items():
         r = res.get(row)
         if r:
-            print(f"| {row} | {what} | {r['epochs']} | {r['torch_top1']:.2f} | {r['ort_top1']:.2f} | {r['agree']:.2f}% | "
-                  f"{r['s_per_epoch'] if r['s_per_epoch'] is not None else '-'} |")
+            print(f"| {row} | {what} | {r['epochs']} | {fmt(r['torch_top1'])} | {fmt(r['ort_top1'])} | "
+                  f"{fmt(r['agree'], '%')} | {r['s_per_epoch'] if r['s_per_epoch'] is not None else '-'} |")
 
 
 def main() -> int:
@@ -139,15 +216,19 @@ def main() -> int:
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     if args.list:
+        for row, (wb, ab, what) in PEER_ROWS.items():
+            print(f"{row:14s} {what}: W{wb}A{ab}")
         for row, (opts, what) in ROWS.items():
-            print(f"{row:14s} {what}: quantize{{{opts},{EDGE}}}")
+            edge = EDGE + (f",first_last_act_bits={EDGE_ACT[row]}" if row in EDGE_ACT else "")
+            print(f"{row:14s} {what}: quantize{{{opts},{edge}}}" + (f" + {BN_BATCH[row]} epochs batch-statistics BN" if row in BN_BATCH else ""))
         return 0
     if args.table:
         table()
         return 0
-    if args.row not in ROWS:
-        ap.error(f"--row must be one of {', '.join(ROWS)}")
-    result = run_row(args.row, args.epochs, args.lr, args.limit)
+    if args.row not in ROWS and args.row not in PEER_ROWS:
+        ap.error(f"--row must be one of {', '.join([*ROWS, *PEER_ROWS])}")
+    run = run_peer if args.row in PEER_ROWS else run_row
+    result = run(args.row, args.epochs, args.lr, args.limit)
     res = load()
     res[args.row] = result
     save(res)

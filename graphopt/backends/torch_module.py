@@ -33,6 +33,7 @@ from torch import nn
 from graphopt.errors import GraphOptError, UnsupportedOpError
 from graphopt.ir import Graph, Node, Value, is_param
 from graphopt.masks import get_mask
+from graphopt.meta import BN_STATS
 
 _LOWERINGS: dict[tuple[str, str], Callable[["_Builder", Node], list]] = {}
 _INT64_MAX = 2 ** 63 - 1
@@ -344,6 +345,8 @@ class _Builder:
         self.buffer_names: dict[str, str] = {}  # IR value name -> module buffer written back (BN statistics)
         self.outputs = outputs
         self.train_bn = False
+        self.folded_bn = "frozen"  # or "batch": BN folded into a fake-quantized layer normalizes with batch statistics
+        self.bn_folds: dict[str, dict[str, str]] = {}  # layer node -> its batch-statistics BN (see _batch_stats_bn)
 
     # inputs --------------------------------------------------------------
     def value(self, v: Value | None, trainable: bool | None = None):
@@ -426,8 +429,9 @@ def _conv(b, n):
     if n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise UnsupportedOpError(f"torch back end: Conv auto_pad={n.attr('auto_pad')} (node '{n.name}')")
     pads = list(n.attr("pads", [0] * (2 * nd)))
-    return [b.call(onnx_conv, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), list(n.attr("strides", [1] * nd)), pads,
-                   list(n.attr("dilations", [1] * nd)), n.attr("group", 1))]
+    out = b.call(onnx_conv, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), list(n.attr("strides", [1] * nd)), pads,
+                 list(n.attr("dilations", [1] * nd)), n.attr("group", 1))
+    return [_batch_stats_bn(b, n, out)]
 
 
 @lowering("ConvTranspose")
@@ -442,8 +446,9 @@ def _conv_t(b, n):
 
 @lowering("Gemm")
 def _gemm(b, n):
-    return [b.call(onnx_gemm, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), float(n.attr("alpha", 1.0)),
-                   float(n.attr("beta", 1.0)), n.attr("transA", 0), n.attr("transB", 0))]
+    out = b.call(onnx_gemm, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), float(n.attr("alpha", 1.0)),
+                 float(n.attr("beta", 1.0)), n.attr("transA", 0), n.attr("transB", 0))
+    return [_batch_stats_bn(b, n, out)]
 
 
 @lowering("MatMul")
@@ -468,6 +473,124 @@ class TrainableBatchNorm(nn.modules.batchnorm._BatchNorm):
     def _check_input_dim(self, input):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2-D input (got {input.dim()}-D input)")
+
+
+class FoldedBatchNorm(TrainableBatchNorm):
+    """The BatchNorm that ``fold-bn`` folded into a layer, back for QAT's first phase (torch.ao
+    ConvBn's batch statistics). It acts on the folded layer's output u, whose distribution
+    fold-bn recorded as N(beta, gamma^2), and starts as the identity: weight sqrt(gamma^2 + eps),
+    bias beta, running mean beta, running variance gamma^2. In ``train()`` it normalizes u with
+    the batch statistics; ``write_back`` folds it into the layer again (see ``refold``)."""
+
+
+def _batch_stats_bn(b, n, out):
+    """``out`` (a Conv/Gemm result), followed by a ``FoldedBatchNorm`` when the builder is in
+    ``folded_bn="batch"`` mode and the layer is one whose folded BN can be folded back exactly:
+    fold-bn statistics on its output, a constant bias, and a per-output-channel weight
+    quantizer that follows a per-channel rescaling. Any other layer keeps its BN frozen."""
+    if b.folded_bn != "batch":
+        return out
+    why = _refoldable(b.graph, n)
+    if why:
+        import logging
+
+        logging.getLogger("graphopt.backends.torch").info("layer '%s' keeps frozen BN statistics: %s", n.source, why)
+        return out
+    stats = n.outputs[0].meta[BN_STATS]
+    gamma, beta = (np.asarray(stats[k], np.float32) for k in ("gamma", "beta"))
+    eps = 1e-5
+    t = [torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in
+         (np.sqrt(gamma.astype(np.float64) ** 2 + eps), beta, beta, gamma.astype(np.float64) ** 2)]
+    attr = _attr_name((n.name or "layer") + "_bn", b.taken)
+    b.root.add_module(attr, FoldedBatchNorm(*t, eps, 0.1))
+    from graphopt.quantizers.base import from_node, params_of
+
+    w_fq = n.inputs[1].producer
+    q = from_node(w_fq)
+    # the scale parameters that do not train stay as built: a refold scales these copies, so
+    # writing the same module back twice folds once
+    fixed = {k: np.array(v, copy=True) for k, v in params_of(b.graph, w_fq).items() if not q.trainable(k)}
+    b.bn_folds[n.name] = {"module": attr, "fixed": fixed}
+    return b.fx.call_module(attr, (out,))
+
+
+def _refoldable(graph: Graph, n: Node) -> str | None:
+    from graphopt.geometry import geometry
+    from graphopt.quantizers.base import from_node, is_fake_quant, params_of
+
+    stats = n.outputs[0].meta.get(BN_STATS)
+    if stats is None:
+        return "no folded BN"
+    if n.op_type == "Gemm" and (n.attr("transA", 0) or n.attr("alpha", 1.0) != 1.0 or n.attr("beta", 1.0) != 1.0):
+        return "Gemm with transA or alpha/beta"
+    w_fq = n.inputs[1].producer
+    if not is_fake_quant(w_fq) or graph.const_value(w_fq.inputs[0]) is None:
+        return "the weight is not a fake-quantized constant"
+    geo = geometry(n)
+    w = np.asarray(graph.const_value(w_fq.inputs[0]))
+    c = geo.out_channels(w.shape)
+    if np.asarray(stats["gamma"]).size != c:
+        return "its BN statistics do not match its channels"
+    if len(n.inputs) < 3 or n.inputs[2] is None:
+        return "no bias"
+    bias = n.inputs[2]
+    if is_fake_quant(bias.producer):
+        bias = bias.producer.inputs[0]
+    if graph.const_value(bias) is None:
+        return "the bias is computed"
+    q, axis = from_node(w_fq), w_fq.attr("axis")
+    if axis is None or axis != geo.out_axis:
+        return "the weight quantizer is not per output channel"
+    params = params_of(graph, w_fq)
+    g = np.random.default_rng(0).uniform(0.5, 2.0, c)
+    moved = q.rescaled(params, g, axis)
+    if moved is None:
+        return f"the {q.scheme} weight quantizer cannot follow a per-channel rescaling"
+    shape = [1] * w.ndim
+    shape[axis] = c
+    lhs = q.apply_np(w * g.reshape(shape), moved, axis)
+    rhs = q.apply_np(w, params, axis) * g.reshape(shape)
+    if not np.allclose(lhs, rhs, rtol=1e-4, atol=1e-6 * float(np.abs(rhs).max() or 1.0)):
+        return f"the {q.scheme} weight quantizer is not scale-equivariant"
+    return None
+
+
+def refold(graph: Graph, n: Node, bn: "FoldedBatchNorm", fixed: dict[str, np.ndarray] | None = None) -> None:
+    """Fold a ``FoldedBatchNorm`` back into layer ``n``: with g = weight / sqrt(running_var +
+    eps) and shift = bias - g * running_mean, the weight and its quantizer's scale parameters
+    scale by g (the integer codes do not change) and the bias becomes g * bias + shift. The
+    graph then computes what the module computes in ``eval()``. ``fixed``: the quantizer's
+    parameters as the module was built, for those that do not train (the graph's may already
+    have been scaled by an earlier refold)."""
+    from graphopt.geometry import geometry
+    from graphopt.meta import BN_STATS as _BN
+    from graphopt.quantizers.base import from_node, is_fake_quant, params_of
+
+    with torch.no_grad():
+        weight, shift_b = (t.detach().double().numpy() for t in (bn.weight, bn.bias))
+        mean, var = (t.detach().double().numpy() for t in (bn.running_mean, bn.running_var))
+    g = weight / np.sqrt(var + bn.eps)
+    if not np.all(np.isfinite(g)) or np.any(g <= 0):
+        raise GraphOptError(f"cannot fold the trained BatchNorm back into '{n.source}': its scale is not positive "
+                            f"and finite in every channel")
+    shift = shift_b - g * mean
+    w_fq = n.inputs[1].producer
+    q, axis = from_node(w_fq), w_fq.attr("axis")
+    w_v = w_fq.inputs[0]
+    w = np.asarray(graph.const_value(w_v))
+    geo = geometry(n)
+    graph.set_const(w_v, geo.from_out_view(geo.out_view(w) * g[:, None], w.shape).astype(w.dtype))
+    moved = q.rescaled({**params_of(graph, w_fq), **(fixed or {})}, g, axis)
+    for i, name in enumerate(q.param_names, start=1):
+        if name in q.scale_params:
+            v = w_fq.inputs[i]
+            graph.set_const(v, np.asarray(moved[name], np.asarray(graph.const_value(v)).dtype))
+    bias = n.inputs[2]
+    if is_fake_quant(bias.producer):
+        bias = bias.producer.inputs[0]
+    old = np.asarray(graph.const_value(bias))
+    graph.set_const(bias, (g * old.astype(np.float64) + shift).astype(old.dtype))
+    n.outputs[0].meta[_BN] = {"gamma": weight.astype(np.float32), "beta": shift_b.astype(np.float32)}
 
 
 @lowering("BatchNormalization")
@@ -795,17 +918,24 @@ class TorchGraphModule(torch.fx.GraphModule):
         return write_back(graph, self)
 
     param_names: dict[str, str]
+    bn_folds: dict[str, dict[str, str]]
     mask_names: dict[str, tuple[str, str]]
     buffer_names: dict[str, str]
     input_names: list[str]
     output_names: list[str]
 
 
-def to_torch(graph: Graph, outputs: list[str] | None = None, train_bn: bool = False) -> TorchGraphModule:
+def to_torch(graph: Graph, outputs: list[str] | None = None, train_bn: bool = False,
+             folded_bn: str = "frozen") -> TorchGraphModule:
     """Lower ``graph`` to an ``nn.Module``.
 
     ``train_bn``: BatchNormalization nodes become trainable BN modules (batch statistics in
     ``train()``; see the module doc). By default BN always uses its stored statistics.
+
+    ``folded_bn="batch"``: a fake-quantized layer into which fold-bn folded a BatchNorm gets
+    that BN back after it (``FoldedBatchNorm``, identity at the start), normalizing with batch
+    statistics in ``train()``: the first phase of QAT's BN schedule. ``write_back`` folds it
+    into the layer's weight, weight scale and bias again.
 
     ``outputs``: value names to return instead of the graph outputs (for calibration and
     sensitivity scans); the module then returns a tuple in that order. With the default,
@@ -819,9 +949,12 @@ def to_torch(graph: Graph, outputs: list[str] | None = None, train_bn: bool = Fa
         if missing:
             raise GraphOptError(f"no value named {', '.join(repr(m) for m in missing)} in the graph")
         out_values = [graph.values[o] for o in outputs]
+    if folded_bn not in ("frozen", "batch"):
+        raise GraphOptError(f"folded_bn must be 'frozen' or 'batch', not '{folded_bn}'")
     root = nn.Module()
     b = _Builder(graph, root, out_values)
     b.train_bn = train_bn
+    b.folded_bn = folded_bn
     for v in graph.inputs:
         b.env[v] = b.fx.placeholder(_attr_name(v.name, b.taken))
     needed = _needed_nodes(graph, out_values)
@@ -844,6 +977,7 @@ def to_torch(graph: Graph, outputs: list[str] | None = None, train_bn: bool = Fa
     gm.param_names = b.param_names
     gm.mask_names = b.mask_names
     gm.buffer_names = b.buffer_names
+    gm.bn_folds = b.bn_folds
     gm.input_names = [v.name for v in graph.inputs]
     gm.output_names = [v.name for v in out_values]
     return gm
@@ -880,4 +1014,14 @@ def write_back(graph: Graph, module: TorchGraphModule) -> int:
                                 f"has {list(v.const.shape)}")
         graph.set_const(v, new)
         n += 1
+    folds = getattr(module, "bn_folds", {})
+    if folds:
+        from graphopt.quantizers.base import refresh_bias_scales
+
+        by_name = {nd.name: nd for nd in graph.nodes}
+        for layer, info in folds.items():
+            if layer not in by_name:
+                raise GraphOptError(f"graph has no layer '{layer}' to fold its trained BatchNorm into")
+            refold(graph, by_name[layer], module.get_submodule(info["module"]), info.get("fixed"))
+        refresh_bias_scales(graph)
     return n

@@ -49,6 +49,9 @@ class Quantizer:
     scheme: ClassVar[str] = ""
     keywords: ClassVar[tuple[str, ...]] = ()  # spec words that select this scheme ("int", "uint")
     param_names: ClassVar[tuple[str, ...]] = ()  # FakeQuant inputs after x, in order
+    # the parameters that scale with the input: q(g*x; g*p) == g*q(x; p) for g > 0 when the
+    # scheme is scale-equivariant (a learned or fitted step, clip or threshold)
+    scale_params: ClassVar[tuple[str, ...]] = ()
     doc: ClassVar[str] = ""  # one line for `graphopt passes` / the README
 
     # -- spec text -----------------------------------------------------------
@@ -86,6 +89,24 @@ class Quantizer:
     def trainable(self, param: str) -> bool:
         """Whether the torch back end makes ``param`` an ``nn.Parameter``."""
         return False
+
+    def rescaled(self, params: dict[str, np.ndarray], g: np.ndarray, axis: int | None
+                 ) -> dict[str, np.ndarray] | None:
+        """The parameters for the weight scaled by ``g`` (> 0, one factor per slice along
+        ``axis``), such that the quantized weight scales by exactly ``g``; None when the scheme
+        cannot follow a per-channel rescaling (per-tensor parameters, or no ``scale_params``).
+        Re-folding BatchNorm after batch-statistics training uses it; the caller checks the
+        result numerically (a scheme whose maths is not scale-equivariant fails that check)."""
+        if axis is None or not self.scale_params:
+            return None
+        g = np.asarray(g, np.float64)
+        out = dict(params)
+        for name in self.scale_params:
+            p = np.asarray(params[name])
+            if p.ndim == 0 or p.shape[0] != g.size:  # a per-tensor parameter cannot follow per-channel factors
+                return None
+            out[name] = (p * g.reshape((-1,) + (1,) * (p.ndim - 1))).astype(p.dtype)
+        return out
 
     # -- ONNX ----------------------------------------------------------------
     def kernel_bits(self, kind: str = "weight") -> int | None:

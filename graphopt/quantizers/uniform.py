@@ -58,6 +58,7 @@ class Uniform(Quantizer):
     scheme = "uniform"
     keywords = ("int", "uint")
     param_names = ("scale", "zero_point")
+    scale_params = ("scale",)
     doc = "(u)int<bits>[:tensor|channel|block<size>][:sym|asym]: uniform affine, ONNX Q/DQ (integer kernels)"
 
     bits: int = 8
@@ -98,8 +99,11 @@ class Uniform(Quantizer):
             raise GraphOptError(f"bad {what} spec '{text}': expected e.g. int8:channel, uint8:tensor, int4:block32")
         kind, bits, gran, block, sym, est = m.groups()
         bits = int(bits)
-        if not 2 <= bits <= 16:
-            raise GraphOptError(f"bad {what} spec '{text}': bits must be 2..16")
+        if bits == 1 and (kind == "int" or what != "acts"):
+            raise GraphOptError(f"bad {what} spec '{text}': 1 bit is for unsigned activations only (uint1: "
+                                "{0, step}, a binary ReLU output); binary weights are the binary scheme")
+        if not 1 <= bits <= 16:
+            raise GraphOptError(f"bad {what} spec '{text}': bits must be 2..16 (uint1 for activations)")
         gran = gran or "tensor"
         block_size = int(block) if block else 0
         if gran == "block" and block_size <= 0:
@@ -161,17 +165,17 @@ class Uniform(Quantizer):
             lo = 0.0
         if self.estimator == "lsq" and abs_mean is not None and abs_mean > 0:
             z = 0.0 if self.symmetric or lo >= 0 else scale_zp(np.array(lo), np.array(hi), self)[1]
-            s = 2 * abs_mean / np.sqrt(self.qmax - (z if not self.symmetric else 0))
+            s = 2 * abs_mean / np.sqrt(max(self.qmax - (z if not self.symmetric else 0), 1))
             return {"scale": np.array(s, np.float32).reshape(()), "zero_point": np.array(z, np.float32).reshape(())}
         s, z = scale_zp(np.array(lo), np.array(hi), self)
         return {"scale": s.reshape(()), "zero_point": z.reshape(())}
 
     # -- maths ---------------------------------------------------------------
     def step(self, scale) -> np.ndarray:
-        """The step a stored scale stands for: itself, or for LSQ |scale| (at least 1e-8), the
-        positive step its training used whatever sign the parameter reached."""
+        """The step a stored scale stands for: itself, or for a learned one (LSQ, PACT) |scale|
+        (at least 1e-8), the positive step its training used whatever sign the parameter reached."""
         scale = np.asarray(scale, np.float32)
-        return np.maximum(np.abs(scale), np.float32(1e-8)) if self.estimator == "lsq" else scale
+        return np.maximum(np.abs(scale), np.float32(1e-8)) if self.estimator in ("lsq", "pact") else scale
 
     def _shaped(self, x: np.ndarray, params, axis) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point shaped to broadcast against ``x``."""
@@ -226,7 +230,7 @@ class Uniform(Quantizer):
         if fmt != "float" and self._int8_container(node.attr("kind", "act"), is_const):
             return Lowered(True, _qdq(graph, node, self, TensorProto.INT8, True))
         if fmt != "float" and not is_const and self.bits < 8 and not self.block_size:
-            # a 2-7-bit activation in an 8-bit container: Clip to its range, then Q/DQ (onnxruntime
+            # a 1-7-bit activation in an 8-bit container: Clip to its range, then Q/DQ (onnxruntime
             # cannot run uint4 Q/DQ next to a fused layer; this is exact and always loads)
             _clip_to_range(graph, node, self)
             _qdq(graph, node, self, TensorProto.INT8 if self.signed else TensorProto.UINT8, False)
@@ -323,7 +327,9 @@ def pact_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     """PACT (Choi et al. 2018): y = quantize(clip(x, 0, alpha)) with alpha = scale * (qmax - qmin)
     learned. The gradient to alpha is 1 where x >= alpha and 0 elsewhere; to x it is 1 inside
     (0, alpha). The rounding passes gradients straight through. The forward value is
-    QuantizeLinear + DequantizeLinear with zero point qmin."""
+    QuantizeLinear + DequantizeLinear with zero point qmin. Like LSQ's step, alpha is kept
+    positive (|scale|, at least 1e-8): a clip pushed through zero stays a clip."""
+    scale = scale.abs().clamp_min(1e-8)
     alpha = scale * (qmax - qmin)
     yc = torch.where(x >= alpha, alpha, torch.relu(x))
     s = scale.detach()

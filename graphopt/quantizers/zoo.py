@@ -79,6 +79,7 @@ class ZooScheme(Quantizer):
     search, the integer-kernel lowering and the float simulation."""
 
     param_names = ("alpha",)
+    scale_params = ("alpha",)
     default_bits: ClassVar[int] = 4
     bit_range: ClassVar[tuple[int, int]] = (2, 8)
     words: ClassVar[dict[str, tuple[str, Any]]] = {}  # token -> (field, value)
@@ -538,6 +539,7 @@ class Ternary(LevelScheme):
     scheme = "ternary"
     doc = "ternary[:tensor|channel]: {-a, 0, a}, threshold 0.7 mean|w| (TWN); int8 kernels"
     param_names = ("alpha", "delta")
+    scale_params = ("alpha", "delta")
     fixed_bits = True
     bit_range = (2, 2)
     default_bits = 2
@@ -582,6 +584,7 @@ class Term(ZooScheme):
 
     scheme = "term"
     param_names = ("scale",)
+    scale_params = ("scale",)
     doc = "term<bits>[:g<group>][:t<budget>][:sd][:tensor|channel]: a group keeps its largest power-of-two terms; int8"
     words = {"sd": ("signed_digits", True)}
     numbers = {"g": "group", "t": "budget"}
@@ -686,6 +689,7 @@ class PWLQ(ZooScheme):
 
     scheme = "pwlq"
     param_names = ("alpha", "breaks")
+    scale_params = ("alpha", "breaks")
     doc = "pwlq<bits>[:bp1|bp2|bp3][:gauss|laplace|mse][:tensor|channel]: piecewise-linear (Fang et al. 2020); float"
     words = {"bp1": ("breakpoints", 1), "bp2": ("breakpoints", 2), "bp3": ("breakpoints", 3),
              "gauss": ("fit", "gauss"), "laplace": ("fit", "laplace"), "mse": ("fit", "mse")}
@@ -800,6 +804,7 @@ class DoReFa(ZooScheme):
     int8 kernels up to 7 bits."""
 
     scheme = "dorefa"
+    scale_params = ()  # tanh normalisation: not scale-equivariant
     doc = "dorefa<bits>[:tensor|channel]: DoReFa-Net tanh-normalised weights, for QAT; int8 kernels to 7 bits"
     bit_range = (1, 8)
     search_clip = False

@@ -180,25 +180,25 @@ class CalibrationData:
                 raise GraphOptError(f"calibration arrays {sorted(self._named)} do not match the model inputs {want}"
                                     + (f" (missing {missing})" if missing else "") + (f" (unknown {extra})" if extra else ""))
             for v in graph.inputs:
-                shape = self._named[v.name].shape[1:]
-                want_s = list(v.shape)[1:] if v.shape is not None else None
-                if want_s is not None and (len(want_s) != len(shape) or any(
-                        isinstance(w, int) and w != s for w, s in zip(want_s, shape))):
-                    raise GraphOptError(f"calibration array '{v.name}' has samples of shape {list(shape)}, but the "
-                                        f"model input is {format_shape(v.shape)}")
+                check_sample_shape(f"samples of calibration array '{v.name}'", self._named[v.name].shape[1:], v)
             self._order = want
             return
         if len(graph.inputs) != 1:
             raise GraphOptError(f"calibration feeds one input, but the model has {len(graph.inputs)}: give a .npz "
                                 f"(or a dict) with one array per input name ({', '.join(v.name for v in graph.inputs)})")
-        shape = self.sample_shape
-        inp = graph.inputs[0]
-        if shape is None or inp.shape is None:
-            return
-        want = list(inp.shape)[1:]
-        if len(want) != len(shape) or any(isinstance(w, int) and w != s for w, s in zip(want, shape)):
-            raise GraphOptError(f"calibration samples have shape {list(shape)} (batch excluded), but model input "
-                                f"'{inp.name}' is {format_shape(inp.shape)}")
+        if self.sample_shape is not None:
+            check_sample_shape("calibration samples", self.sample_shape, graph.inputs[0])
+
+
+def check_sample_shape(what: str, shape, inp) -> None:
+    """Refuse samples (batch axis excluded) whose shape contradicts model input ``inp``'s static
+    dimensions (symbolic ones match anything)."""
+    if inp.shape is None:
+        return
+    want, shape = list(inp.shape)[1:], list(shape)
+    if len(want) != len(shape) or any(isinstance(w, int) and w != s for w, s in zip(want, shape)):
+        raise GraphOptError(f"{what} have shape {shape} (batch excluded), but model input '{inp.name}' is "
+                            f"{format_shape(inp.shape)}")
 
 
 def check_numeric(a: np.ndarray, what: str) -> None:

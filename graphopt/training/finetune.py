@@ -9,6 +9,11 @@ place (written back with ``graph.update_from``):
 * **BatchNormalization** (when not folded) trains as in torch: batch statistics, running
   statistics updated and written back (``train_bn=False`` freezes them). Under DDP each
   process normalizes with its own share of the batch, as DDP without SyncBatchNorm does;
+* **BatchNorm folded into a fake-quantized layer** (QAT) follows a two-phase schedule: for the
+  first ``bn_batch_epochs`` epochs the layer's output is normalized with batch statistics
+  (``to_torch(folded_bn="batch")``, torch.ao's ConvBn), then the trained BN is folded back into
+  the weight, its quantizer's scale and the bias (the integer codes do not move) and the
+  remaining epochs train the frozen, folded form the export computes;
 * **checkpoints** after every epoch, written atomically (tensors only: ``torch.load`` reads
   them with ``weights_only=True``); ``resume`` continues from one;
 * **Ctrl-C** stops cleanly: the weights of the last *completed* step are kept, written back
@@ -55,6 +60,9 @@ class FinetuneConfig:
     max_steps: int | None = None  # stop early (tests, time budgets)
     transform: Any = None  # optional callable(batch: np.ndarray, rng) -> np.ndarray, e.g. augmentation
     train_bn: bool = True  # BN layers normalize with batch statistics and update their running statistics
+    # QAT's BN schedule: for the first bn_batch_epochs epochs a BN folded into a fake-quantized
+    # layer normalizes with batch statistics (torch.ao ConvBn), then it is folded back and frozen
+    bn_batch_epochs: int = 0
 
 
 def _dist():
@@ -67,7 +75,8 @@ def _save_checkpoint(path: str, module: torch.nn.Module, epoch: int, step: int) 
     from graphopt.atomic import atomic_paths
 
     state = {"model": {k: v.detach().clone() for k, v in module.state_dict().items()},
-             "epoch": torch.tensor(epoch), "step": torch.tensor(step)}
+             "epoch": torch.tensor(epoch), "step": torch.tensor(step),
+             "bn_batch": torch.tensor(int(bool(getattr(module, "bn_folds", None))))}
     with atomic_paths(path) as (tmp,):
         torch.save(state, tmp)
 
@@ -85,42 +94,62 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
     if teacher is None and y is None:
         raise GraphOptError("fine-tuning needs a teacher model (distillation) or labels")
     x = np.asarray(x, np.float32)
+    from graphopt.training.calibration import check_sample_shape
+
+    if len(student.inputs) == 1:
+        check_sample_shape("training samples", x.shape[1:], student.inputs[0])
     if y is not None and len(y) != len(x):
         raise GraphOptError(f"{len(x)} inputs but {len(y)} labels")
     rank, world = _dist()
     if cfg.batch_size % world:
         raise GraphOptError(f"batch size {cfg.batch_size} does not split evenly over {world} processes")
+    if cfg.optimizer not in ("sgd", "adam"):
+        raise GraphOptError(f"unknown optimizer '{cfg.optimizer}' (sgd, adam)")
+    if not isinstance(cfg.bn_batch_epochs, int) or cfg.bn_batch_epochs < 0:
+        raise GraphOptError(f"bn batch epochs must be an integer >= 0, not {cfg.bn_batch_epochs}")
+    steps_per_epoch = len(x) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise GraphOptError(f"{len(x)} samples are fewer than one batch of {cfg.batch_size}")
+    total = steps_per_epoch * cfg.epochs
     torch.manual_seed(cfg.seed)
-    module = to_torch(student, train_bn=cfg.train_bn)
+
+    def phase(epoch: int) -> str:
+        return "batch" if epoch < cfg.bn_batch_epochs else "frozen"
+
+    def build(bn_phase: str, at_step: int):
+        """The module, its DDP wrapper, optimizer and schedule for a BN phase; the cosine
+        schedule continues from ``at_step``."""
+        m = to_torch(student, train_bn=cfg.train_bn, folded_bn=bn_phase)
+        n = torch.nn.parallel.DistributedDataParallel(m) if world > 1 else m
+        params = [p for p in m.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            o = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            o = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sc = torch.optim.lr_scheduler.LambdaLR(
+            o, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + at_step, total) / total)))
+        return m, n, o, sc
+
     start_epoch, step = 0, 0
+    state = None
     if cfg.resume and cfg.checkpoint and os.path.isfile(cfg.checkpoint):
         state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+    # a checkpoint holds the module of the phase it was written in (a run may stop inside either)
+    bn_phase = phase(start_epoch) if state is None else ("batch" if int(state.get("bn_batch", 0)) else "frozen")
+    module, net, opt, sched = build(bn_phase, step)
+    if state is not None:
         try:
             module.load_state_dict(state["model"])
         except RuntimeError as e:
             first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
             raise GraphOptError(f"checkpoint {cfg.checkpoint} does not match this model ({first}); "
                                 f"delete it or drop --resume") from None
-        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
         log.info("resuming from %s at epoch %d", cfg.checkpoint, start_epoch)
+    if module.bn_folds:
+        log.info("%d folded BatchNorms train with batch statistics for %d epochs", len(module.bn_folds),
+                 cfg.bn_batch_epochs)
     t_module = to_torch(teacher).eval() if teacher is not None else None
-    net = module
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(module)
-    params = [p for p in module.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        raise GraphOptError(f"unknown optimizer '{cfg.optimizer}' (sgd, adam)")
-    steps_per_epoch = len(x) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise GraphOptError(f"{len(x)} samples are fewer than one batch of {cfg.batch_size}")
-    total = steps_per_epoch * cfg.epochs
-    step0 = step  # resuming: the cosine schedule continues where the checkpoint left it
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + step0, total) / total)))
     show = cfg.progress if cfg.progress is not None else (sys.stderr.isatty() and not os.environ.get("CI"))
     history: list[float] = []
     interrupted = False
@@ -130,6 +159,14 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
     aug_rng = np.random.default_rng(cfg.seed + 1000 * rank)
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            if module.bn_folds and phase(epoch) == "frozen":
+                if world > 1:  # every process folds rank 0's running statistics
+                    for t in module.state_dict().values():
+                        torch.distributed.broadcast(t, 0)
+                student.update_from(module)  # fold the trained BNs back; from here on they are frozen
+                module, net, opt, sched = build("frozen", step)
+                last_good = copy.deepcopy(module.state_dict())
+                log.info("epoch %d: BatchNorm statistics frozen and folded", epoch + 1)
             perm = np.random.default_rng(cfg.seed + epoch).permutation(len(x))
             net.train()
             losses = []
