@@ -116,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     blk = asub.add_parser("blocks", help="remove each residual block alone; table of the damage (what prune-blocks "
                                          "weighs)")
     _analysis_args(blk)
+    bits = asub.add_parser("bits", help="quantize each layer alone at several weight widths; sensitivity table, the "
+                                        "allocation under --budget and a Pareto PNG (what choose-bits weighs)")
+    _analysis_args(bits)
+    bits.add_argument("--prepare", default="canonicalize,fold-bn", metavar="PIPELINE",
+                      help="passes to run first (the part of the real pipeline before choose-bits)")
+    bits.add_argument("--scheme", default="int8:channel", help="the weight scheme (its bit width is varied)")
+    bits.add_argument("--widths", default="2,3,4,6,8", help="comma-separated candidate weight widths")
+    bits.add_argument("--budget", help="also allocate: size:RATIO, avg:BITS, bops:wXaY or bops:RATIO")
+    bits.add_argument("--act-bits", type=_positive_int, default=8, help="activation bits (for a BOPs budget)")
+    bits.add_argument("--method", default="sweep", choices=("sweep", "hessian"),
+                      help="sweep: output error with one layer quantized; hessian: HAWQ-V2 trace proxy")
+    bits.add_argument("--plot", metavar="FILE.png", help="write the predicted error/size Pareto front as a PNG")
 
     f = sub.add_parser("finetune", help="recovery fine-tuning (distillation from a teacher and/or labels)")
     f.add_argument("model", help="student model: FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
@@ -619,6 +631,8 @@ def cmd_analyze(args) -> int:
     data = load_calib(args, graph)
     if args.analysis == "blocks":
         return _analyze_blocks(graph, data, _labels(args), Context().show_progress)
+    if args.analysis == "bits":
+        return _analyze_bits(graph, data, _labels(args), args)
     try:
         ratios = tuple(float(r) for r in args.ratios.split(","))
     except ValueError:
@@ -667,6 +681,94 @@ def cmd_analyze(args) -> int:
         plt.close(fig)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _analyze_bits(graph, data, labels, args) -> int:
+    import numpy as np
+
+    from graphopt.passmanager import Context, PassManager, pass_library
+
+    bits_mod = pass_library().bits
+    try:
+        widths = sorted({int(w) for w in args.widths.split(",")})
+    except ValueError:
+        raise GraphOptError(f"--widths must be comma-separated bit counts, got '{args.widths}'") from None
+    for w in widths:
+        bits_mod._weight_spec(args.scheme, w)
+    budget = bits_mod.Budget.parse(args.budget) if args.budget else None
+    if args.prepare:
+        graph = PassManager(args.prepare).run(graph, Context(calib=data)).graph
+    limit = bits_mod.budget_limit(graph, budget, widths, args.act_bits)[0] if budget else None
+    ctx = Context()
+    rows = bits_mod.bit_sensitivity(graph, data, widths, weights=args.scheme, method=args.method, labels=labels,
+                                    progress=ctx.show_progress)
+    p = np.array([r["params"] for r in rows], np.float64)
+    m = np.array([r["macs"] for r in rows], np.float64)
+    errors = np.maximum(np.array([r["error"] for r in rows], np.float64), 0.0)
+    kind = budget.kind if budget else "size"
+    costs = bits_mod.layer_costs(kind, p, m, widths, args.act_bits)
+    chosen = None
+    if budget:
+        chosen, cost, err = bits_mod.allocate(costs, errors, limit)
+    metric = "top-1 drop (points)" if labels is not None else "output rel. MSE"
+    w = min(40, max(len(r["layer"]) for r in rows))
+    head = f"{'layer':<{w}} {'params':>8} {'MACs':>8} " + " ".join(f"{'w' + str(b):>9}" for b in widths)
+    if chosen is not None:
+        head += f" {'chosen':>6} {'share':>6}"
+    print(f"sensitivity ({args.method}; {metric}, each layer alone):")
+    print(head)
+    from graphopt.analysis import human
+
+    for i, r in enumerate(rows):
+        name = r["layer"] if len(r["layer"]) <= w else r["layer"][: w - 1] + "…"
+        line = f"{name:<{w}} {human(r['params']):>8} {human(r['macs']):>8} " + " ".join(f"{e:9.3g}" for e in r["error"])
+        if chosen is not None:
+            k = int(chosen[i])
+            line += f" {widths[k]:>6d} {100 * costs[i, k] / cost:5.1f}%"
+        print(line)
+    if chosen is not None:
+        avg = float((p * np.array([widths[int(k)] for k in chosen])).sum() / p.sum())
+        print(f"budget {budget.text}: {avg:.2f} bits per weight on average, "
+              f"{avg / 32:.4f} x FP32 weight size, predicted error {err:.4g}")
+    if args.plot:
+        _plot_front(args.plot, costs, errors, widths, p, chosen, kind, metric)
+    return 0
+
+
+def _plot_front(path, costs, errors, widths, params, chosen, kind: str, metric: str) -> None:
+    import numpy as np
+
+    from graphopt.passmanager import pass_library
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise GraphOptError("--plot needs matplotlib: pip install 'graphopt[plot]'") from e
+    from graphopt.atomic import atomic_paths
+
+    c, e, _ = pass_library().bits.pareto_front(costs, errors)
+    norm = {"size": 32 * params.sum(), "avg": params.sum(), "bops": None}[kind] or costs[:, -1].sum()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.step(c / norm, e, where="post", label="mixed precision (Pareto front)")
+    for k, b in enumerate(widths):
+        ax.scatter([costs[:, k].sum() / norm], [errors[:, k].sum()], marker="s", color="gray")
+        ax.annotate(f"uniform {b}-bit", (costs[:, k].sum() / norm, errors[:, k].sum()), fontsize=7)
+    if chosen is not None:
+        idx = np.arange(len(chosen))
+        ax.scatter([costs[idx, chosen].sum() / norm], [errors[idx, chosen].sum()], marker="*", s=160, color="red",
+                   label="chosen", zorder=3)
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_xlabel({"size": "weight size / FP32", "avg": "bits per weight", "bops": "BOPs / largest"}[kind])
+    ax.set_ylabel(f"predicted {metric} (sum over layers)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_paths(path) as (tmp,):
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def _analyze_blocks(graph, data, labels, progress: bool) -> int:

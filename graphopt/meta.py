@@ -11,6 +11,7 @@ Where each lives:
 # node.meta
 SOURCE = "source"  # str: the ONNX node name or torch module path a node came from
 FLOAT_WEIGHT = "float_weight"  # FakeQuant (weight): the weights before GPTQ rounding (bias correction's reference)
+CHOSEN_BITS = "chosen_bits"  # Conv/Gemm/MatMul: weight bits choose-bits allocated; quantize uses them
 BIAS_BEFORE_CORRECTION = "bias_before_correction"  # Conv/Gemm: its bias before correct-bias (float view, idempotence)
 
 # value.meta

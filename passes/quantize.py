@@ -14,16 +14,16 @@ import numpy as np
 from graphopt.errors import GraphOptError
 from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, Value
-from graphopt.meta import BIAS_BEFORE_CORRECTION, BN_STATS, FLOAT_WEIGHT
+from graphopt.meta import BIAS_BEFORE_CORRECTION, BN_STATS, CHOSEN_BITS, FLOAT_WEIGHT
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
 from graphopt.quantizers import Uniform, add_fake_quant, apply_node, from_node, is_fake_quant, params_of, parse
 from graphopt.quantizers.uniform import range_from_histogram
 
 from . import _layers as L
+from .bits import COMPUTE_OPS, quantizable_layers  # the one definition of a quantizable layer
 
 log = logging.getLogger("graphopt.passes.quantize")
 
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 # ops whose float inputs are quantized, so onnxruntime can run them on integers
 ACT_OPS = ("Conv", "Gemm", "MatMul", "Add", "Concat", "GlobalAveragePool", "AveragePool", "MaxPool")
 FUSED_ACTS = ("Relu", "Clip")
@@ -188,8 +188,7 @@ class Quantize(Pass):
             raise GraphOptError("quantize needs calibration data (--calib FILE.npy or an image folder)")
 
         graph.toposort()
-        compute = [n for n in graph.nodes if n.op_type in COMPUTE_OPS and n.domain == "" and
-                   L.is_linear_layer(graph, n) and not L.matches(n, self.skip)]
+        compute = quantizable_layers(graph, self.skip)
         skipped = [n.source for n in graph.nodes if n.op_type in COMPUTE_OPS and L.matches(n, self.skip)]
         float_layers = {n.source: "matches skip" if L.matches(n, self.skip) else _not_quantizable(graph, n)
                         for n in graph.nodes if n.op_type in COMPUTE_OPS and n.domain == "" and n not in compute}
@@ -249,6 +248,8 @@ class Quantize(Pass):
             spec = aspec.with_bits(self.first_last_act_bits) if v in edge_acts else aspec
             if spec.estimator == "pact" and lo < 0:  # PACT clips at 0: a signed tensor learns its step (LSQ)
                 spec = dataclasses.replace(spec, estimator="lsq")
+            if spec.estimator == "dorefa" and lo < 0:  # DoReFa's [0, 1] clip is for ReLU outputs: a signed
+                spec = dataclasses.replace(spec, estimator="ste", learnable=False)  # tensor keeps its range
             act_fq[v.name] = add_fake_quant(graph, v, spec, spec.act_params(lo, hi, abs_means.get(v.name)), "act")
         n_w = 0
         edge_bits: dict = {}
@@ -261,8 +262,8 @@ class Quantize(Pass):
             else compute
         for n in layers:
             bits = next((b for p, b in overrides.items() if L.matches(n, [p])), None)
-            if bits is None:
-                bits = edge_bits.get(n)
+            if bits is None:  # choose-bits' allocation, else the first/last layer widths
+                bits = n.meta.get(CHOSEN_BITS, edge_bits.get(n))
             spec = wspec if bits is None else self._at_bits(wspec, bits)
             h = hessians.get(n)
             self._quantize_weights(graph, n, spec, self.weight_method, None if h is None else h.result())

@@ -270,3 +270,13 @@ def test_one_bit_activations_and_wider_edges():
     got = run_ort(to_model(lowered, rep.opset), xs)
     step = float(np.asarray(g.const_value(g.outputs[0].producer.inputs[1])).max())
     assert np.abs(got - sim).max() <= step * 1.001
+
+
+@pytest.mark.parametrize("qat,unsigned_est", [("dorefa", "dorefa"), ("pact", "pact")])
+def test_clip_at_zero_estimators_leave_signed_tensors_their_range(qat, unsigned_est):
+    g, xs, r = _qat(f"canonicalize,fold-bn,quantize{{weights=int4:channel,acts=uint4:tensor,qat={qat}}}")
+    acts = {n.inputs[0].name: n for n in g.nodes if n.op_type == "FakeQuant" and n.attr("kind") == "act"}
+    out_fq = g.outputs[0].producer
+    ests = {n.attr("estimator") for n in acts.values()}
+    assert unsigned_est in ests  # the ReLU outputs
+    assert out_fq.attr("estimator") != unsigned_est and g.inputs[0].uses[0][0].attr("estimator") != unsigned_est

@@ -400,7 +400,7 @@ def weight_qparams(w: np.ndarray, spec: Uniform, axis: int, method: str = "minma
         ratios = np.linspace(0.3, 1.0, grid, dtype=np.float32)
         best_err = np.full(groups.shape[0], np.inf, np.float64)
         scale, zp = scale_zp(lo, hi, spec)
-        gt = torch.from_numpy(np.ascontiguousarray(groups))
+        gt = torch.from_numpy(np.array(groups, np.float32))  # a copy: a weight constant is read-only
         for r in ratios:  # grid points in sequence, all channels at once
             s, z = scale_zp(lo * r, hi * r, spec)
             q = fake_quant_torch(gt, torch.from_numpy(s)[:, None], torch.from_numpy(z)[:, None], spec.qmin, spec.qmax)

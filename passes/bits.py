@@ -1,0 +1,365 @@
+"""Mixed precision: per-layer bit widths chosen from measured sensitivity under a budget.
+
+* ``bit_sensitivity``: for every quantizable layer and every candidate weight width, the output
+  error with only that layer's weights quantized (one forward pass per (layer, width) on the
+  calibration data: the float module is built once and the layer's weight parameter is swapped
+  in place), or with labels the top-1. ``method="hessian"`` is HAWQ-V2's proxy instead: the
+  average Hessian trace of each layer's weights (Hutchinson's estimator, one Hessian-vector
+  product per probe) times the squared quantization error of its weights at each width.
+* ``allocate``: the exact minimum of the summed sensitivities under a budget, by dynamic
+  programming over the discrete widths, kept as a Pareto front of (cost, error) states (every
+  state no other state beats on both), so the whole accuracy/size front comes out too.
+* ``choose-bits``: the pass. It writes the chosen widths on the layers (``meta.CHOSEN_BITS``),
+  which ``quantize`` uses in place of its default weight bits; ``override=`` still wins.
+
+Budgets (``budget=``): ``size:R`` total weight bits at most R x the FP32 size; ``avg:B`` at most
+B bits per weight on average; ``bops:wXaY`` at most the bit operations (MACs x weight bits x
+activation bits) of uniform WX AY; ``bops:R`` at most R x the BOPs of W8A8.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+
+from graphopt.analysis import node_macs
+from graphopt.errors import GraphOptError
+from graphopt.geometry import geometry
+from graphopt.ir import Graph, Node
+from graphopt.meta import CHOSEN_BITS
+from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
+
+from . import _layers as L
+
+log = logging.getLogger("graphopt.passes.bits")
+
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def quantizable_layers(graph: Graph, skip=()) -> list[Node]:
+    """The layers ``quantize`` gives quantized weights, in graph order."""
+    graph.toposort()
+    return [n for n in graph.nodes if n.op_type in COMPUTE_OPS and n.domain == "" and
+            L.is_linear_layer(graph, n) and not L.matches(n, list(skip))]
+
+
+# --------------------------------------------------------------------------- budgets
+@dataclass(frozen=True)
+class Budget:
+    kind: str  # size | avg | bops
+    value: float
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Budget":
+        kind, _, arg = str(text).partition(":")
+        kind = kind.strip().lower()
+        try:
+            if kind in ("size", "avg"):
+                v = float(arg)
+            elif kind == "bops":
+                a = arg.strip().lower()
+                if a.startswith("w") and "a" in a:
+                    wb, ab = a[1:].split("a", 1)
+                    v = -float(int(wb) * int(ab))  # negative: "as uniform wXaY" (resolved against the model)
+                else:
+                    v = float(a)
+            else:
+                raise ValueError
+        except ValueError:
+            raise GraphOptError(f"bad budget '{text}': expected size:RATIO (of FP32), avg:BITS, bops:wXaY or "
+                                f"bops:RATIO (of W8A8)") from None
+        if not math.isfinite(v) or v == 0 or (v < 0 and kind != "bops"):
+            raise GraphOptError(f"bad budget '{text}': the value must be a positive number")
+        return cls(kind, v, str(text))
+
+    def limit(self, params: np.ndarray, macs: np.ndarray, act_bits: float) -> float:
+        """The budget in the units of ``layer_costs``: weight bits (size, avg) or BOPs."""
+        if self.kind == "size":
+            return self.value * 32.0 * float(params.sum())
+        if self.kind == "avg":
+            return self.value * float(params.sum())
+        if self.value < 0:  # as uniform wXaY
+            return -self.value * float(macs.sum())
+        return self.value * 64.0 * float(macs.sum())
+
+
+def stored_bits(bits: int) -> int:
+    """The bits a weight of ``bits`` bits takes in the ONNX file: 2-4-bit codes are packed as
+    INT4 (or a UINT4 index), 5-8-bit ones as INT8 (graphopt.quantizers.packing)."""
+    return 4 if bits <= 4 else 8 if bits <= 8 else 16
+
+
+def layer_costs(kind: str, params: np.ndarray, macs: np.ndarray, widths, act_bits: float,
+                stored: bool = False) -> np.ndarray:
+    """[layers, widths] cost of each choice: its weight bits (``stored``: as the file holds
+    them), or its BOPs."""
+    w = np.asarray([stored_bits(b) if stored and kind != "bops" else b for b in widths], np.float64)[None, :]
+    if kind == "bops":
+        return macs.astype(np.float64)[:, None] * w * act_bits
+    return params.astype(np.float64)[:, None] * w
+
+
+def budget_limit(graph: Graph, budget: Budget, widths, act_bits: float, skip=()) -> tuple[float, np.ndarray,
+                                                                                        np.ndarray]:
+    """(limit, params, MACs per layer) for ``budget`` on ``graph``'s quantizable layers. Raises,
+    before any measurement, when even the narrowest width everywhere does not fit."""
+    layers = quantizable_layers(graph, skip)
+    p = np.array([L.weight(graph, n).size for n in layers], np.float64)
+    m = np.array([node_macs(n) or 0 for n in layers], np.float64)
+    limit = budget.limit(p, m, act_bits)
+    lo = float(layer_costs(budget.kind, p, m, [min(widths)], act_bits).sum())
+    if lo > limit * (1 + 1e-12):
+        unit = {"size": lo / (32 * p.sum()), "avg": lo / p.sum(), "bops": lo / (64 * max(m.sum(), 1))}[budget.kind]
+        what = {"size": "x FP32 size", "avg": "bits per weight", "bops": "x W8A8 BOPs"}[budget.kind]
+        raise GraphOptError(f"budget {budget.text} is below the smallest achievable with widths {sorted(widths)}: "
+                            f"{unit:.4g} {what}")
+    return limit, p, m
+
+
+# --------------------------------------------------------------------------- allocation
+def pareto_front(costs: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every non-dominated allocation of one choice per layer: ``costs``/``errors`` are [L, K]
+    (inf error = not allowed). Returns (cost [S], error [S], choice [S, L]) sorted by cost.
+
+    Exact dynamic programming: layer by layer, combine the front so far with the layer's K
+    options and keep the states that no cheaper state beats on error (an additive objective
+    and an additive cost make this the whole Pareto front, not an approximation)."""
+    n_layers, _ = costs.shape
+    f_cost, f_err = np.zeros(1), np.zeros(1)
+    f_choice = np.zeros((1, 0), np.int16)
+    for i in range(n_layers):
+        ok = np.isfinite(errors[i])
+        ks = np.flatnonzero(ok)
+        if ks.size == 0:
+            raise GraphOptError(f"layer {i} has no allowed width")
+        c = (f_cost[:, None] + costs[i, ks][None, :]).reshape(-1)
+        e = (f_err[:, None] + errors[i, ks][None, :]).reshape(-1)
+        src = np.repeat(np.arange(f_cost.size), ks.size)
+        k = np.tile(ks, f_cost.size)
+        order = np.lexsort((-k, e, c))  # by cost, then error, then the wider width (ties: more bits for free)
+        c, e, src, k = c[order], e[order], src[order], k[order]
+        best_before = np.minimum.accumulate(np.concatenate([[np.inf], e[:-1]]))
+        keep = e < best_before  # strictly better than every cheaper (or equal-cost earlier) state
+        f_cost, f_err = c[keep], e[keep]
+        f_choice = np.concatenate([f_choice[src[keep]], k[keep][:, None].astype(np.int16)], axis=1)
+    return f_cost, f_err, f_choice
+
+
+def allocate(costs: np.ndarray, errors: np.ndarray, limit: float) -> tuple[np.ndarray, float, float]:
+    """The allocation with the least summed error whose cost is at most ``limit``:
+    (choice per layer, its cost, its error). Raises when even the cheapest one is over."""
+    c, e, ch = pareto_front(costs, errors)
+    fits = np.flatnonzero(c <= limit * (1 + 1e-12))
+    if fits.size == 0:
+        raise GraphOptError(f"the budget is below the smallest achievable: {limit:.6g} < {c[0]:.6g}")
+    best = fits[np.argmin(e[fits])]
+    return ch[best], float(c[best]), float(e[best])
+
+
+# --------------------------------------------------------------------------- sensitivity
+def _weight_spec(base: str, bits: int):
+    """Weight scheme ``base`` at ``bits`` bits, or a one-line error when it has no such form."""
+    from graphopt.quantizers import parse
+
+    q = parse(base, "weights")
+    lo, hi = getattr(q, "bit_range", (1, 16))
+    if getattr(q, "fixed_bits", False) or not lo <= bits <= hi:
+        raise GraphOptError(f"the {q.scheme} weight scheme has no {bits}-bit form")
+    try:
+        return q.with_bits(bits)
+    except GraphOptError:
+        raise GraphOptError(f"the {q.scheme} weight scheme has no {bits}-bit form") from None
+
+
+def quantized_weight(graph: Graph, n: Node, spec, method: str) -> np.ndarray:
+    """Layer ``n``'s weight as ``spec`` quantizes it (float values)."""
+    w = L.weight(graph, n)
+    geo = geometry(n)
+    params, axis = spec.weight_params(w, geo.out_axis, geo.in_axis, method)
+    if hasattr(spec, "effective_params"):
+        params = spec.effective_params(w, params, axis)
+    return spec.apply_np(w, params, axis).astype(w.dtype)
+
+
+def bit_sensitivity(graph: Graph, data, widths=(2, 3, 4, 6, 8), *, weights: str = "int8:channel",
+                    method: Literal["sweep", "hessian"] = "sweep", weight_method: str = "mse",
+                    labels: np.ndarray | None = None, skip=(), probes: int = 8, progress: bool = False,
+                    max_samples: int | None = None) -> list[dict]:
+    """One row per quantizable layer: name, params, MACs and ``error`` (a list, one per width).
+
+    ``sweep``: error = the mean squared error of the model output against the float output,
+    relative to the output's mean square, with only this layer's weights quantized at that
+    width (or, with ``labels``, the drop in top-1 points). ``hessian``: HAWQ-V2's
+    Tr(H)/n x ||Q(W) - W||^2 with H the Hessian of the output error (Gauss-Newton at the float
+    weights) or of the cross-entropy with ``labels``."""
+    import torch
+
+    from graphopt.backends.torch_module import to_torch
+    from graphopt.training.calibration import CalibrationData
+
+    layers = quantizable_layers(graph, skip)
+    if not layers:
+        raise GraphOptError("the model has no layer with quantizable weights")
+    data = data if isinstance(data, CalibrationData) else CalibrationData(data)
+    data.check_against(graph)
+    batches = [torch.from_numpy(np.ascontiguousarray(b)) for b in data]
+    if max_samples is not None:
+        out, n = [], 0
+        for b in batches:
+            if n >= max_samples:
+                break
+            out.append(b[: max_samples - n])
+            n += len(out[-1])
+        batches = out
+    specs = [_weight_spec(weights, b) for b in widths]
+    module = to_torch(graph).eval()
+    params = dict(module.named_parameters())
+    y = None if labels is None else torch.from_numpy(np.asarray(labels)).long()
+    with torch.no_grad():
+        ref = [module(b) for b in batches]
+    ref_ms = float(sum(r.double().pow(2).sum() for r in ref)) / max(sum(r.numel() for r in ref), 1)
+    if y is not None:
+        ref_top1 = float(torch.cat([r.argmax(1) for r in ref]).eq(y[: sum(len(b) for b in batches)]).float().mean()) * 100
+
+    def score() -> float:
+        with torch.no_grad():
+            outs = [module(b) for b in batches]
+        if y is None:
+            se = float(sum((o - r).double().pow(2).sum() for o, r in zip(outs, ref)))
+            return se / max(sum(r.numel() for r in ref), 1) / max(ref_ms, 1e-30)
+        top1 = float(torch.cat([o.argmax(1) for o in outs]).eq(y[: sum(len(b) for b in batches)]).float().mean()) * 100
+        return ref_top1 - top1
+
+    rows = []
+    qw = {(n.name, j): quantized_weight(graph, n, s, weight_method) for n in layers for j, s in enumerate(specs)}
+    traces = _hessian_traces(module, graph, layers, batches, ref, y, probes) if method == "hessian" else None
+    jobs = [(n, j) for n in layers for j in range(len(widths))]
+    it = jobs
+    if progress and method == "sweep":
+        from tqdm import tqdm
+
+        it = tqdm(jobs, desc="bit sensitivity", leave=False)
+    err: dict[str, list[float]] = {n.name: [0.0] * len(widths) for n in layers}
+    for n, j in it:
+        attr = module.param_names.get(n.inputs[1].name)
+        w0 = L.weight(graph, n)
+        if method == "hessian":
+            err[n.name][j] = float(traces[n.name] * np.sum((qw[(n.name, j)].astype(np.float64) - w0) ** 2))
+            continue
+        p = params[attr]
+        keep = p.data.clone()
+        p.data.copy_(torch.from_numpy(qw[(n.name, j)]))
+        try:
+            err[n.name][j] = score()
+        finally:
+            p.data.copy_(keep)
+    for n in layers:
+        rows.append({"layer": n.source, "name": n.name, "params": int(L.weight(graph, n).size),
+                     "macs": int(node_macs(n) or 0), "error": err[n.name]})
+    return rows
+
+
+def _hessian_traces(module, graph, layers, batches, ref, y, probes: int) -> dict[str, float]:
+    """Tr(H)/n per layer weight by Hutchinson's estimator: E[v^T H v] over Rademacher v, one
+    Hessian-vector product (double backward) per probe for all layers at once."""
+    import torch
+    import torch.nn.functional as F
+
+    params = dict(module.named_parameters())
+    ws = [params[module.param_names[n.inputs[1].name]] for n in layers]
+    gen = torch.Generator().manual_seed(0)
+    acc = torch.zeros(len(ws), dtype=torch.float64)
+    total = sum(len(b) for b in batches)
+    for b, r, start in zip(batches, ref, np.cumsum([0] + [len(b) for b in batches[:-1]])):
+        out = module(b)
+        if y is None:
+            loss = 0.5 * (out - r).pow(2).sum() / total
+        else:
+            loss = F.cross_entropy(out, y[start:start + len(b)], reduction="sum") / total
+        grads = torch.autograd.grad(loss, ws, create_graph=True)
+        for _ in range(probes):
+            vs = [torch.randint(0, 2, w.shape, generator=gen).to(w.dtype) * 2 - 1 for w in ws]
+            hv = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), ws, retain_graph=True)
+            acc += torch.tensor([float((h * v).sum()) for h, v in zip(hv, vs)], dtype=torch.float64) / probes
+    return {n.name: float(acc[i]) / ws[i].numel() for i, n in enumerate(layers)}
+
+
+# --------------------------------------------------------------------------- the pass
+@register_pass("choose-bits")
+@dataclass(kw_only=True)
+class ChooseBits(Pass):
+    """Choose each layer's weight bits from measured sensitivity under a budget (needs
+    calibration data); ``quantize`` then uses them. The sensitivity is the output error with
+    only that layer quantized at each width (or HAWQ-V2's Hessian-trace proxy); the allocation
+    is the exact minimum of the summed errors under the budget (dynamic programming over the
+    widths). Run it after fold-bn/equalize and before quantize, with quantize's weight scheme.
+    Writes no weights: the function is unchanged."""
+
+    before = ("quantize",)
+    preserves_function = True
+
+    budget: str = option("size:0.125", "size:RATIO of FP32 weight bits, avg:BITS per weight, bops:wXaY or "
+                                       "bops:RATIO of W8A8")
+    widths: list[int] = option([2, 3, 4, 6, 8], "candidate weight bit widths")
+    weights: str = option("int8:channel", "the weight scheme quantize will use (its bit width is replaced)")
+    act_bits: int = option(8, "activation bits (for a BOPs budget)", minimum=1, maximum=16)
+    method: Literal["sweep", "hessian"] = option("sweep", "sweep: output error with one layer quantized at a time; "
+                                                          "hessian: HAWQ-V2 trace proxy")
+    weight_method: Literal["minmax", "mse"] = option("mse", "weight range for the sensitivity sweep")
+    skip: list[str] = option([], "layers (fnmatch patterns) that quantize will leave in float")
+    pin: list[str] = option([], "PATTERN=BITS: layers whose width is fixed (e.g. the first layer at 8)")
+    max_samples: Optional[int] = option(256, "calibration samples the sweep uses", minimum=1)
+    size_bits: Literal["nominal", "stored"] = option(
+        "nominal", "size and avg budgets count each weight's bits (nominal) or the bits the ONNX file stores it in "
+                   "(stored: 2-4 bits -> 4, 5-8 -> 8)")
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        if ctx.calib is None:
+            raise GraphOptError("choose-bits needs calibration data (--calib) for its sensitivity scan")
+        budget = Budget.parse(self.budget)
+        widths = sorted(set(int(b) for b in self.widths))
+        if not widths or any(not 1 <= b <= 16 for b in widths):
+            raise GraphOptError(f"choose-bits widths must be bit counts in 1..16, not {self.widths}")
+        for b in widths:
+            _weight_spec(self.weights, b)
+        pins = {}
+        for item in self.pin:
+            pat, _, b = item.rpartition("=")
+            if not pat or not b.isdigit() or int(b) not in widths:
+                raise GraphOptError(f"bad pin '{item}': expected PATTERN=BITS with BITS one of {widths}")
+            pins[pat] = int(b)
+        limit, p, m = budget_limit(graph, budget, widths, self.act_bits, self.skip)
+        rows = bit_sensitivity(graph, ctx.calib, widths, weights=self.weights, method=self.method,
+                               weight_method=self.weight_method, skip=self.skip, progress=ctx.show_progress,
+                               max_samples=self.max_samples)
+        layers = {n.name: n for n in quantizable_layers(graph, self.skip)}
+        errors = np.array([r["error"] for r in rows], np.float64)
+        for i, r in enumerate(rows):
+            pinned = next((b for p_, b in pins.items() if L.matches(layers[r["name"]], [p_])), None)
+            if pinned is not None:
+                errors[i] = np.where(np.array(widths) == pinned, errors[i], np.inf)
+        errors = np.maximum(errors, 0.0)  # a width that happens to help on this data counts as free, not a gain
+        costs = layer_costs(budget.kind, p, m, widths, self.act_bits, self.size_bits == "stored")
+        try:
+            choice, cost, err = allocate(costs, errors, limit)
+        except GraphOptError:  # only pins can make it infeasible here
+            raise GraphOptError(f"budget {budget.text} cannot be met with the pinned widths {self.pin}") from None
+        chosen = {}
+        changed = False
+        for r, k in zip(rows, choice):
+            changed |= layers[r["name"]].meta.get(CHOSEN_BITS) != widths[int(k)]
+            layers[r["name"]].meta[CHOSEN_BITS] = widths[int(k)]
+            chosen[r["layer"]] = widths[int(k)]
+            r["bits"] = widths[int(k)]
+        table = [{"layer": r["layer"], "bits": r["bits"], "params": r["params"], "macs": r["macs"],
+                  "sensitivity": r["error"][widths.index(r["bits"])],
+                  "share": float(costs[i, widths.index(r["bits"])] / max(cost, 1e-30))} for i, r in enumerate(rows)]
+        return PassResult(graph, False, {"bits": chosen, "annotations_changed": changed, "cost": cost, "limit": limit, "error": err,
+                                           "size_bits": self.size_bits,
+                                         "avg_bits": float((p * [widths[int(k)] for k in choice]).sum() / p.sum()),
+                                         "table": table, "budget": budget.text})
