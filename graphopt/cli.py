@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--plot", metavar="LAYER", help="with --ranges: plot per-channel weight ranges of LAYER (name or "
                                                      "source) to --plot-out, like DFQ's Figure 2")
     i.add_argument("--plot-out", metavar="FILE.png", default="ranges.png", help="PNG for --plot")
+    i.add_argument("--sparsity", action="store_true", help="per layer: sparsity, nonzero parameters and MACs, and "
+                   "the size of compressed encodings (relative indices; 2-bit indices for 2:4)")
 
     a = sub.add_parser("analyze", help="analyses: sensitivity of each prunable channel group, or of each residual block")
     asub = a.add_subparsers(dest="analysis", metavar="ANALYSIS", parser_class=_Parser, required=True)
@@ -570,6 +572,8 @@ def cmd_inspect(args) -> int:
         raise UsageError("--plot goes with --ranges")
     if args.ranges:
         return _inspect_ranges(graph, args)
+    if args.sparsity:
+        return _inspect_sparsity(graph)
     rows = layer_table(graph)
     w = max([len(r.name) for r in rows] + [5])
     w = min(w, 60)
@@ -583,6 +587,32 @@ def cmd_inspect(args) -> int:
     unknown = sum(m is None for m in macs)
     print(f"total: {len(rows)} nodes, {human(graph.num_params())} params, {human(sum(m or 0 for m in macs))} MACs "
           f"per sample" + (f" ({unknown} nodes with unknown shapes not counted)" if unknown else ""))
+    return 0
+
+
+def _inspect_sparsity(graph) -> int:
+    from graphopt.analysis import human
+    from graphopt.passmanager import pass_library
+
+    rows = pass_library().sparsity.sparsity_report(graph)
+    if not rows:
+        raise GraphOptError("the model has no Conv/Gemm/MatMul layer with constant weights")
+    w = min(max(len(r["layer"]) for r in rows), 50)
+    print(f"{'layer':<{w}} {'params':>8} {'nonzero':>8} {'sparsity':>8} {'MACs':>8} {'nz MACs':>8} "
+          f"{'dense KB':>8} {'sparse KB':>9}")
+    for r in rows:
+        name = r["layer"] if len(r["layer"]) <= w else "…" + r["layer"][-(w - 1):]
+        enc = r["nm_bits"] if r["nm_bits"] is not None else r["csr_bits"]
+        print(f"{name:<{w}} {human(r['params']):>8} {human(r['nonzero']):>8} {100 * r['sparsity']:7.1f}% "
+              f"{human(r['macs']):>8} {human(r['nonzero_macs']):>8} {r['params'] * 4 / 1024:8.1f} "
+              f"{min(enc, r['params'] * 32) / 8192:9.1f}" + (f"  ({r['nm']})" if r["nm"] else ""))
+    p, nz = sum(r["params"] for r in rows), sum(r["nonzero"] for r in rows)
+    m, nzm = sum(r["macs"] for r in rows), sum(r["nonzero_macs"] for r in rows)
+    enc = sum(min(r["nm_bits"] if r["nm_bits"] is not None else r["csr_bits"], r["params"] * 32) for r in rows)
+    print(f"total: {human(p)} weights, {human(nz)} nonzero ({100 * (1 - nz / max(p, 1)):.1f}% sparse), "
+          f"{human(nzm)} of {human(m)} MACs nonzero; FP32 {p * 4 / 1e6:.3f} MB dense, {enc / 8e6:.3f} MB compressed "
+          f"(float32 values + 4-bit relative indices, or N:M values + log2(M)-bit indices)")
+    print("note: onnxruntime runs the exported model at dense speed (it has no sparse convolution)")
     return 0
 
 
@@ -731,44 +761,10 @@ def _analyze_bits(graph, data, labels, args) -> int:
         print(f"budget {budget.text}: {avg:.2f} bits per weight on average, "
               f"{avg / 32:.4f} x FP32 weight size, predicted error {err:.4g}")
     if args.plot:
-        _plot_front(args.plot, costs, errors, widths, p, chosen, kind, metric)
+        bits_mod.plot_front(args.plot, costs, errors, widths, p, kind, metric,
+                            {} if chosen is None else {f"chosen ({budget.text})": chosen})
+        print(f"wrote {args.plot}")
     return 0
-
-
-def _plot_front(path, costs, errors, widths, params, chosen, kind: str, metric: str) -> None:
-    import numpy as np
-
-    from graphopt.passmanager import pass_library
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise GraphOptError("--plot needs matplotlib: pip install 'graphopt[plot]'") from e
-    from graphopt.atomic import atomic_paths
-
-    c, e, _ = pass_library().bits.pareto_front(costs, errors)
-    norm = {"size": 32 * params.sum(), "avg": params.sum(), "bops": None}[kind] or costs[:, -1].sum()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.step(c / norm, e, where="post", label="mixed precision (Pareto front)")
-    for k, b in enumerate(widths):
-        ax.scatter([costs[:, k].sum() / norm], [errors[:, k].sum()], marker="s", color="gray")
-        ax.annotate(f"uniform {b}-bit", (costs[:, k].sum() / norm, errors[:, k].sum()), fontsize=7)
-    if chosen is not None:
-        idx = np.arange(len(chosen))
-        ax.scatter([costs[idx, chosen].sum() / norm], [errors[idx, chosen].sum()], marker="*", s=160, color="red",
-                   label="chosen", zorder=3)
-    ax.set_yscale("symlog", linthresh=1e-4)
-    ax.set_xlabel({"size": "weight size / FP32", "avg": "bits per weight", "bops": "BOPs / largest"}[kind])
-    ax.set_ylabel(f"predicted {metric} (sum over layers)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_paths(path) as (tmp,):
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    print(f"wrote {path}")
 
 
 def _analyze_blocks(graph, data, labels, progress: bool) -> int:

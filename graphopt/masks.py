@@ -178,3 +178,14 @@ def set_channel_masks(graph, masks: dict[str, Mask]) -> None:
         graph.scratch[CHANNEL_MASKS] = dict(masks)
     else:
         graph.scratch.pop(CHANNEL_MASKS, None)
+
+
+# ------------------------------------------------------------------ gradual schedule
+def scheduled_sparsity(schedule: dict, step: int, total: int) -> float | None:
+    """The sparsity the schedule asks for at ``step`` (0-based, of ``total``), or None when the
+    masks are not updated at this step."""
+    t0, t1 = int(round(schedule["begin"] * total)), max(int(round(schedule["end"] * total)), 1)
+    if step < t0 or step > t1 or (step - t0) % schedule["frequency"] and step != t1:
+        return None
+    frac = min(max((step - t0) / max(t1 - t0, 1), 0.0), 1.0)
+    return schedule["final"] + (schedule["initial"] - schedule["final"]) * (1 - frac) ** schedule["power"]

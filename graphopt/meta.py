@@ -20,4 +20,5 @@ MASK = "mask"  # a weight constant: graphopt.masks.Mask (element-wise or N:M)
 
 # graph.scratch
 CHANNEL_MASKS = "channel_masks"  # prune-channels -> fold-prune: {space key: Mask(kind="channel")}
+SPARSITY_SCHEDULE = "sparsity_schedule"  # prune-gradual -> finetune: the polynomial schedule and its weights
 PRUNED_BLOCKS = "pruned_blocks"  # prune-blocks: {"macs0": MACs before any removal, "removed": [Add names]}

@@ -359,7 +359,52 @@ class ChooseBits(Pass):
         table = [{"layer": r["layer"], "bits": r["bits"], "params": r["params"], "macs": r["macs"],
                   "sensitivity": r["error"][widths.index(r["bits"])],
                   "share": float(costs[i, widths.index(r["bits"])] / max(cost, 1e-30))} for i, r in enumerate(rows)]
-        return PassResult(graph, False, {"bits": chosen, "annotations_changed": changed, "cost": cost, "limit": limit, "error": err,
+        sens = {"widths": widths, "layers": [{k: r[k] for k in ("layer", "params", "macs", "error")} for r in rows]}
+        return PassResult(graph, False, {"bits": chosen, "annotations_changed": changed, "sensitivity": sens, "cost": cost, "limit": limit, "error": err,
                                            "size_bits": self.size_bits,
                                          "avg_bits": float((p * [widths[int(k)] for k in choice]).sum() / p.sum()),
                                          "table": table, "budget": budget.text})
+
+
+# --------------------------------------------------------------------------- picture
+def plot_front(path, costs: np.ndarray, errors: np.ndarray, widths, params: np.ndarray, kind: str, metric: str,
+               marks: dict[str, np.ndarray] | None = None, measured: dict[str, tuple[float, float]] | None = None
+               ) -> None:
+    """PNG of the predicted error/size Pareto front, the uniform widths, and ``marks`` (label ->
+    choice per layer). ``measured``: label -> (x, top-1) points drawn on a second axis."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise GraphOptError("plotting needs matplotlib: pip install 'graphopt[plot]'") from e
+    from graphopt.atomic import atomic_paths
+
+    c, e, _ = pareto_front(costs, errors)
+    norm = {"size": 32 * params.sum(), "avg": params.sum()}.get(kind) or costs[:, -1].sum()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ax.step(c / norm, e, where="post", label="mixed precision: predicted Pareto front")
+    for k, b in enumerate(widths):
+        x, y = costs[:, k].sum() / norm, errors[:, k].sum()
+        ax.scatter([x], [y], marker="s", color="gray")
+        ax.annotate(f"uniform {b}-bit", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    idx = np.arange(costs.shape[0])
+    for i, (label, choice) in enumerate((marks or {}).items()):
+        ch = np.asarray(choice, np.int64)
+        ax.scatter([costs[idx, ch].sum() / norm], [errors[idx, ch].sum()], marker="*", s=150, zorder=3,
+                   color=f"C{i + 1}", label=label)
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_xlabel({"size": "weight size / FP32", "avg": "bits per weight", "bops": "BOPs / widest"}[kind])
+    ax.set_ylabel(f"predicted {metric} (sum over layers)")
+    if measured:
+        ax2 = ax.twinx()
+        for label, (x, top1) in measured.items():
+            ax2.scatter([x], [top1], marker="o", facecolors="none", edgecolors="k")
+            ax2.annotate(label, (x, top1), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        ax2.set_ylabel("measured top-1 % (circles)")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    with atomic_paths(path) as (tmp,):
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -98,7 +98,7 @@ def run(model: str, row: str) -> dict:
             "mb": round(out.stat().st_size / 1e6, 3), "convert_s": round(secs, 1),
             "avg_bits": round(float((sizes * bits).sum() / sizes.sum()), 4), "budget": budget, "layers_at": {str(k): v for k, v in sorted(hist.items())},
             "float_layers": len(kr["float"]), "integer_layers": int(sum(kr["integer"].values())),
-            "chosen": st.get("table"), "row": what}
+            "chosen": st.get("table"), "sensitivity": st.get("sensitivity"), "row": what}
 
 
 def latency(model: str, rounds: int) -> None:
@@ -118,6 +118,33 @@ def latency(model: str, rounds: int) -> None:
         res[key]["latency_vs_uniform4"] = round(float(np.median(r)), 3)
         print(f"{key:28s} latency / uniform4 {res[key]['latency_vs_uniform4']:.3f}")
     save_results(RESULTS, res)
+
+
+def plot(model: str, path: Path) -> None:
+    """The predicted front from a mixed row's sensitivity sweep, each mixed row's allocation,
+    and every row's measured top-1."""
+    from graphopt.passes.bits import layer_costs, plot_front
+
+    res = load_results(RESULTS)
+    src = next((res[f"{model}/{k}"] for k in ROWS if res.get(f"{model}/{k}", {}).get("sensitivity")), None)
+    if src is None:
+        raise SystemExit(f"no {model} row with a stored sensitivity sweep yet")
+    sens = src["sensitivity"]
+    widths = sens["widths"]
+    p = np.array([r["params"] for r in sens["layers"]], np.float64)
+    errors = np.maximum(np.array([r["error"] for r in sens["layers"]], np.float64), 0.0)
+    costs = layer_costs("avg", p, p, widths, 8)
+    marks, measured = {}, {}
+    for k in ROWS:
+        r = res.get(f"{model}/{k}")
+        if not r:
+            continue
+        measured[f"{k} {r['test']:.1f}"] = (r["avg_bits"], r["test"])
+        if r.get("chosen") and k != "mp-bops-w4a8":
+            by_layer = {c["layer"]: c["bits"] for c in r["chosen"]}
+            marks[k] = [widths.index(by_layer[x["layer"]]) for x in sens["layers"]]
+    plot_front(path, costs, errors, widths, p, "avg", "output rel. MSE", marks, measured)
+    print(f"wrote {path}")
 
 
 def table() -> None:
@@ -146,7 +173,11 @@ def main() -> int:
     ap.add_argument("--latency", action="store_true")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw the Pareto front with every row on it")
     args = ap.parse_args()
+    if args.plot:
+        plot(args.model, Path(args.plot))
+        return 0
     if args.table:
         table()
         return 0

@@ -33,7 +33,7 @@ from torch import nn
 from graphopt.errors import GraphOptError, UnsupportedOpError
 from graphopt.ir import Graph, Node, Value, is_param
 from graphopt.masks import get_mask
-from graphopt.meta import BN_STATS
+from graphopt.meta import BN_STATS, MASK
 
 _LOWERINGS: dict[tuple[str, str], Callable[["_Builder", Node], list]] = {}
 _INT64_MAX = 2 ** 63 - 1
@@ -1007,6 +1007,13 @@ def write_back(graph: Graph, module: TorchGraphModule) -> int:
             raise GraphOptError(f"graph has no constant '{value_name}' to write parameter '{attr}' into")
         new = params[attr].detach().cpu().numpy().astype(v.const.dtype, copy=True)
         mask = get_mask(v)
+        if mask is not None and value_name in getattr(module, "mask_names", {}):
+            keep = params[module.mask_names[value_name][1]].detach().cpu().numpy().astype(bool)
+            if not np.array_equal(keep, mask.keep):  # training tightened it (gradual pruning)
+                from dataclasses import replace
+
+                mask = replace(mask, keep=keep)
+                v.meta[MASK] = mask
         if mask is not None:  # the stored weights carry the mask folded in
             new = mask.apply(new)
         if new.shape != v.const.shape:

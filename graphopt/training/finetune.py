@@ -81,6 +81,40 @@ def _save_checkpoint(path: str, module: torch.nn.Module, epoch: int, step: int) 
         torch.save(state, tmp)
 
 
+def _gradual_masks(module, schedule: dict, step: int, total: int) -> None:
+    """Tighten the masks of the scheduled weights to the sparsity the schedule asks for at
+    ``step``: a magnitude selection over the currently kept weights (global: one threshold over
+    all of them), so a pruned weight never comes back. Runs on the module's mask buffers."""
+    from graphopt.masks import scheduled_sparsity
+
+    s = scheduled_sparsity(schedule, step, total)
+    if s is None:
+        return
+    names = [n for n in schedule["weights"] if n in module.mask_names]
+    params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
+    with torch.no_grad():
+        mags = [torch.where(buffers[module.mask_names[n][1]], params[module.mask_names[n][0]].abs(),
+                            torch.zeros(())) for n in names]
+        if schedule["scope"] == "global":
+            flat = torch.cat([m.reshape(-1) for m in mags])
+            n_drop = int(s * flat.numel())
+            keep = torch.ones(flat.numel(), dtype=torch.bool)
+            if n_drop:
+                keep[torch.argsort(flat, stable=True)[:n_drop]] = False
+            keeps = torch.split(keep, [m.numel() for m in mags])
+        else:
+            keeps = []
+            for m in mags:
+                k = torch.ones(m.numel(), dtype=torch.bool)
+                n_drop = int(s * m.numel())
+                if n_drop:
+                    k[torch.argsort(m.reshape(-1), stable=True)[:n_drop]] = False
+                keeps.append(k)
+        for n, k, m in zip(names, keeps, mags):
+            buf = buffers[module.mask_names[n][1]]
+            buf.copy_(buf & k.reshape(m.shape))
+
+
 def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher: Graph | None = None,
              config: FinetuneConfig | None = None) -> dict[str, Any]:
     from graphopt.backends.torch_module import to_torch
@@ -150,6 +184,9 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
         log.info("%d folded BatchNorms train with batch statistics for %d epochs", len(module.bn_folds),
                  cfg.bn_batch_epochs)
     t_module = to_torch(teacher).eval() if teacher is not None else None
+    from graphopt.meta import SPARSITY_SCHEDULE
+
+    schedule = student.scratch.get(SPARSITY_SCHEDULE)
     show = cfg.progress if cfg.progress is not None else (sys.stderr.isatty() and not os.environ.get("CI"))
     history: list[float] = []
     interrupted = False
@@ -203,6 +240,8 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
                 loss.backward()
                 opt.step()
                 sched.step()
+                if schedule is not None:
+                    _gradual_masks(module, schedule, step, total)
                 step += 1
                 last_good = copy.deepcopy(module.state_dict())
                 losses.append(float(loss.detach()))

@@ -1,0 +1,267 @@
+"""Fine-grained sparsity: magnitude pruning (one shot, layer-wise or global), N:M
+semi-structured masks, and the gradual schedule that ``finetune`` runs.
+
+Every mask is a ``graphopt.masks.Mask`` on the weight constant: the torch back end keeps masked
+weights exactly zero through training (no gradient reaches them), and the ONNX back end writes
+them as zeros. Selection is vectorized: one sort over all the weights in scope.
+
+* ``prune-weights``: magnitude masks at a target given as a sparsity, a count of nonzero
+  parameters, or a share of nonzero MACs. ``scope=global`` is one threshold over every layer
+  (Han et al. 2015 applied network-wide); ``layer`` gives every layer the same sparsity.
+* ``prune-nm``: in every group of M consecutive weights along a layer's reduction (input)
+  axis, keep the N largest (2:4 by default).
+* ``prune-gradual``: records a polynomial schedule (Zhu & Gupta 2017) from an initial to a final
+  sparsity between two points of the training that follows; ``finetune`` re-selects the masks
+  by magnitude at every ``frequency`` steps in that range, and masks only ever grow.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+
+from graphopt.analysis import node_macs
+from graphopt.errors import GraphOptError
+from graphopt.geometry import geometry
+from graphopt.ir import Graph, Node
+from graphopt.masks import Mask, get_mask, scheduled_sparsity, set_mask  # noqa: F401  (the schedule's owner)
+from graphopt.meta import SPARSITY_SCHEDULE
+from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
+
+from . import _layers as L
+from .bits import quantizable_layers
+
+log = logging.getLogger("graphopt.passes.sparsity")
+
+
+def prunable_layers(graph: Graph, skip=()) -> list[Node]:
+    """The Conv/Gemm/MatMul layers with a constant weight (the quantizable ones), in order."""
+    return quantizable_layers(graph, skip)
+
+
+def _check_sparsity(s: float, what: str = "sparsity") -> float:
+    s = float(s)
+    if not 0.0 <= s < 1.0:
+        raise GraphOptError(f"{what} must be in [0, 1), not {s}")
+    return s
+
+
+def global_keep(weights: list[np.ndarray], sparsity: float, cost: list[float] | None = None) -> list[np.ndarray]:
+    """Keep arrays for one magnitude threshold over all ``weights``: the smallest |w| go first
+    until ``sparsity`` of the total ``cost`` is removed (``cost``: per layer, what one weight of
+    it is worth, e.g. its MACs per weight; default 1, so sparsity counts parameters)."""
+    a = np.concatenate([np.abs(np.asarray(w, np.float64)).reshape(-1) for w in weights])
+    c = np.concatenate([np.full(np.size(w), 1.0 if cost is None else float(cost[i]))
+                        for i, w in enumerate(weights)])
+    order = np.argsort(a, kind="stable")
+    removed = np.cumsum(c[order])
+    n_drop = int(np.searchsorted(removed, sparsity * c.sum() * (1 + 1e-12), side="right"))
+    keep = np.ones(a.size, bool)
+    keep[order[:n_drop]] = False
+    out, start = [], 0
+    for w in weights:
+        out.append(keep[start:start + np.size(w)].reshape(np.shape(w)))
+        start += np.size(w)
+    return out
+
+
+def magnitude_masks(graph: Graph, layers: list[Node], sparsity: float, scope: str,
+                    target: str = "sparsity") -> dict[Node, Mask]:
+    """Magnitude masks for ``layers`` at ``sparsity`` (of parameters, or of MACs with
+    ``target="macs"``). A weight that already has a mask keeps its zeros (they are the smallest)."""
+    ws = [np.asarray(get_mask(n.inputs[1]).apply(L.weight(graph, n)) if get_mask(n.inputs[1]) else L.weight(graph, n))
+          for n in layers]
+    if scope == "layer":
+        return {n: Mask.magnitude(w, sparsity) for n, w in zip(layers, ws)}
+    cost = None
+    if target == "macs":
+        cost = [(node_macs(n) or 0) / max(np.size(w), 1) for n, w in zip(layers, ws)]
+    return {n: Mask.element(k) for n, k in zip(layers, global_keep(ws, sparsity, cost))}
+
+
+def _apply_masks(graph: Graph, masks: dict[Node, Mask]) -> int:
+    changed = 0
+    for n, m in masks.items():
+        old = get_mask(n.inputs[1])
+        if old is not None and old == m:
+            continue
+        if old is None and m.kind == "element" and m.keep.all():
+            continue
+        set_mask(graph, n.inputs[1], m)
+        changed += 1
+    return changed
+
+
+def sparsity_report(graph: Graph) -> list[dict]:
+    """Per prunable layer: weights, zeros, nonzero MACs and the compressed encodings' sizes."""
+    rows = []
+    for n in prunable_layers(graph):
+        w = np.asarray(L.weight(graph, n))
+        m = get_mask(n.inputs[1])
+        if m is not None:
+            w = m.apply(w)
+        nnz = int(np.count_nonzero(w))
+        macs = int(node_macs(n) or 0)
+        if m is None or m.kind != "nm":  # a file read back has no mask: recognise the N:M pattern from its zeros
+            m = _nm_pattern(w, geometry(n).in_axis)
+        rows.append({"layer": n.source, "params": int(w.size), "nonzero": nnz, "sparsity": 1 - nnz / max(w.size, 1),
+                     "macs": macs, "nonzero_macs": int(round(macs * nnz / max(w.size, 1))),
+                     "csr_bits": encoded_bits(w, "relative"), "nm": None if m is None else f"{m.n}:{m.m}",
+                     "nm_bits": encoded_bits(w, "nm", m) if m is not None else None})
+    return rows
+
+
+def _nm_pattern(w: np.ndarray, axis: int) -> Mask | None:
+    """The tightest N:M pattern (2:4, 1:4, 4:8) that ``w``'s zeros satisfy along ``axis``."""
+    if np.count_nonzero(w) == w.size:
+        return None
+    for n, m in ((1, 4), (2, 4), (4, 8)):
+        if w.shape[axis] % m == 0 and np.moveaxis(w != 0, axis, -1).reshape(-1, m).sum(1).max() <= n:
+            return Mask("nm", w != 0, axis, n, m)
+    return None
+
+
+def encoded_bits(w: np.ndarray, kind: str, mask: Mask | None = None, value_bits: int = 32, index_bits: int = 4) -> int:
+    """Bits of a compressed encoding of ``w``. ``relative`` (Deep Compression's): each nonzero
+    as a value plus the gap to the previous nonzero in ``index_bits`` bits; a gap that does not
+    fit costs a padding zero entry per 2^index_bits - 1 positions. ``nm``: N values per group
+    of M plus log2(M) bits of position each (2 bits for 2:4)."""
+    flat = np.asarray(w).reshape(-1)
+    if kind == "nm":
+        groups = flat.size // mask.m
+        return int(groups * mask.n * (value_bits + int(np.ceil(np.log2(mask.m)))))
+    pos = np.flatnonzero(flat)
+    gaps = np.diff(np.concatenate([[-1], pos])) - 1
+    span = (1 << index_bits) - 1
+    pads = int(np.sum(gaps // (span + 1))) if pos.size else 0
+    return int((pos.size + pads) * (value_bits + index_bits))
+
+
+# --------------------------------------------------------------------------- passes
+@register_pass("prune-weights")
+@dataclass(kw_only=True)
+class PruneWeights(Pass):
+    """Magnitude pruning of individual weights: the smallest |w| become exactly zero, under an
+    element mask that training keeps (``finetune`` after it recovers the accuracy). ``scope``:
+    one global threshold, or the same sparsity in every layer. The target is a sparsity of the
+    parameters (``sparsity``), a count of nonzero parameters (``nonzero_params``), or a share of
+    nonzero MACs (``nonzero_macs``, global scope weighs each weight by its layer's MACs per
+    weight). Changes the function on purpose."""
+
+    preserves_function = False
+
+    sparsity: Optional[float] = option(None, "share of the weights to remove, in [0, 1)")
+    nonzero_params: Optional[int] = option(None, "instead: keep this many nonzero weights", minimum=1)
+    nonzero_macs: Optional[float] = option(None, "instead: keep this share of the MACs nonzero (0, 1]")
+    scope: Literal["global", "layer"] = option("global", "one threshold over all layers, or per layer")
+    skip: list[str] = option([], "layers (fnmatch patterns on name/source) to leave dense")
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        given = [x is not None for x in (self.sparsity, self.nonzero_params, self.nonzero_macs)]
+        if sum(given) != 1:
+            raise GraphOptError("prune-weights needs exactly one of sparsity=, nonzero_params=, nonzero_macs=")
+        layers = prunable_layers(graph, self.skip)
+        if not layers:
+            return PassResult(graph, False, {"pruned": 0, "reason": "no layer with constant weights"})
+        total = sum(L.weight(graph, n).size for n in layers)
+        target = "sparsity"
+        if self.sparsity is not None:
+            s = _check_sparsity(self.sparsity)
+        elif self.nonzero_params is not None:
+            if self.nonzero_params > total:
+                raise GraphOptError(f"nonzero_params={self.nonzero_params} is more than the {total} prunable weights")
+            s = 1.0 - self.nonzero_params / total
+        else:
+            if not 0.0 < self.nonzero_macs <= 1.0:
+                raise GraphOptError(f"nonzero_macs must be in (0, 1], not {self.nonzero_macs}")
+            s, target = 1.0 - float(self.nonzero_macs), "macs"
+        masks = magnitude_masks(graph, layers, s, self.scope, target)
+        changed = _apply_masks(graph, masks)
+        per = {n.source: round(m.sparsity, 4) for n, m in masks.items()}
+        kept = sum(int(m.keep.sum()) for m in masks.values())
+        return PassResult(graph, changed > 0, {"pruned": changed, "sparsity": 1 - kept / total, "per_layer": per})
+
+
+@register_pass("prune-nm")
+@dataclass(kw_only=True)
+class PruneNM(Pass):
+    """N:M semi-structured sparsity: in every group of M consecutive weights along each layer's
+    reduction (input-channel) axis, keep the N largest |w| (2:4 by default; 1:4 and 4:8 too).
+    A layer whose reduction axis is not a multiple of M stays dense and is listed under
+    ``dense`` (``remainder=error`` refuses it instead); grouped and depthwise convolutions, whose
+    per-group reduction has too few channels, likewise. Changes the function on purpose."""
+
+    preserves_function = False
+
+    n: int = option(2, "weights kept per group", minimum=1)
+    m: int = option(4, "group size", minimum=2)
+    skip: list[str] = option([], "layers (fnmatch patterns) to leave dense")
+    remainder: Literal["dense", "error"] = option("dense", "a layer whose reduction axis M does not divide")
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        if self.n >= self.m:
+            raise GraphOptError(f"N:M sparsity needs N < M (got {self.n}:{self.m})")
+        changed, dense = 0, {}
+        masks = {}
+        for n in prunable_layers(graph, self.skip):
+            w = L.weight(graph, n)
+            axis = geometry(n).in_axis
+            if w.shape[axis] % self.m:
+                why = f"its reduction axis has {w.shape[axis]} channels, not a multiple of {self.m}"
+                if self.remainder == "error":
+                    raise GraphOptError(f"prune-nm: layer '{n.source}': {why}")
+                dense[n.source] = why
+                continue
+            old = get_mask(n.inputs[1])
+            masks[n] = Mask.n_m(old.apply(w) if old is not None else w, self.n, self.m, axis)
+        changed = _apply_masks(graph, masks)
+        return PassResult(graph, changed > 0, {"pruned": changed, "pattern": f"{self.n}:{self.m}", "dense": dense})
+
+
+@register_pass("prune-gradual")
+@dataclass(kw_only=True)
+class PruneGradual(Pass):
+    """Gradual magnitude pruning during the ``finetune`` step that follows (Zhu & Gupta 2017,
+    TF-MOT's PolynomialDecay): sparsity s_t = s_f + (s_i - s_f)(1 - (t - t0)/(t1 - t0))^power from
+    ``begin`` to ``end`` (fractions of the training steps), re-selected by magnitude every
+    ``frequency`` steps; masks only grow, pruned weights stay exactly zero, and masks are saved
+    in checkpoints. This pass applies the initial sparsity and records the schedule."""
+
+    preserves_function = False
+
+    final: float = option(0.8, "sparsity at the end of the schedule, in [0, 1)")
+    initial: float = option(0.0, "sparsity at the start of the schedule")
+    begin: float = option(0.0, "where the schedule starts, as a fraction of the training steps", minimum=0.0,
+                          maximum=1.0)
+    end: float = option(0.75, "where it reaches the final sparsity (fraction of the steps)", minimum=0.0,
+                        maximum=1.0)
+    frequency: int = option(50, "steps between mask updates", minimum=1)
+    power: float = option(3.0, "polynomial exponent", minimum=0.0)
+    scope: Literal["global", "layer"] = option("global", "one threshold over all layers, or per layer")
+    skip: list[str] = option([], "layers to leave dense")
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        fin, ini = _check_sparsity(self.final, "final sparsity"), _check_sparsity(self.initial, "initial sparsity")
+        if ini > fin:
+            raise GraphOptError(f"prune-gradual: initial sparsity {ini} is above the final {fin}")
+        if self.end <= self.begin:
+            raise GraphOptError(f"prune-gradual: end ({self.end}) must come after begin ({self.begin})")
+        layers = prunable_layers(graph, self.skip)
+        if not layers:
+            raise GraphOptError("prune-gradual: the model has no layer with constant weights")
+        masks = magnitude_masks(graph, layers, ini, self.scope)
+        zeroed = 0
+        for n, m in masks.items():  # every pruned weight gets a mask now, so training can tighten it
+            old = get_mask(n.inputs[1])
+            zeroed += int(np.count_nonzero(np.asarray(n.inputs[1].const)[~m.keep]))
+            if old is None or old != m:
+                set_mask(graph, n.inputs[1], m)
+        before = graph.scratch.get(SPARSITY_SCHEDULE)
+        graph.scratch[SPARSITY_SCHEDULE] = {"final": fin, "initial": ini, "begin": self.begin, "end": self.end,
+                                            "frequency": self.frequency, "power": self.power, "scope": self.scope,
+                                            "weights": [n.inputs[1].name for n in layers]}
+        changed = zeroed > 0 or before != graph.scratch[SPARSITY_SCHEDULE]
+        return PassResult(graph, changed, {"layers": len(layers), "initial": ini, "final": fin, "zeroed": zeroed})

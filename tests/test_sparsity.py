@@ -1,0 +1,169 @@
+"""Fine-grained sparsity: magnitude masks (global, per layer, by count or MACs), N:M groups, the
+gradual schedule, and masks that hold through training, checkpoints and export."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from nets import build, run_ort
+
+import graphopt
+from graphopt import from_torch
+from graphopt.errors import PassError
+from graphopt.masks import get_mask
+from graphopt.passmanager import Context, PassManager, TrainingData
+
+
+def _graph(name="resnet"):
+    model, x = build(name, 0)
+    g = PassManager("canonicalize,fold-bn").run(from_torch(model, torch.from_numpy(x))).graph
+    xs = np.random.default_rng(0).standard_normal((64,) + x.shape[1:]).astype(np.float32)
+    return g, xs
+
+
+def _weights(g):
+    from graphopt.passes.sparsity import prunable_layers
+
+    return {n.source: np.asarray(g.const_value(n.inputs[1])) for n in prunable_layers(g)}
+
+
+def _out(g, xs):
+    with torch.no_grad():
+        return graphopt.to_torch(g)(torch.from_numpy(xs)).numpy()
+
+
+def test_global_and_layerwise_magnitude_pruning():
+    g, xs = _graph()
+    r = PassManager("prune-weights{sparsity=0.5}").run(g.copy())
+    ws = _weights(r.graph)
+    total = sum(w.size for w in ws.values())
+    zeros = sum(int((w == 0).sum()) for w in ws.values())
+    assert zeros == int(0.5 * total) and r.modified
+    per = [float((w == 0).mean()) for w in ws.values()]
+    assert max(per) - min(per) > 0.05  # one threshold: the layers end up at different sparsities
+    # the global threshold: every kept |w| is at least every dropped one
+    orig = _weights(g)
+    kept = np.concatenate([np.abs(orig[k])[w != 0] for k, w in ws.items()])
+    dropped = np.concatenate([np.abs(orig[k])[w == 0] for k, w in ws.items()])
+    assert kept.min() >= dropped.max()
+    assert not np.allclose(_out(r.graph, xs), _out(g, xs))
+    again = PassManager("prune-weights{sparsity=0.5}").run(r.graph)
+    assert not again.modified  # idempotent
+    lw = PassManager("prune-weights{sparsity=0.5,scope=layer,skip=[conv]}").run(g.copy()).graph
+    per_l = {k: float((w == 0).mean()) for k, w in _weights(lw).items()}
+    assert per_l["conv"] == 0.0 and all(abs(v - 0.5) < 0.02 for k, v in per_l.items() if k != "conv")
+    assert not PassManager("prune-weights{sparsity=0}").run(g.copy()).modified  # nothing to remove
+
+
+def test_targets_as_nonzero_params_and_macs():
+    g, xs = _graph()
+    ws = _weights(g)
+    total = sum(w.size for w in ws.values())
+    r = PassManager("prune-weights{nonzero_params=1000}").run(g.copy()).graph
+    assert sum(int(np.count_nonzero(w)) for w in _weights(r).values()) == 1000
+    from graphopt.passes.sparsity import sparsity_report
+
+    m = PassManager("prune-weights{nonzero_macs=0.3}").run(g.copy()).graph
+    rep = sparsity_report(m)
+    share = sum(r["nonzero_macs"] for r in rep) / sum(r["macs"] for r in rep)
+    assert share == pytest.approx(0.3, abs=0.01)
+    with pytest.raises(PassError, match=r"sparsity must be in \[0, 1\), not 1.0"):
+        PassManager("prune-weights{sparsity=1.0}").run(g.copy())
+    with pytest.raises(PassError, match="exactly one of"):
+        PassManager("prune-weights{sparsity=0.5,nonzero_params=10}").run(g.copy())
+    with pytest.raises(PassError, match=f"more than the {total} prunable weights"):
+        PassManager(f"prune-weights{{nonzero_params={total + 1}}}").run(g.copy())
+
+
+def test_masks_hold_through_finetune_and_export():
+    g, xs = _graph()
+    ys = np.zeros(len(xs), np.int64)
+    r = PassManager("prune-weights{sparsity=0.7},finetune{epochs=2,batch_size=16,lr=0.05,teacher=none,kd_weight=0}"
+                    ).run(g.copy(), Context(train=TrainingData(xs, ys)))
+    q = r.graph
+    for n in q.nodes:
+        m = get_mask(n.inputs[1]) if n.op_type in ("Conv", "Gemm") else None
+        if m is not None:
+            assert m.violations(q.const_value(n.inputs[1])) == 0
+    proto = graphopt.to_onnx(q)
+    onnx.checker.check_model(proto, full_check=True)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    ws = [inits[n.inputs[1].name] for n in q.nodes if n.op_type in ("Conv", "Gemm") and n.inputs[1].name in inits]
+    assert sum(int((w == 0).sum()) for w in ws) / sum(w.size for w in ws) >= 0.7 - 1e-3
+    np.testing.assert_allclose(run_ort(proto, xs), _out(q, xs), rtol=1e-4, atol=1e-5)
+
+
+def test_n_m_groups_hold_after_training_and_export():
+    g, xs = _graph()
+    ys = np.zeros(len(xs), np.int64)
+    r = PassManager("prune-nm{n=2,m=4},finetune{epochs=1,batch_size=16,lr=0.05,teacher=none,kd_weight=0}").run(
+        g.copy(), Context(train=TrainingData(xs, ys)))
+    st = r.stats["prune-nm"][0]
+    assert "conv" in st["dense"] and "not a multiple of 4" in st["dense"]["conv"]  # 3 input channels
+    proto = graphopt.to_onnx(r.graph)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    checked = 0
+    for n in r.graph.nodes:
+        if n.op_type in ("Conv", "Gemm") and n.source not in st["dense"]:
+            w = inits[n.inputs[1].name]
+            axis = 1
+            groups = np.moveaxis(w != 0, axis, -1).reshape(-1, 4)
+            assert groups.sum(1).max() <= 2
+            checked += 1
+    assert checked >= 5
+    with pytest.raises(PassError, match="N < M"):
+        PassManager("prune-nm{n=4,m=4}").run(g.copy())
+    with pytest.raises(PassError, match="layer 'conv'.*not a multiple of 4"):
+        PassManager("prune-nm{remainder=error}").run(g.copy())
+
+
+def test_gradual_schedule_reaches_the_final_sparsity_and_survives_resume(tmp_path):
+    from graphopt.passes.sparsity import scheduled_sparsity
+
+    sched = {"final": 0.8, "initial": 0.0, "begin": 0.0, "end": 0.5, "frequency": 2, "power": 3.0}
+    vals = [scheduled_sparsity(sched, t, 20) for t in range(20)]
+    got = [v for v in vals if v is not None]
+    assert got[0] == 0.0 and got[-1] == pytest.approx(0.8) and all(b >= a for a, b in zip(got, got[1:]))
+    assert vals[11] is None  # after the end, masks stay
+    g, xs = _graph()
+    ys = np.zeros(len(xs), np.int64)
+    ck = tmp_path / "gmp.pt"
+    pipe = (f"prune-gradual{{final=0.8,end=0.5,frequency=2}},finetune{{epochs=2,batch_size=16,lr=0.05,"
+            f"teacher=none,kd_weight=0,checkpoint={ck}}}")
+    r = PassManager(pipe).run(g.copy(), Context(train=TrainingData(xs, ys)))
+    ws = _weights(r.graph)
+    sp = sum(int((w == 0).sum()) for w in ws.values()) / sum(w.size for w in ws.values())
+    assert sp == pytest.approx(0.8, abs=0.01)
+    state = torch.load(ck, weights_only=True)
+    masks = [v for k, v in state["model"].items() if k.endswith("_mask")]
+    assert masks and 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks) == pytest.approx(0.8, abs=0.01)
+    # resuming the finished run from its checkpoint gives back the same sparse weights
+    again = PassManager(pipe[:-1] + ",resume=true}").run(g.copy(), Context(train=TrainingData(xs, ys)))
+    assert again.stats["finetune"][0]["steps"] == r.stats["finetune"][0]["steps"]  # nothing left to train
+    for k, w in _weights(again.graph).items():
+        np.testing.assert_array_equal(w == 0, ws[k] == 0)
+    with pytest.raises(PassError, match="initial sparsity 0.9 is above the final 0.5"):
+        PassManager("prune-gradual{initial=0.9,final=0.5}").run(g.copy())
+
+
+def test_inspect_reports_sparsity_and_encodings(tmp_path):
+    import subprocess
+    import sys
+
+    from graphopt.passes.sparsity import encoded_bits, sparsity_report
+
+    w = np.zeros(64, np.float32)
+    w[[0, 1, 40]] = 1.0  # gaps 0, 0, 38: 38 > 15 positions costs two padding entries
+    assert encoded_bits(w, "relative") == (3 + 2) * 36
+    g, xs = _graph()
+    q = PassManager("prune-nm").run(g.copy()).graph
+    rep = {r["layer"]: r for r in sparsity_report(q)}
+    l1 = rep["l1.conv1"]
+    assert l1["nm"] == "2:4" and l1["sparsity"] == 0.5 and l1["nm_bits"] == l1["params"] // 2 * 34
+    path = tmp_path / "s.onnx"
+    graphopt.save_onnx(q, path)
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "inspect", str(path), "--sparsity"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "l1.conv1" in r.stdout and "50.0%" in r.stdout and "MB compressed" in r.stdout
+    assert "(2:4)" in r.stdout  # recognised from the zeros of the file
