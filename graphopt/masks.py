@@ -184,7 +184,8 @@ def set_channel_masks(graph, masks: dict[str, Mask]) -> None:
 def scheduled_sparsity(schedule: dict, step: int, total: int) -> float | None:
     """The sparsity the schedule asks for at ``step`` (0-based, of ``total``), or None when the
     masks are not updated at this step."""
-    t0, t1 = int(round(schedule["begin"] * total)), max(int(round(schedule["end"] * total)), 1)
+    t0 = min(int(round(schedule["begin"] * total)), max(total - 1, 0))
+    t1 = max(min(int(round(schedule["end"] * total)), total - 1), t0)  # a short run still ends at the final sparsity
     if step < t0 or step > t1 or (step - t0) % schedule["frequency"] and step != t1:
         return None
     frac = min(max((step - t0) / max(t1 - t0, 1), 0.0), 1.0)

@@ -97,12 +97,23 @@ def _apply_masks(graph: Graph, masks: dict[Node, Mask]) -> int:
 
 def sparsity_report(graph: Graph) -> list[dict]:
     """Per prunable layer: weights, zeros, nonzero MACs and the compressed encodings' sizes."""
+    from graphopt.quantizers import apply_node, is_fake_quant
+
     rows = []
-    for n in prunable_layers(graph):
-        w = np.asarray(L.weight(graph, n))
-        m = get_mask(n.inputs[1])
+    for n in graph.nodes:
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or n.domain or len(n.inputs) < 2:
+            continue
+        v, fq = n.inputs[1], None
+        if is_fake_quant(v.producer):  # a quantized graph: the values the export writes
+            fq, v = v.producer, v.producer.inputs[0]
+        if graph.const_value(v) is None:
+            continue
+        w = np.asarray(graph.const_value(v))
+        m = get_mask(v)
         if m is not None:
             w = m.apply(w)
+        if fq is not None:
+            w = apply_node(graph, fq, w)
         nnz = int(np.count_nonzero(w))
         macs = int(node_macs(n) or 0)
         if m is None or m.kind != "nm":  # a file read back has no mask: recognise the N:M pattern from its zeros

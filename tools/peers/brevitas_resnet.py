@@ -9,26 +9,21 @@ weights (``Int8WeightPerChannelFloat`` at ``weight_bit_width``), ``QuantReLU`` a
 QAT). Weights come from the same pretrained FP32 ResNet-20; the first conv and the classifier
 have 8-bit weights, as graphopt's rows do.
 
-The training loop mirrors ``graphopt.training.finetune``: the same shuffling (one permutation
-per epoch from ``seed + epoch``), the same augmentation generator, SGD with momentum 0.9 and
-weight decay, a cosine schedule per step, loss = kd_weight * distillation (T^2-scaled KL at
-temperature T) + (1 - kd_weight) * cross-entropy, and an atomic checkpoint after every epoch
-(``resume`` continues from it).
+It trains with ``peers.train_loop.train``, the plain-torch copy of graphopt's finetune recipe.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from peers.train_loop import train  # noqa: E402,F401  (the peers' shared loop)
 
 
 def _layers():
@@ -94,60 +89,6 @@ def from_fp32(fp32: nn.Module, wb: int, ab: int, edge_ab: int) -> QuantResNet20:
         raise RuntimeError(f"weights do not map onto the Brevitas model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
     return model
-
-
-def _save(path: Path, model, opt, epoch: int, step: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "step": step}, tmp)
-    os.replace(tmp, path)
-
-
-def train(model: nn.Module, teacher: nn.Module, x: np.ndarray, y: np.ndarray, transform, *, epochs: int,
-          lr: float, batch_size: int = 128, weight_decay: float = 1e-4, kd_weight: float = 0.5, T: float = 4.0,
-          seed: int = 0, checkpoint: Path | None = None) -> dict:
-    """graphopt's finetune recipe for a plain torch module (see the module doc)."""
-    torch.manual_seed(seed)
-    steps_per_epoch = len(x) // batch_size
-    total = steps_per_epoch * epochs
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    start, step = 0, 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start, step = state["epoch"] + 1, state["step"]
-    step0 = step
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + step0, total) / total)))
-    aug_rng = np.random.default_rng(seed)
-    teacher.eval()
-    show = sys.stderr.isatty()
-    for epoch in range(start, epochs):
-        model.train()
-        perm = np.random.default_rng(seed + epoch).permutation(len(x))
-        it = range(steps_per_epoch)
-        if show:
-            from tqdm import tqdm
-
-            it = tqdm(it, desc=f"brevitas epoch {epoch + 1}/{epochs}", leave=False)
-        for b in it:
-            idx = perm[b * batch_size:(b + 1) * batch_size]
-            xb = torch.from_numpy(transform(x[idx], aug_rng))
-            out = model(xb)
-            with torch.no_grad():
-                tout = teacher(xb)
-            kd = F.kl_div(F.log_softmax(out / T, 1), F.softmax(tout / T, 1), reduction="batchmean") * T * T
-            loss = kd_weight * kd + (1 - kd_weight) * F.cross_entropy(out, torch.from_numpy(y[idx]).long())
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"Brevitas training diverged at step {step + 1} (loss {float(loss)})")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-        if checkpoint is not None:
-            _save(checkpoint, model, opt, epoch, step)
-    model.eval()
-    return {"steps": step}
 
 
 def export(model: nn.Module, path: Path) -> str | None:
