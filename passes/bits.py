@@ -186,58 +186,80 @@ def quantized_weight(graph: Graph, n: Node, spec, method: str) -> np.ndarray:
     return spec.apply_np(w, params, axis).astype(w.dtype)
 
 
+class WeightSweep:
+    """Measure the model with one layer's weight replaced at a time: the float module is built
+    once, and each candidate weight is swapped into its parameter in place, so a measurement is
+    one forward pass over the samples. ``error(node, array)``: the output's mean squared error
+    against the float output, relative to the output's mean square; with ``labels``, the drop
+    in top-1 points. The owner of every "one layer at a time" scan (bit widths, sparsity)."""
+
+    def __init__(self, graph: Graph, data, labels: np.ndarray | None = None, max_samples: int | None = None):
+        import torch
+
+        from graphopt.backends.torch_module import to_torch
+        from graphopt.training.calibration import CalibrationData
+
+        data = data if isinstance(data, CalibrationData) else CalibrationData(data)
+        data.check_against(graph)
+        batches = [torch.from_numpy(np.ascontiguousarray(b)) for b in data]
+        if max_samples is not None:
+            out, n = [], 0
+            for b in batches:
+                if n >= max_samples:
+                    break
+                out.append(b[: max_samples - n])
+                n += len(out[-1])
+            batches = out
+        self.graph, self.batches = graph, batches
+        self.module = to_torch(graph).eval()
+        self.params = dict(self.module.named_parameters())
+        n_samples = sum(len(b) for b in batches)
+        self.y = None if labels is None else torch.from_numpy(np.asarray(labels)[:n_samples]).long()
+        with torch.no_grad():
+            self.ref = [self.module(b) for b in batches]
+        self.ref_ms = float(sum(r.double().pow(2).sum() for r in self.ref)) / max(sum(r.numel() for r in self.ref), 1)
+        if self.y is not None:
+            self.ref_top1 = float(torch.cat([r.argmax(1) for r in self.ref]).eq(self.y).float().mean()) * 100
+
+    def score(self) -> float:
+        import torch
+
+        with torch.no_grad():
+            outs = [self.module(b) for b in self.batches]
+        if self.y is None:
+            se = float(sum((o - r).double().pow(2).sum() for o, r in zip(outs, self.ref)))
+            return se / max(sum(r.numel() for r in self.ref), 1) / max(self.ref_ms, 1e-30)
+        return self.ref_top1 - float(torch.cat([o.argmax(1) for o in outs]).eq(self.y).float().mean()) * 100
+
+    def error(self, n: Node, array: np.ndarray) -> float:
+        import torch
+
+        p = self.params[self.module.param_names[n.inputs[1].name]]
+        keep = p.data.clone()
+        p.data.copy_(torch.from_numpy(np.ascontiguousarray(array, np.float32)))
+        try:
+            return self.score()
+        finally:
+            p.data.copy_(keep)
+
+
 def bit_sensitivity(graph: Graph, data, widths=(2, 3, 4, 6, 8), *, weights: str = "int8:channel",
                     method: Literal["sweep", "hessian"] = "sweep", weight_method: str = "mse",
                     labels: np.ndarray | None = None, skip=(), probes: int = 8, progress: bool = False,
                     max_samples: int | None = None) -> list[dict]:
     """One row per quantizable layer: name, params, MACs and ``error`` (a list, one per width).
 
-    ``sweep``: error = the mean squared error of the model output against the float output,
-    relative to the output's mean square, with only this layer's weights quantized at that
-    width (or, with ``labels``, the drop in top-1 points). ``hessian``: HAWQ-V2's
-    Tr(H)/n x ||Q(W) - W||^2 with H the Hessian of the output error (Gauss-Newton at the float
-    weights) or of the cross-entropy with ``labels``."""
-    import torch
-
-    from graphopt.backends.torch_module import to_torch
-    from graphopt.training.calibration import CalibrationData
-
+    ``sweep``: ``WeightSweep.error`` with only this layer's weights quantized at that width.
+    ``hessian``: HAWQ-V2's Tr(H)/n x ||Q(W) - W||^2 with H the Hessian of the output error
+    (Gauss-Newton at the float weights) or of the cross-entropy with ``labels``."""
     layers = quantizable_layers(graph, skip)
     if not layers:
         raise GraphOptError("the model has no layer with quantizable weights")
-    data = data if isinstance(data, CalibrationData) else CalibrationData(data)
-    data.check_against(graph)
-    batches = [torch.from_numpy(np.ascontiguousarray(b)) for b in data]
-    if max_samples is not None:
-        out, n = [], 0
-        for b in batches:
-            if n >= max_samples:
-                break
-            out.append(b[: max_samples - n])
-            n += len(out[-1])
-        batches = out
     specs = [_weight_spec(weights, b) for b in widths]
-    module = to_torch(graph).eval()
-    params = dict(module.named_parameters())
-    y = None if labels is None else torch.from_numpy(np.asarray(labels)).long()
-    with torch.no_grad():
-        ref = [module(b) for b in batches]
-    ref_ms = float(sum(r.double().pow(2).sum() for r in ref)) / max(sum(r.numel() for r in ref), 1)
-    if y is not None:
-        ref_top1 = float(torch.cat([r.argmax(1) for r in ref]).eq(y[: sum(len(b) for b in batches)]).float().mean()) * 100
-
-    def score() -> float:
-        with torch.no_grad():
-            outs = [module(b) for b in batches]
-        if y is None:
-            se = float(sum((o - r).double().pow(2).sum() for o, r in zip(outs, ref)))
-            return se / max(sum(r.numel() for r in ref), 1) / max(ref_ms, 1e-30)
-        top1 = float(torch.cat([o.argmax(1) for o in outs]).eq(y[: sum(len(b) for b in batches)]).float().mean()) * 100
-        return ref_top1 - top1
-
-    rows = []
+    sweep = WeightSweep(graph, data, labels, max_samples)
     qw = {(n.name, j): quantized_weight(graph, n, s, weight_method) for n in layers for j, s in enumerate(specs)}
-    traces = _hessian_traces(module, graph, layers, batches, ref, y, probes) if method == "hessian" else None
+    traces = _hessian_traces(sweep.module, graph, layers, sweep.batches, sweep.ref, sweep.y, probes) \
+        if method == "hessian" else None
     jobs = [(n, j) for n in layers for j in range(len(widths))]
     it = jobs
     if progress and method == "sweep":
@@ -246,22 +268,13 @@ def bit_sensitivity(graph: Graph, data, widths=(2, 3, 4, 6, 8), *, weights: str 
         it = tqdm(jobs, desc="bit sensitivity", leave=False)
     err: dict[str, list[float]] = {n.name: [0.0] * len(widths) for n in layers}
     for n, j in it:
-        attr = module.param_names.get(n.inputs[1].name)
-        w0 = L.weight(graph, n)
         if method == "hessian":
+            w0 = L.weight(graph, n)
             err[n.name][j] = float(traces[n.name] * np.sum((qw[(n.name, j)].astype(np.float64) - w0) ** 2))
-            continue
-        p = params[attr]
-        keep = p.data.clone()
-        p.data.copy_(torch.from_numpy(qw[(n.name, j)]))
-        try:
-            err[n.name][j] = score()
-        finally:
-            p.data.copy_(keep)
-    for n in layers:
-        rows.append({"layer": n.source, "name": n.name, "params": int(L.weight(graph, n).size),
-                     "macs": int(node_macs(n) or 0), "error": err[n.name]})
-    return rows
+        else:
+            err[n.name][j] = sweep.error(n, qw[(n.name, j)])
+    return [{"layer": n.source, "name": n.name, "params": int(L.weight(graph, n).size),
+             "macs": int(node_macs(n) or 0), "error": err[n.name]} for n in layers]
 
 
 def _hessian_traces(module, graph, layers, batches, ref, y, probes: int) -> dict[str, float]:

@@ -82,6 +82,34 @@ def magnitude_masks(graph: Graph, layers: list[Node], sparsity: float, scope: st
     return {n: Mask.element(k) for n, k in zip(layers, global_keep(ws, sparsity, cost))}
 
 
+def sensitivity_masks(graph: Graph, layers: list[Node], data, sparsity: float, target: str, levels,
+                      max_samples: int) -> tuple[dict[Node, Mask], list[dict]]:
+    """Per-layer sparsities from a scan: each layer alone pruned by magnitude at each level
+    (``WeightSweep``: one forward pass per layer and level), then the allocation with the least
+    summed output error whose nonzero parameters (or MACs) meet the target, by the exact
+    Pareto-front dynamic program that choose-bits uses."""
+    from .bits import WeightSweep, allocate
+
+    levels = sorted({0.0, *(_check_sparsity(v, "a scan level") for v in levels)})
+    sweep = WeightSweep(graph, data, max_samples=max_samples)
+    ws = [np.asarray(L.weight(graph, n)) for n in layers]
+    errors = np.array([[0.0 if lv == 0 else sweep.error(n, Mask.magnitude(w, lv).apply(w)) for lv in levels]
+                       for n, w in zip(layers, ws)])
+    unit = np.array([(node_macs(n) or 0) if target == "macs" else w.size for n, w in zip(layers, ws)], np.float64)
+    size = np.array([w.size for w in ws], np.float64)[:, None]
+    kept = size - np.floor(size * np.array(levels)[None, :])  # exactly what Mask.magnitude keeps
+    costs = unit[:, None] * kept / size
+    limit = (1.0 - sparsity) * unit.sum()
+    if costs[:, -1].sum() > limit * (1 + 1e-12):
+        raise GraphOptError(f"a sparsity of {sparsity} needs more than the largest scan level ({levels[-1]}) in some "
+                            f"layers: add higher levels")
+    choice, _, _ = allocate(costs, np.maximum(errors, 0.0), limit)
+    masks = {n: Mask.magnitude(w, levels[int(k)]) for n, w, k in zip(layers, ws, choice)}
+    scan = [{"layer": n.source, "params": int(w.size), "levels": levels, "error": errors[i].tolist(),
+             "chosen": levels[int(choice[i])]} for i, (n, w) in enumerate(zip(layers, ws))]
+    return masks, scan
+
+
 def _apply_masks(graph: Graph, masks: dict[Node, Mask]) -> int:
     changed = 0
     for n, m in masks.items():
@@ -167,7 +195,12 @@ class PruneWeights(Pass):
     sparsity: Optional[float] = option(None, "share of the weights to remove, in [0, 1)")
     nonzero_params: Optional[int] = option(None, "instead: keep this many nonzero weights", minimum=1)
     nonzero_macs: Optional[float] = option(None, "instead: keep this share of the MACs nonzero (0, 1]")
-    scope: Literal["global", "layer"] = option("global", "one threshold over all layers, or per layer")
+    scope: Literal["global", "layer", "sensitivity"] = option(
+        "global", "one threshold over all layers; the same sparsity per layer; or per-layer sparsities chosen "
+                  "from a sensitivity scan on the calibration data (needs --calib)")
+    levels: list[float] = option([0.3, 0.5, 0.7, 0.8, 0.9, 0.95], "scope=sensitivity: the per-layer sparsities "
+                                                                  "the scan measures")
+    max_samples: int = option(64, "scope=sensitivity: calibration samples the scan runs", minimum=1)
     skip: list[str] = option([], "layers (fnmatch patterns on name/source) to leave dense")
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
@@ -189,11 +222,20 @@ class PruneWeights(Pass):
             if not 0.0 < self.nonzero_macs <= 1.0:
                 raise GraphOptError(f"nonzero_macs must be in (0, 1], not {self.nonzero_macs}")
             s, target = 1.0 - float(self.nonzero_macs), "macs"
-        masks = magnitude_masks(graph, layers, s, self.scope, target)
+        scan = None
+        if self.scope == "sensitivity":
+            if ctx.calib is None:
+                raise GraphOptError("prune-weights{scope=sensitivity} needs calibration data (--calib) for its scan")
+            masks, scan = sensitivity_masks(graph, layers, ctx.calib, s, target, self.levels, self.max_samples)
+        else:
+            masks = magnitude_masks(graph, layers, s, self.scope, target)
         changed = _apply_masks(graph, masks)
         per = {n.source: round(m.sparsity, 4) for n, m in masks.items()}
         kept = sum(int(m.keep.sum()) for m in masks.values())
-        return PassResult(graph, changed > 0, {"pruned": changed, "sparsity": 1 - kept / total, "per_layer": per})
+        stats = {"pruned": changed, "sparsity": 1 - kept / total, "per_layer": per}
+        if scan is not None:
+            stats["scan"] = scan
+        return PassResult(graph, changed > 0, stats)
 
 
 @register_pass("prune-nm")

@@ -168,3 +168,17 @@ def test_stored_bits_budget_and_the_allocation_feeds_qat():
     chosen = r.stats["choose-bits"][0]["bits"]
     got = {n.source: n.inputs[1].producer.attr("bits") for n in r.graph.nodes if n.op_type in ("Conv", "Gemm")}
     assert got == chosen and len(set(chosen.values())) > 1  # the QAT graph trains at the allocated widths
+
+
+def test_allocation_on_a_measured_model_matches_brute_force():
+    g, xs = _model()
+    widths = [2, 4, 8]
+    rows = bit_sensitivity(g, xs[:16], widths)
+    errors = np.array([r["error"] for r in rows])
+    p = np.array([r["params"] for r in rows], float)
+    m = np.array([r["macs"] for r in rows], float)
+    for kind, limit in (("size", 4.0 * p.sum()), ("bops", 4 * 8 * m.sum() * 0.9)):
+        costs = layer_costs(kind, p, m, widths, 8)
+        want_e, want = _brute(costs, errors, limit)  # 3^7 allocations
+        got, cost, err = allocate(costs, errors, limit)
+        assert cost <= limit and err == pytest.approx(want_e, rel=1e-9)

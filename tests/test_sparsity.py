@@ -167,3 +167,16 @@ def test_inspect_reports_sparsity_and_encodings(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "l1.conv1" in r.stdout and "50.0%" in r.stdout and "MB compressed" in r.stdout
     assert "(2:4)" in r.stdout  # recognised from the zeros of the file
+
+
+def test_sensitivity_chosen_sparsities_meet_the_target():
+    g, xs = _graph()
+    r = PassManager("prune-weights{sparsity=0.6,scope=sensitivity,max_samples=32}").run(g.copy(), Context(calib=xs))
+    st = r.stats["prune-weights"][0]
+    assert st["sparsity"] >= 0.6 - 1e-9 and len(set(st["per_layer"].values())) > 1
+    scan = {row["layer"]: row for row in st["scan"]}
+    # every layer is hurt by its largest level, and the chosen levels come from the scan
+    assert all(row["error"][0] == 0 and row["error"][-1] > 0 for row in scan.values())
+    assert all(abs(st["per_layer"][k] - row["chosen"]) < 0.01 for k, row in scan.items())
+    with pytest.raises(PassError, match="needs calibration data"):
+        PassManager("prune-weights{sparsity=0.6,scope=sensitivity}").run(g.copy(), Context())
