@@ -144,6 +144,25 @@ class Mask:
         return f"{what} mask, {self.sparsity:.1%} sparse"
 
 
+def global_keep(weights: list[np.ndarray], sparsity: float, cost: list[float] | None = None) -> list[np.ndarray]:
+    """Keep arrays for one magnitude threshold over all ``weights``: the smallest |w| go first
+    until ``sparsity`` of the total ``cost`` is removed (``cost``: per layer, what one weight of
+    it is worth, e.g. its MACs per weight; default 1, so sparsity counts parameters)."""
+    a = np.concatenate([np.abs(np.asarray(w, np.float64)).reshape(-1) for w in weights])
+    c = np.concatenate([np.full(np.size(w), 1.0 if cost is None else float(cost[i]))
+                        for i, w in enumerate(weights)])
+    order = np.argsort(a, kind="stable")
+    removed = np.cumsum(c[order])
+    n_drop = int(np.searchsorted(removed, sparsity * c.sum() * (1 + 1e-12), side="right"))
+    keep = np.ones(a.size, bool)
+    keep[order[:n_drop]] = False
+    out, start = [], 0
+    for w in weights:
+        out.append(keep[start:start + np.size(w)].reshape(np.shape(w)))
+        start += np.size(w)
+    return out
+
+
 # ------------------------------------------------------------------ where masks live
 def set_mask(graph, value, mask: Mask) -> None:
     """Attach an element/N:M mask to a weight constant and zero the dropped weights now."""

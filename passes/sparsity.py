@@ -27,7 +27,7 @@ from graphopt.analysis import node_macs
 from graphopt.errors import GraphOptError
 from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node
-from graphopt.masks import Mask, get_mask, scheduled_sparsity, set_mask  # noqa: F401  (the schedule's owner)
+from graphopt.masks import Mask, get_mask, global_keep, scheduled_sparsity, set_mask  # noqa: F401  (owners)
 from graphopt.meta import SPARSITY_SCHEDULE
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
 
@@ -47,25 +47,6 @@ def _check_sparsity(s: float, what: str = "sparsity") -> float:
     if not 0.0 <= s < 1.0:
         raise GraphOptError(f"{what} must be in [0, 1), not {s}")
     return s
-
-
-def global_keep(weights: list[np.ndarray], sparsity: float, cost: list[float] | None = None) -> list[np.ndarray]:
-    """Keep arrays for one magnitude threshold over all ``weights``: the smallest |w| go first
-    until ``sparsity`` of the total ``cost`` is removed (``cost``: per layer, what one weight of
-    it is worth, e.g. its MACs per weight; default 1, so sparsity counts parameters)."""
-    a = np.concatenate([np.abs(np.asarray(w, np.float64)).reshape(-1) for w in weights])
-    c = np.concatenate([np.full(np.size(w), 1.0 if cost is None else float(cost[i]))
-                        for i, w in enumerate(weights)])
-    order = np.argsort(a, kind="stable")
-    removed = np.cumsum(c[order])
-    n_drop = int(np.searchsorted(removed, sparsity * c.sum() * (1 + 1e-12), side="right"))
-    keep = np.ones(a.size, bool)
-    keep[order[:n_drop]] = False
-    out, start = [], 0
-    for w in weights:
-        out.append(keep[start:start + np.size(w)].reshape(np.shape(w)))
-        start += np.size(w)
-    return out
 
 
 def magnitude_masks(graph: Graph, layers: list[Node], sparsity: float, scope: str,

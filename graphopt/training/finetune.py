@@ -63,6 +63,7 @@ class FinetuneConfig:
     # QAT's BN schedule: for the first bn_batch_epochs epochs a BN folded into a fake-quantized
     # layer normalizes with batch statistics (torch.ao ConvBn), then it is folded back and frozen
     bn_batch_epochs: int = 0
+    snapshot_step: int | None = None  # keep the weights after this many steps (0: before training) in stats["snapshot"]
 
 
 def _dist():
@@ -194,6 +195,14 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
     local = cfg.batch_size // world
     T = cfg.temperature
     aug_rng = np.random.default_rng(cfg.seed + 1000 * rank)
+    snapshot = None
+
+    def take_snapshot():
+        st = module.state_dict()
+        return {v: st[a].detach().cpu().numpy().copy() for v, a in module.param_names.items()}
+
+    if cfg.snapshot_step == 0 or (cfg.snapshot_step is not None and cfg.snapshot_step == step):
+        snapshot = take_snapshot()
     try:
         for epoch in range(start_epoch, cfg.epochs):
             if module.bn_folds and phase(epoch) == "frozen":
@@ -243,6 +252,8 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
                 if schedule is not None:
                     _gradual_masks(module, schedule, step, total)
                 step += 1
+                if cfg.snapshot_step is not None and step == cfg.snapshot_step:
+                    snapshot = take_snapshot()
                 last_good = copy.deepcopy(module.state_dict())
                 losses.append(float(loss.detach()))
                 if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -265,4 +276,4 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
 
     refresh_bias_scales(student)  # biases follow the learned steps, as the export will
     return {"epochs": len(history), "steps": step, "loss": history, "interrupted": interrupted,
-            "world_size": world}
+            "world_size": world, "snapshot": snapshot}
