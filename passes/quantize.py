@@ -556,5 +556,7 @@ def _analytical_mean(graph: Graph, n: Node) -> np.ndarray | None:
     g = np.maximum(gamma, 1e-12)
     z = beta / g
     pdf = np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    cdf = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
+    import torch
+
+    cdf = 0.5 * (1 + torch.special.erf(torch.from_numpy(z / math.sqrt(2))).numpy())  # batched, float64
     return beta * cdf + g * pdf
