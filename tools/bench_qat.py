@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import cifar10, cifar_normalize, load_results, ort_session, save_results
+from common import batched, cifar10, cifar_normalize, load_results, ort_session, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-qat"
@@ -112,13 +112,13 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     q = r.graph
     module = graphopt.to_torch(q).eval()
     with torch.no_grad():
-        sim = np.concatenate([module(torch.from_numpy(xt[i:i + 500])).numpy() for i in range(0, len(xt), 500)])
+        sim = batched(lambda b: module(torch.from_numpy(b)).numpy(), xt, 500)
     low, rep = lower(q, "qdq")
     out = WORK / f"{row}.onnx"
     onnx.save(to_model(low, rep.opset), str(out))
     sess = ort_session(out)
     name = sess.get_inputs()[0].name
-    ort = np.concatenate([sess.run(None, {name: xt[i:i + 500]})[0] for i in range(0, len(xt), 500)])
+    ort = batched(lambda b: sess.run(None, {name: b})[0], xt, 500)
     steps = r.stats.get("finetune", [{}])[0].get("steps", 0) if train else 0
     return {"pipeline": pipe, "epochs": epochs if train else 0, "torch_top1": round(100 * float((sim.argmax(1) == yt).mean()), 2),
             "ort_top1": round(100 * float((ort.argmax(1) == yt).mean()), 2),
@@ -168,7 +168,7 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     stats = train(model, fp32, xtr, ytr, augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row}.pt")
     secs = time.perf_counter() - t
     with torch.no_grad():
-        sim = np.concatenate([model(torch.from_numpy(xt[i:i + 500])).numpy() for i in range(0, len(xt), 500)])
+        sim = batched(lambda b: model(torch.from_numpy(b)).numpy(), xt, 500)
     out = WORK / f"{row}.onnx"
     why = export(model, out)
     res = {"pipeline": f"brevitas {row}: W{wb}A{ab}, first conv and classifier W8", "epochs": epochs,
@@ -180,7 +180,7 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
             sess = ort_session(out)
             name = sess.get_inputs()[0].name
             bs = 1 if sess.get_inputs()[0].shape[0] == 1 else 500  # Brevitas exports a fixed batch of one
-            ort = np.concatenate([sess.run(None, {name: xt[i:i + bs]})[0] for i in range(0, len(xt), bs)])
+            ort = batched(lambda b: sess.run(None, {name: b})[0], xt, bs)
             res.update(ort_top1=round(100 * float((ort.argmax(1) == yt).mean()), 2),
                        agree=round(100 * float((sim.argmax(1) == ort.argmax(1)).mean()), 2),
                        max_diff=float(np.abs(ort - sim).max()), mb=round(out.stat().st_size / 1e6, 3))

@@ -14,26 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from common import median_time
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparse_matmul.json"
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 # ResNet-20 (CIFAR-10): (name, out, in*kh*kw, output pixels)
 SHAPES = [("stem 3x3, 3->16", 16, 27, 1024), ("stage1 3x3, 16->16", 16, 144, 1024),
           ("stage2 3x3, 32->32", 32, 288, 256), ("stage3 3x3, 64->64", 64, 576, 64), ("classifier 64->10", 10, 64, 1)]
-
-
-def _median(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def main() -> int:
@@ -54,15 +44,15 @@ def main() -> int:
         w = rng.standard_normal((out, k)).astype(np.float32)
         x = rng.standard_normal((k, n)).astype(np.float32)
         wt, xt = torch.from_numpy(w), torch.from_numpy(x)
-        dense_t = _median(lambda wt=wt, xt=xt: torch.mm(wt, xt), args.reps)
-        dense_np = _median(lambda w=w, x=x: w @ x, args.reps)
+        dense_t = median_time(lambda wt=wt, xt=xt: torch.mm(wt, xt), repeat=args.reps)
+        dense_np = median_time(lambda w=w, x=x: w @ x, repeat=args.reps)
         for s in SPARSITIES:
             thr = np.quantile(np.abs(w), s)
             ws = np.where(np.abs(w) > thr, w, 0).astype(np.float32)
             csr_t = torch.from_numpy(ws).to_sparse_csr()
             csr_s = sp.csr_matrix(ws)
-            t_csr = _median(lambda c=csr_t, xt=xt: torch.sparse.mm(c, xt), args.reps)
-            s_csr = _median(lambda c=csr_s, x=x: c @ x, args.reps)
+            t_csr = median_time(lambda c=csr_t, xt=xt: torch.sparse.mm(c, xt), repeat=args.reps)
+            s_csr = median_time(lambda c=csr_s, x=x: c @ x, repeat=args.reps)
             rows.append({"shape": name, "out": out, "k": k, "n": n, "sparsity": s, "dense_torch_us": dense_t * 1e6,
                          "csr_torch_us": t_csr * 1e6, "dense_numpy_us": dense_np * 1e6, "csr_scipy_us": s_csr * 1e6})
     by = {}

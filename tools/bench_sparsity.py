@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_qat import augment
-from common import cifar10, cifar_normalize, load_results, ort_session, save_results
+from common import batched, cifar10, cifar_normalize, load_results, ort_session, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparsity.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-sparsity"
@@ -61,13 +61,13 @@ def _torch_eval(module, x: np.ndarray) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        return np.concatenate([module(torch.from_numpy(x[i:i + 500])).numpy() for i in range(0, len(x), 500)])
+        return batched(lambda b: module(torch.from_numpy(b)).numpy(), x, 500)
 
 
 def _ort_eval(path: Path, x: np.ndarray) -> np.ndarray:
     sess = ort_session(path)
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + 500]})[0] for i in range(0, len(x), 500)])
+    return batched(lambda b: sess.run(None, {name: b})[0], x, 500)
 
 
 def _export_stats(g) -> dict:
