@@ -136,6 +136,12 @@ def is_linear_layer(graph, n) -> bool:
         return len(n.inputs) < 3 or n.inputs[2] is None or graph.const_value(n.inputs[2]) is not None
     return w.ndim == 2  # MatMul: x[..., K] @ W[K, N]
 
+def linear_layers(graph) -> list:
+    """Every ``is_linear_layer`` node, in topological order."""
+    graph.toposort()
+    return [n for n in graph.nodes if is_linear_layer(graph, n)]
+
+
 def weight(graph, n) -> np.ndarray:
     return np.asarray(graph.const_value(n.inputs[1]))
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from graphopt.analysis import node_macs
 from graphopt.errors import GraphOptError
-from graphopt.geometry import geometry
+from graphopt.geometry import LINEAR_OPS, geometry, linear_layers
 from graphopt.ir import Graph, Node
 from graphopt.meta import CHOSEN_BITS
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
@@ -37,14 +37,12 @@ from . import _layers as L
 
 log = logging.getLogger("graphopt.passes.bits")
 
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+COMPUTE_OPS = LINEAR_OPS  # the layer ops quantize gives weights (owned by graphopt.geometry)
 
 
 def quantizable_layers(graph: Graph, skip=()) -> list[Node]:
     """The layers ``quantize`` gives quantized weights, in graph order."""
-    graph.toposort()
-    return [n for n in graph.nodes if n.op_type in COMPUTE_OPS and n.domain == "" and
-            L.is_linear_layer(graph, n) and not L.matches(n, list(skip))]
+    return [n for n in linear_layers(graph) if not L.matches(n, list(skip))]
 
 
 # --------------------------------------------------------------------------- budgets

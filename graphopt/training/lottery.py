@@ -34,10 +34,9 @@ CONTROLS = ("ticket", "reinit", "random_mask")
 
 
 def _weights(graph: Graph):
-    from graphopt.geometry import is_linear_layer
+    from graphopt.geometry import linear_layers
 
-    return [n.inputs[1] for n in graph.nodes if n.op_type in ("Conv", "Gemm", "MatMul") and n.domain == ""
-            and is_linear_layer(graph, n)]
+    return [n.inputs[1] for n in linear_layers(graph)]
 
 
 def _fresh_init(shape, rng) -> np.ndarray:
