@@ -86,34 +86,20 @@ def _gradual_masks(module, schedule: dict, step: int, total: int) -> None:
     """Tighten the masks of the scheduled weights to the sparsity the schedule asks for at
     ``step``: a magnitude selection over the currently kept weights (global: one threshold over
     all of them), so a pruned weight never comes back. Runs on the module's mask buffers."""
-    from graphopt.masks import scheduled_sparsity
+    from graphopt.masks import Mask, global_keep, scheduled_sparsity
 
     s = scheduled_sparsity(schedule, step, total)
     if s is None:
         return
     names = [n for n in schedule["weights"] if n in module.mask_names]
     params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
-    with torch.no_grad():
+    with torch.no_grad():  # the mask owner selects; the buffers only record its choice
         mags = [torch.where(buffers[module.mask_names[n][1]], params[module.mask_names[n][0]].abs(),
-                            torch.zeros(())) for n in names]
-        if schedule["scope"] == "global":
-            flat = torch.cat([m.reshape(-1) for m in mags])
-            n_drop = int(s * flat.numel())
-            keep = torch.ones(flat.numel(), dtype=torch.bool)
-            if n_drop:
-                keep[torch.argsort(flat, stable=True)[:n_drop]] = False
-            keeps = torch.split(keep, [m.numel() for m in mags])
-        else:
-            keeps = []
-            for m in mags:
-                k = torch.ones(m.numel(), dtype=torch.bool)
-                n_drop = int(s * m.numel())
-                if n_drop:
-                    k[torch.argsort(m.reshape(-1), stable=True)[:n_drop]] = False
-                keeps.append(k)
-        for n, k, m in zip(names, keeps, mags):
+                            torch.zeros(())).numpy() for n in names]
+        keeps = global_keep(mags, s) if schedule["scope"] == "global" else [Mask.magnitude(m, s).keep for m in mags]
+        for n, k in zip(names, keeps):
             buf = buffers[module.mask_names[n][1]]
-            buf.copy_(buf & k.reshape(m.shape))
+            buf.copy_(buf & torch.from_numpy(k))
 
 
 def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher: Graph | None = None,
