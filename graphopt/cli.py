@@ -152,6 +152,34 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--freeze-bn", action="store_true",
                    help="keep BatchNormalization statistics fixed")
 
+    lt = sub.add_parser("lottery", help="lottery tickets: iterative magnitude pruning with rewinding, against its "
+                        "controls; table (+ PNG)")
+    lt.add_argument("model", help="the network at its initialization (its weights are what round 1 trains and what "
+                    "--rewind 0 rewinds to): FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
+    _torch_args(lt)
+    lt.add_argument("--data", required=True, metavar="X.npy", help="float32 training inputs [N, ...]")
+    lt.add_argument("--labels", required=True, metavar="Y.npy", help="integer training labels [N]")
+    lt.add_argument("--val-data", metavar="X.npy", help="held-out inputs to score each round on")
+    lt.add_argument("--val-labels", metavar="Y.npy", help="their labels (top-1 per round; without them the table "
+                    "shows the training loss)")
+    lt.add_argument("--controls", default="ticket", help="comma-separated: ticket, reinit (the ticket's masks, fresh "
+                    "weights), random_mask (a random mask, same per-layer sparsity); default %(default)s")
+    lt.add_argument("--rounds", type=_positive_int, default=5, help="train/prune rounds (default %(default)s)")
+    lt.add_argument("--rate", type=float, default=0.2, help="share of surviving weights pruned per round, by one "
+                    "global magnitude threshold (default %(default)s)")
+    lt.add_argument("--rewind", type=int, default=0, metavar="K", help="rewind survivors to training step K (0: the "
+                    "initialization, as Frankle & Carbin; K > 0: late rewinding)")
+    lt.add_argument("--epochs", type=_positive_int, default=1, help="epochs per round")
+    lt.add_argument("--batch-size", type=_positive_int, default=64)
+    lt.add_argument("--lr", type=float, default=2e-4)
+    lt.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
+    lt.add_argument("--weight-decay", type=float, default=0.0)
+    lt.add_argument("--state", required=True, metavar="DIR", help="one state per control is saved here after every "
+                    "round; the same command continues an interrupted run")
+    lt.add_argument("-o", "--output", metavar="FILE.onnx", help="write the first control's last trained, pruned "
+                    "network")
+    lt.add_argument("--plot", metavar="FILE.png", help="write score against weights remaining, one curve per control")
+
     d = sub.add_parser("demo", help="run the main job on a built-in network (no files needed)")
     d.add_argument("-o", "--output", default="graphopt-demo.onnx", help="ONNX file to write (default: %(default)s)")
     d.add_argument("--pipeline", default=None, help="pipeline to run")
@@ -202,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_outputs(args)
         return {"convert": cmd_convert, "passes": cmd_passes, "inspect": cmd_inspect, "demo": cmd_demo,
-                "analyze": cmd_analyze, "finetune": cmd_finetune}[args.command](args)
+                "analyze": cmd_analyze, "finetune": cmd_finetune, "lottery": cmd_lottery}[args.command](args)
     except BrokenPipeError:  # e.g. `graphopt passes | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -225,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------- helpers
 _INPUTS = {"input": "the input model", "model": "the input model", "calib": "--calib", "weights": "--weights",
            "teacher": "--teacher", "train": "--train", "train_labels": "--train-labels", "data": "--data",
-           "labels": "--labels", "eval": "--eval"}
+           "labels": "--labels", "eval": "--eval", "val_data": "--val-data", "val_labels": "--val-labels"}
 
 
 def _outputs(args) -> list[tuple[str, str]]:
@@ -237,7 +265,7 @@ def _outputs(args) -> list[tuple[str, str]]:
             outs.append((args.output + ".data", "-o's external data"))
     if args.command == "inspect" and getattr(args, "plot", None):
         outs.append((args.plot_out, "--plot-out"))
-    if args.command == "analyze" and getattr(args, "plot", None):
+    if args.command in ("analyze", "lottery") and getattr(args, "plot", None):
         outs.append((args.plot, "--plot"))
     if args.command == "finetune" and args.checkpoint:
         outs.append((args.checkpoint, "--checkpoint"))
@@ -807,6 +835,58 @@ def cmd_finetune(args) -> int:
           f"loss per epoch: {losses}" + (" (interrupted: kept the last completed step)" if stats["interrupted"] else ""))
     print(f"wrote {args.output}")
     return 130 if stats["interrupted"] else 0
+
+
+def cmd_lottery(args) -> int:
+    import numpy as np
+
+    from graphopt.backends.onnx_file import save_onnx
+    from graphopt.training.finetune import FinetuneConfig
+    from graphopt.training.lottery import CONTROLS, format_table, lottery_ticket, plot_curves
+
+    controls = [c.strip() for c in args.controls.split(",") if c.strip()]
+    bad = [c for c in controls if c not in CONTROLS]
+    if bad or not controls:
+        raise UsageError(f"--controls takes {', '.join(CONTROLS)}, not '{args.controls}'")
+    if (args.val_data is None) != (args.val_labels is None):
+        raise UsageError("--val-data and --val-labels go together")
+    graph = load_model(args.model, args)
+    x, y = load_xy(args.data, args.labels, graph)
+    if len(x) != len(y):
+        raise GraphOptError(f"{args.data} has {len(x)} samples but {args.labels} has {len(y)} labels")
+    evaluate = None
+    if args.val_data:
+        xv, yv = load_xy(args.val_data, args.val_labels, graph)
+        if len(xv) != len(yv):
+            raise GraphOptError(f"{args.val_data} has {len(xv)} samples but {args.val_labels} has {len(yv)} labels")
+        from graphopt.training.calibration import collect
+
+        out = graph.outputs[0].name
+
+        def evaluate(g) -> float:
+            logits = collect(g, np.asarray(xv, np.float32), [out])[out]
+            return round(100.0 * float((logits.reshape(len(yv), -1).argmax(1) == yv).mean()), 2)
+    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                         kd_weight=0.0, weight_decay=args.weight_decay)
+    state = Path(args.state)
+    state.mkdir(parents=True, exist_ok=True)
+    runs, first = {}, None
+    for c in controls:
+        g = graph.copy()
+        runs[c] = lottery_ticket(g, x, y, rounds=args.rounds, rate=args.rate, rewind_step=args.rewind, control=c,
+                                 config=cfg, evaluate=evaluate, state=state / f"{c}-rewind{args.rewind}")
+        first = g if first is None else first
+    print(f"lottery tickets: {args.rounds} rounds, {100 * args.rate:g}% of survivors pruned per round, rewind to step "
+          f"{args.rewind}, {args.epochs} epoch(s) per round; " + ("top-1 % on --val-data" if evaluate else
+                                                                   "training loss (no --val-data)"))
+    print(format_table(runs))
+    if args.output:
+        save_onnx(first, args.output)
+        print(f"wrote {args.output} ({controls[0]}, round {args.rounds})")
+    if args.plot:
+        plot_curves(args.plot, runs, ylabel="top-1 %")
+        print(f"wrote {args.plot}")
+    return 0
 
 
 def cmd_demo(args) -> int:

@@ -61,3 +61,72 @@ def test_late_rewinding_controls_and_resume(tmp_path):
         lottery_ticket(g.copy(), x, y, rounds=3, rate=0.5, rewind_step=2, config=cfg, state=st)
     with pytest.raises(GraphOptError, match="rate per round must be in"):
         lottery_ticket(g.copy(), x, y, rate=1.0)
+
+
+def _files(tmp_path):
+    from graphopt import save_onnx
+
+    g, x, y = _task()
+    save_onnx(g, str(tmp_path / "init.onnx"))
+    np.save(tmp_path / "x.npy", x[:96])
+    np.save(tmp_path / "y.npy", y[:96])
+    np.save(tmp_path / "xv.npy", x[96:])
+    np.save(tmp_path / "yv.npy", y[96:])
+    return g, x, y
+
+
+def test_cli_runs_every_control_writes_table_plot_and_model_and_resumes(tmp_path, capsys):
+    from graphopt import load_onnx
+    from graphopt.cli import main
+
+    _files(tmp_path)
+    args = ["lottery", str(tmp_path / "init.onnx"), "--data", str(tmp_path / "x.npy"), "--labels",
+            str(tmp_path / "y.npy"), "--val-data", str(tmp_path / "xv.npy"), "--val-labels", str(tmp_path / "yv.npy"),
+            "--controls", "ticket,reinit,random_mask", "--rounds", "2", "--rate", "0.5", "--epochs", "1",
+            "--batch-size", "32", "--lr", "0.01", "--state", str(tmp_path / "st"), "-o", str(tmp_path / "t.onnx"),
+            "--plot", str(tmp_path / "lth.png")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| weights remaining | ticket | reinit | random_mask |" in out
+    assert "| 50.0% |" in out and "| 100.0% |" in out
+    assert (tmp_path / "lth.png").read_bytes()[:4] == b"\x89PNG"
+    ticket = load_onnx(str(tmp_path / "t.onnx"))
+    ws = [np.asarray(v.const) for v in _weights(ticket)]
+    assert sum((w == 0).sum() for w in ws) / sum(w.size for w in ws) == pytest.approx(0.5, abs=0.01)
+    assert sorted(p.name for p in (tmp_path / "st").iterdir()) == sorted(
+        f"{c}-rewind0.{e}" for c in ("ticket", "reinit", "random_mask") for e in ("json", "npz"))
+    # a third round continues from the saved state: round 1 and 2 are not retrained
+    first = out.split("| 50.0% |")[1].splitlines()[0]
+    assert main([*args[:args.index("--rounds") + 1], "3", *args[args.index("--rounds") + 2:]]) == 0
+    again = capsys.readouterr().out
+    assert again.split("| 50.0% |")[1].splitlines()[0] == first
+    assert "| 25.0% |" in again
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--controls", "ticket,lucky"], "--controls takes ticket, reinit, random_mask, not 'ticket,lucky'"),
+    (["--rate", "1.5"], "the pruning rate per round must be in (0, 1), not 1.5"),
+    (["--val-data", "XV"], "--val-data and --val-labels go together"),
+    (["--rewind", "1000"], "cannot rewind to step 1000"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, capsys, extra, msg):
+    from graphopt.cli import main
+
+    _files(tmp_path)
+    extra = [str(tmp_path / "xv.npy") if e == "XV" else e for e in extra]
+    rc = main(["lottery", str(tmp_path / "init.onnx"), "--data", str(tmp_path / "x.npy"), "--labels",
+               str(tmp_path / "y.npy"), "--state", str(tmp_path / "st"), "--epochs", "1", "-o",
+               str(tmp_path / "t.onnx"), *extra])
+    err = capsys.readouterr().err
+    assert rc in (1, 2) and msg in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "t.onnx").exists()
+
+
+def test_cli_labels_must_match_the_data(tmp_path, capsys):
+    from graphopt.cli import main
+
+    _files(tmp_path)
+    np.save(tmp_path / "y.npy", np.zeros(10, np.int64))
+    rc = main(["lottery", str(tmp_path / "init.onnx"), "--data", str(tmp_path / "x.npy"), "--labels",
+               str(tmp_path / "y.npy"), "--state", str(tmp_path / "st")])
+    assert rc == 1 and "has 96 samples but" in capsys.readouterr().err

@@ -66,37 +66,16 @@ def run(control: str, rounds: int, rate: float, epochs: int, n_train: int, rewin
 
 
 def table(plot: str | None) -> None:
+    from graphopt.training.lottery import format_table, plot_curves
+
     res = load_results(RESULTS)
     if not res:
         print("no results yet")
         return
-    runs = {k: v for k, v in res.items()}
-    rems = sorted({round(r["remaining"], 4) for v in runs.values() for r in v["rounds"]}, reverse=True)
-    print("| weights remaining | " + " | ".join(runs) + " |")
-    print("|---|" + "---|" * len(runs))
-    for rem in rems:
-        cells = []
-        for v in runs.values():
-            row = next((r for r in v["rounds"] if round(r["remaining"], 4) == rem), None)
-            cells.append(f"{row['score']:.2f}" if row else "-")
-        print(f"| {100 * rem:.1f}% | " + " | ".join(cells) + " |")
+    runs = {k: v["rounds"] for k, v in res.items()}
+    print(format_table(runs))
     if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, v in runs.items():
-            ax.plot([100 * r["remaining"] for r in v["rounds"]], [r["score"] for r in v["rounds"]], "-o", label=name)
-        ax.set_xscale("log")
-        ax.invert_xaxis()
-        ax.set_xlabel("weights remaining (%)")
-        ax.set_ylabel("test top-1 % (CIFAR-10)")
-        ax.set_title("Conv-2: winning ticket vs controls")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(plot, dpi=100)
+        plot_curves(plot, runs, title="Conv-2 on CIFAR-10: winning ticket vs controls", ylabel="test top-1 %")
         print(f"wrote {plot}")
 
 

@@ -149,3 +149,53 @@ def _prune_round(graph: Graph, ws, rate: float, control: str, rng) -> None:
         keeps = out
     for v, k in zip(ws, keeps):
         set_mask(graph, v, Mask.element(k))
+
+
+def format_table(runs: dict[str, list[dict]]) -> str:
+    """Markdown table of ``lottery_ticket`` results: one row per share of weights remaining, one
+    column per run (e.g. per control). A run without scores shows its training loss."""
+    rems = sorted({round(r["remaining"], 4) for rows in runs.values() for r in rows}, reverse=True)
+    lines = ["| weights remaining | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for rem in rems:
+        cells = []
+        for rows in runs.values():
+            r = next((r for r in rows if round(r["remaining"], 4) == rem), None)
+            if r is None:
+                cells.append("-")
+            elif r.get("score") is not None:
+                cells.append(f"{r['score']:.2f}")
+            else:
+                cells.append("-" if r.get("loss") is None else f"loss {r['loss']:.4f}")
+        lines.append(f"| {100 * rem:.1f}% | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(path, runs: dict[str, list[dict]], title: str = "winning ticket vs controls",
+                ylabel: str = "score") -> None:
+    """PNG of score (or, without scores, training loss) against the share of weights
+    remaining, one curve per run, on a log axis that runs from dense to sparse."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise GraphOptError("plotting needs matplotlib: pip install 'graphopt[plot]'") from e
+    from graphopt.atomic import atomic_paths
+
+    scored = all(r.get("score") is not None for rows in runs.values() for r in rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in runs.items():
+        ax.plot([100 * r["remaining"] for r in rows], [r["score"] if scored else r["loss"] for r in rows], "-o",
+                label=name)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel(ylabel if scored else "training loss (last epoch)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_paths(path) as (tmp,):
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
