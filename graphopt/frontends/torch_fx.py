@@ -984,7 +984,7 @@ def _bind_arguments(module: nn.Module, n_inputs: int, constants: dict[str, Any])
 @with_gc_paused
 def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
                opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, infer_shapes: bool = True,
-               constants: dict[str, Any] | None = None) -> Graph:
+               constants: dict[str, Any] | None = None, exporter: str = "auto") -> Graph:
     """Convert ``module`` (put in eval mode) into a graphopt ``Graph``.
 
     ``example_inputs``: a tensor or a tuple of tensors with the shapes the model expects.
@@ -993,6 +993,10 @@ def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
     ``concrete_args``: ``if attn_mask is not None`` branches are decided at trace time.
     ``torch._assert`` checks are evaluated on the example inputs and dropped (the log says how many).
     ``dynamic_batch``: name dim 0 of every input ``batch`` so the graph takes any batch size.
+    ``exporter``: ``"auto"`` traces with torch.fx and, only when fx cannot trace the module
+    (Python control flow on shapes, a library fx refuses), falls back to
+    ``torch.onnx.export(dynamo=True)`` and the ONNX front end, with a warning that says why
+    (``graphopt.frontends.torch_export``); ``"fx"`` never falls back; ``"export"`` always exports.
     Raises ``UnsupportedOpError`` naming the op and module path for anything it cannot map,
     and ``FrontendError`` when the module cannot be traced or rejects the example inputs.
     """
@@ -1003,13 +1007,35 @@ def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
     example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
     was_training = module.training
     module.eval()
+    if exporter not in ("auto", "fx", "export"):
+        raise FrontendError(f"torch front end: exporter must be auto, fx or export, not '{exporter}'")
     concrete, trailing = _bind_arguments(module, len(example_inputs), constants or {})
     try:
-        try:
-            gm = torch.fx.symbolic_trace(module, concrete_args=concrete or None)
-        except Exception as e:
-            raise FrontendError(f"torch front end: torch.fx cannot trace {type(module).__name__} "
-                                f"(data-dependent control flow?): {str(e).splitlines()[0]}") from e
+        gm = None
+        if exporter != "export":
+            try:
+                gm = torch.fx.symbolic_trace(module, concrete_args=concrete or None)
+            except Exception as e:
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if exporter == "fx":
+                    raise FrontendError(f"torch front end: torch.fx cannot trace {type(module).__name__} "
+                                        f"(data-dependent control flow?): {why}") from e
+                fx_error = why
+        if gm is None:
+            from graphopt.frontends.torch_export import EXPORTER, export_graph
+
+            try:
+                graph = export_graph(module, example_inputs, concrete, opset=opset, dynamic_batch=dynamic_batch,
+                                     infer_shapes=infer_shapes)
+            except FrontendError as e:
+                if exporter == "export":
+                    raise FrontendError(f"torch front end: {e}") from e
+                raise FrontendError(f"torch front end: torch.fx cannot trace {type(module).__name__} ({fx_error}), "
+                                    f"and {e}") from e
+            if exporter == "auto":
+                log.warning("torch front end: torch.fx cannot trace %s (%s); converted it through %s instead",
+                            type(module).__name__, fx_error, EXPORTER)
+            return graph
         rec = _ConcreteRecorder(gm)
         try:
             with torch.no_grad():

@@ -18,6 +18,7 @@ import io
 import sys
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,6 +35,22 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not dims or any(d <= 0 for d in dims):
         raise UsageError(f"--input-shape must be positive integers, got '{text}'")
     return dims
+
+
+_EXAMPLE_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+
+
+def example_input(text: str) -> torch.Tensor:
+    """``SHAPE[:DTYPE]`` -> an example tensor: float32 from N(0, 1); int64, int32 and bool filled
+    with ones (a valid token id and a full attention mask)."""
+    shape_text, _, dtype = text.partition(":")
+    dtype = dtype.strip() or "float32"
+    if dtype not in _EXAMPLE_DTYPES:
+        raise UsageError(f"--input-shape dtype must be one of {', '.join(_EXAMPLE_DTYPES)}, got '{dtype}'")
+    shape = parse_shape(shape_text)
+    if dtype == "float32":
+        return torch.randn(*shape)
+    return torch.ones(*shape, dtype=_EXAMPLE_DTYPES[dtype])
 
 
 def is_factory_spec(spec: str) -> bool:
@@ -123,18 +140,24 @@ def load_state_dict(model: torch.nn.Module, path: str) -> None:
         raise GraphOptError(f"{p}: weights do not fit the model: {str(e).splitlines()[0]} ...") from e
 
 
-def load_torch_model(spec: str, input_shape: str | None, weights: str | None = None) -> Graph:
+def load_torch_model(spec: str, input_shape: str | Sequence[str] | None, weights: str | None = None,
+                     exporter: str = "auto") -> Graph:
+    """``input_shape``: one ``SHAPE[:DTYPE]`` per input of ``forward``, in order (see
+    ``example_input``); ``exporter``: ``from_torch``'s (auto, fx, export)."""
     from graphopt.frontends.torch_fx import from_torch
 
     if not input_shape:
         raise UsageError("--input-shape is required for PyTorch models (e.g. --input-shape 1,3,224,224)")
-    shape = parse_shape(input_shape)
-    example = torch.randn(*shape)
+    shapes = [input_shape] if isinstance(input_shape, str) else list(input_shape)
+    examples = tuple(example_input(t) for t in shapes)
+    example = examples[0]
     if is_factory_spec(spec):
         model = load_factory(spec)
         if weights:
             load_state_dict(model, weights)
-        return from_torch(model, example)
+        return from_torch(model, examples, exporter=exporter)
+    if len(examples) > 1:
+        raise UsageError("a TorchScript file takes one --input-shape")
     if weights:
         raise GraphOptError("--weights goes with a MODULE:CALLABLE model, not with a TorchScript file")
     p = Path(spec)
