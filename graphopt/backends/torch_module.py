@@ -279,6 +279,26 @@ def onnx_where(c, a, b):
     return torch.where(c.bool(), a, b)
 
 
+def onnx_resize(x, scales, sizes, mode: str, transform: str):
+    """ONNX Resize for the modes the torch front end writes: nearest (asymmetric, floor) and
+    linear (pytorch_half_pixel or align_corners), over the spatial axes only."""
+    nd = x.dim() - 2
+    kind = "nearest" if mode == "nearest" else ("linear", "bilinear", "trilinear")[nd - 1]
+    ac = None if mode == "nearest" else transform == "align_corners"
+    if sizes is not None and (not isinstance(sizes, torch.Tensor) or sizes.numel()):
+        size = [int(s) for s in _as_list(sizes)[2:]]
+        return F.interpolate(x, size=size, mode=kind, align_corners=ac)
+    sf = [float(s) for s in (scales.reshape(-1).tolist() if isinstance(scales, torch.Tensor) else scales)]
+    if sf[:2] != [1.0, 1.0]:
+        raise GraphOptError("Resize of the batch or channel axis is not supported by the torch back end")
+    return F.interpolate(x, scale_factor=sf[2:], mode=kind, align_corners=ac, recompute_scale_factor=False)
+
+
+def onnx_topk(x, k, axis: int, largest: bool):
+    r = torch.topk(x, int(_as_list(k)[0]), dim=axis, largest=largest, sorted=True)
+    return r.values, r.indices
+
+
 def onnx_range(start, limit, delta):
     def scalar(v):
         return v.reshape(()).item() if isinstance(v, torch.Tensor) else v
@@ -843,6 +863,29 @@ def _range(b, n):
     return [b.call(onnx_range, *(_static_or_runtime(b, n, i) for i in range(3)))]
 
 
+@lowering("Resize")
+def _resize(b, n):
+    mode = n.attr("mode", "nearest")
+    tr = n.attr("coordinate_transformation_mode", "half_pixel")
+    ok = (mode == "nearest" and tr == "asymmetric" and n.attr("nearest_mode", "round_prefer_floor") == "floor") or \
+         (mode == "linear" and tr in ("pytorch_half_pixel", "align_corners"))
+    if not ok or n.attr("antialias", 0) or n.attr("axes", None):
+        raise UnsupportedOpError(f"torch back end: Resize mode={mode}, coordinate_transformation_mode={tr} "
+                                 f"(node '{n.name}'; nearest/asymmetric/floor and linear/pytorch_half_pixel or "
+                                 "align_corners are supported)")
+    scales = _static_or_runtime(b, n, 2) if len(n.inputs) > 2 and n.inputs[2] is not None else None
+    sizes = _static_or_runtime(b, n, 3) if len(n.inputs) > 3 and n.inputs[3] is not None else None
+    return [b.call(onnx_resize, b.inp(n, 0), scales, sizes, mode, tr)]
+
+
+@lowering("TopK")
+def _topk(b, n):
+    if not n.attr("sorted", 1):
+        raise UnsupportedOpError(f"torch back end: TopK with sorted=0 (node '{n.name}')")
+    res = b.call(onnx_topk, b.inp(n, 0), _static_or_runtime(b, n, 1), n.attr("axis", -1), bool(n.attr("largest", 1)))
+    return [b.call(operator.getitem, res, i) for i in range(2)]
+
+
 @lowering("GatherElements")
 def _gather_elements(b, n):
     return [b.call(onnx_gather_elements, b.inp(n, 0), b.inp(n, 1), n.attr("axis", 0))]
@@ -867,11 +910,12 @@ def _cumsum(b, n):
     return [b.call(torch.cumsum, b.inp(n, 0), int(axis if not isinstance(axis, list) else axis[0]))]
 
 
-@lowering("ArgMax")
+@lowering("ArgMax", "ArgMin")
 def _argmax(b, n):
     if n.attr("select_last_index", 0):
-        raise UnsupportedOpError(f"torch back end: ArgMax with select_last_index (node '{n.name}')")
-    return [b.call(torch.argmax, b.inp(n, 0), n.attr("axis", 0), bool(n.attr("keepdims", 1)))]
+        raise UnsupportedOpError(f"torch back end: {n.op_type} with select_last_index (node '{n.name}')")
+    fn = torch.argmax if n.op_type == "ArgMax" else torch.argmin
+    return [b.call(fn, b.inp(n, 0), n.attr("axis", 0), bool(n.attr("keepdims", 1)))]
 
 
 @lowering("Tile")

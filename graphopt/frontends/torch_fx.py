@@ -75,6 +75,7 @@ class _Converter:
         self.param_cache: dict[int, Value] = {}
         self.node_names: set[str] = set()
         self.dropped_checks = 0
+        self.batch_size: int | None = None  # dim 0 of the first tensor input: the one named "batch"
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -172,7 +173,10 @@ class _Converter:
                                         f"scalar (got {type(t).__name__})")
                 shape: list = list(t.shape)
                 if self.batch_dim and shape:
-                    shape[0] = "batch"
+                    # inputs that agree on dim 0 share the symbolic batch; one that does not (a
+                    # sequence-first tensor of another length) gets a dim of its own
+                    self.batch_size = shape[0] if self.batch_size is None else self.batch_size
+                    shape[0] = "batch" if shape[0] == self.batch_size else f"{n.name}_dim0"
                 self.env[n] = self.g.add_input(n.name, _ONNX_DTYPE.get(t.dtype), shape)
             elif n.op == "get_attr":
                 t = _get_attr(self.gm, n.target)
@@ -235,7 +239,7 @@ def _norm_axis(axis: int, rank: int) -> int:
 
 # ====================================================================== modules
 def _conv(c: _Converter, n, mod: nn.Conv1d | nn.Conv2d, x, *rest):
-    if mod.padding_mode not in ("zeros", "reflect", "replicate"):
+    if mod.padding_mode not in ("zeros", *_PAD_MODES):
         raise c.unsupported(f"{type(mod).__name__} with padding_mode='{mod.padding_mode}'")
     nd = len(mod.kernel_size)
     if isinstance(mod.padding, str):
@@ -247,8 +251,7 @@ def _conv(c: _Converter, n, mod: nn.Conv1d | nn.Conv2d, x, *rest):
     else:
         pads = list(mod.padding) * 2
     if mod.padding_mode != "zeros" and any(pads):  # pad the borders as torch does, then a zero-pad conv
-        x = c.node("Pad", [x, c.ints([0, 0] + pads[:nd] + [0, 0] + pads[nd:], "pads")],
-                   {"mode": _PAD_MODES[mod.padding_mode]}, suffix="_pad")[0]
+        x = _border_pad(c, x, c.shape_of(n.args[0]), [0, 0] + pads[:nd], [0, 0] + pads[nd:], mod.padding_mode)
         pads = [0] * (2 * nd)
     w = c.param(mod.weight, f"{n.target}.weight")
     b = c.param(mod.bias, f"{n.target}.bias") if mod.bias is not None else None
@@ -401,10 +404,33 @@ def _adaptive(c: _Converter, n, x, output_size, kind: str):
         return c.node("GlobalAveragePool" if kind == "avg" else "GlobalMaxPool", [x])[0]
     spatial = in_shape[2:]
     if any(s % o for s, o in zip(spatial, out)):
-        raise c.unsupported(f"adaptive {kind} pool from {spatial} to {out} (not a whole multiple)")
+        if kind != "avg":
+            raise c.unsupported(f"adaptive {kind} pool from {spatial} to {out} (not a whole multiple)")
+        return _adaptive_avg_bins(c, x, spatial, out)
     k = [s // o for s, o in zip(spatial, out)]
     attrs = {"kernel_shape": k, "strides": k, "pads": [0] * 2 * nd}
     return c.node("AveragePool" if kind == "avg" else "MaxPool", [x], attrs)[0]
+
+
+def _adaptive_avg_bins(c: _Converter, x, spatial: list[int], out: list[int]):
+    """Adaptive average pooling with torch's overlapping bins (start floor(i·in/out), end
+    ceil((i+1)·in/out)) as one averaging matrix per spatial axis: x @ P_w^T, then P_h @ that."""
+    def bins(size: int, o: int) -> np.ndarray:
+        i = np.arange(o)
+        start, stop = (i * size) // o, -((-(i + 1) * size) // o)
+        cols = np.arange(size)
+        m = ((cols >= start[:, None]) & (cols < stop[:, None])).astype(np.float32)
+        return m / m.sum(1, keepdims=True)
+
+    y = x
+    nd = len(spatial)
+    for k in reversed(range(nd)):  # last axis first: y @ P^T; an earlier axis: P @ y moved to the last two
+        p = bins(spatial[k], out[k])
+        if k == nd - 1:
+            y = c.node("MatMul", [y, c.const(p.T.copy(), f"bins{k}")], suffix=f"_bins{k}")[0]
+        else:  # only the height of a 2-D pool: [o, H] @ [N, C, H, w] broadcasts
+            y = c.node("MatMul", [c.const(p, f"bins{k}"), y], suffix=f"_bins{k}")[0]
+    return y
 
 
 def _adaptive_avg(c, n, mod, x):
@@ -793,20 +819,46 @@ def _max_pool_fn(c, n, x, kernel_size, stride=None, padding=0, dilation=1, ceil_
     return c.node("MaxPool", [x], attrs)[0]
 
 
-_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
+_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}  # torch border mode -> ONNX Pad mode
+
+
+def _border_pad(c: _Converter, x, shape: list[int], begin: list[int], end: list[int], mode: str):
+    """Pad ``x`` (static ``shape``) by ``begin``/``end`` per axis with a torch border mode.
+    ``circular`` wraps around, written as Slice + Concat per axis: ONNX Pad's ``wrap`` only
+    arrives in opset 19."""
+    if mode != "circular":
+        return c.node("Pad", [x, c.ints(begin + end, "pads")], {"mode": _PAD_MODES[mode]}, suffix="_pad")[0]
+    y = x
+    for axis, (lo, hi) in enumerate(zip(begin, end)):
+        if not lo and not hi:
+            continue
+        if lo > shape[axis] or hi > shape[axis]:
+            raise c.unsupported(f"circular padding wider than the dimension ({max(lo, hi)} > {shape[axis]})")
+        parts = []
+        if lo:
+            parts.append(c.node("Slice", [y, c.ints([-lo], "lo_s"), c.ints([2 ** 62], "lo_e"), c.ints([axis], "lo_a")],
+                                suffix=f"_wrap{axis}_lo")[0])
+        parts.append(y)
+        if hi:
+            parts.append(c.node("Slice", [y, c.ints([0], "hi_s"), c.ints([hi], "hi_e"), c.ints([axis], "hi_a")],
+                                suffix=f"_wrap{axis}_hi")[0])
+        y = c.node("Concat", parts, {"axis": axis}, suffix=f"_wrap{axis}")[0]
+    return y
 
 
 def _pad_fn(c, n, x, pad, mode="constant", value=None):
-    if mode not in _PAD_MODES:
-        raise c.unsupported(f"pad mode '{mode}' (constant, reflect and replicate are)")
+    if mode != "constant" and mode not in _PAD_MODES:
+        raise c.unsupported(f"pad mode '{mode}' (constant, reflect, replicate and circular are)")
     rank = c.rank_of(n.args[0])
     begin, end = [0] * rank, [0] * rank
     for i in range(len(pad) // 2):
         begin[rank - 1 - i], end[rank - 1 - i] = int(pad[2 * i]), int(pad[2 * i + 1])
+    if mode != "constant":
+        return _border_pad(c, x, c.shape_of(n.args[0]), begin, end, mode)
     ins = [x, c.ints(begin + end, "pads")]
-    if value and mode == "constant":
+    if value:
         ins.append(c.const(np.array(value, np.float32), "value"))
-    return c.node("Pad", ins, {"mode": _PAD_MODES[mode]} if mode != "constant" else None)[0]
+    return c.node("Pad", ins)[0]
 
 
 def _unsqueeze_fn(c, n, x, dim):
@@ -834,6 +886,8 @@ def _dim_fn(c, n, x):
 
 
 def _getattr_fn(c, n, obj, name):
+    if isinstance(obj, tuple) and name in ("values", "indices") and len(obj) == 2:  # torch.return_types.topk
+        return obj[0 if name == "values" else 1]
     if name == "shape" and isinstance(obj, Value):
         return torch.Size(c.shape_of(n.args[0]))
     if name in ("ndim",) and isinstance(obj, Value):
@@ -898,6 +952,177 @@ def _tensor_index(c: _Converter, n, x: Value, idx):
     return y
 
 
+# ---------------------------------------------------------------- attention
+_NEG_INF = np.float32(-np.inf)
+
+
+def _attention_values(c: _Converter, q, k, v, q_shape, k_shape, scale: float, masks=()):
+    """softmax(q·kᵀ·scale + masks)·v, and the probabilities. ``masks``: (value, kind) with kind
+    ``"add"`` (a float mask, added), ``"keep"`` (bool, True = attend: SDPA's convention) or
+    ``"drop"`` (bool, True = masked out: nn.MultiheadAttention's)."""
+    rank = len(k_shape)
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    kt = c.node("Transpose", [k], {"perm": perm}, suffix="_kt")[0]
+    sc = c.node("MatMul", [q, kt], suffix="_qk")[0]
+    sc = c.node("Mul", [sc, c.const(np.array(scale, np.float32), "scale")], suffix="_scale")[0]
+    ninf = None
+    for i, (m, kind) in enumerate(masks):
+        if kind == "add":
+            sc = c.node("Add", [sc, m], suffix=f"_mask{i}")[0]
+        else:
+            ninf = ninf or c.const(np.array(_NEG_INF), "neg_inf")
+            ins = [m, sc, ninf] if kind == "keep" else [m, ninf, sc]
+            sc = c.node("Where", ins, suffix=f"_mask{i}")[0]
+    p = c.node("Softmax", [sc], {"axis": -1}, suffix="_softmax")[0]
+    return c.node("MatMul", [p, v], suffix="_pv")[0], p
+
+
+def _sdpa_fn(c: _Converter, n, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=False):
+    if dropout_p:
+        raise c.unsupported("scaled_dot_product_attention with dropout_p > 0 (it drops at random, in eval too)")
+    fx = dict(zip(("query", "key", "value", "attn_mask"), n.args))
+    fx.update({k: v for k, v in n.kwargs.items()})
+    q_shape, k_shape = c.shape_of(fx["query"]), c.shape_of(fx["key"])
+    if enable_gqa and q_shape[-3] != k_shape[-3]:
+        raise c.unsupported("scaled_dot_product_attention with grouped-query heads (enable_gqa)")
+    masks = []
+    if is_causal:
+        L, S = q_shape[-2], k_shape[-2]
+        masks.append((c.const(np.tril(np.ones((L, S), bool)), "causal"), "keep"))
+    if attn_mask is not None:
+        bool_mask = c.cval(fx["attn_mask"]).dtype == torch.bool
+        masks.append((attn_mask, "keep" if bool_mask else "add"))
+    sc = float(scale) if scale is not None else 1.0 / math.sqrt(q_shape[-1])
+    return _attention_values(c, query, key, value, q_shape, k_shape, sc, masks)[0]
+
+
+def _mha(c: _Converter, n, mod: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True,
+         attn_mask=None, average_attn_weights=True, is_causal=False):
+    """nn.MultiheadAttention (eval): the input projections, per-head attention with both masks,
+    the output projection; returns (output, head-averaged or per-head weights or None)."""
+    if mod.bias_k is not None or mod.add_zero_attn:
+        raise c.unsupported("MultiheadAttention with add_bias_kv or add_zero_attn")
+    fx = dict(zip(("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask"), n.args))
+    fx.update(n.kwargs)
+    E, H = mod.embed_dim, mod.num_heads
+    D = E // H
+    name = str(n.target)
+    qs, ks = c.shape_of(fx["query"]), c.shape_of(fx["key"])
+    if not mod.batch_first:  # [L, N, E] -> [N, L, E]
+        query, key, value = (c.node("Transpose", [t], {"perm": [1, 0, 2]}, suffix=f"_bf{i}")[0]
+                             for i, t in enumerate((query, key, value)))
+        qs, ks = [qs[1], qs[0], qs[2]], [ks[1], ks[0], ks[2]]
+    if mod._qkv_same_embed_dim:
+        w = _np(mod.in_proj_weight)
+        ws = [w[:E], w[E:2 * E], w[2 * E:]]
+    else:
+        ws = [_np(mod.q_proj_weight), _np(mod.k_proj_weight), _np(mod.v_proj_weight)]
+    bs = np.split(_np(mod.in_proj_bias), 3) if mod.in_proj_bias is not None else [None] * 3
+    heads = []
+    for t, w_, b_, tag in zip((query, key, value), ws, bs, "qkv"):
+        y = c.node("MatMul", [t, c.g.add_const(w_.T.copy(), f"{name}.{tag}_proj.weight_T")], suffix=f"_{tag}")[0]
+        if b_ is not None:
+            y = c.node("Add", [y, c.g.add_const(b_.copy(), f"{name}.{tag}_proj.bias")], suffix=f"_{tag}_bias")[0]
+        y = c.node("Reshape", [y, c.ints([0, 0, H, D], f"{tag}_heads")], suffix=f"_{tag}_heads")[0]
+        heads.append(c.node("Transpose", [y], {"perm": [0, 2, 1, 3]}, suffix=f"_{tag}_t")[0])  # [N, H, L, D]
+    masks = []
+    if attn_mask is not None:
+        am = c.cval(fx["attn_mask"])
+        m = attn_mask
+        if am.dim() == 3:  # [N*H, L, S] -> [N, H, L, S]
+            m = c.node("Reshape", [m, c.ints([-1, H, qs[1], ks[1]], "mask_heads")], suffix="_mask_heads")[0]
+        masks.append((m, "drop" if am.dtype == torch.bool else "add"))
+    if key_padding_mask is not None:  # [N, S] -> [N, 1, 1, S]
+        kp = c.cval(fx["key_padding_mask"])
+        m = c.node("Unsqueeze", [key_padding_mask, c.ints([1, 2], "kpm_axes")], suffix="_kpm")[0]
+        masks.append((m, "drop" if kp.dtype == torch.bool else "add"))
+    out, p = _attention_values(c, *heads, [qs[0], H, qs[1], D], [ks[0], H, ks[1], D], 1.0 / math.sqrt(D), masks)
+    out = c.node("Transpose", [out], {"perm": [0, 2, 1, 3]}, suffix="_merge_t")[0]
+    out = c.node("Reshape", [out, c.ints([0, 0, E], "merge")], suffix="_merge")[0]
+    op = mod.out_proj
+    out = c.node("MatMul", [out, c.g.add_const(_np(op.weight).T.copy(), f"{name}.out_proj.weight_T")],
+                 suffix="_out")[0]
+    if op.bias is not None:
+        out = c.node("Add", [out, c.param(op.bias, f"{name}.out_proj.bias")], suffix="_out_bias")[0]
+    if not mod.batch_first:
+        out = c.node("Transpose", [out], {"perm": [1, 0, 2]}, suffix="_out_t")[0]
+    if not need_weights:
+        return (out, None)
+    if average_attn_weights:
+        p = c.node("ReduceMean", [p], {"axes": [1], "keepdims": 0}, suffix="_avg")[0] if c.opset < 18 else \
+            c.node("ReduceMean", [p, c.ints([1], "avg_axes")], {"keepdims": 0}, suffix="_avg")[0]
+    return (out, p)
+
+
+# ---------------------------------------------------------------- resampling, gathering
+def _interpolate_fn(c: _Converter, n, x, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                    recompute_scale_factor=None, antialias=False):
+    if antialias:
+        raise c.unsupported("interpolate with antialias=True")
+    if mode == "nearest":
+        attrs = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    elif mode in ("linear", "bilinear"):
+        attrs = {"mode": "linear", "coordinate_transformation_mode": "align_corners" if align_corners
+                 else "pytorch_half_pixel"}
+    else:
+        raise c.unsupported(f"interpolate mode '{mode}' (nearest, linear and bilinear are)")
+    in_shape = c.shape_of(n.args[0])
+    nd = len(in_shape) - 2
+    if scale_factor is not None and not recompute_scale_factor:  # torch maps coordinates with the given factor
+        sf = list(scale_factor) if isinstance(scale_factor, (list, tuple)) else [scale_factor] * nd
+        scales = c.const(np.array([1.0, 1.0, *sf], np.float32), "scales")
+        return c.node("Resize", [x, None, scales], attrs)[0]
+    out = list(c.shape_of(n))[2:]
+    lead = c.node("Slice", [c.node("Shape", [x], suffix="_shape")[0], c.ints([0], "s0"), c.ints([2], "s2")],
+                  suffix="_nc")[0]
+    sizes = c.node("Concat", [lead, c.ints(out, "spatial")], {"axis": 0}, suffix="_sizes")[0]
+    return c.node("Resize", [x, None, None, sizes], attrs)[0]
+
+
+def _upsample(c, n, mod: nn.Upsample, x):
+    return _interpolate_fn(c, n, x, mod.size, mod.scale_factor, mod.mode, mod.align_corners,
+                           getattr(mod, "recompute_scale_factor", None))
+
+
+def _gather_fn(c, n, x, dim, index, *, sparse_grad=False):
+    return c.node("GatherElements", [x, index], {"axis": int(dim)})[0]
+
+
+def _index_select_fn(c, n, x, dim, index):
+    return c.node("Gather", [x, index], {"axis": int(dim)})[0]
+
+
+def _extreme_fn(kind: str):
+    """torch.max / torch.min: of a whole tensor, elementwise with another tensor, or along
+    ``dim`` as the (values, indices) pair."""
+    red, arg, elem = {"max": ("ReduceMax", "ArgMax", "Max"), "min": ("ReduceMin", "ArgMin", "Min")}[kind]
+
+    def fn(c: _Converter, n, x, dim=None, keepdim=False, *, out=None):
+        if isinstance(dim, Value):
+            return c.node(elem, [x, dim])[0]
+        rank = c.rank_of(n.args[0])
+        if dim is None:
+            return c.node(red, [x, c.ints(list(range(rank)), "axes")] if c.opset >= 18 else [x],
+                          {"keepdims": 0} if c.opset >= 18 else {"axes": list(range(rank)), "keepdims": 0})[0]
+        d = _norm_axis(int(dim), rank)
+        vals = c.node(red, [x, c.ints([d], "axes")] if c.opset >= 18 else [x],
+                      {"keepdims": int(bool(keepdim))} if c.opset >= 18 else {"axes": [d], "keepdims": int(bool(keepdim))},
+                      suffix="_values")[0]
+        idx = c.node(arg, [x], {"axis": d, "keepdims": int(bool(keepdim))}, suffix="_indices")[0]
+        return (vals, idx)
+
+    return fn
+
+
+def _topk_fn(c, n, x, k, dim=-1, largest=True, sorted=True):  # noqa: A002 - torch's names
+    if not sorted:
+        raise c.unsupported("topk with sorted=False (the order is unspecified, so no export can match it)")
+    return tuple(c.node("TopK", [x, c.ints([int(k)], "k")], {"axis": int(dim), "largest": int(bool(largest)),
+                                                               "sorted": 1}, n_out=2))
+
+
 def _contiguous_fn(c, n, x, *a, **k):
     return x
 
@@ -948,7 +1173,12 @@ _FUNCTIONS: dict[Any, Any] = {
     "Tensor.roll": _roll_fn,
     "Tensor.float": _cast_fn(onnx.TensorProto.FLOAT), "Tensor.long": _cast_fn(onnx.TensorProto.INT64),
     "Tensor.int": _cast_fn(onnx.TensorProto.INT32), "Tensor.bool": _cast_fn(onnx.TensorProto.BOOL),
+    F.scaled_dot_product_attention: _sdpa_fn, F.interpolate: _interpolate_fn, torch.gather: _gather_fn,
+    "Tensor.gather": _gather_fn, torch.index_select: _index_select_fn, "Tensor.index_select": _index_select_fn,
+    torch.topk: _topk_fn, "Tensor.topk": _topk_fn, torch.max: _extreme_fn("max"), "Tensor.max": _extreme_fn("max"),
+    torch.min: _extreme_fn("min"), "Tensor.min": _extreme_fn("min"),
 }
+_MODULES.update({nn.MultiheadAttention: _mha, nn.Upsample: _upsample})
 # run-time checks: they held on the example inputs (the model ran once), so they are dropped
 _CHECKS = {torch._assert, torch.fx._symbolic_trace._assert_is_none}
 

@@ -1,0 +1,181 @@
+"""The ops of modern vision and attention blocks through the torch front end: each test module
+goes through the CLI or the API, and onnxruntime and the torch back end both give torch's output."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphopt
+from graphopt import UnsupportedOpError
+
+
+def _run_ort(graph, feeds):
+    s = ort.InferenceSession(graphopt.to_onnx(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)
+
+
+def _match(m, inputs, atol=1e-5, batch_too=None):
+    """``m`` through from_torch: onnxruntime and to_torch equal torch within ``atol``, on the
+    example inputs and (``batch_too``) on inputs of another batch size."""
+    m = m.eval()
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    g = graphopt.from_torch(m, inputs)
+    back = graphopt.to_torch(g)
+    for xs in [inputs] + ([batch_too if isinstance(batch_too, tuple) else (batch_too,)] if batch_too is not None else []):
+        with torch.no_grad():
+            ref = m(*xs)
+            ours = back(*xs)
+        refs = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+        feeds = {v.name: x.numpy() for v, x in zip(g.inputs, xs)}
+        for got, want in zip(_run_ort(g, feeds), refs):
+            np.testing.assert_allclose(got, want, atol=atol, rtol=1e-5)
+        for got, want in zip(ours if isinstance(ours, (tuple, list)) else (ours,), refs):
+            np.testing.assert_allclose(got.numpy(), want, atol=atol, rtol=1e-5)
+    return g
+
+
+class SDPA(nn.Module):
+    def __init__(self, causal=False, masked=None):
+        super().__init__()
+        self.causal, self.masked = causal, masked
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x, mask=None):
+        n, t, _ = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0) if False else \
+            self.qkv(x).reshape(n, t, 3, 2, 8).permute(2, 0, 3, 1, 4).chunk(3, 0)
+        q, k, v = q[0], k[0], v[0]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
+        return y.transpose(1, 2).reshape(n, t, 16)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_with_and_without_causal_mask(causal):
+    torch.manual_seed(0)
+    _match(SDPA(causal=causal), torch.randn(2, 5, 16), batch_too=torch.randn(3, 5, 16))
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_sdpa_with_a_mask_input(kind):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    mask = torch.rand(2, 1, 5, 5) > 0.3 if kind == "bool" else torch.randn(2, 1, 5, 5)
+    if kind == "bool":
+        mask[..., 0] = True  # no fully masked row
+    g = _match(SDPA(), (x, mask))
+    assert [v.name for v in g.inputs] == ["x", "mask"]
+
+
+class MHA(nn.Module):
+    def __init__(self, batch_first=True, kdim=None, need_weights=True):
+        super().__init__()
+        self.att = nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=kdim, vdim=kdim)
+        self.need_weights = need_weights
+
+    def forward(self, q, kv, pad=None, attn=None):
+        out, w = self.att(q, kv, kv, key_padding_mask=pad, attn_mask=attn, need_weights=self.need_weights)
+        return (out, w) if self.need_weights else out
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_with_weights(batch_first):
+    torch.manual_seed(0)
+    shape_q, shape_kv = ((2, 5, 16), (2, 7, 16)) if batch_first else ((5, 2, 16), (7, 2, 16))
+    _match(MHA(batch_first), (torch.randn(*shape_q), torch.randn(*shape_kv)), atol=2e-5)
+
+
+def test_multihead_attention_masks_and_kdim():
+    torch.manual_seed(0)
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 7, 12)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    attn = torch.triu(torch.ones(5, 7, dtype=torch.bool), 3)  # True = masked out (MHA's convention)
+    _match(MHA(kdim=12, need_weights=False), (q, kv, pad, attn), atol=2e-5)
+
+
+class ModernBlock(nn.Module):
+    """A ConvNeXt/Swin-style block: channels-last LayerNorm, layer scale, drop-path in eval,
+    Identity, interpolate, gather, topk, circular padding, adaptive pooling to 3x3."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="circular")
+        self.norm = nn.LayerNorm(8)
+        self.gamma = nn.Parameter(torch.rand(8))
+        self.drop_path = nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d((3, 3))
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x):  # [N, 8, 7, 7]
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            x = x * 0
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = (self.gamma * self.norm(y)).permute(0, 3, 1, 2)
+        y = x + self.drop_path(y)
+        y = F.pad(y, (1, 2, 2, 1), mode="circular")  # [N, 8, 10, 10]
+        a = F.interpolate(y, size=(13, 11), mode="bilinear", align_corners=False)
+        b = F.interpolate(y, scale_factor=0.5, mode="bilinear", align_corners=True)
+        p = self.pool(y)  # 10 -> 3: overlapping bins
+        u = self.up(p)  # [N, 8, 6, 6]
+        flat = a.flatten(2)  # [N, 8, 143]
+        vals, idx = flat.topk(4, dim=-1)
+        g = torch.gather(flat, 2, idx)
+        s = torch.index_select(b, 1, torch.tensor([0, 3, 5]))
+        return vals + g, u, s, flat.max(-1).values.unsqueeze(-1) - flat.topk(1, -1).values
+
+
+def test_modern_vision_ops_match_torch():
+    torch.manual_seed(0)
+    g = _match(ModernBlock(), torch.randn(2, 8, 7, 7), batch_too=torch.randn(3, 8, 7, 7))
+    ops = {n.op_type for n in g.nodes}
+    assert {"Resize", "TopK", "GatherElements", "Gather", "LayerNormalization"} <= ops
+
+
+def test_modern_block_through_the_cli(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "blk.py").write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                                     "import torch\nfrom test_torch_ops import ModernBlock\n"
+                                     "def build():\n    torch.manual_seed(0)\n    return ModernBlock()\n")
+    out = tmp_path / "blk.onnx"
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "convert", f"{tmp_path / 'blk.py'}:build",
+                        "--input-shape", "2,8,7,7", "-o", str(out), "--no-report"], capture_output=True, text=True,
+                       cwd="/", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "cannot trace" not in r.stderr  # fx traced it: no fallback
+    torch.manual_seed(0)
+    m = ModernBlock().eval()
+    x = torch.randn(4, 8, 7, 7)
+    with torch.no_grad():
+        refs = [t.numpy() for t in m(x)]
+    s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for got, want in zip(s.run(None, {s.get_inputs()[0].name: x.numpy()}), refs):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_variants_name_the_op():
+    class Drop(nn.Module):
+        def forward(self, q):
+            return F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+
+    with pytest.raises(UnsupportedOpError, match="dropout_p > 0"):
+        graphopt.from_torch(Drop(), torch.randn(1, 2, 4, 8))
+
+    class Bicubic(nn.Module):
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=2, mode="bicubic")
+
+    with pytest.raises(UnsupportedOpError, match="interpolate mode 'bicubic'"):
+        graphopt.from_torch(Bicubic(), torch.randn(1, 2, 4, 4))
+
+    class MaxBins(nn.Module):
+        def forward(self, x):
+            return F.adaptive_max_pool2d(x, 3)
+
+    with pytest.raises(UnsupportedOpError):
+        graphopt.from_torch(MaxBins(), torch.randn(1, 2, 10, 10))
