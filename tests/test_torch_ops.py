@@ -179,3 +179,41 @@ def test_unsupported_variants_name_the_op():
 
     with pytest.raises(UnsupportedOpError):
         graphopt.from_torch(MaxBins(), torch.randn(1, 2, 10, 10))
+
+
+class TinyViT(nn.Module):
+    """The ViT pattern that failed before: patch embedding, class token, position embeddings,
+    pre-norm blocks whose attention takes an optional attn_mask=None, and a head on token 0."""
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+            self.ls = nn.Parameter(torch.full((d,), 0.5))
+
+        def forward(self, x, attn_mask=None):
+            h = self.n1(x)
+            x = x + self.ls * self.attn(h, h, h, attn_mask=attn_mask, need_weights=False)[0]
+            return x + self.mlp(self.n2(x))
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 17, d))
+        self.blocks = nn.ModuleList([self.Block(d), self.Block(d)])
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)  # [N, 16, d]
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
+        for b in self.blocks:
+            t = b(t)
+        return self.head(t[:, 0])
+
+
+def test_vit_pattern_converts_and_keeps_the_batch_symbolic():
+    torch.manual_seed(0)
+    _match(TinyViT(), torch.randn(2, 3, 16, 16), atol=2e-5, batch_too=torch.randn(5, 3, 16, 16))

@@ -593,8 +593,8 @@ def _batch_source(c: _Converter, a) -> Value | None:
         src = a.args[0].args[0]
     else:
         return None
-    v = c.env.get(src)
-    return v if isinstance(v, Value) and v.shape and v.shape[0] == "batch" else None
+    v = c.env.get(src)  # Shape(v)[0] at run time is exactly what the code reads, whatever v's shape
+    return v if isinstance(v, Value) else None
 
 
 def _expand_fn(c: _Converter, n, x, *sizes):
