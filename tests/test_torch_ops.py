@@ -84,7 +84,7 @@ class MHA(nn.Module):
 def test_multihead_attention_with_weights(batch_first):
     torch.manual_seed(0)
     shape_q, shape_kv = ((2, 5, 16), (2, 7, 16)) if batch_first else ((5, 2, 16), (7, 2, 16))
-    _match(MHA(batch_first), (torch.randn(*shape_q), torch.randn(*shape_kv)), atol=2e-5)
+    _match(MHA(batch_first), (torch.randn(*shape_q), torch.randn(*shape_kv)), atol=1e-5)
 
 
 def test_multihead_attention_masks_and_kdim():
@@ -93,7 +93,21 @@ def test_multihead_attention_masks_and_kdim():
     pad = torch.zeros(2, 7, dtype=torch.bool)
     pad[1, 5:] = True
     attn = torch.triu(torch.ones(5, 7, dtype=torch.bool), 3)  # True = masked out (MHA's convention)
-    _match(MHA(kdim=12, need_weights=False), (q, kv, pad, attn), atol=2e-5)
+    _match(MHA(kdim=12, need_weights=False), (q, kv, pad, attn), atol=1e-5)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as vision libraries write it: random in training, the identity in eval."""
+
+    def __init__(self, p=0.1):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, 1) >= self.p
+        return x * keep / (1 - self.p)
 
 
 class ModernBlock(nn.Module):
@@ -105,7 +119,8 @@ class ModernBlock(nn.Module):
         self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="circular")
         self.norm = nn.LayerNorm(8)
         self.gamma = nn.Parameter(torch.rand(8))
-        self.drop_path = nn.Identity()
+        self.drop_path = DropPath(0.2)
+        self.skip = nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d((3, 3))
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
 
@@ -114,7 +129,7 @@ class ModernBlock(nn.Module):
             x = x * 0
         y = self.dw(x).permute(0, 2, 3, 1)
         y = (self.gamma * self.norm(y)).permute(0, 3, 1, 2)
-        y = x + self.drop_path(y)
+        y = self.skip(x) + self.drop_path(y)
         y = F.pad(y, (1, 2, 2, 1), mode="circular")  # [N, 8, 10, 10]
         a = F.interpolate(y, size=(13, 11), mode="bilinear", align_corners=False)
         b = F.interpolate(y, scale_factor=0.5, mode="bilinear", align_corners=True)
@@ -216,4 +231,4 @@ class TinyViT(nn.Module):
 
 def test_vit_pattern_converts_and_keeps_the_batch_symbolic():
     torch.manual_seed(0)
-    _match(TinyViT(), torch.randn(2, 3, 16, 16), atol=2e-5, batch_too=torch.randn(5, 3, 16, 16))
+    _match(TinyViT(), torch.randn(2, 3, 16, 16), atol=1e-5, batch_too=torch.randn(5, 3, 16, 16))
