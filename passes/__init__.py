@@ -9,6 +9,10 @@ register_preset("clean", "canonicalize,simplify,canonicalize",
                 "canonicalize, then onnxsim for shape plumbing, then canonicalize again")
 register_preset("int8", "canonicalize,fold-bn,quantize{weights=int8:channel,acts=uint8:tensor}",
                 "INT8 PTQ: per-channel 8-bit weights, per-tensor 8-bit activations (needs --calib)")
+register_preset("int8-dynamic", "canonicalize,quantize{weights=int8:channel,acts=dynamic,embeddings=true}",
+                "INT8 weights per channel, Gemm/MatMul inputs quantized at run time (DynamicQuantizeLinear + "
+                "MatMulInteger, as onnxruntime's quantize_dynamic) and int8 embedding tables; for transformers; no --calib "
+                "needed")
 register_preset("dfq", "canonicalize,fold-bn,equalize,absorb-bias,quantize{weights=int8:tensor,acts=uint8:tensor,"
                 "weight_method=mse},correct-bias", "data-free quantization recipe: per-tensor W8A8 (MSE weight "
                 "clipping) after equalization and bias absorption, then bias correction (needs --calib)")

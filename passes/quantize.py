@@ -16,7 +16,7 @@ from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, Value
 from graphopt.meta import BIAS_BEFORE_CORRECTION, BN_STATS, CHOSEN_BITS, FLOAT_WEIGHT
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
-from graphopt.quantizers import Uniform, add_fake_quant, apply_node, from_node, is_fake_quant, params_of, parse
+from graphopt.quantizers import Dynamic, Uniform, add_fake_quant, apply_node, from_node, is_fake_quant, params_of, parse
 from graphopt.quantizers.uniform import range_from_histogram
 
 from . import _layers as L
@@ -105,6 +105,8 @@ class Quantize(Pass):
     grad_bits: Optional[int] = option(None, "DoReFa gradient quantization: quantize the gradient at every layer "
                                             "output to this many bits in training (dropped on export)",
                                       minimum=2, maximum=16)
+    embeddings: bool = option(False, "also quantize the constant tables of Gather nodes (embeddings) to int8 per "
+                                     "row: a 4x smaller file; onnxruntime dequantizes the table at load time")
     learn_scales: bool = option(False, "mark weight and activation scales learnable: the torch back end makes them "
                                        "parameters with true gradients (a start for QAT)")
 
@@ -166,6 +168,8 @@ class Quantize(Pass):
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         wspec = parse(self.weights, "weights")
         aspec = parse(self.acts, "acts")
+        if isinstance(aspec, Dynamic):
+            return self._run_dynamic(graph, ctx, wspec, aspec)
         if not isinstance(aspec, Uniform):
             raise GraphOptError(f"bad acts spec '{self.acts}': the {aspec.scheme} scheme quantizes weights only; "
                                 "activations take int<bits>/uint<bits>")
@@ -207,13 +211,8 @@ class Quantize(Pass):
             obs.setdefault(m.inputs[0].name, []).append(MinMax(axis=1))
         hessians: dict[Node, object] = {}
         if self.weight_method == "gptq":
-            from graphopt.quantizers.gptq import HessianObserver
-
             for n in compute:
-                h = HessianObserver(n.op_type, n.attr("kernel_shape", list(L.weight(graph, n).shape[2:])),
-                                    n.attr("strides", [1, 1]), n.attr("pads", [0, 0, 0, 0]),
-                                    n.attr("dilations", [1, 1]), n.attr("group", 1))
-                hessians[n] = h
+                h = hessians[n] = _hessian_observer(graph, n)
                 obs.setdefault(n.inputs[0].name, []).append(h)
         first = observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (ranges)")
         ranges = {v.name: (float(first[v.name][0]["min"][0]), float(first[v.name][0]["max"][0])) for v in targets}
@@ -276,11 +275,61 @@ class Quantize(Pass):
 
             for n in compute:
                 add_grad_quant(graph, n.outputs[0], self.grad_bits, source=n.source)
-        changed = n_w > 0 or len(targets) > 0 or dropped > 0
-        return PassResult(graph, changed, {"weights": n_w, "activations": len(targets), "bounds_dropped": dropped,
+        tables = self._quantize_tables(graph) if self.embeddings else 0
+        changed = n_w > 0 or len(targets) > 0 or dropped > 0 or tables > 0
+        return PassResult(graph, changed, {"weights": n_w, "tables": tables, "activations": len(targets),
+                                        "bounds_dropped": dropped,
                                         "skipped": skipped, "float_layers": float_layers,
                                         "float_biases": float_biases, "weight_spec": str(wspec),
                                         "act_spec": str(aspec)})
+
+    def _run_dynamic(self, graph: Graph, ctx: Context, wspec, aspec) -> PassResult:
+        """``acts=dynamic``: quantized weights, and each Gemm/MatMul input quantized at run time
+        (onnxruntime's ``quantize_dynamic`` placement). Nothing else is quantized, biases stay
+        float, and no calibration data is needed (GPTQ still needs it)."""
+        if self.qat != "none" or self.learn_scales or self.grad_bits or self.first_last_act_bits:
+            raise GraphOptError("acts=dynamic takes no qat, learn_scales, grad_bits or first_last_act_bits: its "
+                                "ranges are measured at run time")
+        if not isinstance(wspec, Uniform) or wspec.bits > 8 or not wspec.symmetric or wspec.block_size:
+            raise GraphOptError(f"acts=dynamic runs on MatMulInteger, which takes symmetric int8 weights per tensor or "
+                                f"per channel, not '{self.weights}'")
+        if self.weight_method == "gptq" and ctx.calib is None:
+            raise GraphOptError("weight_method=gptq needs calibration data (--calib), even with acts=dynamic")
+        graph.toposort()
+        overrides = self._overrides()
+        compute = [n for n in quantizable_layers(graph, self.skip) if n.op_type in ("Gemm", "MatMul")]
+        skipped = [n.source for n in graph.nodes if n.op_type in COMPUTE_OPS and L.matches(n, self.skip)]
+        float_layers = {n.source: "matches skip" if L.matches(n, self.skip) else
+                        ("acts=dynamic quantizes Gemm/MatMul only" if n.op_type == "Conv" else _not_quantizable(graph, n))
+                        for n in graph.nodes if n.op_type in COMPUTE_OPS and n.domain == "" and n not in compute}
+        hessians: dict[Node, object] = {}
+        if self.weight_method == "gptq":
+            from graphopt.training.calibration import CalibrationData, observe
+
+            data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(
+                ctx.calib, batch_size=self.batch_size)
+            obs: dict[str, list] = {}
+            for n in compute:
+                h = hessians[n] = _hessian_observer(graph, n)
+                obs.setdefault(n.inputs[0].name, []).append(h)
+            observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (GPTQ)")
+        readers: dict[Value, list] = {}  # one quantizer per input value, shared by the layers reading it
+        for n in compute:
+            v = n.inputs[0]
+            if v.dtype in (None, *FLOAT_TYPES) and graph.const_value(v) is None:
+                readers.setdefault(v, []).append((n, 0))
+        seen = {v.name: add_fake_quant(graph, v, aspec, {}, "act", consumers=uses) for v, uses in readers.items()}
+        for n in compute:
+            bits = next((b for p, b in overrides.items() if L.matches(n, [p])), n.meta.get(CHOSEN_BITS))
+            spec = wspec if bits is None else self._at_bits(wspec, bits)
+            h = hessians.get(n)
+            self._quantize_weights(graph, n, spec, self.weight_method, None if h is None else h.result())
+        tables = self._quantize_tables(graph) if self.embeddings else 0
+        changed = bool(compute) or tables > 0
+        return PassResult(graph, changed, {"weights": len(compute), "tables": tables, "activations": len(seen),
+                                        "bounds_dropped": 0,
+                                        "skipped": skipped, "float_layers": float_layers,
+                                        "float_biases": {}, "weight_spec": str(wspec), "act_spec": str(aspec)})
 
     # ---------------------------------------------------------------- placement
     def _activation_targets(self, graph: Graph, compute: list[Node]) -> list[Value]:
@@ -365,6 +414,22 @@ class Quantize(Pass):
         if float_w is not None:
             fq.meta[FLOAT_WEIGHT] = float_w  # what bias correction measures the error against
 
+    def _quantize_tables(self, graph: Graph) -> int:
+        """``embeddings=true``: each Gather that reads rows of a constant 2-D float table gets
+        an int8 per-row weight quantizer on it (symmetric, one scale per row)."""
+        spec = Uniform(8, True, "channel")
+        n_t = 0
+        for n in list(graph.nodes):
+            if n.op_type != "Gather" or n.domain != "" or n.attr("axis", 0) != 0 or L.matches(n, self.skip):
+                continue
+            table = graph.const_value(n.inputs[0])
+            if table is None or np.asarray(table).ndim != 2 or np.asarray(table).dtype != np.float32:
+                continue
+            params, axis = spec.weight_params(np.asarray(table), 0, 1, "minmax")
+            add_fake_quant(graph, n.inputs[0], spec, params, "weight", axis, source=n.source, consumers=[(n, 0)])
+            n_t += 1
+        return n_t
+
     @staticmethod
     def _quantize_bias(graph: Graph, n: Node) -> str | None:
         """int32 bias with scale = input scale x weight scale (per channel), zero point 0.
@@ -405,6 +470,15 @@ class Quantize(Pass):
         add_fake_quant(graph, n.inputs[2], spec, {"scale": scale, "zero_point": np.zeros_like(scale)}, "bias",
                        0 if sw.size > 1 else None, source=n.source, consumers=[(n, 2)])
         return None
+
+
+def _hessian_observer(graph: Graph, n: Node):
+    """GPTQ's input Hessian observer for layer ``n`` (its im2col geometry)."""
+    from graphopt.quantizers.gptq import HessianObserver
+
+    return HessianObserver(n.op_type, n.attr("kernel_shape", list(L.weight(graph, n).shape[2:])),
+                           n.attr("strides", [1, 1]), n.attr("pads", [0, 0, 0, 0]), n.attr("dilations", [1, 1]),
+                           n.attr("group", 1))
 
 
 def _not_quantizable(graph: Graph, n: Node) -> str:

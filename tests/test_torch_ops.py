@@ -188,6 +188,13 @@ def test_unsupported_variants_name_the_op():
     with pytest.raises(UnsupportedOpError, match="interpolate mode 'bicubic'"):
         graphopt.from_torch(Bicubic(), torch.randn(1, 2, 4, 4))
 
+    class BatchRange(nn.Module):
+        def forward(self, x):
+            return x + torch.arange(x.shape[0]).float()[:, None]
+
+    with pytest.raises(UnsupportedOpError, match="arange of a size read from the batch dimension"):
+        graphopt.from_torch(BatchRange(), torch.randn(2, 4))
+
     class MaxBins(nn.Module):
         def forward(self, x):
             return F.adaptive_max_pool2d(x, 3)
@@ -232,3 +239,20 @@ class TinyViT(nn.Module):
 def test_vit_pattern_converts_and_keeps_the_batch_symbolic():
     torch.manual_seed(0)
     _match(TinyViT(), torch.randn(2, 3, 16, 16), atol=1e-5, batch_too=torch.randn(5, 3, 16, 16))
+
+
+class Embeds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(30, 8, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(12, 8))
+
+    def forward(self, ids):
+        return self.tok(ids) + F.embedding(torch.arange(ids.shape[1]), self.pos)
+
+
+def test_embedding_module_and_function():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (2, 12))
+    g = _match(Embeds(), ids, batch_too=torch.randint(0, 30, (5, 12)))
+    assert sum(n.op_type == "Gather" for n in g.nodes) >= 2

@@ -8,8 +8,9 @@ the package; loaded with ``transformers``, offline).
 The sentences are generated from templates (seeded). The first --calib are calibration data
 (an .npz with one array per input, as `graphopt convert --calib X.npz` takes); the score is
 the cosine similarity of mean-pooled sentence embeddings to FP32's on the other sentences.
-Peers in the same run: onnxruntime's quantize_dynamic (int8 weights, dynamic activations) and
-quantize_static (QDQ, MinMax, same calibration sentences). Latency is onnxruntime's, as a ratio
+Peers in the same run: onnxruntime's quantize_dynamic (int8 weights, dynamic activations; per
+tensor, its default, and per channel) and quantize_static (QDQ, MinMax, same calibration
+sentences). Latency is onnxruntime's, as a ratio
 to FP32: the median of --rounds interleaved rounds at batch 1 and 32.
 """
 
@@ -113,6 +114,9 @@ def main() -> int:
     quantize_dynamic(str(fp32), str(d / "ort_dynamic.onnx"), weight_type=QuantType.QInt8)
     rows.append(("ORT quantize_dynamic (int8 weights, dynamic activations)", d / "ort_dynamic.onnx",
                  time.perf_counter() - t))
+    t = time.perf_counter()
+    quantize_dynamic(str(fp32), str(d / "ort_dynamic_pc.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    rows.append(("ORT quantize_dynamic, per_channel=True", d / "ort_dynamic_pc.onnx", time.perf_counter() - t))
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -127,13 +131,18 @@ def main() -> int:
     rows.append(("ORT quantize_static (QDQ, per-channel, MinMax)", d / "ort_static.onnx", time.perf_counter() - t))
     # the skip pattern was chosen by a per-layer-kind scan on other (calibration) sentences, not on these
     ffn_float = 'canonicalize,fold-bn,quantize{skip=["*[0-9]/output/dense/*"]}'
-    for i, (label, how) in enumerate((("graphopt `int8` (CLI, end to end)", ["--preset", "int8"]),
-                                      ("graphopt int8, the 6 FFN down-projections float", ["--pipeline", ffn_float]))):
+    dyn_gptq = "canonicalize,quantize{acts=dynamic,embeddings=true,weight_method=gptq}"
+    calib_args = ["--calib", str(d / "calib.npz")]
+    for i, (label, how) in enumerate((("graphopt `int8` (CLI, end to end)", ["--preset", "int8", *calib_args]),
+                                      ("graphopt int8, the 6 FFN down-projections float",
+                                       ["--pipeline", ffn_float, *calib_args]),
+                                      ("graphopt `int8-dynamic` (CLI, no calibration)", ["--preset", "int8-dynamic"]),
+                                      ("graphopt int8-dynamic, GPTQ weights (calibration sentences)",
+                                       ["--pipeline", dyn_gptq, *calib_args]))):
         out = d / f"graphopt_{i}.onnx"
         t = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "graphopt.cli", "convert", str(fp32), "-o", str(out), *how,
-                            "--calib", str(d / "calib.npz"), "--format", "qdq", "--no-report"],
-                           capture_output=True, text=True)
+                            "--format", "qdq", "--no-report"], capture_output=True, text=True)
         if r.returncode:
             print(r.stderr, file=sys.stderr)
             return 1

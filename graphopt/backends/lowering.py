@@ -122,8 +122,18 @@ def lower(graph: Graph, fmt: str) -> tuple[Graph, LowerReport]:
         rep.qdq_pairs += int(not is_const)
     if not any(n.domain == DOMAIN for n in g.nodes):
         g.opset_imports.pop(DOMAIN, None)
+    if fmt != "float":
+        for n in list(g.nodes):
+            if n.domain == "" and n.op_type == "Gather" and n.graph is not None:
+                _gather_codes(g, n)
+            if n.domain == "" and n.op_type in ("MatMul", "Gemm") and n.graph is not None:
+                why = _dynamic_integer(g, n)
+                if why is None:
+                    rep.fused += 1
+                elif why:
+                    rep.not_fused[f"{n.op_type} '{n.source}'"] = why
     if fmt == "qoperator":
-        rep.fused = _to_qoperator(g, rep.not_fused)
+        rep.fused += _to_qoperator(g, rep.not_fused)
     g.eliminate_dead()
     rep.opset = max(g.opset_imports.get("", 13), need)
     return g, rep
@@ -377,6 +387,84 @@ def _gemm_integer(g: Graph, n: Node, xp, wp) -> str | None:
                      source=n.source, name=g.unique_node_name(n.name + "_rescale"))
     mul.outputs[0].dtype, mul.outputs[0].shape = n.outputs[0].dtype, n.outputs[0].shape
     g.replace_all_uses(n.outputs[0], mul.outputs[0])
+    g.remove_node(n)
+    return None
+
+
+def _gather_codes(g: Graph, n: Node) -> bool:
+    """Gather(DQ(codes, scale), ids) as Gather(codes, ids) then the dequantization of the rows
+    read: onnxruntime does not fold a DequantizeLinear of a constant, so an embedding table
+    would be dequantized whole on every run. Per-tensor: DQ of the rows; per row: Cast, times
+    Gather(scale, ids). The same float32 values either way."""
+    dq = _dq_parts(g, n.inputs[0])
+    if dq is None or n.attr("axis", 0) != 0 or codes_of(g, dq[0]) is None or len(dq[3].outputs[0].uses) != 1:
+        return False
+    scale = np.asarray(g.const_value(dq[1]), np.float32)
+    zp = np.asarray(g.const_value(dq[2]))
+    axis = dq[3].attr("axis", 1)
+    if scale.size > 1 and (axis != 0 or np.any(zp != 0)):
+        return False
+    out, ids = n.outputs[0], n.inputs[1]
+
+    def add(op, ins, name, **attrs):
+        node = g.add_node(op, ins, [f"{out.name}_{name}"], attrs=attrs, source=n.source,
+                          name=g.unique_node_name(f"{n.name}_{name}"))
+        return node.outputs[0]
+
+    rows = add("Gather", [dq[0], ids], "codes", axis=0)
+    if scale.size == 1:
+        y = add("DequantizeLinear", [rows, dq[1], dq[2]], "rows")
+    else:
+        s = add("Unsqueeze", [add("Gather", [dq[1], ids], "row_scales", axis=0),
+                              g.add_const(np.array([-1], np.int64), f"{n.name}_last_axis")], "row_scales_1")
+        y = add("Mul", [add("Cast", [rows], "float", to=TensorProto.FLOAT), s], "rows")
+    y.dtype, y.shape = out.dtype, out.shape
+    g.replace_all_uses(out, y)
+    g.remove_node(n)
+    return True
+
+
+def _dynamic_integer(g: Graph, n: Node) -> str | None:
+    """DQ(DynamicQuantizeLinear(x)) @ DQ(W int8) [+ b] as onnxruntime's ``quantize_dynamic``
+    writes it: MatMulInteger(x_q, W_q, x_zp, 0) -> Cast -> Mul(x_scale * w_scale) [-> Add b],
+    which onnxruntime fuses into DynamicQuantizeMatMul. Returns None when rewritten, "" when the
+    layer's input is not dynamically quantized, else why it stays a float layer."""
+    xp = _dq_parts(g, n.inputs[0])
+    if xp is None or xp[0].producer is None or xp[0].producer.op_type != "DynamicQuantizeLinear":
+        return ""
+    wp = _dq_parts(g, n.inputs[1])
+    w_q = codes_of(g, wp[0]) if wp is not None else None
+    if w_q is None:
+        return "its weight is not a quantized constant"
+    if n.op_type == "Gemm" and (n.attr("transA", 0) or n.attr("alpha", 1.0) != 1.0 or n.attr("beta", 1.0) != 1.0):
+        return "Gemm with transA or alpha/beta != 1"
+    w_s = np.asarray(g.const_value(wp[1]), np.float32)
+    w_z = np.asarray(g.const_value(wp[2]))
+    if np.any(w_z != 0) or w_q.dtype != np.int8:
+        return "weights are not symmetric int8"
+    bias = None
+    if n.op_type == "Gemm" and len(n.inputs) > 2 and n.inputs[2] is not None:
+        bias = n.inputs[2]
+        if g.const_value(bias) is None or np.asarray(g.const_value(bias)).ndim > 1:
+            return "its bias is not a constant vector"
+    w_q = np.ascontiguousarray(geometry(n).in_view(w_q))  # [K, N], as MatMulInteger reads it
+    wc, _ = int8_codes(g, w_q, f"{n.name}_WT", n.source, packed=wp[0].producer is not None)
+    wz = g.add_const(np.zeros(w_q.shape[1] if w_z.size > 1 else (), np.int8), f"{n.name}_W_zero_point")
+    out = n.outputs[0]
+
+    def add(op, ins, name, **attrs):
+        node = g.add_node(op, ins, [f"{out.name}_{name}"], attrs=attrs, source=n.source,
+                          name=g.unique_node_name(f"{n.name}_{name}"))
+        return node.outputs[0]
+
+    scale = add("Mul", [xp[1], g.add_const(w_s.reshape(-1) if w_s.size > 1 else w_s.reshape(()),
+                                                f"{n.name}_W_scale")], "rescale_factor")
+    acc = add("MatMulInteger", [xp[0], wc, xp[2], wz], "int32")
+    y = add("Mul", [add("Cast", [acc], "float", to=TensorProto.FLOAT), scale], "y")
+    if bias is not None:
+        y = add("Add", [y, bias], "biased")
+    y.dtype, y.shape = out.dtype, out.shape
+    g.replace_all_uses(out, y)
     g.remove_node(n)
     return None
 

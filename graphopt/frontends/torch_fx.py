@@ -1086,6 +1086,30 @@ def _upsample(c, n, mod: nn.Upsample, x):
                            getattr(mod, "recompute_scale_factor", None))
 
 
+def _factory_fn(c: _Converter, n, *args, **kwargs):
+    """torch.arange/zeros/ones/full of sizes the trace knows: the tensor it made on the example
+    inputs, as a constant, unless a size reads a symbolic batch dimension."""
+    if any(_batch_source(c, a) is not None for a in [*n.args, *n.kwargs.values()]):
+        raise c.unsupported(f"{n.target.__name__} of a size read from the batch dimension")
+    t = c.concrete.get(n)
+    if not isinstance(t, torch.Tensor):
+        raise c.unsupported(f"{n.target.__name__} without a tensor result")
+    return c.const(_np(t), "made")
+
+
+def _embedding(c, n, mod: nn.Embedding, ids):
+    if mod.max_norm is not None:
+        raise c.unsupported("Embedding with max_norm (it renormalizes rows in place)")
+    return c.node("Gather", [c.param(mod.weight, f"{n.target}.weight"), ids], {"axis": 0})[0]
+
+
+def _embedding_fn(c, n, ids, weight, padding_idx=None, max_norm=None, *a, **k):
+    if max_norm is not None:
+        raise c.unsupported("embedding with max_norm (it renormalizes rows in place)")
+    w_node = n.args[1] if len(n.args) > 1 else n.kwargs["weight"]
+    return c.node("Gather", [c.param(_tensor_of(c, w_node), f"{n.name}.weight"), ids], {"axis": 0})[0]
+
+
 def _gather_fn(c, n, x, dim, index, *, sparse_grad=False):
     return c.node("GatherElements", [x, index], {"axis": int(dim)})[0]
 
@@ -1178,7 +1202,9 @@ _FUNCTIONS: dict[Any, Any] = {
     torch.topk: _topk_fn, "Tensor.topk": _topk_fn, torch.max: _extreme_fn("max"), "Tensor.max": _extreme_fn("max"),
     torch.min: _extreme_fn("min"), "Tensor.min": _extreme_fn("min"),
 }
-_MODULES.update({nn.MultiheadAttention: _mha, nn.Upsample: _upsample})
+_FUNCTIONS[F.embedding] = _embedding_fn
+_FUNCTIONS.update({f: _factory_fn for f in (torch.arange, torch.zeros, torch.ones, torch.full)})
+_MODULES.update({nn.MultiheadAttention: _mha, nn.Upsample: _upsample, nn.Embedding: _embedding})
 # run-time checks: they held on the example inputs (the model ran once), so they are dropped
 _CHECKS = {torch._assert, torch.fx._symbolic_trace._assert_is_none}
 

@@ -7,7 +7,7 @@ Adding a scheme is one module that subclasses ``Quantizer`` and is decorated wit
 ``@register``, imported below.
 """
 
-from graphopt.quantizers import uniform, zoo  # noqa: F401,E402  - registers the built-in schemes
+from graphopt.quantizers import dynamic, uniform, zoo  # noqa: F401,E402  - registers the built-in schemes
 from graphopt.quantizers.base import (  # noqa: F401
     DOMAIN,
     FAKE_QUANT,
@@ -25,4 +25,5 @@ from graphopt.quantizers.base import (  # noqa: F401
     register,
     schemes,
 )
+from graphopt.quantizers.dynamic import Dynamic  # noqa: F401,E402
 from graphopt.quantizers.uniform import Uniform  # noqa: F401,E402
