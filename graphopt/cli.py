@@ -131,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sweep: output error with one layer quantized; hessian: HAWQ-V2 trace proxy")
     bits.add_argument("--plot", metavar="FILE.png", help="write the predicted error/size Pareto front as a PNG")
 
+    sp = asub.add_parser("sparsity", help="prune each layer's weights alone by magnitude at several sparsities; "
+                                          "table, the per-layer choice for --sparsity, and a PNG (what "
+                                          "prune-weights{scope=sensitivity} weighs)")
+    _analysis_args(sp)
+    sp.add_argument("--prepare", default="canonicalize,fold-bn", metavar="PIPELINE",
+                    help="passes to run first (the part of the real pipeline before the pruning)")
+    sp.add_argument("--levels", default="0.3,0.5,0.7,0.8,0.9,0.95", help="comma-separated per-layer sparsities")
+    sp.add_argument("--sparsity", type=float, help="also choose per-layer sparsities for this overall sparsity")
+    sp.add_argument("--target", choices=("params", "macs"), default="params",
+                    help="--sparsity counts nonzero parameters or nonzero MACs")
+    sp.add_argument("--skip", default="", help="comma-separated layer patterns to leave dense")
+    sp.add_argument("--plot", metavar="FILE.png", help="write each layer's error against its sparsity as a PNG")
+
     f = sub.add_parser("finetune", help="recovery fine-tuning (distillation from a teacher and/or labels)")
     f.add_argument("model", help="student model: FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
     _torch_args(f)
@@ -696,6 +709,8 @@ def cmd_analyze(args) -> int:
         return _analyze_blocks(graph, data, _labels(args), Context().show_progress)
     if args.analysis == "bits":
         return _analyze_bits(graph, data, _labels(args), args)
+    if args.analysis == "sparsity":
+        return _analyze_sparsity(graph, data, _labels(args), args)
     try:
         ratios = tuple(float(r) for r in args.ratios.split(","))
     except ValueError:
@@ -796,6 +811,52 @@ def _analyze_bits(graph, data, labels, args) -> int:
     if args.plot:
         bits_mod.plot_front(args.plot, costs, errors, widths, p, kind, metric,
                             {} if chosen is None else {f"chosen ({budget.text})": chosen})
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _analyze_sparsity(graph, data, labels, args) -> int:
+    import numpy as np
+
+    from graphopt.passmanager import Context, PassManager, pass_library
+
+    sp = pass_library().sparsity
+    try:
+        levels = [float(v) for v in args.levels.split(",")]
+    except ValueError:
+        raise UsageError(f"--levels must be comma-separated sparsities, got '{args.levels}'") from None
+    if args.sparsity is not None:
+        sp.check_sparsity(args.sparsity, "--sparsity")
+    if args.prepare:
+        graph = PassManager(args.prepare).run(graph, Context(calib=data)).graph
+    skip = [p for p in args.skip.split(",") if p]
+    layers = sp.prunable_layers(graph, skip)
+    if not layers:
+        raise GraphOptError("the model has no Conv/Gemm/MatMul layer with constant weights to prune")
+    ctx = Context()
+    _, scan = sp.sensitivity_masks(graph, layers, data, args.sparsity, "macs" if args.target == "macs" else "params",
+                                   levels, args.calib_limit, labels=labels, progress=ctx.show_progress)
+    metric = "top-1 drop (points)" if labels is not None else "output rel. MSE"
+    lv = scan[0]["levels"][1:]
+    w = min(40, max(len(r["layer"]) for r in scan))
+    print(f"sparsity sensitivity ({metric}; each layer pruned alone by magnitude):")
+    print(f"{'layer':<{w}} {'params':>8} " + " ".join(f"{100 * v:>8.0f}%" for v in lv) +
+          (f" {'chosen':>7}" if args.sparsity is not None else ""))
+    from graphopt.analysis import human
+
+    for r in scan:
+        name = r["layer"] if len(r["layer"]) <= w else r["layer"][: w - 1] + "…"
+        line = f"{name:<{w}} {human(r['params']):>8} " + " ".join(f"{e:9.3g}" for e in r["error"][1:])
+        if r["chosen"] is not None:
+            line += f" {100 * r['chosen']:6.0f}%"
+        print(line)
+    if args.sparsity is not None:
+        p = np.array([r["params"] for r in scan], np.float64)
+        ch = np.array([r["chosen"] for r in scan])
+        print(f"--sparsity {args.sparsity} ({args.target}): {100 * float((p * ch).sum() / p.sum()):.1f}% of the "
+              f"weights pruned; predicted error {sum(r['error'][r['levels'].index(r['chosen'])] for r in scan):.4g}")
+    if args.plot:
+        sp.plot_scan(args.plot, scan, metric)
         print(f"wrote {args.plot}")
     return 0
 

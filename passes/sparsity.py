@@ -42,7 +42,7 @@ def prunable_layers(graph: Graph, skip=()) -> list[Node]:
     return quantizable_layers(graph, skip)
 
 
-def _check_sparsity(s: float, what: str = "sparsity") -> float:
+def check_sparsity(s: float, what: str = "sparsity") -> float:
     s = float(s)
     if not 0.0 <= s < 1.0:
         raise GraphOptError(f"{what} must be in [0, 1), not {s}")
@@ -63,19 +63,25 @@ def magnitude_masks(graph: Graph, layers: list[Node], sparsity: float, scope: st
     return {n: Mask.element(k) for n, k in zip(layers, global_keep(ws, sparsity, cost))}
 
 
-def sensitivity_masks(graph: Graph, layers: list[Node], data, sparsity: float, target: str, levels,
-                      max_samples: int) -> tuple[dict[Node, Mask], list[dict]]:
+def sensitivity_masks(graph: Graph, layers: list[Node], data, sparsity: float | None, target: str, levels,
+                      max_samples: int, labels=None, progress=None) -> tuple[dict[Node, Mask], list[dict]]:
     """Per-layer sparsities from a scan: each layer alone pruned by magnitude at each level
     (``WeightSweep``: one forward pass per layer and level), then the allocation with the least
     summed output error whose nonzero parameters (or MACs) meet the target, by the exact
-    Pareto-front dynamic program that choose-bits uses."""
+    Pareto-front dynamic program that choose-bits uses. ``sparsity=None``: the scan only (no
+    masks). With ``labels`` the error is the top-1 drop in points."""
     from .bits import WeightSweep, allocate
 
-    levels = sorted({0.0, *(_check_sparsity(v, "a scan level") for v in levels)})
-    sweep = WeightSweep(graph, data, max_samples=max_samples)
+    levels = sorted({0.0, *(check_sparsity(v, "a scan level") for v in levels)})
+    sweep = WeightSweep(graph, data, labels=labels, max_samples=max_samples)
     ws = [np.asarray(L.weight(graph, n)) for n in layers]
+    pairs = list(zip(layers, ws))
+    it = progress(pairs, total=len(pairs), desc="sparsity scan") if progress else pairs
     errors = np.array([[0.0 if lv == 0 else sweep.error(n, Mask.magnitude(w, lv).apply(w)) for lv in levels]
-                       for n, w in zip(layers, ws)])
+                       for n, w in it])
+    if sparsity is None:
+        return {}, [{"layer": n.source, "params": int(w.size), "levels": levels, "error": errors[i].tolist(),
+                     "chosen": None} for i, (n, w) in enumerate(pairs)]
     unit = np.array([(node_macs(n) or 0) if target == "macs" else w.size for n, w in zip(layers, ws)], np.float64)
     size = np.array([w.size for w in ws], np.float64)[:, None]
     kept = size - np.floor(size * np.array(levels)[None, :])  # exactly what Mask.magnitude keeps
@@ -89,6 +95,38 @@ def sensitivity_masks(graph: Graph, layers: list[Node], data, sparsity: float, t
     scan = [{"layer": n.source, "params": int(w.size), "levels": levels, "error": errors[i].tolist(),
              "chosen": levels[int(choice[i])]} for i, (n, w) in enumerate(zip(layers, ws))]
     return masks, scan
+
+
+def plot_scan(path, scan: list[dict], metric: str) -> None:
+    """PNG of each layer's error against its sparsity (``sensitivity_masks``' scan), one curve
+    per layer, the first and last layers drawn bold: they are the sensitive ones."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise GraphOptError("plotting needs matplotlib: pip install 'graphopt[plot]'") from e
+    from graphopt.atomic import atomic_paths
+
+    drop = metric.startswith("top-1")  # points can be 0 or negative: a linear axis
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, r in enumerate(scan):
+        edge = i in (0, len(scan) - 1)
+        ys = r["error"][1:] if drop else np.maximum(r["error"][1:], 1e-9)
+        ax.plot([100 * v for v in r["levels"][1:]], ys, "-o" if edge else "-",
+                lw=2.2 if edge else 0.8, alpha=1.0 if edge else 0.5, label=r["layer"] if edge else None,
+                color=("C3" if i == 0 else "C0") if edge else "gray")
+    if not drop:
+        ax.set_yscale("log")
+    ax.set_xlabel("sparsity of the layer alone (%)")
+    ax.set_ylabel(metric)
+    ax.set_title("magnitude-pruning sensitivity per layer (gray: the others)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_paths(path) as (tmp,):
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 def _apply_masks(graph: Graph, masks: dict[Node, Mask]) -> int:
@@ -194,7 +232,7 @@ class PruneWeights(Pass):
         total = sum(L.weight(graph, n).size for n in layers)
         target = "sparsity"
         if self.sparsity is not None:
-            s = _check_sparsity(self.sparsity)
+            s = check_sparsity(self.sparsity)
         elif self.nonzero_params is not None:
             if self.nonzero_params > total:
                 raise GraphOptError(f"nonzero_params={self.nonzero_params} is more than the {total} prunable weights")
@@ -278,7 +316,7 @@ class PruneGradual(Pass):
     skip: list[str] = option([], "layers to leave dense")
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
-        fin, ini = _check_sparsity(self.final, "final sparsity"), _check_sparsity(self.initial, "initial sparsity")
+        fin, ini = check_sparsity(self.final, "final sparsity"), check_sparsity(self.initial, "initial sparsity")
         if ini > fin:
             raise GraphOptError(f"prune-gradual: initial sparsity {ini} is above the final {fin}")
         if self.end <= self.begin:

@@ -180,3 +180,27 @@ def test_sensitivity_chosen_sparsities_meet_the_target():
     assert all(abs(st["per_layer"][k] - row["chosen"]) < 0.01 for k, row in scan.items())
     with pytest.raises(PassError, match="needs calibration data"):
         PassManager("prune-weights{sparsity=0.6,scope=sensitivity}").run(g.copy(), Context())
+
+
+def test_analyze_sparsity_cli_prints_the_scan_the_choice_and_a_png(tmp_path, capsys):
+    from graphopt.cli import main
+
+    g, xs = _graph()
+    model, calib, png = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "scan.png"
+    graphopt.save_onnx(g, str(model))
+    np.save(calib, xs[:32])
+    assert main(["analyze", "sparsity", str(model), "--calib", str(calib), "--levels", "0.5,0.9", "--sparsity",
+                 "0.5", "--prepare", "", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    layers = list(_weights(g))
+    lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.split() and ln.split()[0] in layers}
+    assert set(lines) == set(layers)
+    for row in lines.values():  # params, 50%, 90%, chosen
+        assert float(row[3]) >= float(row[2]) >= 0 and row[4].endswith("%")
+    import re
+
+    pruned = float(re.search(r"([0-9.]+)% of the weights pruned", out).group(1))
+    assert 50.0 <= pruned < 60.0  # the target met, by the chosen per-layer levels
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["analyze", "sparsity", str(model), "--calib", str(calib), "--sparsity", "1.5"]) == 1
+    assert "--sparsity must be in [0, 1), not 1.5" in capsys.readouterr().err
