@@ -782,12 +782,11 @@ def _analyze_bits(graph, data, labels, args) -> int:
                                     progress=ctx.show_progress)
     p = np.array([r["params"] for r in rows], np.float64)
     m = np.array([r["macs"] for r in rows], np.float64)
-    errors = np.maximum(np.array([r["error"] for r in rows], np.float64), 0.0)
     kind = budget.kind if budget else "size"
-    costs = bits_mod.layer_costs(kind, p, m, widths, args.act_bits)
+    costs, errors, plan = bits_mod.plan_bits([r["error"] for r in rows], kind, p, m, widths, args.act_bits, limit)
     chosen = None
-    if budget:
-        chosen, cost, err = bits_mod.allocate(costs, errors, limit)
+    if plan is not None:
+        chosen, cost, err = plan
     metric = "top-1 drop (points)" if labels is not None else "output rel. MSE"
     w = min(40, max(len(r["layer"]) for r in rows))
     head = f"{'layer':<{w}} {'params':>8} {'MACs':>8} " + " ".join(f"{'w' + str(b):>9}" for b in widths)

@@ -300,6 +300,17 @@ def _hessian_traces(module, graph, layers, batches, ref, y, probes: int) -> dict
     return {n.name: float(acc[i]) / ws[i].numel() for i, n in enumerate(layers)}
 
 
+def plan_bits(errors, kind: str, params: np.ndarray, macs: np.ndarray, widths, act_bits: int, limit: float | None,
+              stored: bool = False):
+    """The allocation step choose-bits and ``graphopt analyze bits`` share: per-layer costs of
+    each width under the budget kind, the errors clamped at 0 (a width that happens to help on
+    this data counts as free, not as a gain), and ``allocate``'s (choice, cost, error), or None
+    without a ``limit``."""
+    errors = np.maximum(np.asarray(errors, np.float64), 0.0)
+    costs = layer_costs(kind, params, macs, widths, act_bits, stored)
+    return costs, errors, (allocate(costs, errors, limit) if limit is not None else None)
+
+
 # --------------------------------------------------------------------------- the pass
 @register_pass("choose-bits")
 @dataclass(kw_only=True)
@@ -354,10 +365,9 @@ class ChooseBits(Pass):
             pinned = next((b for p_, b in pins.items() if L.matches(layers[r["name"]], [p_])), None)
             if pinned is not None:
                 errors[i] = np.where(np.array(widths) == pinned, errors[i], np.inf)
-        errors = np.maximum(errors, 0.0)  # a width that happens to help on this data counts as free, not a gain
-        costs = layer_costs(budget.kind, p, m, widths, self.act_bits, self.size_bits == "stored")
         try:
-            choice, cost, err = allocate(costs, errors, limit)
+            costs, errors, (choice, cost, err) = plan_bits(errors, budget.kind, p, m, widths, self.act_bits, limit,
+                                                           self.size_bits == "stored")
         except GraphOptError:  # only pins can make it infeasible here
             raise GraphOptError(f"budget {budget.text} cannot be met with the pinned widths {self.pin}") from None
         chosen = {}
