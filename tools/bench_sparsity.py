@@ -208,6 +208,9 @@ def main() -> int:
         return 0
     if args.row not in ROWS and args.row not in PEERS:
         ap.error(f"--row must be one of {', '.join([*ROWS, *PEERS])}")
+    if args.limit:  # a smoke run: its own checkpoints (a real run must not resume from them)
+        global WORK
+        WORK = WORK / "smoke"
     result = (run_peer if args.row in PEERS else run_row)(args.row, args.epochs, args.lr, args.limit)
     print(json.dumps({args.row: result}))
     if args.limit is None:
