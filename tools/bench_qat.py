@@ -36,7 +36,7 @@ EDGE = "first_last_bits=8"
 BN_BATCH: dict[str, int] = {"w4a4-lsq-bn": 2}
 # rows below 4-bit activations keep the first and last layers' inputs (and the logits) at 8 bits, as
 # the LSQ, PACT and IR-Net papers do; the 4-bit rows quantize the network input to 4 bits too
-EDGE_ACT = {"w3a3-lsq": 8, "w2a2-lsq": 8, "w1a1": 8}
+EDGE_ACT = {"w3a3-lsq": 8, "w2a2-lsq": 8, "w1a1": 8, "w4a4-lsq-e8": 8}
 # row -> (quantize options, what it is)
 ROWS = {
     "w8a8-ptq": ("weights=int8:channel,acts=uint8:tensor", "PTQ baseline, no training"),
@@ -54,6 +54,8 @@ ROWS = {
     "w4a4-apot": ("weights=apot4:channel,acts=uint4:tensor,qat=lsq", "APoT weights (STE), LSQ activations"),
     "w4a4-pow2": ("weights=pow2:b4:channel,acts=uint4:tensor,qat=lsq", "power-of-two weights (STE), LSQ acts"),
     "w4a4-lsq-bn": ("weights=int4:channel,acts=uint4:tensor,qat=lsq", "LSQ, two-phase BN: 2 epochs batch statistics"),
+    "w4a4-lsq-e8": ("weights=int4:channel,acts=uint4:tensor,qat=lsq", "LSQ, 8-bit network input, classifier input "
+                                                                       "and logits (the LSQ paper's edges)"),
     "w1a1": ("weights=binary:channel,acts=uint1:tensor,qat=lsq", "binary weights, 1-bit {0, s} activations (LSQ)"),
 }
 
