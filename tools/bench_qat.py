@@ -36,11 +36,12 @@ EDGE = "first_last_bits=8"
 BN_BATCH: dict[str, int] = {"w4a4-lsq-bn": 2}
 # rows below 4-bit activations keep the first and last layers' inputs (and the logits) at 8 bits, as
 # the LSQ, PACT and IR-Net papers do; the 4-bit rows quantize the network input to 4 bits too
-EDGE_ACT = {"w3a3-lsq": 8, "w2a2-lsq": 8, "w1a1": 8, "w4a4-lsq-e8": 8}
+EDGE_ACT = {"w3a3-lsq": 8, "w2a2-lsq": 8, "w1a1": 8, "w4a4-lsq-e8": 8, "w4a4-ptq-e8": 8}
 # row -> (quantize options, what it is)
 ROWS = {
     "w8a8-ptq": ("weights=int8:channel,acts=uint8:tensor", "PTQ baseline, no training"),
     "w4a4-ptq": ("weights=int4:channel,acts=uint4:tensor", "PTQ baseline, no training"),
+    "w4a4-ptq-e8": ("weights=int4:channel,acts=uint4:tensor", "PTQ baseline, 8-bit input, classifier input, logits"),
     "w4a4-lsq": ("weights=int4:channel,acts=uint4:tensor,qat=lsq", "LSQ steps, weights and activations"),
     "w4a4-pact": ("weights=int4:channel,acts=uint4:tensor,qat=pact", "PACT clips (weights: LSQ)"),
     "w4a4-dorefa": ("weights=int4:channel,acts=uint4:tensor,qat=dorefa", "DoReFa weights, [0,1] activations"),
