@@ -189,6 +189,10 @@ def plot_curves(path, runs: dict[str, list[dict]], title: str = "winning ticket 
         ax.plot([100 * r["remaining"] for r in rows], [r["score"] if scored else r["loss"] for r in rows], "-o",
                 label=name)
     ax.set_xscale("log")
+    ticks = sorted({round(100 * r["remaining"], 1) for rows in runs.values() for r in rows}, reverse=True)
+    ax.set_xticks(ticks[::max(1, len(ticks) // 8)])
+    ax.set_xticklabels([f"{t:g}" for t in ticks[::max(1, len(ticks) // 8)]])
+    ax.minorticks_off()
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel(ylabel if scored else "training loss (last epoch)")
