@@ -44,6 +44,8 @@ ROWS = {
     "gmp-70": ("prune-gradual{final=0.7,end=0.75,frequency=50}", "prune-weights{sparsity=0.7}", "", "global gradual 70%"),
     "gmp-80": ("prune-gradual{final=0.8,end=0.75,frequency=50}", "prune-weights{sparsity=0.8}", "", "global gradual 80%"),
     "gmp-90": ("prune-gradual{final=0.9,end=0.75,frequency=50}", "prune-weights{sparsity=0.9}", "", "global gradual 90%"),
+    "oneshot-80": ("prune-weights{sparsity=0.8}", "prune-weights{sparsity=0.8}", "",
+                   "global one-shot 80%, then fine-tuning (the torch-global-80 peer's recipe)"),
     "layer-80": ("prune-gradual{final=0.8,end=0.75,frequency=50,scope=layer}", "prune-weights{sparsity=0.8,scope=layer}",
                  "", "layer-wise gradual 80%"),
     "nm-2:4": ("prune-nm{n=2,m=4}", "prune-nm{n=2,m=4}", "", "2:4 along input channels"),
