@@ -27,7 +27,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import batched, cifar10, cifar_normalize, load_results, ort_session, save_results
+from common import (
+    agree_pct,
+    cifar10,
+    cifar_normalize,
+    load_results,
+    ort_logits,
+    ort_session,
+    save_results,
+    top1_pct,
+    torch_logits,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-qat"
@@ -113,19 +123,14 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     r = PassManager(pipe).run(g, ctx)
     secs = time.perf_counter() - t
     q = r.graph
-    module = graphopt.to_torch(q).eval()
-    with torch.no_grad():
-        sim = batched(lambda b: module(torch.from_numpy(b)).numpy(), xt, 500)
+    sim = torch_logits(graphopt.to_torch(q).eval(), xt)
     low, rep = lower(q, "qdq")
     out = WORK / f"{row}.onnx"
     onnx.save(to_model(low, rep.opset), str(out))
-    sess = ort_session(out)
-    name = sess.get_inputs()[0].name
-    ort = batched(lambda b: sess.run(None, {name: b})[0], xt, 500)
+    ort = ort_logits(out, xt)
     steps = r.stats.get("finetune", [{}])[0].get("steps", 0) if train else 0
-    return {"pipeline": pipe, "epochs": epochs if train else 0, "torch_top1": round(100 * float((sim.argmax(1) == yt).mean()), 2),
-            "ort_top1": round(100 * float((ort.argmax(1) == yt).mean()), 2),
-            "agree": round(100 * float((sim.argmax(1) == ort.argmax(1)).mean()), 2),
+    return {"pipeline": pipe, "epochs": epochs if train else 0, "torch_top1": top1_pct(sim, yt),
+            "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort),
             "wall_s": round(secs, 1), "s_per_epoch": round(secs / max(epochs, 1), 1) if train else None,
             "steps": steps, "train_images": len(xtr), "mb": round(out.stat().st_size / 1e6, 3)}
 
@@ -158,7 +163,6 @@ def ort_kernels(path: Path) -> dict[str, int]:
 def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     import importlib
 
-    import torch
     from cifar_resnet import resnet_cifar
 
     peer = importlib.import_module("peers.torchao_resnet" if row.startswith("torchao") else "peers.brevitas_resnet")
@@ -175,22 +179,18 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     t = time.perf_counter()
     stats = train(model, fp32, xtr, ytr, augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row}.pt")
     secs = time.perf_counter() - t
-    with torch.no_grad():
-        sim = batched(lambda b: model(torch.from_numpy(b)).numpy(), xt, 500)
+    sim = torch_logits(model, xt)
     out = WORK / f"{row}.onnx"
     why = export(model, out)
     res = {"pipeline": f"{row.split('-')[0]} {row}: W{wb}A{ab}, first conv and classifier W8", "epochs": epochs,
-           "torch_top1": round(100 * float((sim.argmax(1) == yt).mean()), 2), "wall_s": round(secs, 1),
+           "torch_top1": top1_pct(sim, yt), "wall_s": round(secs, 1),
            "s_per_epoch": round(secs / max(epochs, 1), 1), "steps": stats["steps"], "train_images": len(xtr),
            "ort_top1": None, "agree": None, "mb": None, "export": why or "ok"}
     if why is None:
         try:
-            sess = ort_session(out)
-            name = sess.get_inputs()[0].name
-            bs = 1 if sess.get_inputs()[0].shape[0] == 1 else 500  # Brevitas exports a fixed batch of one
-            ort = batched(lambda b: sess.run(None, {name: b})[0], xt, bs)
-            res.update(ort_top1=round(100 * float((ort.argmax(1) == yt).mean()), 2),
-                       agree=round(100 * float((sim.argmax(1) == ort.argmax(1)).mean()), 2),
+            bs = 1 if ort_session(out).get_inputs()[0].shape[0] == 1 else 500  # Brevitas exports a fixed batch of one
+            ort = ort_logits(out, xt, bs)
+            res.update(ort_top1=top1_pct(ort, yt), agree=agree_pct(sim, ort),
                        max_diff=float(np.abs(ort - sim).max()), mb=round(out.stat().st_size / 1e6, 3))
             import onnx
 

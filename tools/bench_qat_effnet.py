@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from bench_zoo import data, fp32_file
-from common import batched, load_results, ort_session, save_results
+from common import agree_pct, load_results, ort_logits, save_results, top1_pct, torch_logits
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_effnet.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-qat-effnet"
@@ -43,7 +43,6 @@ FT = "finetune{{epochs={epochs},batch_size=16,lr=0.001,kd_weight=1.0,temperature
 
 def run_row(row: str, epochs: int) -> dict:
     import onnx
-    import torch
 
     import graphopt
     from graphopt.backends.lowering import lower, to_model
@@ -59,18 +58,13 @@ def run_row(row: str, epochs: int) -> dict:
     r = PassManager(pipe).run(g, Context(calib=calib, train=TrainingData(calib, None) if train else None,
                                          teacher=g.copy()))
     secs = time.perf_counter() - t
-    module = graphopt.to_torch(r.graph).eval()
-    with torch.no_grad():
-        sim = batched(lambda b: module(torch.from_numpy(b)).numpy(), xt, 62)
+    sim = torch_logits(graphopt.to_torch(r.graph).eval(), xt, 62)
     low, rep = lower(r.graph, "qdq")
     out = WORK / f"{row}.onnx"
     onnx.save(to_model(low, rep.opset), str(out))
-    sess = ort_session(out)
-    name = sess.get_inputs()[0].name
-    ort = batched(lambda b: sess.run(None, {name: b})[0], xt, 62)
-    top = lambda z: round(100 * float((z.argmax(1) == yt).mean()), 2)  # noqa: E731
-    return {"pipeline": pipe, "epochs": epochs if train else 0, "torch_top1": top(sim), "ort_top1": top(ort),
-            "agree": round(100 * float((sim.argmax(1) == ort.argmax(1)).mean()), 2), "wall_s": round(secs, 1),
+    ort = ort_logits(out, xt, 62)
+    return {"pipeline": pipe, "epochs": epochs if train else 0, "torch_top1": top1_pct(sim, yt),
+            "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort), "wall_s": round(secs, 1),
             "train_images": len(calib), "test_images": len(yt), "mb": round(out.stat().st_size / 1e6, 2)}
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_qat import augment
-from common import batched, cifar10, cifar_normalize, load_results, ort_session, save_results
+from common import agree_pct, cifar10, cifar_normalize, load_results, ort_logits, save_results, top1_pct, torch_logits
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparsity.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-sparsity"
@@ -53,23 +53,6 @@ ROWS = {
                     "2:4, then int8 PTQ"),
 }
 PEERS = {"torch-global-80": 0.8, "torch-global-90": 0.9, "torch-ao-2:4": None}
-
-
-def _top1(logits: np.ndarray, y: np.ndarray) -> float:
-    return round(100 * float((logits.argmax(1) == y).mean()), 2)
-
-
-def _torch_eval(module, x: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return batched(lambda b: module(torch.from_numpy(b)).numpy(), x, 500)
-
-
-def _ort_eval(path: Path, x: np.ndarray) -> np.ndarray:
-    sess = ort_session(path)
-    name = sess.get_inputs()[0].name
-    return batched(lambda b: sess.run(None, {name: b})[0], x, 500)
 
 
 def _export_stats(g) -> dict:
@@ -101,7 +84,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     g = PassManager("canonicalize").run(g).graph
     WORK.mkdir(parents=True, exist_ok=True)
     shot = PassManager(oneshot).run(g.copy()).graph
-    before = _top1(_torch_eval(graphopt.to_torch(shot).eval(), xt), yt)
+    before = top1_pct(torch_logits(graphopt.to_torch(shot).eval(), xt), yt)
     calib = xtr[np.random.default_rng(0).permutation(len(xtr))[:512]]
     pipe = prune + "," + FT.format(epochs=epochs, lr=lr, ck=WORK / f"{row.replace(':', '_')}.pt")
     if after:
@@ -110,7 +93,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     r = PassManager(pipe).run(g.copy(), Context(calib=calib, train=TrainingData(xtr, ytr, augment), teacher=g.copy()))
     secs = time.perf_counter() - t
     q = r.graph
-    sim = _torch_eval(graphopt.to_torch(q).eval(), xt)
+    sim = torch_logits(graphopt.to_torch(q).eval(), xt)
     out = WORK / f"{row.replace(':', '_')}.onnx"
     if after:
         low, rep = lower(q, "qdq")
@@ -118,9 +101,9 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     else:
         graphopt.save_onnx(q, out)
         onnx.checker.check_model(str(out), full_check=True)
-    ort = _ort_eval(out, xt)
-    return {"pipeline": pipe, "epochs": epochs, "after_pruning": before, "torch_top1": _top1(sim, yt),
-            "ort_top1": _top1(ort, yt), "agree": round(100 * float((sim.argmax(1) == ort.argmax(1)).mean()), 2),
+    ort = ort_logits(out, xt)
+    return {"pipeline": pipe, "epochs": epochs, "after_pruning": before, "torch_top1": top1_pct(sim, yt),
+            "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort),
             "wall_s": round(secs, 1), "s_per_epoch": round(secs / epochs, 1), "train_images": len(xtr),
             **_export_stats(q)}
 
@@ -144,7 +127,7 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
         import torch.nn.utils.prune as tp
 
         tp.global_unstructured(layers, pruning_method=tp.L1Unstructured, amount=PEERS[row])
-        before = _top1(_torch_eval(model.eval(), xt), yt)
+        before = top1_pct(torch_logits(model.eval(), xt), yt)
         train(model, teacher, xtr, ytr, augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row}.pt")
         for m, name in layers:
             tp.remove(m, name)
@@ -158,18 +141,18 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
             sp.step()
         except Exception as e:  # the peer's limitation is a result
             return {"pipeline": row, "epochs": epochs, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-        before = _top1(_torch_eval(model.eval(), xt), yt)
+        before = top1_pct(torch_logits(model.eval(), xt), yt)
         train(model, teacher, xtr, ytr, augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row.replace(':', '_')}.pt")
         sp.squash_mask()
     secs = time.perf_counter() - t
     model.eval()
-    sim = _torch_eval(model, xt)
+    sim = torch_logits(model, xt)
     g = graphopt.from_torch(model, torch.zeros(1, 3, 32, 32))
     out = WORK / f"{row.replace(':', '_')}.onnx"
     graphopt.save_onnx(g, out)
-    ort = _ort_eval(out, xt)
-    return {"pipeline": row, "epochs": epochs, "after_pruning": before, "torch_top1": _top1(sim, yt),
-            "ort_top1": _top1(ort, yt), "agree": round(100 * float((sim.argmax(1) == ort.argmax(1)).mean()), 2),
+    ort = ort_logits(out, xt)
+    return {"pipeline": row, "epochs": epochs, "after_pruning": before, "torch_top1": top1_pct(sim, yt),
+            "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort),
             "wall_s": round(secs, 1), "s_per_epoch": round(secs / epochs, 1), "train_images": len(xtr),
             **_export_stats(g)}
 

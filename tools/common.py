@@ -148,6 +148,31 @@ def batched(fn, x: np.ndarray, batch: int = 100) -> np.ndarray:
     return np.concatenate([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
+def torch_logits(module, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    """``module``'s outputs on ``x``, batched, without gradients."""
+    import torch
+
+    with torch.no_grad():
+        return batched(lambda b: module(torch.from_numpy(b)).numpy(), x, batch)
+
+
+def ort_logits(path, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    """The first output of the ONNX file ``path`` in onnxruntime on ``x``, batched."""
+    sess = ort_session(path)
+    name = sess.get_inputs()[0].name
+    return batched(lambda b: sess.run(None, {name: b})[0], x, batch)
+
+
+def top1_pct(logits: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy in percent, rounded to 2 decimals."""
+    return round(100 * float((logits.argmax(1) == y).mean()), 2)
+
+
+def agree_pct(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of samples (percent, 2 decimals) on which two models' top-1 classes agree."""
+    return round(100 * float((a.argmax(1) == b.argmax(1)).mean()), 2)
+
+
 def load_results(path: Path) -> dict:
     """A benchmark's results file (resumable rows), or {} before its first row."""
     return json.loads(path.read_text()) if path.exists() else {}
