@@ -16,6 +16,7 @@ float, and the returned report lists those nodes.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections import Counter
@@ -391,6 +392,14 @@ def _gemm_integer(g: Graph, n: Node, xp, wp) -> str | None:
     return None
 
 
+def _add_for(g: Graph, n: Node, op: str, ins, name: str, **attrs):
+    """A node that stands in for (part of) ``n``: named after it, with its source. Returns its
+    output, named ``<n's output>_<name>``."""
+    node = g.add_node(op, ins, [f"{n.outputs[0].name}_{name}"], attrs=attrs, source=n.source,
+                      name=g.unique_node_name(f"{n.name}_{name}"))
+    return node.outputs[0]
+
+
 def _gather_codes(g: Graph, n: Node) -> bool:
     """Gather(DQ(codes, scale), ids) as Gather(codes, ids) then the dequantization of the rows
     read: onnxruntime does not fold a DequantizeLinear of a constant, so an embedding table
@@ -406,10 +415,7 @@ def _gather_codes(g: Graph, n: Node) -> bool:
         return False
     out, ids = n.outputs[0], n.inputs[1]
 
-    def add(op, ins, name, **attrs):
-        node = g.add_node(op, ins, [f"{out.name}_{name}"], attrs=attrs, source=n.source,
-                          name=g.unique_node_name(f"{n.name}_{name}"))
-        return node.outputs[0]
+    add = functools.partial(_add_for, g, n)
 
     rows = add("Gather", [dq[0], ids], "codes", axis=0)
     if scale.size == 1:
@@ -452,10 +458,7 @@ def _dynamic_integer(g: Graph, n: Node) -> str | None:
     wz = g.add_const(np.zeros(w_q.shape[1] if w_z.size > 1 else (), np.int8), f"{n.name}_W_zero_point")
     out = n.outputs[0]
 
-    def add(op, ins, name, **attrs):
-        node = g.add_node(op, ins, [f"{out.name}_{name}"], attrs=attrs, source=n.source,
-                          name=g.unique_node_name(f"{n.name}_{name}"))
-        return node.outputs[0]
+    add = functools.partial(_add_for, g, n)
 
     scale = add("Mul", [xp[1], g.add_const(w_s.reshape(-1) if w_s.size > 1 else w_s.reshape(()),
                                                 f"{n.name}_W_scale")], "rescale_factor")
