@@ -1097,17 +1097,19 @@ def _factory_fn(c: _Converter, n, *args, **kwargs):
     return c.const(_np(t), "made")
 
 
+def _embedding_values(c: _Converter, ids, w_t: torch.Tensor, wname: str, max_norm):
+    if max_norm is not None:
+        raise c.unsupported("embedding with max_norm (it renormalizes rows in place)")
+    return c.node("Gather", [c.param(w_t, wname), ids], {"axis": 0})[0]
+
+
 def _embedding(c, n, mod: nn.Embedding, ids):
-    if mod.max_norm is not None:
-        raise c.unsupported("Embedding with max_norm (it renormalizes rows in place)")
-    return c.node("Gather", [c.param(mod.weight, f"{n.target}.weight"), ids], {"axis": 0})[0]
+    return _embedding_values(c, ids, mod.weight, f"{n.target}.weight", mod.max_norm)
 
 
 def _embedding_fn(c, n, ids, weight, padding_idx=None, max_norm=None, *a, **k):
-    if max_norm is not None:
-        raise c.unsupported("embedding with max_norm (it renormalizes rows in place)")
     w_node = n.args[1] if len(n.args) > 1 else n.kwargs["weight"]
-    return c.node("Gather", [c.param(_tensor_of(c, w_node), f"{n.name}.weight"), ids], {"axis": 0})[0]
+    return _embedding_values(c, ids, _tensor_of(c, w_node), f"{n.name}.weight", max_norm)
 
 
 def _gather_fn(c, n, x, dim, index, *, sparse_grad=False):
