@@ -193,9 +193,7 @@ class Quantize(Pass):
 
         graph.toposort()
         compute = quantizable_layers(graph, self.skip)
-        skipped = [n.source for n in graph.nodes if n.op_type in COMPUTE_OPS and L.matches(n, self.skip)]
-        float_layers = {n.source: "matches skip" if L.matches(n, self.skip) else _not_quantizable(graph, n)
-                        for n in graph.nodes if n.op_type in COMPUTE_OPS and n.domain == "" and n not in compute}
+        skipped, float_layers = self._left_float(graph, compute)
         float_biases: dict[str, str] = {}
         targets = self._activation_targets(graph, compute)
         mins = [n for n in graph.nodes if n.op_type == "Min" and L.per_channel_min_bound(graph, n) is not None] \
@@ -283,6 +281,18 @@ class Quantize(Pass):
                                         "float_biases": float_biases, "weight_spec": str(wspec),
                                         "act_spec": str(aspec)})
 
+    def _left_float(self, graph: Graph, compute: list[Node], by_op: dict[str, str] | None = None):
+        """(layers that match ``skip``, {source: why} for every compute layer not in ``compute``);
+        ``by_op``: a reason for whole op types this placement leaves float."""
+        skipped = [n.source for n in graph.nodes if n.op_type in COMPUTE_OPS and L.matches(n, self.skip)]
+        def why(n: Node) -> str:
+            if L.matches(n, self.skip):
+                return "matches skip"
+            return (by_op or {}).get(n.op_type) or _not_quantizable(graph, n)
+
+        return skipped, {n.source: why(n) for n in graph.nodes
+                         if n.op_type in COMPUTE_OPS and n.domain == "" and n not in compute}
+
     def _run_dynamic(self, graph: Graph, ctx: Context, wspec, aspec) -> PassResult:
         """``acts=dynamic``: quantized weights, and each Gemm/MatMul input quantized at run time
         (onnxruntime's ``quantize_dynamic`` placement). Nothing else is quantized, biases stay
@@ -298,10 +308,7 @@ class Quantize(Pass):
         graph.toposort()
         overrides = self._overrides()
         compute = [n for n in quantizable_layers(graph, self.skip) if n.op_type in ("Gemm", "MatMul")]
-        skipped = [n.source for n in graph.nodes if n.op_type in COMPUTE_OPS and L.matches(n, self.skip)]
-        float_layers = {n.source: "matches skip" if L.matches(n, self.skip) else
-                        ("acts=dynamic quantizes Gemm/MatMul only" if n.op_type == "Conv" else _not_quantizable(graph, n))
-                        for n in graph.nodes if n.op_type in COMPUTE_OPS and n.domain == "" and n not in compute}
+        skipped, float_layers = self._left_float(graph, compute, {"Conv": "acts=dynamic quantizes Gemm/MatMul only"})
         hessians: dict[Node, object] = {}
         if self.weight_method == "gptq":
             from graphopt.training.calibration import CalibrationData, observe
