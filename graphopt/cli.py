@@ -396,6 +396,8 @@ def load_xy(x_path: str, y_path: str | None, graph):
         raise GraphOptError(f"{x_path}: {e}") from None
     if y is not None and (y.ndim != 1 or not np.issubdtype(y.dtype, np.integer)):
         raise GraphOptError(f"{y_path}: labels must be a 1-D integer array, not {y.dtype}{list(y.shape)}")
+    if y is not None and len(y) != len(x):
+        raise GraphOptError(f"{x_path} has {len(x)} samples but {y_path} has {len(y)} labels")
     return x, y
 
 
@@ -917,13 +919,9 @@ def cmd_lottery(args) -> int:
         raise UsageError("--val-data and --val-labels go together")
     graph = load_model(args.model, args)
     x, y = load_xy(args.data, args.labels, graph)
-    if len(x) != len(y):
-        raise GraphOptError(f"{args.data} has {len(x)} samples but {args.labels} has {len(y)} labels")
     evaluate = None
     if args.val_data:
         xv, yv = load_xy(args.val_data, args.val_labels, graph)
-        if len(xv) != len(yv):
-            raise GraphOptError(f"{args.val_data} has {len(xv)} samples but {args.val_labels} has {len(yv)} labels")
         from graphopt.training.calibration import collect
 
         out = graph.outputs[0].name
