@@ -30,6 +30,7 @@ from onnx import TensorProto
 
 from graphopt.errors import GraphOptError
 from graphopt.quantizers.base import Lowered, Quantizer, register
+from graphopt.quantizers.uniform import fake_quant_np
 
 
 def dynamic_params_np(x: np.ndarray) -> tuple[np.float32, np.float32]:
@@ -99,9 +100,7 @@ class Dynamic(Quantizer):
 
     def apply_np(self, x, params, axis):
         x = np.asarray(x, np.float32)
-        scale, zp = dynamic_params_np(x)
-        q = np.clip(np.round(x / scale) + zp, 0, 255)
-        return ((q - zp) * scale).astype(np.float32)
+        return fake_quant_np(x, *dynamic_params_np(x), 0, 255)  # the uniform formula at this call's parameters
 
     def torch_function(self, axis):
         return dynamic_fake_quant, ()
