@@ -101,7 +101,8 @@ class Quantize(Pass):
     qat: Literal["none", "ste", "lsq", "pact", "dorefa"] = option(
         "none", "prepare for quantization-aware training (a finetune step follows): ste = fixed scales, "
                 "straight-through; lsq = learned steps (weights and activations); pact = learned activation clips "
-                "(weights: lsq); dorefa = DoReFa weights (dorefa<bits>) and [0, 1]-clipped activations. See docs/qat.md")
+                "(weights: lsq); dorefa = DoReFa weights (dorefa<bits>) and activations x/alpha clipped to [0, 1] (alpha: the calibrated "
+                "max). See docs/qat.md")
     grad_bits: Optional[int] = option(None, "DoReFa gradient quantization: quantize the gradient at every layer "
                                             "output to this many bits in training (dropped on export)",
                                       minimum=2, maximum=16)

@@ -78,6 +78,15 @@ def test_binary_and_ternary_use_the_current_weights_and_a_clipped_ste():
         np.testing.assert_array_equal(w.grad.numpy(), (w.detach().abs() <= 1).float().numpy())
 
 
+def test_dorefa_activation_clip_is_scaled_by_the_calibrated_max():
+    spec = parse("uint4:tensor:dorefa", "acts")
+    p = spec.act_params(-0.5, 6.0)  # a ReLU output of a folded-BN net reaches 6: alpha = 6, not 1
+    assert float(p["scale"]) == pytest.approx(6.0 / 15) and float(p["zero_point"]) == 0
+    x = np.array([-1.0, 0.2, 3.0, 9.0], np.float32)
+    got = spec.apply_np(x, p, None)
+    assert got[0] == 0 and got[-1] == pytest.approx(6.0) and abs(got[2] - 3.0) <= 0.2 + 1e-6
+
+
 def test_dorefa_gradient_quantization_is_identity_forward_and_k_bit_backward():
     torch.manual_seed(0)
     x = torch.randn(200, requires_grad=True)

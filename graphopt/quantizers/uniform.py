@@ -118,7 +118,7 @@ class Uniform(Quantizer):
                                 "(acts=uint<bits>:tensor:pact)")
         if est == "dorefa" and what == "weights":
             raise GraphOptError(f"bad {what} spec '{text}': DoReFa weights are their own scheme (dorefa<bits>); "
-                                "uint<bits>:tensor:dorefa is the DoReFa activation (clipped to [0, 1])")
+                                "uint<bits>:tensor:dorefa is the DoReFa activation (x / alpha clipped to [0, 1])")
         return cls(bits, signed, gran, block_size, symmetric, learnable=est in ("lsq", "pact"), estimator=est)
 
     # -- node attributes -----------------------------------------------------
@@ -157,10 +157,12 @@ class Uniform(Quantizer):
 
     def act_params(self, lo, hi, abs_mean: float | None = None):
         """Per-tensor parameters for an activation observed in [lo, hi]. DoReFa activations
-        are clipped to [0, 1] whatever the data; LSQ starts at 2 mean|x| / sqrt(Qp) when the
-        mean absolute value is given."""
+        are x / alpha clipped to [0, 1] and quantized, times alpha: alpha is the calibrated
+        maximum, fixed (the paper's alpha = 1 assumes a BatchNorm before the ReLU; a folded-BN
+        graph has none, so alpha restores the scale, as it does for DoReFa weights). LSQ starts
+        at 2 mean|x| / sqrt(Qp) when the mean absolute value is given."""
         if self.estimator == "dorefa":
-            lo, hi = 0.0, 1.0
+            lo, hi = 0.0, max(float(hi), 1e-8)
         if self.estimator == "pact":  # PACT clips at 0: its grid starts there
             lo = 0.0
         if self.estimator == "lsq" and abs_mean is not None and abs_mean > 0:
