@@ -101,8 +101,11 @@ class Quantize(Pass):
     qat: Literal["none", "ste", "lsq", "pact", "dorefa"] = option(
         "none", "prepare for quantization-aware training (a finetune step follows): ste = fixed scales, "
                 "straight-through; lsq = learned steps (weights and activations); pact = learned activation clips "
-                "(weights: lsq); dorefa = DoReFa weights (dorefa<bits>) and activations x/alpha clipped to [0, 1] (alpha: the calibrated "
-                "max). See docs/qat.md")
+                "(weights: lsq); dorefa = DoReFa weights (dorefa<bits>) and activations x/alpha clipped to [0, 1] "
+                "(alpha: the calibrated max). See docs/qat.md")
+    act_init: Literal["paper", "calib"] = option(
+        "paper", "where learned activation steps (lsq, pact on signed tensors) start: paper = 2 mean|x| / sqrt(Qp) "
+                 "(Esser et al.); calib = the calibrated range (act_method), where fixed scales start")
     grad_bits: Optional[int] = option(None, "DoReFa gradient quantization: quantize the gradient at every layer "
                                             "output to this many bits in training (dropped on export)",
                                       minimum=2, maximum=16)
@@ -204,7 +207,8 @@ class Quantize(Pass):
 
         data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(ctx.calib,
                                                                                         batch_size=self.batch_size)
-        lsq_acts = aspec.estimator in ("lsq", "pact")  # PACT falls back to LSQ on signed tensors
+        # PACT falls back to LSQ on signed tensors; act_init=calib starts learned steps at the calibrated range
+        lsq_acts = aspec.estimator in ("lsq", "pact") and self.act_init == "paper"
         obs: dict[str, list] = {v.name: [MinMax()] + ([AbsMean()] if lsq_acts else []) for v in targets}
         for m in mins:
             obs.setdefault(m.inputs[0].name, []).append(MinMax(axis=1))

@@ -11,7 +11,7 @@ from nets import build, run_ort
 import graphopt
 from graphopt import from_torch
 from graphopt.backends.lowering import lower, to_model
-from graphopt.errors import GraphOptError, PassError
+from graphopt.errors import GraphOptError, PassError, PipelineError
 from graphopt.passmanager import Context, PassManager, TrainingData
 from graphopt.quantizers import parse
 from graphopt.training.gradquant import grad_quant
@@ -289,3 +289,22 @@ def test_clip_at_zero_estimators_leave_signed_tensors_their_range(qat, unsigned_
     ests = {n.attr("estimator") for n in acts.values()}
     assert unsigned_est in ests  # the ReLU outputs
     assert out_fq.attr("estimator") != unsigned_est and g.inputs[0].uses[0][0].attr("estimator") != unsigned_est
+
+
+def test_lsq_act_init_calib_starts_the_learned_steps_at_the_calibrated_range():
+    def act_steps(opts):
+        g, _, _ = _qat(f"canonicalize,fold-bn,quantize{{weights=int4:channel,acts=uint4:tensor,{opts}}}")
+        fqs = [n for n in g.nodes if n.op_type == "FakeQuant" and n.attr("kind") == "act"]
+        return {n.inputs[0].name: float(np.asarray(g.const_value(n.inputs[1]))) for n in fqs}, fqs
+
+    fixed, _ = act_steps("qat=ste")
+    calib, fqs = act_steps("qat=lsq,act_init=calib")
+    paper, _ = act_steps("qat=lsq")
+    assert fixed.keys() == calib.keys() and all(n.attr("estimator") == "lsq" for n in fqs)
+    assert all(calib[k] == pytest.approx(fixed[k], rel=1e-6) for k in fixed)  # where the fixed scales start
+    assert any(abs(paper[k] - fixed[k]) > 1e-3 * fixed[k] for k in fixed)  # the paper's init differs
+
+
+def test_act_init_rejects_an_unknown_value():
+    with pytest.raises(PipelineError, match="act_init.*paper|calib"):
+        _qat("canonicalize,quantize{weights=int4:channel,acts=uint4:tensor,qat=lsq,act_init=zero}")

@@ -46,7 +46,9 @@ EDGE = "first_last_bits=8"
 BN_BATCH: dict[str, int] = {"w4a4-lsq-bn": 2}
 # rows below 4-bit activations keep the first and last layers' inputs (and the logits) at 8 bits, as
 # the LSQ, PACT and IR-Net papers do; the 4-bit rows quantize the network input to 4 bits too
-EDGE_ACT = {"w3a3-lsq": 8, "w2a2-lsq": 8, "w1a1": 8, "w4a4-lsq-e8": 8, "w4a4-ptq-e8": 8}
+EDGE_ACT = {"w3a3-lsq": 8, "w2a2-lsq": 8, "w1a1": 8, "w4a4-lsq-e8": 8, "w4a4-ptq-e8": 8,
+            "w3a3-lsq-mse": 8, "w2a2-lsq-mse": 8}
+MSE = "act_method=mse"
 # row -> (quantize options, what it is)
 ROWS = {
     "w8a8-ptq": ("weights=int8:channel,acts=uint8:tensor", "PTQ baseline, no training"),
@@ -54,7 +56,7 @@ ROWS = {
     "w4a4-ptq-e8": ("weights=int4:channel,acts=uint4:tensor", "PTQ baseline, 8-bit input, classifier input, logits"),
     "w4a4-lsq": ("weights=int4:channel,acts=uint4:tensor,qat=lsq", "LSQ steps, weights and activations"),
     "w4a4-pact": ("weights=int4:channel,acts=uint4:tensor,qat=pact", "PACT clips (weights: LSQ)"),
-    "w4a4-dorefa": ("weights=int4:channel,acts=uint4:tensor,qat=dorefa", "DoReFa weights, [0,1] activations"),
+    "w4a4-dorefa": ("weights=int4:channel,acts=uint4:tensor,qat=dorefa", "DoReFa weights, activations x/alpha clipped to [0, 1]"),
     "w4a4-ste": ("weights=int4:channel,acts=uint4:tensor,qat=ste", "plain STE, calibrated fixed scales"),
     "w3a3-lsq": ("weights=int3:channel,acts=uint3:tensor,qat=lsq", "LSQ"),
     "w2a2-lsq": ("weights=int2:channel,acts=uint2:tensor,qat=lsq", "LSQ"),
@@ -68,6 +70,15 @@ ROWS = {
     "w4a4-lsq-e8": ("weights=int4:channel,acts=uint4:tensor,qat=lsq", "LSQ, 8-bit network input, classifier input "
                                                                        "and logits (the LSQ paper's edges)"),
     "w1a1": ("weights=binary:channel,acts=uint1:tensor,qat=lsq", "binary weights, 1-bit {0, s} activations (LSQ)"),
+    # the same methods with the activation steps starting at the MSE-calibrated range (act_init=calib) instead of
+    # the LSQ paper's 2 mean|x| / sqrt(Qp): at W4A4 the untrained graph scores 81.2 instead of 59.9 (2,000 images)
+    "w4a4-ptq-mse": (f"weights=int4:channel,acts=uint4:tensor,{MSE}", "PTQ baseline, MSE-calibrated activations"),
+    "w4a4-lsq-mse": (f"weights=int4:channel,acts=uint4:tensor,qat=lsq,act_init=calib,{MSE}",
+                     "LSQ, steps start at the MSE-calibrated range"),
+    "w3a3-lsq-mse": (f"weights=int3:channel,acts=uint3:tensor,qat=lsq,act_init=calib,{MSE}",
+                     "LSQ, steps start at the MSE-calibrated range"),
+    "w2a2-lsq-mse": (f"weights=int2:channel,acts=uint2:tensor,qat=lsq,act_init=calib,{MSE}",
+                     "LSQ, steps start at the MSE-calibrated range"),
 }
 
 
