@@ -3,6 +3,7 @@
   python tools/bench_qat.py --row w4a4-lsq [--epochs 3]     # train (or resume) one row
   python tools/bench_qat.py --list                          # the rows and what they run
   python tools/bench_qat.py --table                         # the README table from the results
+  python tools/bench_qat.py --plot docs/img/qat_resnet20.png  # a dot per row against FP32
 
 Every row starts from the pretrained FP32 weights (../shared/models/resnet20_cifar10.npz,
 87.79%), folds BatchNorm into the weights *before* they are fake-quantized (the frozen-
@@ -225,6 +226,39 @@ def table() -> None:
                   f"{fmt(r['agree'], '%')} | {r['s_per_epoch'] if r['s_per_epoch'] is not None else '-'} |")
 
 
+def plot(path: Path) -> None:
+    """A dot per measured row, in the table's order: top-1 through onnxruntime (torch where the
+    export does not run), PTQ baselines, graphopt QAT and the peers in three colours, FP32 as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = load()
+    rows = [r for r in [*ROWS, *PEER_ROWS] if r in res]
+    acc = [res[r]["ort_top1"] if res[r].get("ort_top1") is not None else res[r]["torch_top1"] for r in rows]
+    kind = ["peer" if r in PEER_ROWS else "PTQ, no training" if "ptq" in r else "graphopt QAT" for r in rows]
+    colours = {"PTQ, no training": "0.55", "graphopt QAT": "tab:blue", "peer": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.4))
+    ax.axvline(87.79, color="0.5", ls="--", lw=1, label="FP32 87.79")
+    for k, c in colours.items():
+        idx = [i for i, x in enumerate(kind) if x == k]
+        if idx:
+            ax.scatter([acc[i] for i in idx], idx, color=c, s=40, label=k, zorder=3)
+    for i, a in enumerate(acc):
+        ax.annotate(f"{a:.2f}", (a, i), xytext=(5, -3), textcoords="offset points", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.invert_yaxis()
+    epochs = "/".join(str(e) for e in sorted({res[r]["epochs"] for r in rows if res[r]["epochs"]}))
+    ax.set_xlabel("top-1 on 10,000 test images (onnxruntime; torch where the export does not run)")
+    ax.set_title(f"ResNet-20 / CIFAR-10 QAT, {epochs} epochs per trained row", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--row", help="the row to run (see --list)")
@@ -233,7 +267,11 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="train on the first N training images (smoke runs: own checkpoints, not saved)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw every measured row's top-1 against FP32")
     args = ap.parse_args()
+    if args.plot:
+        plot(Path(args.plot))
+        return 0
     if args.list:
         for row, (wb, ab, what) in PEER_ROWS.items():
             print(f"{row:14s} {what}: W{wb}A{ab}")

@@ -54,6 +54,8 @@ ROWS = {
 }
 PEERS = {"torch-global-80": 0.8, "torch-global-90": 0.9, "torch-ao-2:4": None}
 
+FP32 = 87.79  # the pretrained ResNet-20's top-1 (../shared/models/README)
+
 
 def _export_stats(g) -> dict:
     from graphopt.passes.sparsity import sparsity_report
@@ -173,6 +175,39 @@ def table() -> None:
                   f"{r['compressed_mb']:.3f} ({r['dense_mb']:.3f}) | {r['s_per_epoch']} |")
 
 
+def plot(path: Path) -> None:
+    """Top-1 through onnxruntime against the share of weights remaining: graphopt's global gradual
+    rows as a curve, the other rows and the peers as points, FP32 as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = {k: r for k, r in load_results(RESULTS).items() if "error" not in r}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.axhline(FP32, color="0.5", ls="--", lw=1, label=f"FP32 {FP32}")
+    gmp = sorted((r["sparsity"], r["ort_top1"]) for k, r in res.items() if k.startswith("gmp-"))
+    if gmp:
+        ax.plot([100 * (1 - s) for s, _ in gmp], [a for _, a in gmp], "o-", label="graphopt global gradual")
+    marks = {"oneshot": ("s", "graphopt global one-shot"), "layer": ("^", "graphopt layer-wise gradual"),
+             "nm": ("D", "graphopt N:M"), "torch-global": ("x", "torch.nn.utils.prune global L1")}
+    for prefix, (m, label) in marks.items():
+        pts = [(100 * (1 - r["sparsity"]), r["ort_top1"]) for k, r in res.items()
+               if k.startswith(prefix + "-") and not k.endswith("int8")]
+        if pts:
+            ax.scatter(*zip(*pts), marker=m, s=50, label=label, zorder=3)
+    ax.invert_xaxis()
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel("top-1 on 10,000 test images (onnxruntime)")
+    epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in res.values()}))
+    ax.set_title(f"ResNet-20 / CIFAR-10, fine-tuned {epochs} epochs per row")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--row")
@@ -181,7 +216,11 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="train on the first N images (smoke runs; not saved)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw top-1 against the weights remaining for every row")
     args = ap.parse_args()
+    if args.plot:
+        plot(Path(args.plot))
+        return 0
     if args.list:
         for row, (p, _, a, what) in ROWS.items():
             print(f"{row:14s} {what}: {p},finetune{{...}}" + (f",{a}" if a else ""))
