@@ -128,14 +128,9 @@ def plot_channel_ranges(graph: Graph, layer: str, path: str) -> None:
     node = next((n for n in graph.nodes if layer in (n.name, n.source)), None)
     if node is None or not L.is_linear_layer(graph, node):
         raise GraphOptError(f"no Conv/Gemm/MatMul layer named '{layer}'")
-    try:
-        import matplotlib
+    from graphopt.plotting import pyplot, save_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise GraphOptError("--plot needs matplotlib: pip install 'graphopt[plot]'") from e
-    from graphopt.atomic import atomic_paths
+    plt = pyplot("--plot")
 
     view = geometry(node).out_view(L.weight(graph, node))
     fig, ax = plt.subplots(figsize=(max(6, min(24, view.shape[0] / 6)), 4))
@@ -146,9 +141,7 @@ def plot_channel_ranges(graph: Graph, layer: str, path: str) -> None:
     step = max(1, view.shape[0] // 16)
     ax.set_xticks(range(1, view.shape[0] + 1, step), [str(i) for i in range(0, view.shape[0], step)])
     fig.tight_layout()
-    with atomic_paths(path) as (tmp,):
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def spread(w_out_view: np.ndarray) -> tuple[float, int]:

@@ -737,14 +737,9 @@ def cmd_analyze(args) -> int:
         last = rs[max(rs)]
         print(f"{name:<{w}} {first['channels']:5d} {cells}   {100 * last['macs_saved']:.1f}%")
     if args.plot:
-        try:
-            import matplotlib
+        from graphopt.plotting import pyplot, save_png
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            raise GraphOptError("--plot needs matplotlib: pip install 'graphopt[plot]'") from e
-        from graphopt.atomic import atomic_paths
+        plt = pyplot("--plot")
 
         fig, ax = plt.subplots(figsize=(8, 5))
         for gname in groups:
@@ -756,9 +751,7 @@ def cmd_analyze(args) -> int:
         if len(groups) <= 12:
             ax.legend(fontsize=6)
         fig.tight_layout()
-        with atomic_paths(args.plot) as (tmp,):
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
+        save_png(fig, args.plot)
         print(f"wrote {args.plot}")
     return 0
 

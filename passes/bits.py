@@ -393,14 +393,9 @@ def plot_front(path, costs: np.ndarray, errors: np.ndarray, widths, params: np.n
                ) -> None:
     """PNG of the predicted error/size Pareto front, the uniform widths, and ``marks`` (label ->
     choice per layer). ``measured``: label -> (x, top-1) points drawn on a second axis."""
-    try:
-        import matplotlib
+    from graphopt.plotting import pyplot, save_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise GraphOptError("plotting needs matplotlib: pip install 'graphopt[plot]'") from e
-    from graphopt.atomic import atomic_paths
+    plt = pyplot("plotting")
 
     c, e, _ = pareto_front(costs, errors)
     norm = {"size": 32 * params.sum(), "avg": params.sum()}.get(kind) or costs[:, -1].sum()
@@ -426,6 +421,4 @@ def plot_front(path, costs: np.ndarray, errors: np.ndarray, widths, params: np.n
         ax2.set_ylabel("measured top-1 % (circles)")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    with atomic_paths(path) as (tmp,):
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)

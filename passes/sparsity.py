@@ -100,14 +100,9 @@ def sensitivity_masks(graph: Graph, layers: list[Node], data, sparsity: float | 
 def plot_scan(path, scan: list[dict], metric: str) -> None:
     """PNG of each layer's error against its sparsity (``sensitivity_masks``' scan), one curve
     per layer, the first and last layers drawn bold: they are the sensitive ones."""
-    try:
-        import matplotlib
+    from graphopt.plotting import pyplot, save_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise GraphOptError("plotting needs matplotlib: pip install 'graphopt[plot]'") from e
-    from graphopt.atomic import atomic_paths
+    plt = pyplot("plotting")
 
     drop = metric.startswith("top-1")  # points can be 0 or negative: a linear axis
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -124,9 +119,7 @@ def plot_scan(path, scan: list[dict], metric: str) -> None:
     ax.set_title("magnitude-pruning sensitivity per layer (gray: the others)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_paths(path) as (tmp,):
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _apply_masks(graph: Graph, masks: dict[Node, Mask]) -> int:

@@ -229,10 +229,9 @@ def table() -> None:
 def plot(path: Path) -> None:
     """A dot per measured row, in the table's order: top-1 through onnxruntime (torch where the
     export does not run), PTQ baselines, graphopt QAT and the peers in three colours, FP32 as a line."""
-    import matplotlib
+    from graphopt.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("--plot")
 
     res = load()
     rows = [r for r in [*ROWS, *PEER_ROWS] if r in res]
@@ -255,7 +254,7 @@ def plot(path: Path) -> None:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     print(f"wrote {path}")
 
 

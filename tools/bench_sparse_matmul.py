@@ -75,11 +75,9 @@ def main() -> int:
     tmp.write_text(json.dumps(res, indent=1))
     tmp.replace(RESULTS)
     if args.plot:
-        import matplotlib
+        from graphopt.plotting import pyplot, save_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot("--plot")
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, (name, rs) in enumerate(by.items()):
             ax.plot([r["sparsity"] for r in rs], [r["csr_torch_us"] / r["dense_torch_us"] for r in rs], "-o",
@@ -93,7 +91,7 @@ def main() -> int:
         ax.set_title(f"ResNet-20 layer GEMMs, batch {args.batch}, {args.threads} thread(s)")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
+        save_png(fig, args.plot)
         print(f"wrote {args.plot}")
     return 0
 

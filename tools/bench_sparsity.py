@@ -178,10 +178,9 @@ def table() -> None:
 def plot(path: Path) -> None:
     """Top-1 through onnxruntime against the share of weights remaining: graphopt's global gradual
     rows as a curve, the other rows and the peers as points, FP32 as a line."""
-    import matplotlib
+    from graphopt.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("--plot")
 
     res = {k: r for k, r in load_results(RESULTS).items() if "error" not in r}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -204,7 +203,7 @@ def plot(path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     print(f"wrote {path}")
 
 

@@ -174,14 +174,9 @@ def plot_curves(path, runs: dict[str, list[dict]], title: str = "winning ticket 
                 ylabel: str = "score") -> None:
     """PNG of score (or, without scores, training loss) against the share of weights
     remaining, one curve per run, on a log axis that runs from dense to sparse."""
-    try:
-        import matplotlib
+    from graphopt.plotting import pyplot, save_png
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise GraphOptError("plotting needs matplotlib: pip install 'graphopt[plot]'") from e
-    from graphopt.atomic import atomic_paths
+    plt = pyplot("plotting")
 
     scored = all(r.get("score") is not None for rows in runs.values() for r in rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -200,6 +195,4 @@ def plot_curves(path, runs: dict[str, list[dict]], title: str = "winning ticket 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_paths(path) as (tmp,):
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
