@@ -207,9 +207,10 @@ class Quantize(Pass):
 
         data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(ctx.calib,
                                                                                         batch_size=self.batch_size)
-        # PACT falls back to LSQ on signed tensors; act_init=calib starts learned steps at the calibrated range
-        lsq_acts = aspec.estimator in ("lsq", "pact") and self.act_init == "paper"
-        obs: dict[str, list] = {v.name: [MinMax()] + ([AbsMean()] if lsq_acts else []) for v in targets}
+        # learned activation steps (LSQ; PACT falls back to LSQ on signed tensors) start at the paper's
+        # 2 mean|x| / sqrt(Qp), which needs mean|x|; act_init=calib starts them at the calibrated range instead
+        paper_start = aspec.estimator in ("lsq", "pact") and self.act_init == "paper"
+        obs: dict[str, list] = {v.name: [MinMax()] + ([AbsMean()] if paper_start else []) for v in targets}
         for m in mins:
             obs.setdefault(m.inputs[0].name, []).append(MinMax(axis=1))
         hessians: dict[Node, object] = {}
@@ -219,7 +220,7 @@ class Quantize(Pass):
                 obs.setdefault(n.inputs[0].name, []).append(h)
         first = observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (ranges)")
         ranges = {v.name: (float(first[v.name][0]["min"][0]), float(first[v.name][0]["max"][0])) for v in targets}
-        abs_means = {v.name: first[v.name][1]["abs_mean"] for v in targets} if lsq_acts else {}
+        abs_means = {v.name: first[v.name][1]["abs_mean"] for v in targets} if paper_start else {}
 
         dropped = 0
         for m in mins:
