@@ -16,7 +16,17 @@ from graphopt.geometry import geometry
 from graphopt.ir import Graph, Node, Value
 from graphopt.meta import BIAS_BEFORE_CORRECTION, BN_STATS, CHOSEN_BITS, FLOAT_WEIGHT
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
-from graphopt.quantizers import Dynamic, Uniform, add_fake_quant, apply_node, from_node, is_fake_quant, params_of, parse
+from graphopt.quantizers import (
+    Dynamic,
+    Uniform,
+    add_fake_quant,
+    apply_node,
+    from_node,
+    is_fake_quant,
+    params_of,
+    parse,
+    weight_step,
+)
 from graphopt.quantizers.uniform import range_from_histogram
 
 from . import _layers as L
@@ -463,7 +473,7 @@ class Quantize(Pass):
         b = np.asarray(graph.const_value(n.inputs[2]))
         sx = float(params_of(graph, x_fq)["scale"].reshape(()))
         wq = from_node(w_fq)
-        step, why = wq.integer_step(params_of(graph, w_fq))
+        step, why = weight_step(graph, w_fq)
         if step is None:
             return f"the weights have no integer grid ({why})"
         sw = np.asarray(step, np.float32)

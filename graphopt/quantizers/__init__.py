@@ -24,6 +24,7 @@ from graphopt.quantizers.base import (  # noqa: F401
     parse,
     register,
     schemes,
+    weight_step,
 )
 from graphopt.quantizers.dynamic import Dynamic  # noqa: F401,E402
 from graphopt.quantizers.uniform import Uniform  # noqa: F401,E402

@@ -124,6 +124,11 @@ class Quantizer:
         then has scale input step x this), or (None, why there is none)."""
         return None, f"the {self.scheme} scheme has no integer grid"
 
+    def effective_params(self, w: np.ndarray, params: dict[str, np.ndarray], axis) -> dict[str, np.ndarray]:
+        """The parameters constant weights ``w`` are quantized with: the stored ones, unless the
+        scheme derives its own from the weights (binary and ternary do, as in training)."""
+        return params
+
     def with_bits(self, bits: int) -> "Quantizer":
         """The same scheme at another bit width (``override``, ``first_last_bits``)."""
         raise GraphOptError(f"the {self.scheme} scheme has no bit width to override")
@@ -263,6 +268,17 @@ def add_fake_quant(graph, v, quantizer: Quantizer, params: dict[str, np.ndarray]
     return fq
 
 
+def weight_step(graph, w_fq) -> tuple[np.ndarray | None, str]:
+    """The per-channel step of the int8 grid weight quantizer ``w_fq``'s lowered codes sit on,
+    from the parameters the weights are quantized with now (``effective_params``: binary and
+    ternary scales follow the trained weights, not the stored start), or (None, why not)."""
+    q = from_node(w_fq)
+    params, w = params_of(graph, w_fq), graph.const_value(w_fq.inputs[0])
+    if w is not None:
+        params = q.effective_params(np.asarray(w, np.float32), params, w_fq.attr("axis"))
+    return q.integer_step(params)
+
+
 def bias_scale(graph, layer) -> np.ndarray | None:
     """The int32 bias step of a Conv/Gemm whose input and weight are quantized: input step x
     weight step (per output channel), the only scale an integer kernel's accumulator has.
@@ -271,7 +287,7 @@ def bias_scale(graph, layer) -> np.ndarray | None:
     if not (is_fake_quant(x_fq) and is_fake_quant(w_fq)):
         return None
     sx, _ = from_node(x_fq).integer_step(params_of(graph, x_fq))
-    sw, _ = from_node(w_fq).integer_step(params_of(graph, w_fq))
+    sw, _ = weight_step(graph, w_fq)
     if sx is None or sw is None or np.size(sx) != 1:
         return None
     return (np.asarray(sw, np.float32).reshape(-1) * np.float32(np.asarray(sx).reshape(()))).astype(np.float32)
