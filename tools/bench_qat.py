@@ -140,11 +140,16 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     out = WORK / f"{row}.onnx"
     onnx.save(to_model(low, rep.opset), str(out))
     ort = ort_logits(out, xt)
-    steps = r.stats.get("finetune", [{}])[0].get("steps", 0) if train else 0
+    ft = r.stats.get("finetune", [{}])[0] if train else {}
+    ran = ft.get("epochs", 0)  # epochs trained by this invocation (a resumed run trains the rest)
+    timing = {"wall_s": round(secs, 1), "s_per_epoch": round(secs / ran, 1) if ran else None}
+    if train and not ran:  # re-exported from a finished checkpoint: keep the training's own timing
+        old = load().get(row, {})
+        timing = {k: old.get(k) for k in timing}
     return {"pipeline": pipe, "epochs": epochs if train else 0, "torch_top1": top1_pct(sim, yt),
-            "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort),
-            "wall_s": round(secs, 1), "s_per_epoch": round(secs / max(epochs, 1), 1) if train else None,
-            "steps": steps, "train_images": len(xtr), "mb": round(out.stat().st_size / 1e6, 3)}
+            "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort), **timing,
+            "steps": ft.get("steps", 0), "train_images": len(xtr), "mb": round(out.stat().st_size / 1e6, 3),
+            "ort_kernels": ort_kernels(out)}
 
 
 # the Brevitas peer: row -> (weight bits, activation bits, what); same recipe, weights and data
@@ -167,7 +172,7 @@ def ort_kernels(path: Path) -> dict[str, int]:
     ops: dict[str, int] = {}
     for n in onnx.load(so.optimized_model_filepath).graph.node:
         if n.op_type in ("Conv", "QLinearConv", "ConvInteger", "FusedConv", "QLinearMatMul", "MatMulInteger", "Gemm",
-                         "FusedGemm", "MatMul", "BatchNormalization"):
+                         "FusedGemm", "MatMul", "QGemm"):
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return ops
 
@@ -215,15 +220,27 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
 
 def table() -> None:
     res = load()
-    print("| row | what | epochs | top-1 torch | top-1 onnxruntime | agree | s/epoch |")
-    print("|---|---|---|---|---|---|---|")
+    print("| row | what | epochs | top-1 torch | top-1 onnxruntime | agree | s/epoch | layers int / float in ORT |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = {**{k: w for k, (_, w) in ROWS.items()}, **{k: w for k, (_, _, w) in PEER_ROWS.items()}}
     fmt = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
     for row, what in rows.items():
         r = res.get(row)
         if r:
             print(f"| {row} | {what} | {r['epochs']} | {fmt(r['torch_top1'])} | {fmt(r['ort_top1'])} | "
-                  f"{fmt(r['agree'], '%')} | {r['s_per_epoch'] if r['s_per_epoch'] is not None else '-'} |")
+                  f"{fmt(r['agree'], '%')} | {r['s_per_epoch'] if r['s_per_epoch'] is not None else '-'} | "
+                  f"{kernel_split(r.get('ort_kernels'))} |")
+
+
+INT_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger")
+
+
+def kernel_split(ops: dict[str, int] | None) -> str:
+    """'int / float': how many Conv/Gemm layers onnxruntime runs on integer kernels, and in float."""
+    if not ops:
+        return "-"
+    ints = sum(v for k, v in ops.items() if k in INT_KERNELS)
+    return f"{ints} / {sum(ops.values()) - ints}"
 
 
 def plot(path: Path) -> None:
