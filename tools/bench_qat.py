@@ -161,20 +161,12 @@ PEER_ROWS = {
 
 
 def ort_kernels(path: Path) -> dict[str, int]:
-    """The compute ops of onnxruntime's optimized graph (integer kernels show as QLinearConv etc.)."""
-    import onnx
-    import onnxruntime as ort
+    """How many Conv/Gemm/MatMul layers onnxruntime's optimized graph runs on integer kernels
+    (QLinearConv, QGemm, ...) and how many in float."""
+    from graphopt.backends.lowering import ort_kernel_report
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.optimized_model_filepath = str(path.with_suffix(".ort.onnx"))
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    ops: dict[str, int] = {}
-    for n in onnx.load(so.optimized_model_filepath).graph.node:
-        if n.op_type in ("Conv", "QLinearConv", "ConvInteger", "FusedConv", "QLinearMatMul", "MatMulInteger", "Gemm",
-                         "FusedGemm", "MatMul", "QGemm"):
-            ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return ops
+    kr = ort_kernel_report(str(path))
+    return {"integer": sum(kr["integer"].values()), "float": len(kr["float"])}
 
 
 def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
@@ -232,15 +224,9 @@ def table() -> None:
                   f"{kernel_split(r.get('ort_kernels'))} |")
 
 
-INT_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger")
-
-
 def kernel_split(ops: dict[str, int] | None) -> str:
-    """'int / float': how many Conv/Gemm layers onnxruntime runs on integer kernels, and in float."""
-    if not ops:
-        return "-"
-    ints = sum(v for k, v in ops.items() if k in INT_KERNELS)
-    return f"{ints} / {sum(ops.values()) - ints}"
+    """'int / float': the layers onnxruntime runs on integer kernels, and in float."""
+    return f"{ops['integer']} / {ops['float']}" if ops and "integer" in ops else "-"
 
 
 def plot(path: Path) -> None:
