@@ -140,6 +140,8 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     out = WORK / f"{row}.onnx"
     onnx.save(to_model(low, rep.opset), str(out))
     ort = ort_logits(out, xt)
+    out_fq = q.outputs[0].producer  # the logits' own quantizer: its step is the unit of the difference
+    step = float(np.asarray(q.const_value(out_fq.inputs[1])).max()) if out_fq.op_type == "FakeQuant" else None
     ft = r.stats.get("finetune", [{}])[0] if train else {}
     ran = ft.get("epochs", 0)  # epochs trained by this invocation (a resumed run trains the rest)
     timing = {"wall_s": round(secs, 1), "s_per_epoch": round(secs / ran, 1) if ran else None}
@@ -148,6 +150,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
         timing = {k: old.get(k) for k in timing}
     return {"pipeline": pipe, "epochs": epochs if train else 0, "torch_top1": top1_pct(sim, yt),
             "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort), **timing,
+            "max_diff_steps": round(float(np.abs(ort - sim).max()) / step, 3) if step else None,
             "steps": ft.get("steps", 0), "train_images": len(xtr), "mb": round(out.stat().st_size / 1e6, 3),
             "ort_kernels": ort_kernels(out)}
 
@@ -212,15 +215,16 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
 
 def table() -> None:
     res = load()
-    print("| row | what | epochs | top-1 torch | top-1 onnxruntime | agree | s/epoch | layers int / float in ORT |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| row | what | epochs | top-1 torch | top-1 onnxruntime | agree | max diff (output steps) | s/epoch "
+          "| layers int / float in ORT |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = {**{k: w for k, (_, w) in ROWS.items()}, **{k: w for k, (_, _, w) in PEER_ROWS.items()}}
     fmt = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
     for row, what in rows.items():
         r = res.get(row)
         if r:
             print(f"| {row} | {what} | {r['epochs']} | {fmt(r['torch_top1'])} | {fmt(r['ort_top1'])} | "
-                  f"{fmt(r['agree'], '%')} | {r['s_per_epoch'] if r['s_per_epoch'] is not None else '-'} | "
+                  f"{fmt(r['agree'], '%')} | {fmt(r.get('max_diff_steps'))} | {r['s_per_epoch'] if r['s_per_epoch'] is not None else '-'} | "
                   f"{kernel_split(r.get('ort_kernels'))} |")
 
 
