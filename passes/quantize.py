@@ -113,6 +113,10 @@ class Quantize(Pass):
                 "straight-through; lsq = learned steps (weights and activations); pact = learned activation clips "
                 "(weights: lsq); dorefa = DoReFa weights (dorefa<bits>) and activations x/alpha clipped to [0, 1] "
                 "(alpha: the calibrated max). See docs/qat.md")
+    weight_init: Literal["paper", "calib"] = option(
+        "paper", "where learned weight steps (lsq) start: paper = 2 mean|w| / sqrt(Qp) (Esser et al.); calib = the "
+                 "weight_method range (minmax or mse), where fixed scales start. paper clips heavy-tailed rows "
+                 "(depthwise kernels) hard")
     act_init: Literal["paper", "calib"] = option(
         "paper", "where learned activation steps (lsq, pact on signed tensors) start: paper = 2 mean|x| / sqrt(Qp) "
                  "(Esser et al.); calib = the calibrated range (act_method), where fixed scales start")
@@ -420,11 +424,11 @@ class Quantize(Pass):
                 for k in names:
                     ranges[k] = (lo, hi)
 
-    @staticmethod
-    def _quantize_weights(graph: Graph, n: Node, spec, method: str, hessian=None) -> None:
+    def _quantize_weights(self, graph: Graph, n: Node, spec, method: str, hessian=None) -> None:
         w = L.weight(graph, n)
         geo = geometry(n)
-        params, axis = spec.weight_params(w, geo.out_axis, geo.in_axis, "mse" if method == "gptq" else method)
+        params, axis = spec.weight_params(w, geo.out_axis, geo.in_axis, "mse" if method == "gptq" else method,
+                                          self.weight_init)
         if method == "gptq" and axis is not None and axis != geo.out_axis:
             raise GraphOptError("weight_method=gptq needs per-tensor or per-output-channel parameters")
         float_w = None

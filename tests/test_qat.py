@@ -334,6 +334,22 @@ def test_lsq_act_init_calib_starts_the_learned_steps_at_the_calibrated_range():
     assert any(abs(paper[k] - fixed[k]) > 1e-3 * fixed[k] for k in fixed)  # the paper's init differs
 
 
-def test_act_init_rejects_an_unknown_value():
-    with pytest.raises(PipelineError, match="act_init.*paper|calib"):
-        _qat("canonicalize,quantize{weights=int4:channel,acts=uint4:tensor,qat=lsq,act_init=zero}")
+def test_lsq_weight_init_calib_starts_the_weight_steps_at_the_weight_method_range():
+    def weight_steps(opts):
+        g, _, _ = _qat(f"canonicalize,fold-bn,quantize{{weights=int4:channel,acts=uint8:tensor,{opts}}}")
+        fqs = [n for n in g.nodes if n.op_type == "FakeQuant" and n.attr("kind") == "weight"]
+        return {n.inputs[0].name: np.asarray(g.const_value(n.inputs[1])) for n in fqs}, fqs
+
+    fixed, _ = weight_steps("qat=ste,weight_method=mse")
+    calib, fqs = weight_steps("qat=lsq,weight_init=calib,weight_method=mse")
+    paper, _ = weight_steps("qat=lsq,weight_method=mse")
+    assert fixed.keys() == calib.keys() and all(n.attr("estimator") == "lsq" for n in fqs)
+    for k in fixed:
+        np.testing.assert_allclose(calib[k], fixed[k], rtol=1e-6)
+    assert any(not np.allclose(paper[k], fixed[k], rtol=1e-3) for k in fixed)  # LSQ's 2 mean|w| / sqrt(Qp)
+
+
+@pytest.mark.parametrize("opt", ["act_init", "weight_init"])
+def test_learned_step_starts_reject_an_unknown_value(opt):
+    with pytest.raises(PipelineError, match=f"{opt}.*paper|calib"):
+        _qat(f"canonicalize,quantize{{weights=int4:channel,acts=uint4:tensor,qat=lsq,{opt}=zero}}")

@@ -68,9 +68,12 @@ class Quantizer:
         raise NotImplementedError
 
     # -- parameters ----------------------------------------------------------
-    def weight_params(self, w: np.ndarray, out_axis: int, in_axis: int, method: str = "minmax"
-                      ) -> tuple[dict[str, np.ndarray], int | None]:
-        """Parameters for a constant weight and the axis they run along (None: per tensor)."""
+    def weight_params(self, w: np.ndarray, out_axis: int, in_axis: int, method: str = "minmax",
+                      start: str = "paper") -> tuple[dict[str, np.ndarray], int | None]:
+        """Parameters for a constant weight and the axis they run along (None: per tensor).
+        ``start`` is where a learned step starts: ``paper`` (the estimator's own rule, LSQ's
+        2 mean|w| / sqrt(Qp)) or ``calib`` (``method``'s range, like a fixed scale); schemes
+        without a learned step ignore it."""
         raise GraphOptError(f"the {self.scheme} scheme does not quantize weights")
 
     def act_params(self, lo: float, hi: float) -> dict[str, np.ndarray]:

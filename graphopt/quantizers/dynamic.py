@@ -92,7 +92,7 @@ class Dynamic(Quantizer):
     def from_attrs(cls, attrs: dict[str, Any]) -> "Dynamic":
         return cls()
 
-    def weight_params(self, w, out_axis, in_axis, method="minmax"):
+    def weight_params(self, w, out_axis, in_axis, method="minmax", start="paper"):
         raise GraphOptError("the dynamic scheme quantizes activations at run time; weights take int8:channel")
 
     def act_params(self, lo, hi, abs_mean=None):

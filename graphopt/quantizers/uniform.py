@@ -143,9 +143,9 @@ class Uniform(Quantizer):
                    _text(attrs.get("estimator", "ste")))
 
     # -- parameters ----------------------------------------------------------
-    def weight_params(self, w, out_axis, in_axis, method="minmax"):
+    def weight_params(self, w, out_axis, in_axis, method="minmax", start="paper"):
         axis = {"tensor": None, "channel": out_axis, "block": in_axis}[self.granularity]
-        if self.estimator == "lsq" and self.granularity != "block":  # LSQ's start: 2 mean|w| / sqrt(Qp)
+        if self.estimator == "lsq" and self.granularity != "block" and start == "paper":  # 2 mean|w| / sqrt(Qp)
             a = np.abs(np.asarray(w, np.float64))
             m = a.mean() if axis is None else np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).mean(1)
             s = np.maximum(2 * m / np.sqrt(self.qmax), 1e-8).astype(np.float32)

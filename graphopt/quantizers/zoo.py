@@ -229,7 +229,7 @@ class ZooScheme(Quantizer):
 
     search_clip: ClassVar[bool] = True  # method=mse searches a clip ratio of alpha
 
-    def weight_params(self, w, out_axis, in_axis, method="minmax"):
+    def weight_params(self, w, out_axis, in_axis, method="minmax", start="paper"):
         if method not in ("minmax", "mse"):
             raise GraphOptError(f"the {self.scheme} scheme chooses its parameters by minmax or mse, not '{method}'")
         axis = out_axis if self.granularity == "channel" else None
