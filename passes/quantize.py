@@ -115,8 +115,8 @@ class Quantize(Pass):
                 "(alpha: the calibrated max). See docs/qat.md")
     weight_init: Literal["paper", "calib"] = option(
         "paper", "where learned weight steps (lsq) start: paper = 2 mean|w| / sqrt(Qp) (Esser et al.); calib = the "
-                 "weight_method range (minmax or mse), where fixed scales start. paper clips heavy-tailed rows "
-                 "(depthwise kernels) hard")
+                 "weight_method range (minmax, mse, or gptq's with its rounded weights), where fixed scales start. "
+                 "paper clips heavy-tailed rows (depthwise kernels) hard")
     act_init: Literal["paper", "calib"] = option(
         "paper", "where learned activation steps (lsq, pact on signed tensors) start: paper = 2 mean|x| / sqrt(Qp) "
                  "(Esser et al.); calib = the calibrated range (act_method), where fixed scales start")
