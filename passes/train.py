@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import numpy as np
+
 from graphopt.errors import GraphOptError
 from graphopt.ir import Graph
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
@@ -75,10 +77,14 @@ class Finetune(Pass):
                              resume=self.resume, max_steps=self.max_steps, seed=self.seed,
                              transform=ctx.train.transform, train_bn=not self.freeze_bn,
                              progress=ctx.show_progress)
+        before = {k: v.const.copy() for k, v in graph.constants.items() if v.const is not None}
         stats = finetune(graph, ctx.train.x, ctx.train.y, teacher, cfg)
+        after = {k: v.const for k, v in graph.constants.items() if v.const is not None}
+        # steps can leave every weight where it was (a student that already equals its teacher)
+        changed = before.keys() != after.keys() or any(not np.array_equal(before[k], after[k]) for k in before)
         if stats["interrupted"]:
             raise GraphOptError(f"finetune interrupted after {stats['steps']} steps (the last completed step's "
                                 "weights are kept" + (f" in {self.checkpoint})" if self.checkpoint else ")"))
-        return PassResult(graph, stats["steps"] > 0, {"steps": stats["steps"], "epochs": stats["epochs"],
+        return PassResult(graph, changed, {"steps": stats["steps"], "epochs": stats["epochs"],
                                                       "loss": stats["loss"][-1] if stats["loss"] else None,
                                                       "distilled": teacher is not None})
