@@ -111,6 +111,20 @@ def _qat(pipeline: str, steps: int = 40, seed: int = 0):
     return r.graph, xs, r
 
 
+def _export_vs_training(g, xs, proto=None):
+    """onnxruntime's outputs on ``xs`` from ``g``'s Q/DQ export (``proto``, or lowered here) and
+    the torch fake-quant model's, after checking they are within one output step."""
+    if proto is None:
+        lowered, rep = lower(g, "qdq")
+        proto = to_model(lowered, rep.opset)
+    with torch.no_grad():
+        sim = graphopt.to_torch(g)(torch.from_numpy(xs)).numpy()
+    got = run_ort(proto, xs)
+    step = float(np.asarray(g.const_value(g.outputs[0].producer.inputs[1])).max())
+    assert np.abs(got - sim).max() <= step * 1.001
+    return got, sim
+
+
 @pytest.mark.parametrize("qat", ["lsq", "pact", "ste", "dorefa"])
 def test_qat_trains_and_the_export_computes_what_was_trained(qat):
     before, _, _ = _qat(f"canonicalize,fold-bn,quantize{{weights=int4:channel,acts=uint8:tensor,qat={qat}}}")
@@ -121,13 +135,7 @@ def test_qat_trains_and_the_export_computes_what_was_trained(qat):
              for n in fq if n.inputs[1].name in before.values]
     if qat in ("lsq", "pact"):
         assert any(moved), "the learned steps/clips did not move"
-    lowered, rep = lower(g, "qdq")
-    proto = to_model(lowered, rep.opset)
-    with torch.no_grad():
-        sim = graphopt.to_torch(g)(torch.from_numpy(xs)).numpy()
-    got = run_ort(proto, xs)
-    step = float(np.asarray(g.const_value(g.outputs[0].producer.inputs[1])).max())
-    assert np.abs(got - sim).max() <= step * 1.001
+    got, sim = _export_vs_training(g, xs)
     assert (got.argmax(1) == sim.argmax(1)).mean() >= 0.999
 
 
@@ -152,11 +160,7 @@ def test_trained_binary_and_ternary_biases_sit_on_the_trained_weight_scale(weigh
     proto = to_model(lowered, rep.opset)
     kernels = ort_kernel_report(proto)  # onnxruntime fuses a layer only when its bias sits on that grid
     assert not kernels["float"] and kernels["integer"].get("QLinearConv", 0) == 6, kernels
-    with torch.no_grad():
-        sim = graphopt.to_torch(g)(torch.from_numpy(xs)).numpy()
-    got = run_ort(proto, xs)
-    step = float(np.asarray(g.const_value(g.outputs[0].producer.inputs[1])).max())
-    assert np.abs(got - sim).max() <= step * 1.001
+    got, sim = _export_vs_training(g, xs, proto)
     assert (got.argmax(1) == sim.argmax(1)).mean() >= 0.999
 
 
@@ -302,12 +306,7 @@ def test_one_bit_activations_and_wider_edges():
     last = [n for n in g.nodes if n.op_type in ("Gemm", "MatMul")][-1]
     edge = {first.inputs[0].producer.inputs[0].name, last.inputs[0].producer.inputs[0].name}
     assert all(bits[k] == 8 for k in edge) and sorted(set(b for k, b in bits.items() if k not in edge)) in ([1], [1, 8])
-    lowered, rep = lower(g, "qdq")
-    with torch.no_grad():
-        sim = graphopt.to_torch(g)(torch.from_numpy(xs)).numpy()
-    got = run_ort(to_model(lowered, rep.opset), xs)
-    step = float(np.asarray(g.const_value(g.outputs[0].producer.inputs[1])).max())
-    assert np.abs(got - sim).max() <= step * 1.001
+    _export_vs_training(g, xs)
 
 
 @pytest.mark.parametrize("qat,unsigned_est", [("dorefa", "dorefa"), ("pact", "pact")])
