@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-from graphopt.backends.onnx_file import save_onnx, to_onnx  # noqa: F401
 from graphopt.errors import FrontendError, GraphError, GraphOptError, PassError, PipelineError, UnsupportedOpError  # noqa: F401
 from graphopt.frontends.onnx_file import load_onnx  # noqa: F401
 from graphopt.ir import Graph, Node, Value  # noqa: F401
+from graphopt.serialize import save_onnx, to_onnx  # noqa: F401
 
 
 def from_torch(module, example_inputs, **kw):

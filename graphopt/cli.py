@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not isinstance(e, (GraphOptError, OSError)):
-            msg = f"internal error: {type(e).__name__}: {msg} (run with --debug for the traceback)"
+            where = f" in pass '{e.graphopt_pass}'" if getattr(e, "graphopt_pass", None) else ""
+            msg = f"internal error{where}: {type(e).__name__}: {msg} (a bug in graphopt; rerun with --debug for the traceback)"
         if isinstance(e, (UsageError, PipelineError)):  # the command line itself is wrong
             print(f"graphopt {args.command}: usage error: {msg}", file=sys.stderr)
             return 2
@@ -419,9 +420,9 @@ def _size(graph) -> int:
 # ---------------------------------------------------------------------------- commands
 def cmd_convert(args) -> int:
     from graphopt.analysis import human, total_macs
-    from graphopt.backends.onnx_file import save_onnx
     from graphopt.passmanager import Context, DumpIRInstrument, PassManager, TimingInstrument
     from graphopt.pipeline import parse_pipeline, presets
+    from graphopt.serialize import save_onnx
 
     if args.preset is not None:
         pre = presets()
@@ -878,7 +879,7 @@ def _analyze_blocks(graph, data, labels, progress: bool) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from graphopt.backends.onnx_file import save_onnx
+    from graphopt.serialize import save_onnx
     from graphopt.training.finetune import FinetuneConfig, finetune
 
     student = load_model(args.model, args)
@@ -900,7 +901,7 @@ def cmd_finetune(args) -> int:
 def cmd_lottery(args) -> int:
     import numpy as np
 
-    from graphopt.backends.onnx_file import save_onnx
+    from graphopt.serialize import save_onnx
     from graphopt.training.finetune import FinetuneConfig
     from graphopt.training.lottery import CONTROLS, format_table, lottery_ticket, plot_curves
 

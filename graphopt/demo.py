@@ -34,10 +34,10 @@ def run_demo(output: str, pipeline: str | None = None) -> int:
     import torch
 
     from graphopt.analysis import human, total_macs
-    from graphopt.backends.onnx_file import save_onnx
     from graphopt.frontends.torch_fx import from_torch
     from graphopt.models.efficientnet_lite import efficientnet_lite0, pretrained_weights_path
     from graphopt.passmanager import PassManager
+    from graphopt.serialize import save_onnx
 
     pretrained = pretrained_weights_path() is not None
     if not pretrained:

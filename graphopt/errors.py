@@ -1,7 +1,9 @@
 """Exception types. Every error graphopt raises for bad input is a ``GraphOptError``.
 
 The CLI turns a ``GraphOptError`` into one line on stderr and exit code 1; anything
-else is a bug and is shown with its traceback.
+else is a bug: the CLI calls it an internal error (naming the pass it happened in, see
+``mark_internal``) and ``--debug`` shows its traceback. A bug is never wrapped in a
+``GraphOptError``: that would report it as the user's fault.
 """
 
 
@@ -52,3 +54,13 @@ class PreconditionError(GraphOptError):
 
 class PostconditionError(GraphOptError):
     """A pass's ``ensures`` check failed on its result."""
+
+
+def mark_internal(e: BaseException, pass_name: str, before: list[str]) -> None:
+    """Record on a bug (any exception that is not a ``GraphOptError``) the pass it escaped from,
+    keeping its type and traceback: ``e.graphopt_pass`` for the CLI, and a note in the traceback."""
+    e.graphopt_pass = pass_name  # type: ignore[attr-defined]
+    ran = ", ".join(before) if before else "none"
+    note = f"internal error in graphopt pass '{pass_name}' (passes run before it: {ran})"
+    if hasattr(e, "add_note"):  # Python >= 3.11
+        e.add_note(note)

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from graphopt.errors import PipelineError
-from graphopt.passmanager import Pass, registry
+from graphopt.passbase import Pass, format_value, registry
 
 _PRESETS: dict[str, tuple[str, str]] = {}
-_SPECIAL = set(',{}[]"= ')  # characters that make format_value quote a string
 _VALUE_STOP = set(',{}[]" ')  # where a bare value ends ('=' may appear inside one)
 
 
@@ -51,21 +50,6 @@ class Pipeline:
 
     def __len__(self) -> int:
         return len(self.passes)
-
-
-def format_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "none"
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(format_value(x) for x in v) + "]"
-    s = str(v)
-    if s == "" or any(c in _SPECIAL for c in s) or s.lower() == "none":
-        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return s
 
 
 def _nearest(word: str, choices) -> str:

@@ -39,7 +39,7 @@ def _shape_of(tp: onnx.TypeProto) -> tuple[int | None, Shape | None]:
 
 def skeleton_model(graph: Graph) -> onnx.ModelProto:
     """The graph as a model whose float weights are typed graph inputs (no data copied)."""
-    from graphopt.backends.onnx_file import build_model, node_to_proto, value_info
+    from graphopt.serialize import build_model, node_to_proto, value_info
 
     graph.toposort()
     small, big = [], []

@@ -81,7 +81,7 @@ _NO_FOLD = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformL
 def _evaluate(graph: Graph, node: Node) -> list[np.ndarray]:
     from onnx.reference import ReferenceEvaluator
 
-    from graphopt.backends.onnx_file import node_to_proto
+    from graphopt.serialize import node_to_proto
 
     p = node_to_proto(node)
     ins = [helper.make_tensor_value_info(v.name, v.dtype or 0, None) for v in node.inputs if v is not None]
@@ -227,8 +227,8 @@ class Simplify(Pass):
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         import onnxsim
 
-        from graphopt.backends.onnx_file import to_onnx
         from graphopt.frontends.onnx_file import from_model_proto
+        from graphopt.serialize import to_onnx
 
         model = to_onnx(graph)
         try:

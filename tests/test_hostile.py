@@ -14,7 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt import FrontendError, GraphOptError, PipelineError
+from graphopt import FrontendError, GraphOptError, PassError, PipelineError
+from graphopt.passmanager import Context, PassManager
 from graphopt.pipeline import parse_pipeline
 
 
@@ -348,3 +349,31 @@ def test_debug_and_verbose_after_the_subcommand(tmp_path):
     helptext = " ".join(cli("convert", "--help").stdout.split())
     assert "resize the short side to this (default: 256)" in helptext  # --help shows defaults
     assert "(default: None)" not in helptext
+
+
+@pytest.mark.parametrize("dim", [-4, 0])
+def test_non_positive_input_dimension_is_refused_before_any_work(dim, tmp_path):
+    m = _conv_model()
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = dim
+    src = _save(m, tmp_path / "m.onnx")
+    with pytest.raises(FrontendError, match=f"graph input 'x' has dimension {dim} at axis 1"):
+        graphopt.load_onnx(src)
+    out = tmp_path / "o.onnx"
+    r = cli("convert", src, "-o", out, "--pipeline", "prune-channels{ratio=0.5},fold-prune")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"dimension {dim} at axis 1" in r.stderr and "internal error" not in r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["percentile", "minmax", "entropy"])
+def test_calibration_that_overflows_inside_the_model_is_refused(method):
+    """Finite inputs of 1e38 overflow float32 inside the network: a refusal naming the value, never a
+    torch.histc crash or inf/NaN scales written into the graph."""
+    m = _conv_model()
+    w = np.full((4, 3, 3, 3), 10.0, np.float32)
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    g = graphopt.load_onnx(m)
+    calib = np.full((4, 3, 8, 8), 1e38, np.float32)
+    with pytest.raises(PassError, match="value '.*' overflows float32 .* on calibration sample 0") as e:
+        PassManager(f"quantize{{act_method={method}}}").run(g, Context(calib=calib))
+    assert "\n" not in str(e.value)

@@ -12,11 +12,10 @@ from pathlib import Path
 import networkx as nx
 
 ROOT = Path(__file__).resolve().parents[1]
-LOADER = "graphopt.passmanager"  # passmanager.pass_library() is the one place that loads the library
+LOADER = "graphopt.passbase"  # passbase.pass_library() is the one place that loads the library
 # lazy imports that close a loop on purpose, each with its reason
 ALLOWED = {
     (LOADER, "graphopt.passes"): "the loader: registry() imports the library on first use",
-    (LOADER, "graphopt.pipeline"): "PassManager('text') parses pipeline text; pipeline builds on the registry",
 }
 
 
@@ -93,3 +92,4 @@ def test_installed_as_graphopt_passes_without_a_top_level_passes(tmp_path):
             "print(importlib.util.find_spec('passes') is None, pathlib.Path(p.__file__).parent.name)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "passes"]
+

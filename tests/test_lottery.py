@@ -1,6 +1,8 @@
 """The Lottery Ticket Hypothesis loop: pruning by global magnitude, rewinding, the controls, and
 resuming from the saved state."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from graphopt import from_torch
 from graphopt.errors import GraphOptError
 from graphopt.masks import get_mask
-from graphopt.training.finetune import FinetuneConfig
+from graphopt.training.finetune import FinetuneConfig, finetune
 from graphopt.training.lottery import _weights, lottery_ticket
 
 
@@ -42,6 +44,15 @@ def test_late_rewinding_controls_and_resume(tmp_path):
     st = tmp_path / "lth"
     first = lottery_ticket(g.copy(), x, y, rounds=2, rate=0.3, rewind_step=2, config=cfg, evaluate=acc, state=st)
     assert (tmp_path / "lth.json").is_file() and (tmp_path / "lth.npz").is_file()
+    # the survivors rewind to the weights after step 2 of the first training, recomputed here
+    snap = finetune(g.copy(), x, y, None, replace(cfg, snapshot_step=2))["snapshot"]
+    with np.load(tmp_path / "lth.npz") as d:
+        for v in _weights(g):
+            np.testing.assert_array_equal(d[f"rewind/{v.name}"], snap[v.name])
+            assert not np.array_equal(snap[v.name], np.asarray(v.const))  # step 2 is not the initialization
+            # the round-2 network started from them: its pruned weights are zero, the others trained
+            keep = d[f"mask/{v.name}"]
+            assert not d[f"trained/{v.name}"][~keep].any()
     more = lottery_ticket(g.copy(), x, y, rounds=3, rate=0.3, rewind_step=2, config=cfg, evaluate=acc, state=st)
     assert len(more) == 3 and more[:2] == first and more[2]["remaining"] == pytest.approx(0.49, abs=0.01)
     ticket = g.copy()

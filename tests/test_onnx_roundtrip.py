@@ -149,7 +149,7 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     g = load_onnx(export(model, x))
     target = tmp_path / "out.onnx"
     target.write_bytes(b"old")
-    import graphopt.backends.onnx_file as be
+    import graphopt.serialize as be
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

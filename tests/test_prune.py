@@ -180,12 +180,14 @@ def test_bad_ratio_and_empty_groups():
 
 def test_effnet_prune_and_fold_runs(effnet_path):
     g = load_onnx(effnet_path)
-    r = PassManager("canonicalize,prune-channels{ratio=0.3},fold-prune").run(g, Context())
+    pruned = PassManager("canonicalize,prune-channels{ratio=0.3}").run(g, Context()).graph
+    masked = to_onnx(masked_model(pruned))
+    r = PassManager("fold-prune").run(pruned, Context())
     out = to_onnx(r.graph)
     onnx.checker.check_model(out, full_check=True)
     assert total_macs(r.graph) < 0.8 * total_macs(load_onnx(effnet_path))
     x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
-    assert run_ort(out, x).shape == (1, 1000)
+    assert rel_err(run_ort(out, x), run_ort(masked, x)) <= 1e-5
 
 
 class PadShortcut(nn.Module):
@@ -207,14 +209,18 @@ def test_channels_made_by_an_unknown_op_are_not_pruned():
     g = from_torch(PadShortcut(), torch.randn(2, 3, 8, 8))
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     before = to_onnx(g)
-    r = PassManager("prune-channels{ratio=0.5},fold-prune", verify_each=True).run(g)
-    reasons = r.stats["prune-channels"][0]["unprunable"]
+    pruned = PassManager("prune-channels{ratio=0.5}", verify_each=True).run(g)
+    reasons = pruned.stats["prune-channels"][0]["unprunable"]
     assert any("Pad" in why for why in reasons.values())
+    masked = to_onnx(masked_model(pruned.graph))
+    # every group touches the Pad (a, b through the Add) or the output (c): nothing may change
+    assert rel_err(run_ort(masked, x), run_ort(before, x)) <= 1e-5
+    r = PassManager("fold-prune", verify_each=True).run(pruned.graph)
     b = next(n for n in r.graph.nodes if n.source == "b")
     assert L.weight(r.graph, b).shape[0] == 8  # coupled to the Pad output by the Add: untouched
     out = to_onnx(r.graph)
     onnx.checker.check_model(out, full_check=True)
-    assert run_ort(out, x).shape == run_ort(before, x).shape
+    assert rel_err(run_ort(out, x), run_ort(masked, x)) <= 1e-5
 
 
 def test_sensitivity_and_target_macs():
@@ -223,8 +229,15 @@ def test_sensitivity_and_target_macs():
     model, x = build("mobilenetv2")
     g = PassManager("canonicalize,fold-bn").run(from_torch(model, torch.from_numpy(x))).graph
     data = np.random.default_rng(0).standard_normal((16,) + x.shape[1:]).astype(np.float32)
-    rows = sensitivity(g, data, ratios=(0.25, 0.5), labels=np.zeros(16, np.int64))
+    ref = run_ort(to_onnx(g), data)
+    labels = ref.argmax(1)  # the unpruned model's own predictions: it scores 100% on them
+    rows = sensitivity(g, data, ratios=(0.25, 0.75), labels=labels)
     assert rows and all({"group", "ratio", "rel_error", "macs_saved", "top1"} <= set(r) for r in rows)
+    # top-1 is measured against the labels: 100% where the output is unchanged, never outside [0, 100],
+    # and pruning three quarters of a group changes some prediction somewhere
+    assert all(0 <= r["top1"] <= 100 and r["rel_error"] > 0 for r in rows)
+    assert all(r["top1"] == 100 for r in rows if r["rel_error"] < 1e-6)
+    assert min(r["top1"] for r in rows) < 100
     for grp in {r["group"] for r in rows}:  # more pruning of one group never saves fewer MACs
         rs = sorted((r for r in rows if r["group"] == grp), key=lambda r: r["ratio"])
         assert all(a["macs_saved"] <= b["macs_saved"] for a, b in zip(rs, rs[1:]))

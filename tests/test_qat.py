@@ -135,6 +135,11 @@ def test_qat_trains_and_the_export_computes_what_was_trained(qat):
              for n in fq if n.inputs[1].name in before.values]
     if qat in ("lsq", "pact"):
         assert any(moved), "the learned steps/clips did not move"
+    # every estimator trains the float weights behind the weight quantizers
+    wfq = [n for n in g.nodes if n.op_type == "FakeQuant" and n.attr("kind") == "weight"]
+    assert wfq and all(n.inputs[0].name in before.values for n in wfq)
+    trained = [not np.allclose(g.const_value(n.inputs[0]), before.values[n.inputs[0].name].const) for n in wfq]
+    assert all(trained), f"{qat}: {trained.count(False)} of {len(wfq)} layers' weights did not train"
     got, sim = _export_vs_training(g, xs)
     assert (got.argmax(1) == sim.argmax(1)).mean() >= 0.999
 

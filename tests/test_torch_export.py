@@ -7,13 +7,12 @@ import sys
 
 import numpy as np
 import onnxruntime as ort
+import onnxscript  # noqa: F401  a hard dependency: the torch.export path needs it
 import pytest
 import torch
 
 import graphopt
 from graphopt import FrontendError, from_torch
-
-pytest.importorskip("onnxscript")
 
 
 class ShapeBranches(torch.nn.Module):

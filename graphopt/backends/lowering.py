@@ -162,8 +162,8 @@ def to_model(g: Graph, opset: int) -> onnx.ModelProto:
     form changed on the way (ReduceMean, Split, ...). The float ops are converted with
     ``onnx.version_converter`` while stand-ins take the place of every Q/DQ node; the original
     Q/DQ nodes are then put back."""
-    from graphopt.backends.onnx_file import to_onnx
     from graphopt.frontends.onnx_file import from_model_proto
+    from graphopt.serialize import to_onnx
 
     cur = g.opset_imports.get("", opset)
     model = to_onnx(g)

@@ -325,6 +325,10 @@ def from_model_proto(model: onnx.ModelProto, *, base_dir: Path | None = None, la
         dtype, shape = _shape_of(vi.type)
         if vi.name in graph.values:
             raise FrontendError(f"{label}: duplicate graph input '{vi.name}'")
+        bad = [(i, d) for i, d in enumerate(shape or ()) if isinstance(d, int) and d <= 0]
+        if bad:
+            raise FrontendError(f"{label}: graph input '{vi.name}' has dimension {bad[0][1]} at axis {bad[0][0]} "
+                                f"(shape {list(shape)}): an input dimension must be positive or symbolic")
         graph.add_input(vi.name, dtype, shape)
 
     # Pass 1: create nodes and their outputs, so unsorted models still link.

@@ -319,9 +319,10 @@ def observe(graph: Graph, data: Any, observers: dict[str, Observer | Sequence[Ob
 
         it = tqdm(data, total=data.num_batches(), desc=desc, leave=False)
     with torch.no_grad():
-        for batch in it:
+        for i, batch in enumerate(it):
             outs = module(*data.tensors(batch))
             for name, t in zip(names, outs):
+                check_finite_value(name, t, i * data.batch_size)
                 for o in obs[name]:
                     o.update(t)
     out: dict[str, Any] = {}
@@ -329,6 +330,16 @@ def observe(graph: Graph, data: Any, observers: dict[str, Observer | Sequence[Ob
         results = [o.result() for o in obs[k]]
         out[k] = results if isinstance(v, (list, tuple)) else results[0]
     return out
+
+
+def check_finite_value(name: str, t: torch.Tensor, first_sample: int) -> None:
+    """Refuse a model value that overflows float32 on the calibration data: finite inputs (say
+    1e38) can still overflow inside the network, and statistics of inf/NaN (ranges, histograms,
+    scales) are meaningless. Checked before any statistic is taken."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = first_sample + (int(torch.nonzero(~torch.isfinite(t.reshape(len(t), -1)).all(1))[0]) if t.ndim else 0)
+        raise GraphOptError(f"value '{name}' overflows float32 (inf or NaN) on calibration sample {bad}: the "
+                            "calibration data is out of range for this model")
 
 
 def collect(graph: Graph, data: Any, names: Sequence[str], *, batch_size: int = 32,

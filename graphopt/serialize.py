@@ -1,4 +1,9 @@
-"""Float ONNX back end: IR -> ``onnx.ModelProto`` and atomic ``save_onnx``.
+"""Serialization, IR -> ONNX protos: ``to_onnx`` (the float ONNX export), atomic ``save_onnx``
+and the proto builders (``node_to_proto``, ``value_info``, ``build_model``) that shape
+inference and the integer back end reuse.
+
+This is core, not a back end: the IR's shape inference (``graphopt.shapes``) writes the graph
+through it, and the IR never imports ``graphopt.backends``. ONNX -> IR is the ONNX front end.
 
 A weight that carries a mask (``graphopt.masks``) is written with the mask folded in: its
 dropped entries are exact zeros in the file.
