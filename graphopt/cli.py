@@ -761,6 +761,7 @@ def _analyze_bits(graph, data, labels, args) -> int:
     import numpy as np
 
     from graphopt.passmanager import Context, PassManager, pass_library
+    from graphopt.quantizers import parse
 
     bits_mod = pass_library().bits
     try:
@@ -768,7 +769,7 @@ def _analyze_bits(graph, data, labels, args) -> int:
     except ValueError:
         raise GraphOptError(f"--widths must be comma-separated bit counts, got '{args.widths}'") from None
     for w in widths:
-        bits_mod._weight_spec(args.scheme, w)
+        parse(args.scheme, "weights").at_bits(w)
     budget = bits_mod.Budget.parse(args.budget) if args.budget else None
     if args.prepare:
         graph = PassManager(args.prepare).run(graph, Context(calib=data)).graph

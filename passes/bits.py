@@ -164,14 +164,7 @@ def _weight_spec(base: str, bits: int):
     """Weight scheme ``base`` at ``bits`` bits, or a one-line error when it has no such form."""
     from graphopt.quantizers import parse
 
-    q = parse(base, "weights")
-    lo, hi = getattr(q, "bit_range", (1, 16))
-    if getattr(q, "fixed_bits", False) or not lo <= bits <= hi:
-        raise GraphOptError(f"the {q.scheme} weight scheme has no {bits}-bit form")
-    try:
-        return q.with_bits(bits)
-    except GraphOptError:
-        raise GraphOptError(f"the {q.scheme} weight scheme has no {bits}-bit form") from None
+    return parse(base, "weights").at_bits(bits)
 
 
 def quantized_weight(graph: Graph, n: Node, spec, method: str) -> np.ndarray:
@@ -179,8 +172,7 @@ def quantized_weight(graph: Graph, n: Node, spec, method: str) -> np.ndarray:
     w = L.weight(graph, n)
     geo = geometry(n)
     params, axis = spec.weight_params(w, geo.out_axis, geo.in_axis, method)
-    if hasattr(spec, "effective_params"):
-        params = spec.effective_params(w, params, axis)
+    params = spec.effective_params(w, params, axis)
     return spec.apply_np(w, params, axis).astype(w.dtype)
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -17,17 +16,16 @@ from graphopt.ir import Graph, Node, Value
 from graphopt.meta import BIAS_BEFORE_CORRECTION, BN_STATS, CHOSEN_BITS, FLOAT_WEIGHT
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
 from graphopt.quantizers import (
-    Dynamic,
-    Uniform,
     add_fake_quant,
     apply_node,
+    bias_quantizer,
     from_node,
     is_fake_quant,
     params_of,
     parse,
+    range_from_histogram,
     weight_step,
 )
-from graphopt.quantizers.uniform import range_from_histogram
 
 from . import _layers as L
 from .bits import COMPUTE_OPS, quantizable_layers  # the one definition of a quantizable layer
@@ -47,26 +45,12 @@ FLOAT_TYPES = (1,)  # FLOAT
 
 def _gptq_weights(n: Node, w: np.ndarray, H: np.ndarray, params: dict, axis, spec) -> np.ndarray:
     """GPTQ-rounded weights (on ``spec``'s grid with ``params``), in ``w``'s layout."""
-    import torch
-
-    from graphopt.quantizers.gptq import gptq, uniform_rounding
+    from graphopt.quantizers.gptq import gptq
 
     geo = geometry(n)
     rows = geo.grouped_rows(w)
     G, R, _ = rows.shape
-    if isinstance(spec, Uniform):
-        rnd = uniform_rounding(np.broadcast_to(np.asarray(params["scale"], np.float64).reshape(-1), (G * R,)),
-                               np.broadcast_to(np.asarray(params["zero_point"], np.float64).reshape(-1), (G * R,)),
-                               spec.qmin, spec.qmax, (G, R))
-    else:  # an element-wise zoo scheme: its own row maths, one parameter row per output channel
-        def as_rows(v) -> torch.Tensor:  # a parameter per output channel (rows are channels), or shared
-            v = np.asarray(v, np.float32)
-            r = v.reshape(G * R, -1) if axis is not None else np.broadcast_to(v.reshape(1, -1), (G * R, v.size))
-            return torch.from_numpy(np.ascontiguousarray(r))
-        per_row = {k: as_rows(v) for k, v in params.items()}
-
-        def rnd(col):
-            return spec.rows(col.reshape(G * R, 1).float(), per_row).reshape(G, R).double()
+    rnd = spec.gptq_rounding(params, axis, (G, R))
     q = gptq(rows, H, rnd).astype(np.float32)
     return geo.from_out_view(q.reshape(G * R, -1), w.shape)
 
@@ -140,41 +124,20 @@ class Quantize(Pass):
 
     def _qat_specs(self, wspec, aspec):
         """The specs with the ``qat`` estimator applied (an estimator named in a spec wins)."""
-        from graphopt.quantizers.zoo import DoReFa
-
-        if self.qat == "none":
-            return wspec, aspec
-        uniform_w = isinstance(wspec, Uniform)
-        if self.qat in ("lsq", "pact") and uniform_w and wspec.estimator == "ste":
-            wspec = dataclasses.replace(wspec, estimator="lsq", learnable=True)
-        if self.qat == "dorefa" and uniform_w:
-            wspec = DoReFa(bits=wspec.bits, granularity="tensor" if wspec.granularity == "tensor" else "channel")
-        if aspec.estimator == "ste":
-            est = {"ste": "ste", "lsq": "lsq", "pact": "pact", "dorefa": "dorefa"}[self.qat]
-            if est == "pact" and aspec.signed:
-                raise GraphOptError("qat=pact learns the clip of unsigned activations: use acts=uint<bits>:tensor")
-            aspec = dataclasses.replace(aspec, estimator=est, learnable=est in ("lsq", "pact"))
-        return wspec, aspec
-
-    @staticmethod
-    def _at_bits(wspec, bits: int):
-        """The weight quantizer of a layer given other bits (``override``, ``first_last_bits``):
-        the same uniform spec at those bits, or, for the other schemes, uniform int<bits> per
-        channel (an 8-bit first layer of a power-of-two model is an int8 layer)."""
-        return wspec.with_bits(bits) if isinstance(wspec, Uniform) else Uniform(bits, True, "channel")
+        return wspec.for_training(self.qat, "weight"), aspec.for_training(self.qat, "act")
 
     def planned_quantizers(self) -> list[tuple[str, object]]:
         """(what, quantizer) for every spec this pass will use, known before it runs (for a CLI
         that checks the output format before doing any work)."""
         w, a = parse(self.weights, "weights"), parse(self.acts, "acts")
         out = [("weights", w, "weight"), ("activations", a, "act")]
-        out += [(f"weights of '{pat}'", self._at_bits(w, bits), "weight") for pat, bits in self._overrides().items()]
+        out += [(f"weights of '{pat}'", w.layer_at_bits(bits), "weight") for pat, bits in self._overrides().items()]
         if self.first_last_act_bits:
             out.append(("first/last layer activations", a.with_bits(self.first_last_act_bits), "act"))
         for what, bits in (("first layer weights", self.first_bits or self.first_last_bits),
                            ("last layer weights", self.last_bits or self.first_last_bits)):
             if bits:
-                out.append((what, self._at_bits(w, bits), "weight"))
+                out.append((what, w.layer_at_bits(bits), "weight"))
         return out
 
     def requires(self, graph: Graph) -> None:
@@ -186,25 +149,20 @@ class Quantize(Pass):
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         wspec = parse(self.weights, "weights")
         aspec = parse(self.acts, "acts")
-        if isinstance(aspec, Dynamic):
+        if aspec.dynamic:
             return self._run_dynamic(graph, ctx, wspec, aspec)
-        if not isinstance(aspec, Uniform):
+        if not aspec.for_activations:
             raise GraphOptError(f"bad acts spec '{self.acts}': the {aspec.scheme} scheme quantizes weights only; "
                                 "activations take int<bits>/uint<bits>")
         wspec, aspec = self._qat_specs(wspec, aspec)
-        uniform_w = isinstance(wspec, Uniform)
         if self.learn_scales:
-            if not uniform_w:
-                raise GraphOptError(f"learn_scales applies to uniform weights, not {wspec.scheme}")
-            wspec, aspec = dataclasses.replace(wspec, learnable=True), dataclasses.replace(aspec, learnable=True)
+            wspec, aspec = wspec.with_learned_scales(), aspec.with_learned_scales()
         if aspec.granularity != "tensor":
             raise GraphOptError(f"acts must be per tensor (got {aspec.granularity}): integer kernels take one "
                                 "activation scale")
-        if uniform_w and (not wspec.symmetric or not wspec.signed):
-            raise GraphOptError("weights must be signed and symmetric (zero point 0), as integer kernels expect")
-        if self.weight_method == "gptq" and not (uniform_w or getattr(wspec, "elementwise", False)):
-            raise GraphOptError(f"weight_method=gptq rounds one weight at a time; the {wspec.scheme} scheme rounds "
-                                "groups of weights together: use minmax or mse")
+        wspec.check_integer_weights()
+        if self.weight_method == "gptq" and not wspec.elementwise:
+            wspec.gptq_rounding({}, None, (1, 1))  # refuses, saying why
         overrides = self._overrides()
         if ctx.calib is None:
             raise GraphOptError("quantize needs calibration data (--calib FILE.npy or an image folder)")
@@ -262,11 +220,7 @@ class Quantize(Pass):
                      if self.first_last_act_bits and compute else set())
         for v in targets:
             lo, hi = ranges[v.name]
-            spec = aspec.with_bits(self.first_last_act_bits) if v in edge_acts else aspec
-            if spec.estimator == "pact" and lo < 0:  # PACT clips at 0: a signed tensor learns its step (LSQ)
-                spec = dataclasses.replace(spec, estimator="lsq")
-            if spec.estimator == "dorefa" and lo < 0:  # DoReFa's [0, 1] clip is for ReLU outputs: a signed
-                spec = dataclasses.replace(spec, estimator="ste", learnable=False)  # tensor keeps its range
+            spec = (aspec.with_bits(self.first_last_act_bits) if v in edge_acts else aspec).for_range(lo, hi)
             act_fq[v.name] = add_fake_quant(graph, v, spec, spec.act_params(lo, hi, abs_means.get(v.name)), "act")
         n_w = 0
         edge_bits: dict = {}
@@ -281,7 +235,7 @@ class Quantize(Pass):
             bits = next((b for p, b in overrides.items() if L.matches(n, [p])), None)
             if bits is None:  # choose-bits' allocation, else the first/last layer widths
                 bits = n.meta.get(CHOSEN_BITS, edge_bits.get(n))
-            spec = wspec if bits is None else self._at_bits(wspec, bits)
+            spec = wspec if bits is None else wspec.layer_at_bits(bits)
             h = hessians.get(n)
             self._quantize_weights(graph, n, spec, self.weight_method, None if h is None else h.result())
             why = self._quantize_bias(graph, n)
@@ -320,9 +274,7 @@ class Quantize(Pass):
         if self.qat != "none" or self.learn_scales or self.grad_bits or self.first_last_act_bits:
             raise GraphOptError("acts=dynamic takes no qat, learn_scales, grad_bits or first_last_act_bits: its "
                                 "ranges are measured at run time")
-        if not isinstance(wspec, Uniform) or wspec.bits > 8 or not wspec.symmetric or wspec.block_size:
-            raise GraphOptError(f"acts=dynamic runs on MatMulInteger, which takes symmetric int8 weights per tensor or "
-                                f"per channel, not '{self.weights}'")
+        wspec.check_dynamic_weights(self.weights)
         if self.weight_method == "gptq" and ctx.calib is None:
             raise GraphOptError("weight_method=gptq needs calibration data (--calib), even with acts=dynamic")
         graph.toposort()
@@ -348,7 +300,7 @@ class Quantize(Pass):
         seen = {v.name: add_fake_quant(graph, v, aspec, {}, "act", consumers=uses) for v, uses in readers.items()}
         for n in compute:
             bits = next((b for p, b in overrides.items() if L.matches(n, [p])), n.meta.get(CHOSEN_BITS))
-            spec = wspec if bits is None else self._at_bits(wspec, bits)
+            spec = wspec if bits is None else wspec.layer_at_bits(bits)
             h = hessians.get(n)
             self._quantize_weights(graph, n, spec, self.weight_method, None if h is None else h.result())
         tables = self._quantize_tables(graph) if self.embeddings else 0
@@ -444,7 +396,7 @@ class Quantize(Pass):
     def _quantize_tables(self, graph: Graph) -> int:
         """``embeddings=true``: each Gather that reads rows of a constant 2-D float table gets
         an int8 per-row weight quantizer on it (symmetric, one scale per row)."""
-        spec = Uniform(8, True, "channel")
+        spec = parse("int8:channel", "weights")
         n_t = 0
         for n in list(graph.nodes):
             if n.op_type != "Gather" or n.domain != "" or n.attr("axis", 0) != 0 or L.matches(n, self.skip):
@@ -487,13 +439,13 @@ class Quantize(Pass):
         # Enlarge that channel's weight scale until it does (onnxruntime's quantizer does the same).
         limit = np.float64(2 ** 31 - 1) * 0.5
         need = np.abs(b.astype(np.float64)) / (np.float64(sx) * limit)
-        if np.any(need > sw) and not isinstance(wq, Uniform):
+        if np.any(need > sw) and not wq.enlargeable_step:
             return "the bias does not fit int32 at the weight step"
         if np.any(need > sw):
             sw = np.maximum(sw.astype(np.float64), need).astype(np.float32)
             L.set_input_const(graph, w_fq, 1, sw.reshape(np.asarray(graph.const_value(w_fq.inputs[1])).shape))
         scale = (sw * np.float32(sx)).astype(np.float32)
-        spec = Uniform(32, True, "channel" if sw.size > 1 else "tensor")
+        spec = bias_quantizer(sw.size > 1)
         add_fake_quant(graph, n.inputs[2], spec, {"scale": scale, "zero_point": np.zeros_like(scale)}, "bias",
                        0 if sw.size > 1 else None, source=n.source, consumers=[(n, 2)])
         return None

@@ -93,3 +93,50 @@ def test_installed_as_graphopt_passes_without_a_top_level_passes(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "passes"]
 
+
+def _scheme_class_names() -> set[str]:
+    from graphopt.quantizers import Quantizer, schemes
+
+    names, todo = set(), list(schemes().values())
+    while todo:  # the registered schemes and every class between them and Quantizer
+        cls = todo.pop()
+        if cls is not Quantizer and issubclass(cls, Quantizer) and cls.__name__ not in names:
+            names.add(cls.__name__)
+            todo.extend(cls.__mro__[1:])
+    return names
+
+
+def quantizer_rule_offenders(files) -> list[str]:
+    """Where a pass reaches past the ``Quantizer`` interface: it imports a concrete scheme class or
+    a scheme's own module, or probes a quantizer with getattr/hasattr for one of the interface's
+    attributes (the interface has them all, with defaults)."""
+    from graphopt.quantizers import Quantizer
+
+    classes = _scheme_class_names()
+    interface = {n for n in dir(Quantizer) if not n.startswith("__")}
+    scheme_modules = {"graphopt.quantizers.uniform", "graphopt.quantizers.zoo", "graphopt.quantizers.dynamic"}
+    out = []
+    for p in files:
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("graphopt.quantizers"):
+                if node.module in scheme_modules:
+                    out.append(f"{p.name}: imports {node.module}")
+                out += [f"{p.name}: imports scheme class {a.name}" for a in node.names if a.name in classes]
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+                    and node.args[1].value in interface):
+                out.append(f"{p.name}:{node.lineno}: {node.func.id}(..., {node.args[1].value!r})")
+    return out
+
+
+def test_passes_ask_quantizers_through_the_interface_only():
+    assert quantizer_rule_offenders(sorted((ROOT / "passes").glob("*.py"))) == []
+
+
+def test_the_quantizer_rule_sees_a_leak(tmp_path):
+    leak = tmp_path / "leaky.py"
+    leak.write_text("from graphopt.quantizers import Uniform\nfrom graphopt.quantizers.zoo import Pow2\n"
+                    "def f(q):\n    return getattr(q, 'bit_range', (1, 16))\n")
+    assert quantizer_rule_offenders([leak]) == ["leaky.py: imports scheme class Uniform",
+                                                "leaky.py: imports graphopt.quantizers.zoo",
+                                                "leaky.py: imports scheme class Pow2", "leaky.py:4: getattr(..., 'bit_range')"]

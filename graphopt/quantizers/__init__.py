@@ -27,4 +27,4 @@ from graphopt.quantizers.base import (  # noqa: F401
     weight_step,
 )
 from graphopt.quantizers.dynamic import Dynamic  # noqa: F401,E402
-from graphopt.quantizers.uniform import Uniform  # noqa: F401,E402
+from graphopt.quantizers.uniform import Uniform, bias_quantizer, range_from_histogram  # noqa: F401,E402

@@ -53,6 +53,13 @@ class Quantizer:
     # scheme is scale-equivariant (a learned or fitted step, clip or threshold)
     scale_params: ClassVar[tuple[str, ...]] = ()
     doc: ClassVar[str] = ""  # one line for `graphopt passes` / the README
+    # -- what the passes may ask of a scheme (defaults: a weight-only scheme) ----------------
+    bit_range: ClassVar[tuple[int, int]] = (1, 16)  # the widths ``at_bits`` accepts
+    fixed_bits: ClassVar[bool] = False  # binary/ternary: one width only
+    for_activations: ClassVar[bool] = False  # quantizes activations from calibrated ranges (acts=...)
+    dynamic: ClassVar[bool] = False  # activations quantized at run time (acts=dynamic): no calibration
+    elementwise: ClassVar[bool] = False  # each value rounds on its own, so GPTQ can drive its rounding
+    enlargeable_step: ClassVar[bool] = False  # a weight step may grow so an int32 bias fits (uniform)
 
     # -- spec text -----------------------------------------------------------
     @classmethod
@@ -135,6 +142,52 @@ class Quantizer:
     def with_bits(self, bits: int) -> "Quantizer":
         """The same scheme at another bit width (``override``, ``first_last_bits``)."""
         raise GraphOptError(f"the {self.scheme} scheme has no bit width to override")
+
+    def at_bits(self, bits: int) -> "Quantizer":
+        """``with_bits`` checked against the scheme's widths: the one-line refusal a width scan
+        (choose-bits, ``graphopt analyze bits``) gives for a width the scheme does not have."""
+        lo, hi = self.bit_range
+        if self.fixed_bits or not lo <= bits <= hi:
+            raise GraphOptError(f"the {self.scheme} weight scheme has no {bits}-bit form")
+        try:
+            return self.with_bits(bits)
+        except GraphOptError:
+            raise GraphOptError(f"the {self.scheme} weight scheme has no {bits}-bit form") from None
+
+    def layer_at_bits(self, bits: int) -> "Quantizer":
+        """The weight quantizer of one layer given other bits (``override``, ``first_last_bits``):
+        by default uniform int<bits> per channel (an 8-bit first layer of a power-of-two model is
+        an int8 layer); uniform keeps its own spec at those bits."""
+        return parse(f"int{int(bits)}:channel", "weights")
+
+    def for_training(self, qat: str, kind: str) -> "Quantizer":
+        """This spec with the ``quantize{qat=...}`` estimator applied to a ``kind`` ('weight' or
+        'act') tensor (an estimator named in the spec itself wins). Default: unchanged."""
+        return self
+
+    def for_range(self, lo: float, hi: float) -> "Quantizer":
+        """The activation spec for a tensor observed in [lo, hi] (an estimator that assumes a
+        non-negative tensor falls back on a signed one). Default: unchanged."""
+        return self
+
+    def with_learned_scales(self) -> "Quantizer":
+        """This spec with its scale trained (``quantize{learn_scales=true}``)."""
+        raise GraphOptError(f"learn_scales applies to uniform weights, not {self.scheme}")
+
+    def check_integer_weights(self) -> None:
+        """Refuse a weight spec that integer kernels cannot take (zero point must be 0)."""
+
+    def check_dynamic_weights(self, text: str) -> None:
+        """Refuse a weight spec that acts=dynamic's MatMulInteger cannot take."""
+        raise GraphOptError(f"acts=dynamic runs on MatMulInteger, which takes symmetric int8 weights per tensor or "
+                            f"per channel, not '{text}'")
+
+    def gptq_rounding(self, params: dict[str, np.ndarray], axis: int | None, shape: tuple[int, int]) -> Callable:
+        """GPTQ's rounding onto this scheme's grid: a function of one column of the
+        ``[groups, rows]`` weight view (float64 torch) that returns it rounded. Only for
+        ``elementwise`` schemes."""
+        raise GraphOptError(f"weight_method=gptq rounds one weight at a time; the {self.scheme} scheme rounds "
+                            "groups of weights together: use minmax or mse")
 
     def lower(self, graph, node, fmt: str) -> Lowered:  # pragma: no cover - abstract
         """Replace ``node`` in ``graph`` by standard ONNX ops (``fmt`` is ``qdq``, ``qoperator``

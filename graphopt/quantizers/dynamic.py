@@ -64,6 +64,7 @@ class Dynamic(Quantizer):
 
     scheme = "dynamic"
     keywords = ("dynamic",)
+    dynamic = True
     param_names = ()
     scale_params = ()
     doc = ("dynamic[:uint8]: activations quantized at run time from each tensor's own range "

@@ -91,6 +91,53 @@ class Uniform(Quantizer):
     def with_bits(self, bits: int) -> "Uniform":
         return replace(self, bits=int(bits))
 
+    # -- what the passes ask (see Quantizer) --------------------------------
+    for_activations = True
+    elementwise = True
+    enlargeable_step = True
+
+    def layer_at_bits(self, bits: int) -> "Uniform":
+        return self.with_bits(bits)
+
+    def for_training(self, qat: str, kind: str) -> Quantizer:
+        if kind == "weight":
+            if qat in ("lsq", "pact") and self.estimator == "ste":  # a learned weight step (PACT's clip is for
+                return replace(self, estimator="lsq", learnable=True)  # activations)
+            if qat == "dorefa":  # DoReFa weights are their own scheme
+                from graphopt.quantizers.base import get
+
+                return get("dorefa")(bits=self.bits, granularity="tensor" if self.granularity == "tensor" else "channel")
+            return self
+        if qat == "none" or self.estimator != "ste":  # an estimator named in the spec wins
+            return self
+        if qat == "pact" and self.signed:
+            raise GraphOptError("qat=pact learns the clip of unsigned activations: use acts=uint<bits>:tensor")
+        return replace(self, estimator=qat, learnable=qat in ("lsq", "pact"))
+
+    def for_range(self, lo: float, hi: float) -> "Uniform":
+        if self.estimator == "pact" and lo < 0:  # PACT clips at 0: a signed tensor learns its step (LSQ)
+            return replace(self, estimator="lsq")
+        if self.estimator == "dorefa" and lo < 0:  # DoReFa's [0, 1] clip is for ReLU outputs: a signed
+            return replace(self, estimator="ste", learnable=False)  # tensor keeps its range
+        return self
+
+    def with_learned_scales(self) -> "Uniform":
+        return replace(self, learnable=True)
+
+    def check_integer_weights(self) -> None:
+        if not self.symmetric or not self.signed:
+            raise GraphOptError("weights must be signed and symmetric (zero point 0), as integer kernels expect")
+
+    def check_dynamic_weights(self, text: str) -> None:
+        if self.bits > 8 or not self.symmetric or self.block_size:
+            super().check_dynamic_weights(text)
+
+    def gptq_rounding(self, params, axis, shape):
+        n = shape[0] * shape[1]
+        return uniform_rounding(np.broadcast_to(np.asarray(params["scale"], np.float64).reshape(-1), (n,)),
+                                np.broadcast_to(np.asarray(params["zero_point"], np.float64).reshape(-1), (n,)),
+                                self.qmin, self.qmax, shape)
+
     # -- spec text -----------------------------------------------------------
     @classmethod
     def parse(cls, text: str, what: str) -> "Uniform":
@@ -273,6 +320,13 @@ def fake_quant_torch(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: in
     return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
 
 
+def uniform_rounding(scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int, shape: tuple[int, int]):
+    """The column rounding of the uniform grid with per-row ``scale``/``zp`` ([G, R])."""
+    s = torch.from_numpy(np.array(scale, np.float64)).reshape(shape)
+    z = torch.from_numpy(np.array(zp, np.float64)).reshape(shape)
+    return lambda w: fake_quant_torch(w, s, z, qmin, qmax)
+
+
 def _shaped_params(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, axis, block_size):
     if axis is not None and s.dim() > 0 and s.numel() > 1:
         ax = axis % x.dim()
@@ -346,6 +400,11 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------ parameter choice
+def bias_quantizer(per_channel: bool) -> Uniform:
+    """The int32 quantizer of a bias (scale: input step x weight step, zero point 0)."""
+    return Uniform(32, True, "channel" if per_channel else "tensor")
+
+
 def scale_zp(lo: np.ndarray, hi: np.ndarray, spec: Uniform) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point that make [lo, hi] representable (0 always exactly representable)."""
     lo = np.minimum(np.asarray(lo, np.float64), 0.0)

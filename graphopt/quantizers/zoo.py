@@ -90,6 +90,21 @@ class ZooScheme(Quantizer):
     bits: int = 4
     granularity: str = "channel"
 
+    def gptq_rounding(self, params, axis, shape):
+        """GPTQ drives the scheme's own row maths: one parameter row per output channel (the
+        rows of the [groups, rows] view), or the per-tensor parameters shared by every row."""
+        if not self.elementwise:
+            return super().gptq_rounding(params, axis, shape)
+        n = shape[0] * shape[1]
+
+        def as_rows(v) -> torch.Tensor:
+            v = np.asarray(v, np.float32)
+            r = v.reshape(n, -1) if axis is not None else np.broadcast_to(v.reshape(1, -1), (n, v.size))
+            return torch.from_numpy(np.ascontiguousarray(r))
+
+        per_row = {k: as_rows(v) for k, v in params.items()}
+        return lambda col: self.rows(col.reshape(n, 1).float(), per_row).reshape(shape).double()
+
     # -- spec text -----------------------------------------------------------
     @classmethod
     def parse(cls, text: str, what: str) -> "ZooScheme":
