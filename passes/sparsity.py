@@ -23,6 +23,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
+from graphopt import storage
 from graphopt.analysis import node_macs
 from graphopt.errors import GraphOptError
 from graphopt.geometry import geometry
@@ -176,19 +177,12 @@ def _nm_pattern(w: np.ndarray, axis: int) -> Mask | None:
 
 
 def encoded_bits(w: np.ndarray, kind: str, mask: Mask | None = None, value_bits: int = 32, index_bits: int = 4) -> int:
-    """Bits of a compressed encoding of ``w``. ``relative`` (Deep Compression's): each nonzero
-    as a value plus the gap to the previous nonzero in ``index_bits`` bits; a gap that does not
-    fit costs a padding zero entry per 2^index_bits - 1 positions. ``nm``: N values per group
-    of M plus log2(M) bits of position each (2 bits for 2:4)."""
-    flat = np.asarray(w).reshape(-1)
+    """Bits of a compressed encoding of ``w``, as the weight storage owner (``graphopt.storage``)
+    counts them: ``relative`` (Deep Compression's value + gap form, ``index_bits`` per gap) or
+    ``nm`` (N values per group of M plus log2(M) bits of position each, after ``mask``)."""
     if kind == "nm":
-        groups = flat.size // mask.m
-        return int(groups * mask.n * (value_bits + int(np.ceil(np.log2(mask.m)))))
-    pos = np.flatnonzero(flat)
-    gaps = np.diff(np.concatenate([[-1], pos])) - 1
-    span = (1 << index_bits) - 1
-    pads = int(np.sum(gaps // (span + 1))) if pos.size else 0
-    return int((pos.size + pads) * (value_bits + index_bits))
+        return storage.NM(mask.n, mask.m, mask.axis, value_bits).size_bits(w)
+    return storage.Relative(index_bits, value_bits).size_bits(w)
 
 
 # --------------------------------------------------------------------------- passes

@@ -1,5 +1,6 @@
-"""How integer weight codes are stored in an ONNX file: the smallest standard form that
-onnxruntime turns into an int8 initializer at session start (so QLinearConv/QGemm run on it).
+"""How stored weights are written to an ONNX file: the forms of ``graphopt.storage`` (which
+owns choosing and computing them) as initializers plus the unpacking nodes onnxruntime folds
+into an int8 (or float) initializer at session start (so QLinearConv/QGemm run on it).
 
 * codes in [-8, 7]: an INT4 initializer and ``Cast(to=INT8)`` (half a byte per weight);
 * at most 16 distinct codes (a power-of-two or APoT tensor): a UINT4 index, a 16-entry int8
@@ -17,7 +18,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from graphopt.errors import GraphOptError
 from graphopt.ir import numpy_dtype
+from graphopt.storage import Palette, smallest_int8_form
 
 UNPACK_TAG = "_unpack"
 
@@ -29,22 +32,22 @@ def int8_codes(g, codes: np.ndarray, name: str, source: str, packed: bool = True
     c8 = codes.astype(np.int8)
     if not packed or c8.size == 0:
         return g.add_const(c8, f"{name}_quantized"), 13
-    lo, hi = int(c8.min()), int(c8.max())
 
     def node(op, ins, tag, **attrs):
         m = g.add_node(op, ins, [f"{name}_{tag}"], attrs=attrs, source=source,
                        name=g.unique_node_name(f"{name}_{tag}{UNPACK_TAG}"))
         return m.outputs[0]
 
-    if lo >= -8 and hi <= 7:
+    form = smallest_int8_form(c8)  # the storage owner decides the form and computes it
+    if form.name == "int8":
+        return g.add_const(c8, f"{name}_quantized"), 13
+    if form.name == "int4":
         packed4 = g.add_const(c8.astype(numpy_dtype(TensorProto.INT4)), f"{name}_int4")
         out = node("Cast", [packed4], "int8", to=TensorProto.INT8)
     else:
-        book, index = np.unique(c8, return_inverse=True)
-        if book.size > 16:
-            return g.add_const(c8, f"{name}_quantized"), 13
-        book = np.concatenate([book, np.zeros(16 - book.size, np.int8)]).astype(np.int8)
-        idx = g.add_const(index.reshape(c8.shape).astype(numpy_dtype(TensorProto.UINT4)), f"{name}_index")
+        enc = form.encode(c8)
+        book = enc["codebook"].astype(np.int8)
+        idx = g.add_const(enc["index"].reshape(c8.shape).astype(numpy_dtype(TensorProto.UINT4)), f"{name}_index")
         i32 = node("Cast", [idx], "index32", to=TensorProto.INT32)
         i32.dtype, i32.shape = TensorProto.INT32, c8.shape
         out = node("Gather", [g.add_const(book, f"{name}_codebook"), i32], "int8", axis=0)
@@ -83,17 +86,11 @@ def float_codebook(g, y: np.ndarray, axis: int | None, name: str, source: str):
     y = np.asarray(y, np.float32)
     moved = np.moveaxis(y, axis, 0) if axis is not None else y.reshape(1, -1)
     rows = moved.reshape(moved.shape[0], -1)
-    order = np.argsort(rows, axis=1, kind="stable")
-    s = np.take_along_axis(rows, order, 1)
-    new = np.concatenate([np.ones((rows.shape[0], 1), bool), s[:, 1:] != s[:, :-1]], 1)
-    rank = np.cumsum(new, 1) - 1  # level index of each sorted value
-    levels = int(rank.max(initial=0)) + 1
-    if levels > 256:
+    try:
+        enc = Palette(axis=axis, index_bits=8).encode(y)
+    except GraphOptError:  # a row with more than 256 levels: no palette
         return None
-    book = np.zeros((rows.shape[0], levels), np.float32)
-    np.put_along_axis(book, rank, s, 1)
-    idx = np.empty_like(rank)
-    np.put_along_axis(idx, order, rank, 1)
+    book, idx = enc["codebook"], enc["index"]
 
     def node(op, ins, tag, **attrs):
         m = g.add_node(op, ins, [f"{name}_{tag}"], attrs=attrs, source=source,

@@ -1,0 +1,319 @@
+"""Weight storage: the one owner of every form a weight tensor can be stored in, and its size.
+
+Each form is a ``Codec`` with ``encode(x) -> Encoded``, ``decode(Encoded) -> x`` (exact:
+``decode(encode(x))`` equals ``x`` bit for bit) and ``size_bits(x)``. ``Encoded`` lists the
+arrays a file would hold, each with the bits one element costs, so sizes are counted the same
+way for every form.
+
+* ``int8``: integer codes in [-128, 127], a byte each;
+* ``int4``: codes in [-8, 7], two per byte (ONNX INT4's packing: low nibble first);
+* ``indexed``: at most 2^b distinct values, a b-bit index per weight and a 2^b-entry codebook
+  (power-of-two, APoT, k-means codes);
+* ``palette``: a float tensor whose rows (along ``axis``) hold at most 2^b distinct values each,
+  a b-bit index per weight and a float32 codebook per row (exact float palettization);
+* ``nm``: N values per group of M along ``axis`` plus log2(M) bits of position each;
+* ``relative``: Deep Compression's sparse form, each nonzero as a value plus the gap to the
+  previous one in ``index_bits`` bits; a gap that does not fit costs a filler zero entry per
+  2^index_bits positions.
+
+The ONNX lowering (``graphopt.quantizers.packing``) writes these forms as initializers plus
+unpacking nodes, and reports (``sparsity_report``, ``inspect``) ask ``size_bits``; neither
+restates a form's layout. Everything is vectorised numpy: no per-element Python loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from graphopt.errors import GraphOptError
+
+
+@dataclass
+class Encoded:
+    """One stored tensor: ``fields`` maps a name to (array, bits per element) as a file holds it."""
+
+    codec: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fields: dict[str, tuple[np.ndarray, int]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bits(self) -> int:
+        return int(sum(a.size * b for a, b in self.fields.values()))
+
+    @property
+    def nbytes(self) -> int:
+        return -(-self.bits // 8)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.fields[name][0]
+
+
+class Codec:
+    """A weight storage form. Subclasses set ``name`` and implement ``fits``/``encode``/``decode``;
+    ``size_bits`` defaults to encoding."""
+
+    name: ClassVar[str] = ""
+
+    def fits(self, x: np.ndarray) -> bool:
+        """Whether this form stores ``x`` exactly."""
+        raise NotImplementedError
+
+    def encode(self, x: np.ndarray) -> Encoded:
+        raise NotImplementedError
+
+    def decode(self, e: Encoded) -> np.ndarray:
+        raise NotImplementedError
+
+    def size_bits(self, x: np.ndarray) -> int:
+        return self.encode(x).bits
+
+    def _refuse(self, x: np.ndarray, why: str):
+        raise GraphOptError(f"{self.name} storage cannot hold this tensor ({np.asarray(x).dtype}"
+                            f"{list(np.shape(x))}): {why}")
+
+
+def _int_range(x: np.ndarray, lo: int, hi: int) -> bool:
+    x = np.asarray(x)
+    if x.size == 0:
+        return True
+    if x.dtype.kind == "f" and not np.array_equal(x, np.round(x)):
+        return False
+    return x.dtype.kind in "iuf" and int(x.min()) >= lo and int(x.max()) <= hi
+
+
+@dataclass(frozen=True)
+class Int8(Codec):
+    name: ClassVar[str] = "int8"
+
+    def fits(self, x):
+        return _int_range(x, -128, 127)
+
+    def encode(self, x):
+        if not self.fits(x):
+            self._refuse(x, "values outside the integers -128..127")
+        x = np.asarray(x)
+        return Encoded(self.name, x.shape, x.dtype, {"codes": (x.astype(np.int8).reshape(-1), 8)})
+
+    def decode(self, e):
+        return e["codes"].reshape(e.shape).astype(e.dtype)
+
+
+@dataclass(frozen=True)
+class Int4(Codec):
+    name: ClassVar[str] = "int4"
+
+    def fits(self, x):
+        return _int_range(x, -8, 7)
+
+    def encode(self, x):
+        if not self.fits(x):
+            self._refuse(x, "values outside the integers -8..7")
+        x = np.asarray(x)
+        nib = (x.astype(np.int8).reshape(-1) & 0x0F).astype(np.uint8)
+        if nib.size % 2:
+            nib = np.concatenate([nib, np.zeros(1, np.uint8)])
+        packed = nib[0::2] | (nib[1::2] << 4)  # low nibble first, as ONNX INT4
+        return Encoded(self.name, x.shape, x.dtype, {"packed": (packed, 8)})
+
+    def decode(self, e):
+        p = e["packed"]
+        nib = np.stack([p & 0x0F, p >> 4], 1).reshape(-1)[: math.prod(e.shape)].astype(np.int8)
+        return np.where(nib > 7, nib - 16, nib).reshape(e.shape).astype(e.dtype)
+
+    def size_bits(self, x):
+        return 8 * -(-np.size(x) // 2)
+
+
+@dataclass(frozen=True)
+class Indexed(Codec):
+    """A ``index_bits``-bit index per value into one codebook of 2^index_bits entries (unused
+    entries are zero), each ``book_bits`` wide (8: int8 codes, 32: float32 values)."""
+
+    name: ClassVar[str] = "indexed"
+    index_bits: int = 4
+    book_bits: int = 8
+
+    def fits(self, x):
+        return np.unique(np.asarray(x)).size <= 1 << self.index_bits
+
+    def encode(self, x):
+        x = np.asarray(x)
+        book, index = np.unique(x.reshape(-1), return_inverse=True)
+        if book.size > 1 << self.index_bits:
+            self._refuse(x, f"{book.size} distinct values, more than 2^{self.index_bits}")
+        book = np.concatenate([book, np.zeros((1 << self.index_bits) - book.size, book.dtype)])
+        return Encoded(self.name, x.shape, x.dtype, {"index": (index.astype(np.uint8 if self.index_bits <= 8 else
+                                                                              np.uint16), self.index_bits),
+                                                      "codebook": (book, self.book_bits)})
+
+    def decode(self, e):
+        return e["codebook"][e["index"].astype(np.int64)].reshape(e.shape).astype(e.dtype)
+
+
+@dataclass(frozen=True)
+class Palette(Codec):
+    """Float palettization: the rows along ``axis`` (one row when None) each hold at most
+    2^index_bits distinct values; a uint8 index per value and a float32 codebook per row, as
+    wide as the row with the most levels."""
+
+    name: ClassVar[str] = "palette"
+    axis: int | None = 0
+    index_bits: int = 8
+
+    def _rows(self, x: np.ndarray) -> np.ndarray:
+        moved = np.moveaxis(x, self.axis, 0) if self.axis is not None else x.reshape(1, -1)
+        return moved.reshape(moved.shape[0], -1)
+
+    def _levels(self, rows: np.ndarray):
+        order = np.argsort(rows, axis=1, kind="stable")
+        s = np.take_along_axis(rows, order, 1)
+        new = np.concatenate([np.ones((rows.shape[0], 1), bool), s[:, 1:] != s[:, :-1]], 1)
+        rank = np.cumsum(new, 1) - 1  # level index of each sorted value
+        return order, s, rank
+
+    def fits(self, x):
+        x = np.asarray(x, np.float32)
+        if x.size == 0:
+            return True
+        _, _, rank = self._levels(self._rows(x))
+        return int(rank.max()) + 1 <= 1 << self.index_bits
+
+    def encode(self, x):
+        x = np.asarray(x, np.float32)
+        rows = self._rows(x)
+        order, s, rank = self._levels(rows)
+        levels = int(rank.max(initial=0)) + 1
+        if levels > 1 << self.index_bits:
+            self._refuse(x, f"a row has {levels} distinct values, more than 2^{self.index_bits}")
+        book = np.zeros((rows.shape[0], levels), np.float32)
+        np.put_along_axis(book, rank, s, 1)
+        idx = np.empty_like(rank)
+        np.put_along_axis(idx, order, rank, 1)
+        return Encoded(self.name, x.shape, x.dtype, {"index": (idx.astype(np.uint8), self.index_bits),
+                                                     "codebook": (book, 32)}, {"axis": self.axis})
+
+    def decode(self, e):
+        rows = np.take_along_axis(e["codebook"], e["index"].astype(np.int64), 1)
+        if self.axis is None:
+            return rows.reshape(e.shape)
+        moved_shape = (e.shape[self.axis],) + tuple(d for i, d in enumerate(e.shape) if i != self.axis)
+        return np.moveaxis(rows.reshape(moved_shape), 0, self.axis)
+
+
+@dataclass(frozen=True)
+class NM(Codec):
+    """N:M structured sparsity along ``axis``: each group of M consecutive values keeps N slots,
+    a ``value_bits`` value and a log2(M)-bit position each."""
+
+    name: ClassVar[str] = "nm"
+    n: int = 2
+    m: int = 4
+    axis: int = 1
+    value_bits: int = 32
+
+    @property
+    def pos_bits(self) -> int:
+        return max(1, math.ceil(math.log2(self.m)))
+
+    def _groups(self, x: np.ndarray) -> np.ndarray:
+        return np.moveaxis(x, self.axis, -1).reshape(-1, self.m)
+
+    def fits(self, x):
+        x = np.asarray(x)
+        return x.ndim > self.axis and x.shape[self.axis] % self.m == 0 and (
+            x.size == 0 or int((self._groups(x) != 0).sum(1).max()) <= self.n)
+
+    def encode(self, x):
+        x = np.asarray(x)
+        if not self.fits(x):
+            self._refuse(x, f"not {self.n}:{self.m} sparse along axis {self.axis}")
+        grp = self._groups(x)
+        pos = np.argsort(grp == 0, axis=1, kind="stable")[:, : self.n]  # nonzeros first, then zero slots
+        vals = np.take_along_axis(grp, pos, 1)
+        return Encoded(self.name, x.shape, x.dtype, {"values": (vals, self.value_bits),
+                                                     "positions": (pos.astype(np.uint8), self.pos_bits)})
+
+    def decode(self, e):
+        vals, pos = e["values"], e["positions"].astype(np.int64)
+        grp = np.zeros((vals.shape[0], self.m), e.dtype)
+        np.put_along_axis(grp, pos, vals, 1)
+        moved = list(e.shape)
+        moved.append(moved.pop(self.axis))
+        return np.moveaxis(grp.reshape(moved), -1, self.axis)
+
+    def size_bits(self, x):
+        return int(np.size(x) // self.m * self.n * (self.value_bits + self.pos_bits))
+
+
+@dataclass(frozen=True)
+class Relative(Codec):
+    """Deep Compression's sparse form (Han et al. 2016, section 3): the nonzeros in order, each
+    with the count of zeros before it in ``index_bits`` bits. A run of zeros longer than
+    2^index_bits - 1 is bridged by filler entries (value 0, gap 2^index_bits - 1), each
+    standing for 2^index_bits positions."""
+
+    name: ClassVar[str] = "relative"
+    index_bits: int = 4
+    value_bits: int = 32
+
+    def fits(self, x):
+        return True
+
+    def _layout(self, flat: np.ndarray):
+        pos = np.flatnonzero(flat)
+        gaps = np.diff(np.concatenate([[-1], pos])) - 1
+        span = (1 << self.index_bits) - 1
+        fillers = gaps // (span + 1)
+        return pos, gaps, fillers, span
+
+    def encode(self, x):
+        x = np.asarray(x)
+        flat = x.reshape(-1)
+        pos, gaps, fillers, span = self._layout(flat)
+        ends = np.cumsum(fillers + 1) - 1  # the entry of each nonzero, after its fillers
+        n = int(ends[-1]) + 1 if pos.size else 0
+        values = np.zeros(n, x.dtype)
+        values[ends] = flat[pos]
+        gap = np.full(n, span, np.uint16 if self.index_bits > 8 else np.uint8)
+        gap[ends] = gaps - fillers * (span + 1)
+        return Encoded(self.name, x.shape, x.dtype, {"values": (values, self.value_bits),
+                                                     "gaps": (gap, self.index_bits)})
+
+    def decode(self, e):
+        out = np.zeros(math.prod(e.shape), e.dtype)
+        pos = np.cumsum(e["gaps"].astype(np.int64) + 1) - 1
+        out[pos] = e["values"]
+        return out.reshape(e.shape)
+
+    def size_bits(self, x):
+        pos, _, fillers, _ = self._layout(np.asarray(x).reshape(-1))
+        return int((pos.size + int(fillers.sum())) * (self.value_bits + self.index_bits))
+
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (Int8, Int4, Indexed, Palette, NM, Relative)}
+
+
+def get(name: str, **options) -> Codec:
+    """The codec named ``name`` with its options, e.g. ``get("relative", index_bits=5)``."""
+    if name not in CODECS:
+        import difflib
+
+        near = difflib.get_close_matches(name, CODECS, 1)
+        raise GraphOptError(f"unknown weight storage '{name}'" + (f"; did you mean '{near[0]}'?" if near else
+                                                                   f"; known: {', '.join(CODECS)}"))
+    return CODECS[name](**options)
+
+
+def smallest_int8_form(codes: np.ndarray) -> Codec:
+    """The smallest form onnxruntime can unpack into an int8 initializer at session start: int4
+    for codes in [-8, 7], else a 4-bit index into 16 int8 codes, else int8."""
+    for c in (Int4(), Indexed(4, 8)):
+        if c.fits(codes):
+            return c
+    return Int8()
