@@ -861,16 +861,16 @@ def _analyze_blocks(graph, data, labels, progress: bool) -> int:
     from graphopt.passmanager import pass_library
 
     block_sensitivity = pass_library().depth.block_sensitivity
-    from graphopt.training.calibration import collect
+    from graphopt.scan import Scan
 
-    ref = collect(graph, data, [graph.outputs[0].name])[graph.outputs[0].name]
-    rows = block_sensitivity(graph, data, labels, progress=progress, ref=ref)
+    scan = Scan(graph, data, labels)
+    rows = block_sensitivity(graph, data, labels, progress=progress, scan=scan)
     if not rows:
         raise GraphOptError("the model has no removable residual block (an Add of two paths from one tensor)")
     w = min(48, max(len(r["layers"]) for r in rows))
     metric = "top1" if labels is not None else "rel_error"
     if labels is not None:
-        print(f"intact model: top-1 {100 * float((ref.argmax(1) == labels[: len(ref)]).mean()):.2f} %")
+        print(f"intact model: top-1 {scan.ref_top1:.2f} %")
     print(f"{'block (Add)':<16} {'branch layers':<{w}} {'MACs':>6} {'top-1 %' if labels is not None else 'rel. error':>10}"
           f"   (each block removed alone)")
     for r in rows:

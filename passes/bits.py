@@ -26,6 +26,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
+from graphopt.allocate import allocate, pareto_front  # noqa: F401  (re-exported: the owner is graphopt.allocate)
 from graphopt.analysis import node_macs
 from graphopt.errors import GraphOptError
 from graphopt.geometry import LINEAR_OPS, geometry, linear_layers
@@ -119,46 +120,6 @@ def budget_limit(graph: Graph, budget: Budget, widths, act_bits: float, skip=())
     return limit, p, m
 
 
-# --------------------------------------------------------------------------- allocation
-def pareto_front(costs: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every non-dominated allocation of one choice per layer: ``costs``/``errors`` are [L, K]
-    (inf error = not allowed). Returns (cost [S], error [S], choice [S, L]) sorted by cost.
-
-    Exact dynamic programming: layer by layer, combine the front so far with the layer's K
-    options and keep the states that no cheaper state beats on error (an additive objective
-    and an additive cost make this the whole Pareto front, not an approximation)."""
-    n_layers, _ = costs.shape
-    f_cost, f_err = np.zeros(1), np.zeros(1)
-    f_choice = np.zeros((1, 0), np.int16)
-    for i in range(n_layers):
-        ok = np.isfinite(errors[i])
-        ks = np.flatnonzero(ok)
-        if ks.size == 0:
-            raise GraphOptError(f"layer {i} has no allowed width")
-        c = (f_cost[:, None] + costs[i, ks][None, :]).reshape(-1)
-        e = (f_err[:, None] + errors[i, ks][None, :]).reshape(-1)
-        src = np.repeat(np.arange(f_cost.size), ks.size)
-        k = np.tile(ks, f_cost.size)
-        order = np.lexsort((-k, e, c))  # by cost, then error, then the wider width (ties: more bits for free)
-        c, e, src, k = c[order], e[order], src[order], k[order]
-        best_before = np.minimum.accumulate(np.concatenate([[np.inf], e[:-1]]))
-        keep = e < best_before  # strictly better than every cheaper (or equal-cost earlier) state
-        f_cost, f_err = c[keep], e[keep]
-        f_choice = np.concatenate([f_choice[src[keep]], k[keep][:, None].astype(np.int16)], axis=1)
-    return f_cost, f_err, f_choice
-
-
-def allocate(costs: np.ndarray, errors: np.ndarray, limit: float) -> tuple[np.ndarray, float, float]:
-    """The allocation with the least summed error whose cost is at most ``limit``:
-    (choice per layer, its cost, its error). Raises when even the cheapest one is over."""
-    c, e, ch = pareto_front(costs, errors)
-    fits = np.flatnonzero(c <= limit * (1 + 1e-12))
-    if fits.size == 0:
-        raise GraphOptError(f"the budget is below the smallest achievable: {limit:.6g} < {c[0]:.6g}")
-    best = fits[np.argmin(e[fits])]
-    return ch[best], float(c[best]), float(e[best])
-
-
 # --------------------------------------------------------------------------- sensitivity
 def _weight_spec(base: str, bits: int):
     """Weight scheme ``base`` at ``bits`` bits, or a one-line error when it has no such form."""
@@ -176,79 +137,24 @@ def quantized_weight(graph: Graph, n: Node, spec, method: str) -> np.ndarray:
     return spec.apply_np(w, params, axis).astype(w.dtype)
 
 
-class WeightSweep:
-    """Measure the model with one layer's weight replaced at a time: the float module is built
-    once, and each candidate weight is swapped into its parameter in place, so a measurement is
-    one forward pass over the samples. ``error(node, array)``: the output's mean squared error
-    against the float output, relative to the output's mean square; with ``labels``, the drop
-    in top-1 points. The owner of every "one layer at a time" scan (bit widths, sparsity)."""
-
-    def __init__(self, graph: Graph, data, labels: np.ndarray | None = None, max_samples: int | None = None):
-        import torch
-
-        from graphopt.backends.torch_module import to_torch
-        from graphopt.training.calibration import CalibrationData
-
-        data = data if isinstance(data, CalibrationData) else CalibrationData(data)
-        data.check_against(graph)
-        batches = [torch.from_numpy(np.ascontiguousarray(b)) for b in data]
-        if max_samples is not None:
-            out, n = [], 0
-            for b in batches:
-                if n >= max_samples:
-                    break
-                out.append(b[: max_samples - n])
-                n += len(out[-1])
-            batches = out
-        self.graph, self.batches = graph, batches
-        self.module = to_torch(graph).eval()
-        self.params = dict(self.module.named_parameters())
-        n_samples = sum(len(b) for b in batches)
-        self.y = None if labels is None else torch.from_numpy(np.asarray(labels)[:n_samples]).long()
-        with torch.no_grad():
-            self.ref = [self.module(b) for b in batches]
-        self.ref_ms = float(sum(r.double().pow(2).sum() for r in self.ref)) / max(sum(r.numel() for r in self.ref), 1)
-        if self.y is not None:
-            self.ref_top1 = float(torch.cat([r.argmax(1) for r in self.ref]).eq(self.y).float().mean()) * 100
-
-    def score(self) -> float:
-        import torch
-
-        with torch.no_grad():
-            outs = [self.module(b) for b in self.batches]
-        if self.y is None:
-            se = float(sum((o - r).double().pow(2).sum() for o, r in zip(outs, self.ref)))
-            return se / max(sum(r.numel() for r in self.ref), 1) / max(self.ref_ms, 1e-30)
-        return self.ref_top1 - float(torch.cat([o.argmax(1) for o in outs]).eq(self.y).float().mean()) * 100
-
-    def error(self, n: Node, array: np.ndarray) -> float:
-        import torch
-
-        p = self.params[self.module.param_names[n.inputs[1].name]]
-        keep = p.data.clone()
-        p.data.copy_(torch.from_numpy(np.ascontiguousarray(array, np.float32)))
-        try:
-            return self.score()
-        finally:
-            p.data.copy_(keep)
-
-
 def bit_sensitivity(graph: Graph, data, widths=(2, 3, 4, 6, 8), *, weights: str = "int8:channel",
                     method: Literal["sweep", "hessian"] = "sweep", weight_method: str = "mse",
                     labels: np.ndarray | None = None, skip=(), probes: int = 8, progress: bool = False,
                     max_samples: int | None = None) -> list[dict]:
     """One row per quantizable layer: name, params, MACs and ``error`` (a list, one per width).
 
-    ``sweep``: ``WeightSweep.error`` with only this layer's weights quantized at that width.
+    ``sweep``: a ``graphopt.scan.Scan`` trial with only this layer's weights quantized at that width.
     ``hessian``: HAWQ-V2's Tr(H)/n x ||Q(W) - W||^2 with H the Hessian of the output error
     (Gauss-Newton at the float weights) or of the cross-entropy with ``labels``."""
     layers = quantizable_layers(graph, skip)
     if not layers:
         raise GraphOptError("the model has no layer with quantizable weights")
     specs = [_weight_spec(weights, b) for b in widths]
-    sweep = WeightSweep(graph, data, labels, max_samples)
+    from graphopt.scan import Scan
+
+    sweep = Scan(graph, data, labels, max_samples)
     qw = {(n.name, j): quantized_weight(graph, n, s, weight_method) for n in layers for j, s in enumerate(specs)}
-    traces = _hessian_traces(sweep.module, graph, layers, sweep.batches, sweep.ref, sweep.y, probes) \
+    traces = _hessian_traces(sweep.module, graph, layers, [b[0] for b in sweep.batches], sweep.ref, sweep.labels, probes) \
         if method == "hessian" else None
     jobs = [(n, j) for n in layers for j in range(len(widths))]
     it = jobs
@@ -262,7 +168,7 @@ def bit_sensitivity(graph: Graph, data, widths=(2, 3, 4, 6, 8), *, weights: str 
             w0 = L.weight(graph, n)
             err[n.name][j] = float(traces[n.name] * np.sum((qw[(n.name, j)].astype(np.float64) - w0) ** 2))
         else:
-            err[n.name][j] = sweep.error(n, qw[(n.name, j)])
+            err[n.name][j] = sweep.swap(n.inputs[1].name, qw[(n.name, j)])["error"]
     return [{"layer": n.source, "name": n.name, "params": int(L.weight(graph, n).size),
              "macs": int(node_macs(n) or 0), "error": err[n.name]} for n in layers]
 

@@ -172,16 +172,14 @@ class PruneBlocks(Pass):
             return PassResult(graph, False, {"removed": 0, "blocks": [], "macs": total_macs(graph) / macs0})
         if not candidates:
             return PassResult(graph, False, {"removed": 0, "blocks": [], "reason": "no residual block found"})
-        data = ref = None
+        scan = None
         if self.criterion == "sensitivity":
             if ctx.calib is None:
                 raise GraphOptError("prune-blocks{criterion=sensitivity} needs calibration data (--calib); "
                                     "criterion=random does not")
-            from graphopt.training.calibration import CalibrationData, collect
+            from graphopt.scan import Scan
 
-            data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(ctx.calib)
-            out = graph.outputs[0].name
-            ref = collect(graph, data, [out])[out]
+            scan = Scan(graph, ctx.calib)  # the baseline: the graph before any block goes
         rng = np.random.default_rng(self.seed)
         errors: list[float] = []
         done_now, stuck = 0, set()  # stuck: blocks the graph's output names keep in place
@@ -193,7 +191,7 @@ class PruneBlocks(Pass):
             if self.criterion == "random":
                 pick, err = blocks[int(rng.integers(len(blocks)))], float("nan")
             else:
-                pick, err = self._least_damaging(graph, blocks, data, ref, ctx)
+                pick, err = self._least_damaging(graph, blocks, scan, ctx)
             if pick is None:
                 break
             name = pick.name
@@ -217,15 +215,16 @@ class PruneBlocks(Pass):
             return n_removed >= self.count
         return total_macs(graph) <= self.target_macs * macs0 + 1e-9
 
-    def _least_damaging(self, graph: Graph, blocks: list[Block], data, ref, ctx: Context):
+    def _least_damaging(self, graph: Graph, blocks: list[Block], scan, ctx: Context):
         from graphopt.analysis import total_macs
 
         best, best_cost, best_err = None, np.inf, np.nan
         macs = total_macs(graph)
         for block in ctx.progress(blocks, total=len(blocks), desc="prune-blocks"):
-            err, _ = _removal_error(graph, block.name, data, ref)
-            if err is None:
+            trial = _removal_trial(graph, block.name, scan)
+            if trial is None:
                 continue
+            err = float(np.sqrt(trial["rel_mse"]))  # the relative L2 error of the output
             # count: least error; target_macs: least error per MAC saved
             cost = err if self.target_macs is None else err / max(block.macs / max(macs, 1), 1e-12)
             if cost < best_cost:
@@ -233,32 +232,27 @@ class PruneBlocks(Pass):
         return best, best_err
 
 
-def _removal_error(graph: Graph, add_name: str, data, ref: np.ndarray) -> tuple[float | None, np.ndarray | None]:
-    """Output of ``graph`` without the block whose Add is ``add_name`` (on a copy), and its
-    relative L2 error against ``ref``. (None, None) if the block cannot be removed."""
-    from graphopt.training.calibration import collect
-
+def _removal_trial(graph: Graph, add_name: str, scan) -> dict | None:
+    """The scan trial of ``graph`` without the block whose Add is ``add_name`` (on a copy), or
+    None if the block cannot be removed."""
     trial = graph.copy()
     block = next(b for b in residual_blocks(trial) if b.name == add_name)
     if not remove_block(trial, block):
-        return None, None
-    got = collect(trial, data, [trial.outputs[0].name])[trial.outputs[0].name]
-    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)), got
+        return None
+    return scan.transform(trial)
 
 
 def block_sensitivity(graph: Graph, data, labels: np.ndarray | None = None, progress: bool = False,
-                      ref: np.ndarray | None = None) -> list[dict]:
-    """Remove each residual block alone and measure the damage on ``data``: the output's relative
-    L2 error against the intact graph (``ref``: its output on ``data``, if already at hand), and
-    top-1 accuracy if ``labels``. One row per block, in graph order, with the share of the MACs
-    its branch holds."""
+                      scan=None) -> list[dict]:
+    """Remove each residual block alone and measure the damage on ``data`` (a
+    ``graphopt.scan.Scan`` transform trial; ``scan``: one already built on ``data``): the
+    output's relative L2 error against the intact graph, and top-1 accuracy if ``labels``. One
+    row per block, in graph order, in the scan schema (unit = the block's Add, level = 1, cost =
+    the share of the MACs its branch holds), with that share as ``macs_saved``."""
     from graphopt.analysis import total_macs
-    from graphopt.training.calibration import CalibrationData, collect
+    from graphopt.scan import Scan, row
 
-    data = data if isinstance(data, CalibrationData) else CalibrationData(data)
-    if ref is None:
-        out = graph.outputs[0].name
-        ref = collect(graph, data, [out])[out]
+    scan = scan or Scan(graph, data, labels)
     macs0 = max(total_macs(graph), 1)
     blocks = residual_blocks(graph)
     it = blocks
@@ -268,13 +262,12 @@ def block_sensitivity(graph: Graph, data, labels: np.ndarray | None = None, prog
         it = tqdm(blocks, desc="blocks", leave=False)
     rows = []
     for b in it:
-        err, got = _removal_error(graph, b.name, data, ref)
-        if err is None:
+        trial = _removal_trial(graph, b.name, scan)
+        if trial is None:
             continue
         convs = [n for n in b.branch if n.op_type in ("Conv", "Gemm", "MatMul")]
-        row = {"block": b.name, "layers": ", ".join(n.source or n.name for n in convs), "macs_saved": b.macs / macs0,
-               "rel_error": err}
-        if labels is not None:
-            row["top1"] = float((got.argmax(1) == np.asarray(labels)[: len(got)]).mean() * 100)
-        rows.append(row)
+        rows.append(row(b.name, 1, b.macs / macs0, trial, block=b.name,
+                        layers=", ".join(n.source or n.name for n in convs), macs_saved=b.macs / macs0,
+                        rel_error=float(np.sqrt(trial["rel_mse"])),
+                        **({"top1": trial["top1"]} if "top1" in trial else {})))
     return rows

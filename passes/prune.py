@@ -571,27 +571,39 @@ class PruneChannels(Pass):
                                        criterion=self.criterion, round_to=self.round_to, progress=ctx.show_progress,
                                        taylor=taylor)
                 if r["group"] in {sp.key for sp in candidates}]
+        from graphopt.allocate import allocate_to_target
         from graphopt.analysis import total_macs
 
         # Savings of neighbouring groups are not additive (a conv losing inputs and outputs keeps
-        # (1-a)(1-b) of its MACs), so measure the plan and ask for more until the target holds.
-        macs0, want = total_macs(graph), 1.0 - self.target_macs
-        for _ in range(20):
-            plan = allocate_ratios(rows, want)
-            masks = {}
-            for sp in candidates:
-                if sp.key in plan:
-                    keep = _keep_top(graph, sp, plan[sp.key], self.criterion, self.round_to, rng, taylor, self.skip)
+        # (1-a)(1-b) of its MACs): the allocator measures each plan and asks for more until it holds.
+        macs0 = total_macs(graph)
+        groups, ratios, saved, err = ratio_table(rows)
+        by_key = {sp.key: sp for sp in candidates}
+
+        memo: dict[tuple, dict] = {}  # one draw per plan (criterion=random), reused for the final masks
+
+        def plan_masks(choice) -> dict:
+            key = tuple(int(k) for k in choice)
+            if key in memo:
+                return memo[key]
+            masks = memo[key] = {}
+            for g, k in zip(groups, choice):
+                if k > 0:
+                    sp = by_key[g]
+                    keep = _keep_top(graph, sp, ratios[int(k)], self.criterion, self.round_to, rng, taylor, self.skip)
                     if keep is not None:
                         masks[sp.key] = Mask.channel(keep, sp.channels)
+            return masks
+
+        def measured(choice) -> float:  # minus the MACs really saved by the folded plan
+            masks = plan_masks(choice)
             trial = graph.copy()
             set_channel_masks(trial, masks)
-            got = total_macs(FoldPrune()(trial).graph) / macs0 if masks else 1.0
-            if got <= self.target_macs + 1e-9:
-                break
-            want += got - self.target_macs
-        else:
-            log.warning("prune-channels: reached %.3f of the MACs, not the %.3f asked for", got, self.target_macs)
+            return -(1.0 - (total_macs(FoldPrune()(trial).graph) / macs0 if masks else 1.0))
+
+        choice, _ = allocate_to_target(-saved, err, -(1.0 - self.target_macs), measured)
+        masks = plan_masks(choice)
+        plan = {g: ratios[int(k)] for g, k in zip(groups, choice) if k > 0}
         prev = channel_masks(graph)
         set_channel_masks(graph, masks)
         return PassResult(graph, masks != prev, {"groups": len(candidates), "pruned_groups": len(masks),
@@ -768,15 +780,17 @@ def _keep_top(graph: Graph, sp: Space, ratio: float, criterion: str, round_to: i
 def sensitivity(graph: Graph, data, ratios=(0.1, 0.3, 0.5, 0.7), labels: np.ndarray | None = None,
                 criterion: str = "l1", round_to: int = 1, progress: bool = False,
                 taylor: dict[str, np.ndarray] | None = None) -> list[dict]:
-    """Prune each prunable group alone at each ratio and measure the damage on ``data``: the
-    output's relative L2 error against the unpruned graph, and top-1 accuracy if ``labels``.
-    Returns one row per (group, ratio) with the MACs saved."""
+    """Prune each prunable group alone at each ratio and measure the damage on ``data`` (a
+    ``graphopt.scan.Scan`` transform trial: the pruned, folded copy): the output's relative L2
+    error against the unpruned graph, and top-1 accuracy if ``labels``. Returns one row per
+    (group, ratio) in the scan schema (unit = group, level = ratio, cost = the share of MACs left,
+    error = the scan's metric) with the MACs saved."""
     from graphopt.analysis import total_macs
-    from graphopt.training.calibration import CalibrationData, collect
+    from graphopt.scan import Scan, row
+    from graphopt.training.calibration import CalibrationData
 
     data = data if isinstance(data, CalibrationData) else CalibrationData(data)
-    out_name = graph.outputs[0].name
-    ref = collect(graph, data, [out_name])[out_name]
+    scan = Scan(graph, data, labels)
     macs0 = total_macs(graph)
     rng = np.random.default_rng(0)
     rows = []
@@ -796,46 +810,40 @@ def sensitivity(graph: Graph, data, ratios=(0.1, 0.3, 0.5, 0.7), labels: np.ndar
         g = graph.copy()
         set_channel_masks(g, {sp.key: Mask.channel(keep, sp.channels)})
         g = FoldPrune()(g).graph
-        got = collect(g, data, [g.outputs[0].name])[g.outputs[0].name]
-        row = {"group": sp.key, "layers": ", ".join(sp.names), "ratio": r, "channels": sp.channels,
-               "kept": len(keep), "macs_saved": 1.0 - total_macs(g) / macs0,
-               "rel_error": float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))}
-        if labels is not None:
-            row["top1"] = float((got.argmax(1) == np.asarray(labels)[: len(got)]).mean() * 100)
-        rows.append(row)
+        trial = scan.transform(g)
+        left = total_macs(g) / macs0
+        rows.append(row(sp.key, r, left, trial, group=sp.key, layers=", ".join(sp.names), ratio=r,
+                        channels=sp.channels, kept=len(keep), macs_saved=1.0 - left,
+                        rel_error=float(np.sqrt(trial["rel_mse"])),
+                        **({"top1": trial["top1"]} if labels is not None else {})))
     return rows
 
 
-def allocate_ratios(rows: list[dict], target_saving: float) -> dict[str, float]:
-    """Greedy: raise, one step at a time, the ratio of the group whose next step costs the least
-    output error per MAC saved, until the summed savings reach ``target_saving``."""
-    by_group: dict[str, list[dict]] = {}
+def ratio_table(rows: list[dict]) -> tuple[list[str], list[float], np.ndarray, np.ndarray]:
+    """The sensitivity rows as the allocator's tables: (groups, ratios with 0 first, MACs saved
+    [G, K], relative MSE [G, K] (the square of the rows' relative L2 error); inf where a group has
+    no row at that ratio)."""
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    ratios = [0.0] + sorted({r["ratio"] for r in rows})
+    saved = np.zeros((len(groups), len(ratios)))
+    err = np.full((len(groups), len(ratios)), np.inf)
+    err[:, 0] = 0.0
+    gi, ri = {g: i for i, g in enumerate(groups)}, {v: j for j, v in enumerate(ratios)}
     for r in rows:
-        by_group.setdefault(r["group"], []).append(r)
-    for g, v in by_group.items():
-        v.sort(key=lambda r: r["ratio"])
-        # ratios that round to the same kept count (round_to) are one step, not a zero-gain wall
-        by_group[g] = [r for i, r in enumerate(v) if i == 0 or r["macs_saved"] > v[i - 1]["macs_saved"] + 1e-12]
-    level = {g: -1 for g in by_group}
-    saved = 0.0
-    while saved < target_saving:
-        best, best_cost = None, np.inf
-        for g, steps in by_group.items():
-            i = level[g] + 1
-            if i >= len(steps):
-                continue
-            prev_err = steps[i - 1]["rel_error"] if i > 0 else 0.0
-            prev_save = steps[i - 1]["macs_saved"] if i > 0 else 0.0
-            gain = steps[i]["macs_saved"] - prev_save
-            cost = (steps[i]["rel_error"] - prev_err) / max(gain, 1e-12)
-            if gain > 0 and cost < best_cost:
-                best, best_cost = g, cost
-        if best is None:
-            break
-        i = level[best] + 1
-        saved += by_group[best][i]["macs_saved"] - (by_group[best][i - 1]["macs_saved"] if i > 0 else 0.0)
-        level[best] = i
-    return {g: by_group[g][i]["ratio"] for g, i in level.items() if i >= 0}
+        saved[gi[r["group"]], ri[r["ratio"]]] = r["macs_saved"]
+        err[gi[r["group"]], ri[r["ratio"]]] = r["rel_error"] ** 2  # the relative MSE (the scan's metric)
+    return groups, ratios, saved, err
+
+
+def allocate_ratios(rows: list[dict], target_saving: float) -> dict[str, float]:
+    """The ratio per group with the least summed output error (relative MSE) whose summed MACs
+    saved reach ``target_saving``: ``graphopt.allocate``'s exact dynamic program, with cost =
+    minus the MACs saved. Groups left unpruned are omitted."""
+    from graphopt.allocate import allocate
+
+    groups, ratios, saved, err = ratio_table(rows)
+    choice = allocate(-saved, err, -target_saving)[0]
+    return {g: ratios[int(k)] for g, k in zip(groups, choice) if k > 0}
 
 
 # ---------------------------------------------------------------------------- BN re-estimation

@@ -67,18 +67,20 @@ def magnitude_masks(graph: Graph, layers: list[Node], sparsity: float, scope: st
 def sensitivity_masks(graph: Graph, layers: list[Node], data, sparsity: float | None, target: str, levels,
                       max_samples: int, labels=None, progress=None) -> tuple[dict[Node, Mask], list[dict]]:
     """Per-layer sparsities from a scan: each layer alone pruned by magnitude at each level
-    (``WeightSweep``: one forward pass per layer and level), then the allocation with the least
+    (``graphopt.scan.Scan``: one forward pass per layer and level), then the allocation with the least
     summed output error whose nonzero parameters (or MACs) meet the target, by the exact
     Pareto-front dynamic program that choose-bits uses. ``sparsity=None``: the scan only (no
     masks). With ``labels`` the error is the top-1 drop in points."""
-    from .bits import WeightSweep, allocate
+    from graphopt.allocate import allocate
+    from graphopt.scan import Scan
 
     levels = sorted({0.0, *(check_sparsity(v, "a scan level") for v in levels)})
-    sweep = WeightSweep(graph, data, labels=labels, max_samples=max_samples)
+    sweep = Scan(graph, data, labels=labels, max_samples=max_samples)
     ws = [np.asarray(L.weight(graph, n)) for n in layers]
     pairs = list(zip(layers, ws))
     it = progress(pairs, total=len(pairs), desc="sparsity scan") if progress else pairs
-    errors = np.array([[0.0 if lv == 0 else sweep.error(n, Mask.magnitude(w, lv).apply(w)) for lv in levels]
+    errors = np.array([[0.0 if lv == 0 else sweep.swap(n.inputs[1].name, Mask.magnitude(w, lv).apply(w))["error"]
+                        for lv in levels]
                        for n, w in it])
     if sparsity is None:
         return {}, [{"layer": n.source, "params": int(w.size), "levels": levels, "error": errors[i].tolist(),
