@@ -376,30 +376,58 @@ def check_format(pipeline, fmt: str) -> None:
     format_takes(fmt, bool(quant), planned)
 
 
+def load_labels(path: str, n_samples: int, samples: str, exact: bool = True):
+    """Integer class labels from a .npy, validated against the ``n_samples`` samples of
+    ``samples`` (a file or folder name for the message): 1-D, integer, and one per sample (or,
+    with ``exact=False``, at least one per sample: the first ``n_samples`` are used, as for
+    ``--calib-limit``). The one labels loader of the CLI (training, validation and --eval)."""
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise GraphOptError(f"labels file not found: {path}")
+    try:
+        y = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise GraphOptError(f"{path}: cannot read labels: {e}") from None
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise GraphOptError(f"{path}: labels must be a 1-D integer array, not {y.dtype}{list(y.shape)}")
+    if len(y) < n_samples or (exact and len(y) != n_samples):
+        raise GraphOptError(f"{samples} has {n_samples} samples but {path} has {len(y)} labels")
+    return y[:n_samples]
+
+
 def load_xy(x_path: str, y_path: str | None, graph):
     """Training inputs (memory-mapped .npy, checked against the model input) and optional
-    integer labels, for `convert --train` and `finetune --data`."""
+    integer labels, for `convert --train`, `finetune --data` and `lottery --data/--val-data`."""
     import numpy as np
 
     from graphopt.training.calibration import CalibrationData
 
-    for what, path in (("training data", x_path), ("labels", y_path)):
-        if path and not Path(path).is_file():
-            raise GraphOptError(f"{what} file not found: {path}")
+    if not Path(x_path).is_file():
+        raise GraphOptError(f"training data file not found: {x_path}")
     try:
         x = np.load(x_path, mmap_mode="r", allow_pickle=False)
-        y = np.load(y_path, allow_pickle=False) if y_path else None
     except ValueError as e:
         raise GraphOptError(f"cannot read training data: {e}") from None
     try:
         CalibrationData(x).check_against(graph)
     except GraphOptError as e:
         raise GraphOptError(f"{x_path}: {e}") from None
-    if y is not None and (y.ndim != 1 or not np.issubdtype(y.dtype, np.integer)):
-        raise GraphOptError(f"{y_path}: labels must be a 1-D integer array, not {y.dtype}{list(y.shape)}")
-    if y is not None and len(y) != len(x):
-        raise GraphOptError(f"{x_path} has {len(x)} samples but {y_path} has {len(y)} labels")
-    return x, y
+    return x, (load_labels(y_path, len(x), x_path) if y_path else None)
+
+
+def finetune_config(args, **fixed):
+    """The FinetuneConfig of a command's training flags (the ones it has), with ``fixed``
+    settings on top: the one place the CLI turns flags into a training recipe."""
+    from graphopt.training.finetune import FinetuneConfig
+
+    flags = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
+             "weight_decay": "weight_decay", "temperature": "temperature", "kd_weight": "kd_weight",
+             "checkpoint": "checkpoint", "resume": "resume", "max_steps": "max_steps"}
+    opts = {field: getattr(args, flag) for field, flag in flags.items() if hasattr(args, flag)}
+    if hasattr(args, "freeze_bn"):
+        opts["train_bn"] = not args.freeze_bn
+    return FinetuneConfig(**{**opts, **fixed})
 
 
 def load_train(args, graph):
@@ -422,7 +450,6 @@ def cmd_convert(args) -> int:
     from graphopt.analysis import human, total_macs
     from graphopt.passmanager import Context, DumpIRInstrument, PassManager, TimingInstrument
     from graphopt.pipeline import parse_pipeline, presets
-    from graphopt.serialize import save_onnx
 
     if args.preset is not None:
         pre = presets()
@@ -449,19 +476,9 @@ def cmd_convert(args) -> int:
     result = PassManager(pipeline, verify_each=args.verify_each, instruments=instruments).run(graph, ctx)
     graph = result.graph
     t_passes = time.perf_counter()
-    from graphopt.backends.lowering import is_quantized
+    from graphopt.backends.lowering import export_file
 
-    report = None
-    if args.format != "float" or is_quantized(graph):
-        from graphopt.atomic import atomic_paths
-        from graphopt.backends.lowering import lower, to_model
-
-        lowered, report = lower(graph, args.format)
-        model = to_model(lowered, report.opset)
-        with atomic_paths(args.output) as (tmp,):
-            Path(tmp).write_bytes(model.SerializeToString())
-    else:
-        save_onnx(graph, args.output, external_data=True if args.external_data else None)
+    report = export_file(graph, args.output, args.format, external_data=True if args.external_data else None)
     t_write = time.perf_counter()
     after = (len(graph), graph.num_params(), _size(graph), total_macs(graph))
 
@@ -690,14 +707,9 @@ def _inspect_ranges(graph, args) -> int:
     return 0
 
 
-def _labels(args):
-    import numpy as np
-
-    if not args.eval:
-        return None
-    if not Path(args.eval).is_file():
-        raise GraphOptError(f"labels file not found: {args.eval}")
-    return np.load(args.eval, allow_pickle=False)
+def _labels(args, data):
+    """--eval's labels, one per calibration sample used (the first ones, under --calib-limit)."""
+    return load_labels(args.eval, len(data), args.calib, exact=False) if args.eval else None
 
 
 def cmd_analyze(args) -> int:
@@ -709,18 +721,18 @@ def cmd_analyze(args) -> int:
     graph = load_model(args.model, args)
     data = load_calib(args, graph)
     if args.analysis == "blocks":
-        return _analyze_blocks(graph, data, _labels(args), Context().show_progress)
+        return _analyze_blocks(graph, data, _labels(args, data), Context().show_progress)
     if args.analysis == "bits":
-        return _analyze_bits(graph, data, _labels(args), args)
+        return _analyze_bits(graph, data, _labels(args, data), args)
     if args.analysis == "sparsity":
-        return _analyze_sparsity(graph, data, _labels(args), args)
+        return _analyze_sparsity(graph, data, _labels(args, data), args)
     try:
         ratios = tuple(float(r) for r in args.ratios.split(","))
     except ValueError:
         raise GraphOptError(f"--ratios must be comma-separated numbers, got '{args.ratios}'") from None
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise GraphOptError("--ratios must lie in (0, 1)")
-    labels = _labels(args)
+    labels = _labels(args, data)
     rows = sensitivity(graph, data, ratios, labels, args.criterion, args.round_to,
                        progress=Context().show_progress)
     if not rows:
@@ -881,15 +893,12 @@ def _analyze_blocks(graph, data, labels, progress: bool) -> int:
 
 def cmd_finetune(args) -> int:
     from graphopt.serialize import save_onnx
-    from graphopt.training.finetune import FinetuneConfig, finetune
+    from graphopt.training.finetune import finetune
 
     student = load_model(args.model, args)
     x, y = load_xy(args.data, args.labels, student)
     teacher = load_model(args.teacher) if args.teacher else None
-    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                         temperature=args.temperature, kd_weight=args.kd_weight, checkpoint=args.checkpoint,
-                         resume=args.resume, max_steps=args.max_steps, weight_decay=args.weight_decay,
-                         train_bn=not args.freeze_bn)
+    cfg = finetune_config(args)
     stats = finetune(student, x, y, teacher, cfg)
     save_onnx(student, args.output)
     losses = ", ".join(f"{v:.4f}" for v in stats["loss"])
@@ -903,7 +912,6 @@ def cmd_lottery(args) -> int:
     import numpy as np
 
     from graphopt.serialize import save_onnx
-    from graphopt.training.finetune import FinetuneConfig
     from graphopt.training.lottery import CONTROLS, format_table, lottery_ticket, plot_curves
 
     controls = [c.strip() for c in args.controls.split(",") if c.strip()]
@@ -924,8 +932,7 @@ def cmd_lottery(args) -> int:
         def evaluate(g) -> float:
             logits = collect(g, np.asarray(xv, np.float32), [out])[out]
             return round(100.0 * float((logits.reshape(len(yv), -1).argmax(1) == yv).mean()), 2)
-    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                         kd_weight=0.0, weight_decay=args.weight_decay)
+    cfg = finetune_config(args, kd_weight=0.0)  # labels only: no teacher in a lottery run
     state = Path(args.state)
     state.mkdir(parents=True, exist_ok=True)
     runs, first = {}, None

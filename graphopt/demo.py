@@ -84,19 +84,14 @@ def _int8(graph, output: str, x: np.ndarray, ref: np.ndarray) -> int:
 
     import onnxruntime as ort
 
-    from graphopt.atomic import atomic_paths
-    from graphopt.backends.lowering import lower, ort_kernel_report, to_model
+    from graphopt.backends.lowering import export_file, ort_kernel_report
     from graphopt.passmanager import Context, PassManager
 
     calib = _input(32, seed=1)
     t0 = _time.perf_counter()
     q = PassManager(QUANT_PIPELINE).run(graph.copy(), Context(calib=calib)).graph
-    lowered, rep = lower(q, "qdq")
-    model = to_model(lowered, rep.opset)
     path = os.path.splitext(output)[0] + ".int8.onnx"
-    with atomic_paths(path) as (tmp,):
-        with open(tmp, "wb") as fh:
-            fh.write(model.SerializeToString())
+    export_file(q, path, "qdq")
     dt = _time.perf_counter() - t0
     kr = ort_kernel_report(path)
     sq = ort.InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -17,7 +17,7 @@ from graphopt.passmanager import Context, Pass, PassResult, option, register_pas
 log = logging.getLogger("graphopt.passes.canonicalize")
 
 
-def _bypass(graph: Graph, node: Node) -> bool:
+def bypass(graph: Graph, node: Node) -> bool:
     """Route users of node.outputs[0] to node.inputs[0] and drop the node, if names allow."""
     src, out = node.inputs[0], node.outputs[0]
     if src is None:
@@ -59,7 +59,7 @@ class RemoveIdentity(Pass):
             if node.domain != "":
                 continue
             if node.op_type == "Identity" or is_zero_pad(graph, node):
-                removed += _bypass(graph, node)
+                removed += bypass(graph, node)
             elif node.op_type == "Dropout" and self.dropout:
                 if len(node.outputs) > 1 and (node.outputs[1].uses or node.outputs[1].is_graph_output):
                     continue
@@ -67,7 +67,7 @@ class RemoveIdentity(Pass):
                     tm = graph.const_value(node.inputs[2])
                     if tm is None or bool(np.asarray(tm).item()):
                         continue
-                removed += _bypass(graph, node)
+                removed += bypass(graph, node)
         return PassResult(graph, removed > 0, {"removed": removed})
 
 

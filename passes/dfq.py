@@ -103,6 +103,43 @@ class FoldBatchNorm(Pass):
         return None
 
 
+@register_pass("recalibrate-bn")
+@dataclass(kw_only=True)
+class RecalibrateBatchNorm(Pass):
+    """Re-estimate the statistics of every (unfolded) BatchNormalization from the calibration
+    data: after pruning, a BN's stored mean and variance describe the unpruned network and no
+    longer match its input (the "adaptive BN" of EagleEye, Li et al. 2020). The graph runs in
+    torch training mode, so each BN normalizes with batch statistics, and the running
+    statistics become the average over all batches (``torch.optim.swa_utils.update_bn``).
+    Weights are not touched. Run it before fold-bn; a graph without BN is left alone."""
+
+    before = ("fold-bn",)  # it needs the BatchNormalization nodes fold-bn removes
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        bns = [n for n in graph.nodes if n.op_type == "BatchNormalization"]
+        if not bns:
+            return PassResult(graph, False, {"recalibrated": 0, "reason": "no BatchNormalization (folded already?)"})
+        if ctx.calib is None:
+            raise GraphOptError("recalibrate-bn needs calibration data (--calib)")
+        import torch
+        from torch.optim.swa_utils import update_bn
+
+        from graphopt.backends.torch_module import to_torch
+        from graphopt.training.calibration import CalibrationData
+
+        data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(ctx.calib)
+        module = to_torch(graph, train_bn=True)
+        if not module.buffer_names:
+            return PassResult(graph, False, {"recalibrated": 0, "reason": "no BN with constant statistics"})
+        before = {name: np.asarray(graph.const_value(graph.values[name])).copy() for name in module.buffer_names}
+        with torch.no_grad():
+            update_bn((torch.from_numpy(np.ascontiguousarray(b)) for b in data), module)
+        module.eval()
+        graph.update_from(module)
+        changed = sum(not np.array_equal(np.asarray(graph.const_value(graph.values[k])), v) for k, v in before.items())
+        return PassResult(graph, changed > 0, {"recalibrated": len(module.buffer_names) // 2})
+
+
 def _remove_bn(graph: Graph, bn: Node) -> None:
     for o in bn.outputs[1:]:
         if o.uses or o.is_graph_output:

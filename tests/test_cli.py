@@ -263,3 +263,20 @@ def test_zoo_schemes_from_the_cli(model_file, tmp_path):
     r = cli("convert", p, "-o", bad, "--pipeline", "quantize{weights=term4:g8:t3}", "--calib", p.parent / "calib.npy")
     _one_line_error(r, "term budget t3 is below the group size g8", rc=2)
     assert not bad.exists()
+
+
+def test_eval_labels_are_validated_like_training_labels(model_file, tmp_path):
+    """--eval goes through the CLI's one labels loader: 1-D integers, one per calibration sample used."""
+    p, _, x = model_file
+    calib = p.parent / "calib.npy"
+    np.save(tmp_path / "short.npy", np.zeros(len(x) - 1, np.int64))
+    _one_line_error(cli("analyze", "blocks", p, "--calib", calib, "--eval", tmp_path / "short.npy"),
+                    f"has {len(x)} samples but {tmp_path / 'short.npy'} has {len(x) - 1} labels")
+    np.save(tmp_path / "float.npy", np.zeros(len(x), np.float32))
+    _one_line_error(cli("analyze", "sensitivity", p, "--calib", calib, "--eval", tmp_path / "float.npy"),
+                    "labels must be a 1-D integer array, not float32")
+    _one_line_error(cli("analyze", "bits", p, "--calib", calib, "--eval", tmp_path / "none.npy"),
+                    "labels file not found")
+    np.save(tmp_path / "long.npy", np.zeros(len(x) + 5, np.int64))  # more labels than samples: the first ones
+    r = cli("analyze", "blocks", p, "--calib", calib, "--eval", tmp_path / "long.npy")
+    assert r.returncode == 0 and "intact model: top-1" in r.stdout, r.stderr

@@ -20,7 +20,6 @@ size of uniform 3-bit, and under the BOPs of W4A8.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -64,10 +63,9 @@ def avg_bits(model: str, first_last: int, middle: int) -> float:
 
 
 def run(model: str, row: str) -> dict:
-    import onnx
 
     import graphopt
-    from graphopt.backends.lowering import lower, ort_kernel_report, to_model
+    from graphopt.backends.lowering import export_file, ort_kernel_report
     from graphopt.passmanager import Context, PassManager
 
     what, budget, wbits, extra = ROWS[row]
@@ -82,10 +80,7 @@ def run(model: str, row: str) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     r = PassManager(pipe).run(graphopt.load_onnx(str(fp32_file(model))), Context(calib=calib))
-    low, rep = lower(r.graph, "qdq")
-    tmp = out.with_suffix(".part")
-    onnx.save(to_model(low, rep.opset), str(tmp))
-    os.replace(tmp, out)
+    export_file(r.graph, out, "qdq")
     secs = time.perf_counter() - t
     q = r.graph
     fqs = [n for n in q.nodes if n.op_type == "FakeQuant" and n.attr("kind") == "weight"]

@@ -105,12 +105,11 @@ def save(res: dict) -> None:
 
 
 def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
-    import onnx
     import torch
     from cifar_resnet import resnet_cifar
 
     import graphopt
-    from graphopt.backends.lowering import lower, to_model
+    from graphopt.backends.lowering import export_file
     from graphopt.passmanager import Context, PassManager, TrainingData
 
     opts, _ = ROWS[row]
@@ -136,9 +135,8 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     secs = time.perf_counter() - t
     q = r.graph
     sim = torch_logits(graphopt.to_torch(q).eval(), xt)
-    low, rep = lower(q, "qdq")
     out = WORK / f"{row}.onnx"
-    onnx.save(to_model(low, rep.opset), str(out))
+    export_file(q, out, "qdq")
     ort = ort_logits(out, xt)
     out_fq = q.outputs[0].producer  # the logits' own quantizer: its step is the unit of the difference
     step = float(np.asarray(q.const_value(out_fq.inputs[1])).max()) if out_fq.op_type == "FakeQuant" else None

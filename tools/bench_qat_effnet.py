@@ -48,10 +48,9 @@ FT = "finetune{{epochs={epochs},batch_size=16,lr=0.001,kd_weight=1.0,temperature
 
 
 def run_row(row: str, epochs: int) -> dict:
-    import onnx
 
     import graphopt
-    from graphopt.backends.lowering import lower, to_model
+    from graphopt.backends.lowering import export_file
     from graphopt.passmanager import Context, PassManager, TrainingData
 
     pipe, train, _ = ROWS[row]
@@ -65,9 +64,8 @@ def run_row(row: str, epochs: int) -> dict:
                                          teacher=g.copy()))
     secs = time.perf_counter() - t
     sim = torch_logits(graphopt.to_torch(r.graph).eval(), xt, 62)
-    low, rep = lower(r.graph, "qdq")
     out = WORK / f"{row}.onnx"
-    onnx.save(to_model(low, rep.opset), str(out))
+    export_file(r.graph, out, "qdq")
     ort = ort_logits(out, xt, 62)
     return {"pipeline": pipe, "epochs": epochs if train else 0, "torch_top1": top1_pct(sim, yt),
             "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort), "wall_s": round(secs, 1),

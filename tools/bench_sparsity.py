@@ -74,7 +74,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     from cifar_resnet import resnet_cifar
 
     import graphopt
-    from graphopt.backends.lowering import lower, to_model
+    from graphopt.backends.lowering import export_file
     from graphopt.passmanager import Context, PassManager, TrainingData
 
     prune, oneshot, after, _ = ROWS[row]
@@ -98,8 +98,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     sim = torch_logits(graphopt.to_torch(q).eval(), xt)
     out = WORK / f"{row.replace(':', '_')}.onnx"
     if after:
-        low, rep = lower(q, "qdq")
-        onnx.save(to_model(low, rep.opset), str(out))
+        export_file(q, out, "qdq")
     else:
         graphopt.save_onnx(q, out)
         onnx.checker.check_model(str(out), full_check=True)

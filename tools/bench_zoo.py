@@ -28,7 +28,6 @@ already there, so the table can be finished across sessions.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -116,18 +115,13 @@ def top1(path, x, y) -> float:
 
 def convert(src: Path, out: Path, calib: np.ndarray, pipeline: str) -> float:
     import graphopt
-    from graphopt.backends.lowering import lower, to_model
+    from graphopt.backends.lowering import export_file
     from graphopt.passmanager import Context, PassManager
 
     t = time.perf_counter()
     g = graphopt.load_onnx(str(src))
     r = PassManager(pipeline).run(g, Context(calib=calib))
-    low, rep = lower(r.graph, "qdq")
-    import onnx
-
-    tmp = out.with_suffix(".part")
-    onnx.save(to_model(low, rep.opset), str(tmp))
-    os.replace(tmp, out)
+    export_file(r.graph, out, "qdq")
     return time.perf_counter() - t
 
 

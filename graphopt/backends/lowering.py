@@ -155,6 +155,35 @@ def _split_for_float_layers(g: Graph, n: Node, q, float_layers: set, rep: LowerR
     rep.simulated_why[copy.name] = "it feeds a layer whose weight is simulated in float"
 
 
+def export(graph: Graph, fmt: str = "float") -> tuple[onnx.ModelProto, LowerReport | None]:
+    """The one way a graph becomes an ONNX model: a float graph as it is (``fmt='float'``), a
+    quantized one lowered to ``fmt`` (``qdq``, ``qoperator``, or ``float``: its exact float
+    simulation). Returns the model and the lowering report (None for a float graph)."""
+    from graphopt.serialize import to_onnx
+
+    if fmt == "float" and not is_quantized(graph):
+        return to_onnx(graph), None
+    lowered, rep = lower(graph, fmt)
+    return to_model(lowered, rep.opset), rep
+
+
+def export_file(graph: Graph, path: str | os.PathLike, fmt: str = "float", *,
+                external_data: bool | None = None) -> LowerReport | None:
+    """``export`` written atomically to ``path`` (a float graph through ``save_onnx``, which can
+    write large weights as external data). Returns the lowering report, or None."""
+    from graphopt.atomic import atomic_paths
+    from graphopt.serialize import save_onnx
+
+    if fmt == "float" and not is_quantized(graph):
+        save_onnx(graph, path, external_data=external_data)
+        return None
+    model, rep = export(graph, fmt)
+    with atomic_paths(str(path)) as (tmp,):
+        with open(tmp, "wb") as fh:
+            fh.write(model.SerializeToString())
+    return rep
+
+
 def to_model(g: Graph, opset: int) -> onnx.ModelProto:
     """Serialize a lowered graph, converting its default-domain opset up to ``opset`` if needed.
 

@@ -34,6 +34,7 @@ from graphopt.errors import GraphOptError, UnsupportedOpError
 from graphopt.ir import Graph, Node, Value, is_param
 from graphopt.masks import get_mask
 from graphopt.meta import BN_STATS, MASK
+from graphopt.training.bnfold import refold, refoldable
 
 _LOWERINGS: dict[tuple[str, str], Callable[["_Builder", Node], list]] = {}
 _INT64_MAX = 2 ** 63 - 1
@@ -510,7 +511,7 @@ def _batch_stats_bn(b, n, out):
     quantizer that follows a per-channel rescaling. Any other layer keeps its BN frozen."""
     if b.folded_bn != "batch":
         return out
-    why = _refoldable(b.graph, n)
+    why = refoldable(b.graph, n)
     if why:
         import logging
 
@@ -532,85 +533,6 @@ def _batch_stats_bn(b, n, out):
     fixed = {k: np.array(v, copy=True) for k, v in params_of(b.graph, w_fq).items() if not q.trainable(k)}
     b.bn_folds[n.name] = {"module": attr, "fixed": fixed}
     return b.fx.call_module(attr, (out,))
-
-
-def _refoldable(graph: Graph, n: Node) -> str | None:
-    from graphopt.geometry import geometry
-    from graphopt.quantizers.base import from_node, is_fake_quant, params_of
-
-    stats = n.outputs[0].meta.get(BN_STATS)
-    if stats is None:
-        return "no folded BN"
-    if n.op_type == "Gemm" and (n.attr("transA", 0) or n.attr("alpha", 1.0) != 1.0 or n.attr("beta", 1.0) != 1.0):
-        return "Gemm with transA or alpha/beta"
-    w_fq = n.inputs[1].producer
-    if not is_fake_quant(w_fq) or graph.const_value(w_fq.inputs[0]) is None:
-        return "the weight is not a fake-quantized constant"
-    geo = geometry(n)
-    w = np.asarray(graph.const_value(w_fq.inputs[0]))
-    c = geo.out_channels(w.shape)
-    if np.asarray(stats["gamma"]).size != c:
-        return "its BN statistics do not match its channels"
-    if len(n.inputs) < 3 or n.inputs[2] is None:
-        return "no bias"
-    bias = n.inputs[2]
-    if is_fake_quant(bias.producer):
-        bias = bias.producer.inputs[0]
-    if graph.const_value(bias) is None:
-        return "the bias is computed"
-    q, axis = from_node(w_fq), w_fq.attr("axis")
-    if axis is None or axis != geo.out_axis:
-        return "the weight quantizer is not per output channel"
-    params = params_of(graph, w_fq)
-    g = np.random.default_rng(0).uniform(0.5, 2.0, c)
-    moved = q.rescaled(params, g, axis)
-    if moved is None:
-        return f"the {q.scheme} weight quantizer cannot follow a per-channel rescaling"
-    shape = [1] * w.ndim
-    shape[axis] = c
-    lhs = q.apply_np(w * g.reshape(shape), moved, axis)
-    rhs = q.apply_np(w, params, axis) * g.reshape(shape)
-    if not np.allclose(lhs, rhs, rtol=1e-4, atol=1e-6 * float(np.abs(rhs).max() or 1.0)):
-        return f"the {q.scheme} weight quantizer is not scale-equivariant"
-    return None
-
-
-def refold(graph: Graph, n: Node, bn: "FoldedBatchNorm", fixed: dict[str, np.ndarray] | None = None) -> None:
-    """Fold a ``FoldedBatchNorm`` back into layer ``n``: with g = weight / sqrt(running_var +
-    eps) and shift = bias - g * running_mean, the weight and its quantizer's scale parameters
-    scale by g (the integer codes do not change) and the bias becomes g * bias + shift. The
-    graph then computes what the module computes in ``eval()``. ``fixed``: the quantizer's
-    parameters as the module was built, for those that do not train (the graph's may already
-    have been scaled by an earlier refold)."""
-    from graphopt.geometry import geometry
-    from graphopt.meta import BN_STATS as _BN
-    from graphopt.quantizers.base import from_node, is_fake_quant, params_of
-
-    with torch.no_grad():
-        weight, shift_b = (t.detach().double().numpy() for t in (bn.weight, bn.bias))
-        mean, var = (t.detach().double().numpy() for t in (bn.running_mean, bn.running_var))
-    g = weight / np.sqrt(var + bn.eps)
-    if not np.all(np.isfinite(g)) or np.any(g <= 0):
-        raise GraphOptError(f"cannot fold the trained BatchNorm back into '{n.source}': its scale is not positive "
-                            f"and finite in every channel")
-    shift = shift_b - g * mean
-    w_fq = n.inputs[1].producer
-    q, axis = from_node(w_fq), w_fq.attr("axis")
-    w_v = w_fq.inputs[0]
-    w = np.asarray(graph.const_value(w_v))
-    geo = geometry(n)
-    graph.set_const(w_v, geo.from_out_view(geo.out_view(w) * g[:, None], w.shape).astype(w.dtype))
-    moved = q.rescaled({**params_of(graph, w_fq), **(fixed or {})}, g, axis)
-    for i, name in enumerate(q.param_names, start=1):
-        if name in q.scale_params:
-            v = w_fq.inputs[i]
-            graph.set_const(v, np.asarray(moved[name], np.asarray(graph.const_value(v)).dtype))
-    bias = n.inputs[2]
-    if is_fake_quant(bias.producer):
-        bias = bias.producer.inputs[0]
-    old = np.asarray(graph.const_value(bias))
-    graph.set_const(bias, (g * old.astype(np.float64) + shift).astype(old.dtype))
-    n.outputs[0].meta[_BN] = {"gamma": weight.astype(np.float32), "beta": shift_b.astype(np.float32)}
 
 
 @lowering("BatchNormalization")
@@ -1073,6 +995,9 @@ def write_back(graph: Graph, module: TorchGraphModule) -> int:
         for layer, info in folds.items():
             if layer not in by_name:
                 raise GraphOptError(f"graph has no layer '{layer}' to fold its trained BatchNorm into")
-            refold(graph, by_name[layer], module.get_submodule(info["module"]), info.get("fixed"))
+            bn = module.get_submodule(info["module"])
+            with torch.no_grad():
+                stats = [t.detach().double().numpy() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+            refold(graph, by_name[layer], *stats, bn.eps, info.get("fixed"))
         refresh_bias_scales(graph)
     return n
