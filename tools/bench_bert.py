@@ -26,20 +26,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from common import median_time, ort_session
-
-SUBJECTS = ["the cat", "a compiler", "my neighbour", "the old train", "this graph", "a quiet river", "the market",
-            "our team", "the new phone", "a small bakery", "the weather", "every student"]
-VERBS = ["likes", "breaks", "follows", "explains", "ignores", "builds", "paints", "measures", "sells", "watches"]
-OBJECTS = ["the morning news", "a red bicycle", "integer kernels", "the mountain road", "old photographs",
-           "a cup of tea", "the football match", "quantized weights", "the city lights", "a long novel"]
-TAILS = ["", " today", " every weekend", " without any doubt", " in the rain", " before dinner", " slowly"]
-
-
-def sentences(n: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
-    return [f"{pick(SUBJECTS)} {pick(VERBS)} {pick(OBJECTS)}{pick(TAILS)}." for _ in range(n)]
+from common import median_time, ort_session, sentences
 
 
 def export(path: Path, seq: int):

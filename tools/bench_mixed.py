@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_zoo import data, fp32_file, top1
-from common import load_results, ort_session, save_results
+from common import fp32_file, load_results, ort_session, ort_top1, ptq_data, save_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mixed.json"
 CACHE = Path(tempfile.gettempdir()) / "graphopt-mixed"
@@ -69,7 +68,7 @@ def run(model: str, row: str) -> dict:
     from graphopt.passmanager import Context, PassManager
 
     what, budget, wbits, extra = ROWS[row]
-    calib, ycal, xt, yt = data(model)
+    calib, ycal, xt, yt = ptq_data(model)
     pipe = PREFIX
     if budget:
         budget = budget.format(avg4=round(avg_bits(model, 8, 4), 4), avg3=round(avg_bits(model, 8, 3), 4),
@@ -89,7 +88,7 @@ def run(model: str, row: str) -> dict:
     st = r.stats.get("choose-bits", [{}])[0]
     kr = ort_kernel_report(str(out))
     hist = {int(b): int((bits == b).sum()) for b in np.unique(bits)}
-    return {"pipeline": pipe, "test": top1(out, xt, yt), "calib": top1(out, calib, ycal),
+    return {"pipeline": pipe, "test": ort_top1(out, xt, yt), "calib": ort_top1(out, calib, ycal),
             "mb": round(out.stat().st_size / 1e6, 3), "convert_s": round(secs, 1),
             "avg_bits": round(float((sizes * bits).sum() / sizes.sum()), 4), "budget": budget, "layers_at": {str(k): v for k, v in sorted(hist.items())},
             "float_layers": len(kr["float"]), "integer_layers": int(sum(kr["integer"].values())),
@@ -101,7 +100,7 @@ def latency(model: str, rounds: int) -> None:
 
     res = load_results(RESULTS)
     ref = CACHE / model / "uniform4.onnx"
-    x = data(model)[2][:1]
+    x = ptq_data(model)[2][:1]
     s_ref = ort_session(ref)
     feed = {s_ref.get_inputs()[0].name: x}
     for row in ROWS:

@@ -28,6 +28,7 @@ from common import (
     SHARED,
     batched,
     cifar10,
+    cifar_augment,
     cifar_normalize,
     need_shared,
     ort_session,
@@ -206,20 +207,6 @@ def main() -> int:
         print(f"top-1 {a0:.2f} % -> {a_ft:.2f} % vs FP32 {rows[0][1]:.2f} % (loss {rows[0][1] - a_ft:+.2f} pt, "
               f"target <= 1.5) at {mr:.3f} of the MACs and {final.num_params() / g.num_params():.3f} of the params")
     return 0
-
-
-def cifar_augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random crop with 4-pixel zero padding and random horizontal flip, vectorized."""
-    n, c, h, w = batch.shape
-    padded = np.pad(batch, ((0, 0), (0, 0), (4, 4), (4, 4)))
-    dy, dx = rng.integers(0, 9, n), rng.integers(0, 9, n)
-    rows = dy[:, None] + np.arange(h)[None, :]
-    cols = dx[:, None] + np.arange(w)[None, :]
-    out = padded[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
-    flip = rng.random(n) < 0.5
-    out[flip] = out[flip][..., ::-1]
-    return out
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import numpy as np
 from common import (
     agree_pct,
     cifar10,
+    cifar_augment,
     cifar_normalize,
     load_results,
     ort_logits,
@@ -83,19 +84,6 @@ ROWS = {
 }
 
 
-def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random crop with 4 pixels of zero padding and a random horizontal flip, batched."""
-    n, c, h, w = x.shape
-    p = np.pad(x, ((0, 0), (0, 0), (4, 4), (4, 4)))
-    dy, dx = rng.integers(0, 9, n), rng.integers(0, 9, n)
-    rows = (dy[:, None] + np.arange(h))[:, :, None]  # [n, h, 1]
-    cols = (dx[:, None] + np.arange(w))[:, None, :]  # [n, 1, w]
-    flip = rng.random(n) < 0.5
-    cols = np.where(flip[:, None, None], cols[:, :, ::-1], cols)
-    out = p[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None], rows[:, None], cols[:, None]]
-    return np.ascontiguousarray(out, np.float32)
-
-
 def load() -> dict:
     return load_results(RESULTS)
 
@@ -130,7 +118,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
         pipe += (f",finetune{{epochs={epochs},batch_size=128,lr={lr},weight_decay=0.0001,kd_weight=0.5,"
                  f"temperature=4,bn_batch_epochs={bn_batch},checkpoint={ck},resume=true}}")
     t = time.perf_counter()
-    ctx = Context(calib=calib, train=TrainingData(xtr, ytr, augment), teacher=g.copy())
+    ctx = Context(calib=calib, train=TrainingData(xtr, ytr, cifar_augment), teacher=g.copy())
     r = PassManager(pipe).run(g, ctx)
     secs = time.perf_counter() - t
     q = r.graph
@@ -187,19 +175,26 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     model = from_fp32(fp32, wb, ab, 8 if ab < 4 else ab)
     WORK.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    stats = train(model, fp32, xtr, ytr, augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row}.pt")
+    stats = train(model, fp32, xtr, ytr, cifar_augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row}.pt")
     secs = time.perf_counter() - t
+    if hasattr(peer, "freeze"):  # torch.ao: observers off and BN frozen before anything is scored
+        peer.freeze(model)
     sim = torch_logits(model, xt)
+    conv = torch_logits(peer.converted(model), xt) if hasattr(peer, "converted") else None
     out = WORK / f"{row}.onnx"
     why = export(model, out)
     res = {"pipeline": f"{row.split('-')[0]} {row}: W{wb}A{ab}, first conv and classifier W8", "epochs": epochs,
            "torch_top1": top1_pct(sim, yt), "wall_s": round(secs, 1),
            "s_per_epoch": round(secs / max(epochs, 1), 1), "steps": stats["steps"], "train_images": len(xtr),
            "ort_top1": None, "agree": None, "mb": None, "export": why or "ok"}
+    if conv is not None:  # the peer's own converted model, scored in torch too
+        res.update(converted_top1=top1_pct(conv, yt), converted_agree=agree_pct(sim, conv))
     if why is None:
         try:
             bs = 1 if ort_session(out).get_inputs()[0].shape[0] == 1 else 500  # Brevitas exports a fixed batch of one
             ort = ort_logits(out, xt, bs)
+            if conv is not None:
+                res["ort_agree_converted"] = agree_pct(conv, ort)
             res.update(ort_top1=top1_pct(ort, yt), agree=agree_pct(sim, ort),
                        max_diff=float(np.abs(ort - sim).max()), mb=round(out.stat().st_size / 1e6, 3))
             import onnx

@@ -29,8 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_zoo import data, fp32_file
-from common import agree_pct, load_results, ort_logits, save_results, top1_pct, torch_logits
+from common import agree_pct, fp32_file, load_results, ort_logits, ptq_data, save_results, top1_pct, torch_logits
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_effnet.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-qat-effnet"
@@ -54,7 +53,7 @@ def run_row(row: str, epochs: int) -> dict:
     from graphopt.passmanager import Context, PassManager, TrainingData
 
     pipe, train, _ = ROWS[row]
-    calib, _, xt, yt = data("effnet")  # the calibration labels are not used
+    calib, _, xt, yt = ptq_data("effnet")  # the calibration labels are not used
     WORK.mkdir(parents=True, exist_ok=True)
     if train:
         pipe += "," + FT.format(epochs=epochs, ck=WORK / f"{row}.pt")

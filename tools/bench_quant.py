@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import SHARED, imagenet_sample, median_time, need_shared, ort_session
+from common import SHARED, OrtReader, imagenet_sample, median_time, need_shared, ort_session
 
 ROWS = [
     ("graphopt naive per-tensor W8A8", "canonicalize,quantize{weights=int8:tensor}", "ort-tensor"),
@@ -35,29 +35,12 @@ EXTRA = [
 ]
 
 
-class Reader:
-    """onnxruntime CalibrationDataReader over an array, batch by batch."""
-
-    def __init__(self, x: np.ndarray, name: str, batch: int = 16):
-        self.x, self.name, self.batch, self.i = x, name, batch, 0
-
-    def get_next(self):
-        if self.i >= len(self.x):
-            return None
-        b = self.x[self.i:self.i + self.batch]
-        self.i += self.batch
-        return {self.name: b}
-
-    def rewind(self):
-        self.i = 0
-
-
 def ort_quantize(src: Path, out: Path, calib: np.ndarray, kind: str) -> float:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     t = time.perf_counter()
     wt = QuantType.QInt4 if kind == "ort-w4" else QuantType.QInt8
-    quantize_static(str(src), str(out), Reader(calib, "input"), quant_format=QuantFormat.QDQ,
+    quantize_static(str(src), str(out), OrtReader(calib, "input"), quant_format=QuantFormat.QDQ,
                     per_channel=kind != "ort-tensor", activation_type=QuantType.QUInt8, weight_type=wt,
                     calibrate_method=CalibrationMethod.MinMax)
     return time.perf_counter() - t

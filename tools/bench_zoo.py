@@ -29,24 +29,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from common import (
-    SHARED,
-    cifar10,
-    cifar_normalize,
-    imagenet_sample,
+    PTQ_CACHE,
+    fp32_file,
     load_results,
-    need_shared,
     ort_session,
+    ort_top1,
+    ptq_data,
     save_results,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "zoo.json"
-CACHE = Path(tempfile.gettempdir()) / "graphopt-zoo"
+CACHE = PTQ_CACHE
 PREFIX = "canonicalize,fold-bn,equalize,absorb-bias"
 # row -> (weight spec with {b}, weight_method, bit widths it has)
 ROWS = {
@@ -80,39 +78,6 @@ ROWS = {
 PEER_BITS = (8, 4)
 
 
-def data(model: str):
-    if model == "effnet":
-        x, y = imagenet_sample()
-        return x[:128], y[:128], x[128:], y[128:]
-    xt, yt = cifar10("test")
-    xtr, ytr = cifar10("train")
-    idx = np.random.default_rng(0).permutation(len(ytr))[:256]
-    return cifar_normalize(xtr[idx]), ytr[idx], cifar_normalize(xt), yt
-
-
-def fp32_file(model: str) -> Path:
-    if model == "effnet":
-        return need_shared(SHARED / "models" / "efficientnet_lite0.onnx")
-    out = CACHE / "resnet20_fp32.onnx"
-    if not out.exists():
-        import torch
-        from cifar_resnet import resnet_cifar
-
-        import graphopt
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        g = graphopt.from_torch(resnet_cifar(20), torch.zeros(1, 3, 32, 32))
-        graphopt.save_onnx(g, out)
-    return out
-
-
-def top1(path, x, y) -> float:
-    sess = ort_session(path)
-    name = sess.get_inputs()[0].name
-    logits = np.concatenate([sess.run(None, {name: x[i:i + 250]})[0] for i in range(0, len(x), 250)])
-    return round(100 * float((logits.argmax(1) == y).mean()), 2)
-
-
 def convert(src: Path, out: Path, calib: np.ndarray, pipeline: str) -> float:
     import graphopt
     from graphopt.backends.lowering import export_file
@@ -126,12 +91,12 @@ def convert(src: Path, out: Path, calib: np.ndarray, pipeline: str) -> float:
 
 
 def ort_peer(src: Path, out: Path, calib: np.ndarray, bits: int) -> float:
-    from bench_quant import Reader
+    from common import OrtReader
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     name = ort_session(src).get_inputs()[0].name
     t = time.perf_counter()
-    quantize_static(str(src), str(out), Reader(calib, name), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(src), str(out), OrtReader(calib, name), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt4 if bits == 4 else QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
@@ -154,7 +119,7 @@ def measure(model: str, rows: list[str], bits_wanted: set[int], redo: bool) -> N
     from graphopt.backends.lowering import ort_kernel_report
 
     src = fp32_file(model)
-    calib, ycal, xt, yt = data(model)
+    calib, ycal, xt, yt = ptq_data(model)
     res = load()
     jobs = [("fp32", None, None, None)]
     jobs += [(f"ort/w{b}", "ort", b, None) for b in PEER_BITS]
@@ -183,7 +148,7 @@ def measure(model: str, rows: list[str], bits_wanted: set[int], redo: bool) -> N
                     + (",correct-bias" if bc else ""))
             secs = convert(src, out, calib, pipe)
         kr = ort_kernel_report(str(out))
-        res[full] = {"pipeline": pipe, "test": top1(out, xt, yt), "calib": top1(out, calib, ycal),
+        res[full] = {"pipeline": pipe, "test": ort_top1(out, xt, yt), "calib": ort_top1(out, calib, ycal),
                      "mb": round(out.stat().st_size / 1e6, 3), "convert_s": None if secs is None else round(secs, 2),
                      "float_layers": len(kr["float"]), "integer_layers": int(sum(kr["integer"].values()))}
         save(res)
@@ -205,7 +170,7 @@ def latency(model: str, rounds: int) -> None:
 
     res = load()
     src = fp32_file(model)
-    _, _, xt, _ = data(model)
+    _, _, xt, _ = ptq_data(model)
     fp = ort_session(src)
     name = fp.get_inputs()[0].name
     refs = {}

@@ -184,3 +184,85 @@ def save_results(path: Path, res: dict) -> None:
     tmp = path.with_suffix(".part")
     tmp.write_text(json.dumps(res, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ shared by several benchmarks
+PTQ_CACHE = Path(tempfile.gettempdir()) / "graphopt-zoo"
+
+
+def ptq_data(model: str):
+    """(calibration x, y, test x, y) of the PTQ benchmarks: EfficientNet-Lite0 calibrates on the
+    first 128 imagenet-sample images and scores on the other 372; ResNet-20 calibrates on 256
+    CIFAR-10 training images (seed 0) and scores on all 10,000 test images."""
+    if model == "effnet":
+        x, y = imagenet_sample()
+        return x[:128], y[:128], x[128:], y[128:]
+    xt, yt = cifar10("test")
+    xtr, ytr = cifar10("train")
+    idx = np.random.default_rng(0).permutation(len(ytr))[:256]
+    return cifar_normalize(xtr[idx]), ytr[idx], cifar_normalize(xt), yt
+
+
+def fp32_file(model: str) -> Path:
+    if model == "effnet":
+        return need_shared(SHARED / "models" / "efficientnet_lite0.onnx")
+    out = PTQ_CACHE / "resnet20_fp32.onnx"
+    if not out.exists():
+        import torch
+        from cifar_resnet import resnet_cifar
+
+        import graphopt
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        g = graphopt.from_torch(resnet_cifar(20), torch.zeros(1, 3, 32, 32))
+        graphopt.save_onnx(g, out)
+    return out
+
+
+def ort_top1(path, x, y) -> float:
+    """Top-1 (%, two decimals) of an ONNX file in onnxruntime."""
+    return round(top1_pct(ort_logits(path, x, 250), y), 2)
+
+
+def cifar_augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random crop with 4 pixels of zero padding and a random horizontal flip, batched."""
+    n, c, h, w = x.shape
+    p = np.pad(x, ((0, 0), (0, 0), (4, 4), (4, 4)))
+    dy, dx = rng.integers(0, 9, n), rng.integers(0, 9, n)
+    rows = (dy[:, None] + np.arange(h))[:, :, None]  # [n, h, 1]
+    cols = (dx[:, None] + np.arange(w))[:, None, :]  # [n, 1, w]
+    flip = rng.random(n) < 0.5
+    cols = np.where(flip[:, None, None], cols[:, :, ::-1], cols)
+    out = p[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None], rows[:, None], cols[:, None]]
+    return np.ascontiguousarray(out, np.float32)
+
+
+class OrtReader:
+    """onnxruntime CalibrationDataReader over an array, batch by batch."""
+
+    def __init__(self, x: np.ndarray, name: str, batch: int = 16):
+        self.x, self.name, self.batch, self.i = x, name, batch, 0
+
+    def get_next(self):
+        if self.i >= len(self.x):
+            return None
+        b = self.x[self.i:self.i + self.batch]
+        self.i += self.batch
+        return {self.name: b}
+
+    def rewind(self):
+        self.i = 0
+
+
+SUBJECTS = ["the cat", "a compiler", "my neighbour", "the old train", "this graph", "a quiet river", "the market",
+            "our team", "the new phone", "a small bakery", "the weather", "every student"]
+VERBS = ["likes", "breaks", "follows", "explains", "ignores", "builds", "paints", "measures", "sells", "watches"]
+OBJECTS = ["the morning news", "a red bicycle", "integer kernels", "the mountain road", "old photographs",
+           "a cup of tea", "the football match", "quantized weights", "the city lights", "a long novel"]
+TAILS = ["", " today", " every weekend", " without any doubt", " in the rain", " before dinner", " slowly"]
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    return [f"{pick(SUBJECTS)} {pick(VERBS)} {pick(OBJECTS)}{pick(TAILS)}." for _ in range(n)]

@@ -56,14 +56,33 @@ def from_fp32(fp32: nn.Module, wb: int, ab: int, edge_ab: int) -> nn.Module:
         return prepare_qat_fx(copy.deepcopy(fp32).train(), mapping, (torch.zeros(1, 3, 32, 32),))
 
 
-def export(model: nn.Module, path: Path) -> str | None:
-    """convert_fx, then torch.onnx.export; None, or why it failed."""
+def freeze(model: nn.Module) -> nn.Module:
+    """torch.ao's recipe before scoring and converting: observers off (``FakeQuantize`` observes
+    whenever its observer is enabled, whatever ``.eval()`` says, so its ranges would keep
+    adapting to the images being scored) and BN statistics frozen."""
+    from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+    from torch.ao.quantization import disable_observer
+
+    model.apply(disable_observer)
+    model.apply(freeze_bn_stats)
+    return model.eval()
+
+
+def converted(model: nn.Module) -> nn.Module:
+    """``convert_fx`` of a frozen copy: torch.ao's own quantized model (quint8/qint8 kernels)."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert_fx(copy.deepcopy(model).eval())
+
+
+def export(model: nn.Module, path: Path) -> str | None:
+    """convert_fx, then torch.onnx.export; None, or why it failed."""
     try:
+        q = converted(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = convert_fx(copy.deepcopy(model).eval())
             torch.onnx.export(q, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
                               input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
