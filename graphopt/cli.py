@@ -175,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--val-data", metavar="X.npy", help="held-out inputs to score each round on")
     lt.add_argument("--val-labels", metavar="Y.npy", help="their labels (top-1 per round; without them the table "
                     "shows the training loss)")
-    lt.add_argument("--controls", default="ticket", help="comma-separated: ticket, reinit (the ticket's masks, fresh "
-                    "weights), random_mask (a random mask, same per-layer sparsity); default %(default)s")
+    lt.add_argument("--controls", default="ticket", help="comma-separated: ticket, reinit (each round the ticket's mask "
+                    "of that round, fresh weights), random_mask (each round a random mask with the ticket's per-layer "
+                    "counts, the ticket's initial weights); the controls follow the ticket's state in --state, so the "
+                    "ticket runs first; default %(default)s")
     lt.add_argument("--rounds", type=_positive_int, default=5, help="train/prune rounds (default %(default)s)")
     lt.add_argument("--rate", type=float, default=0.2, help="share of surviving weights pruned per round, by one "
                     "global magnitude threshold (default %(default)s)")
@@ -936,18 +938,21 @@ def cmd_lottery(args) -> int:
     state = Path(args.state)
     state.mkdir(parents=True, exist_ok=True)
     runs, first = {}, None
-    for c in controls:
+    ticket = state / f"ticket-rewind{args.rewind}"
+    for c in sorted(controls, key=lambda c: c != "ticket"):  # the controls follow the ticket's masks
         g = graph.copy()
         runs[c] = lottery_ticket(g, x, y, rounds=args.rounds, rate=args.rate, rewind_step=args.rewind, control=c,
-                                 config=cfg, evaluate=evaluate, state=state / f"{c}-rewind{args.rewind}")
-        first = g if first is None else first
+                                 config=cfg, evaluate=evaluate, state=state / f"{c}-rewind{args.rewind}",
+                                 ticket=None if c == "ticket" else ticket)
+        if first is None:
+            first, first_name = g, c
     print(f"lottery tickets: {args.rounds} rounds, {100 * args.rate:g}% of survivors pruned per round, rewind to step "
           f"{args.rewind}, {args.epochs} epoch(s) per round; " + ("top-1 % on --val-data" if evaluate else
                                                                    "training loss (no --val-data)"))
     print(format_table(runs))
     if args.output:
         save_onnx(first, args.output)
-        print(f"wrote {args.output} ({controls[0]}, round {args.rounds})")
+        print(f"wrote {args.output} ({first_name}, round {args.rounds})")
     if args.plot:
         plot_curves(args.plot, runs, ylabel="top-1 %")
         print(f"wrote {args.plot}")

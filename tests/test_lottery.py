@@ -55,23 +55,69 @@ def test_late_rewinding_controls_and_resume(tmp_path):
             assert not d[f"trained/{v.name}"][~keep].any()
     more = lottery_ticket(g.copy(), x, y, rounds=3, rate=0.3, rewind_step=2, config=cfg, evaluate=acc, state=st)
     assert len(more) == 3 and more[:2] == first and more[2]["remaining"] == pytest.approx(0.49, abs=0.01)
-    ticket = g.copy()
-    lottery_ticket(ticket, x, y, rounds=2, rate=0.5, config=FinetuneConfig(epochs=1, batch_size=32, lr=0.0))
-    rand = g.copy()
-    lottery_ticket(rand, x, y, rounds=2, rate=0.5, control="random_mask",
-                   config=FinetuneConfig(epochs=1, batch_size=32, lr=0.0))
-    for a, b in zip(_weights(ticket), _weights(rand)):  # same per-layer counts, other weights kept
-        assert get_mask(a).keep.sum() == get_mask(b).keep.sum()
-        assert not np.array_equal(get_mask(a).keep, get_mask(b).keep)
-    re = g.copy()
-    lottery_ticket(re, x, y, rounds=1, rate=0.5, control="reinit", config=FinetuneConfig(epochs=1, batch_size=32, lr=0.0))
-    assert not np.allclose(np.asarray(_weights(re)[0].const), np.asarray(_weights(g)[0].const))
     with pytest.raises(GraphOptError, match="cannot rewind to step 99"):
         lottery_ticket(g.copy(), x, y, rounds=2, rewind_step=99, config=FinetuneConfig(epochs=1, batch_size=32))
     with pytest.raises(GraphOptError, match="written by another run"):
         lottery_ticket(g.copy(), x, y, rounds=3, rate=0.5, rewind_step=2, config=cfg, state=st)
     with pytest.raises(GraphOptError, match="rate per round must be in"):
         lottery_ticket(g.copy(), x, y, rate=1.0)
+
+
+def _round_masks(state) -> dict[int, dict[str, np.ndarray]]:
+    """The mask of each round (2, 3, ...) a run's state recorded, per weight."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    with np.load(str(state) + ".npz") as d:
+        for k in d.files:
+            if k.startswith("round"):
+                r, name = k[5:].split("/", 1)
+                out.setdefault(int(r), {})[name] = d[k]
+    return out
+
+
+def test_controls_follow_the_ticket_round_by_round(tmp_path):
+    """Frankle & Carbin's controls, with a real learning rate over 4 rounds: reinit trains each
+    round under the ticket's mask of that round from fresh weights; random_mask draws, each round,
+    a mask with the ticket's per-layer counts (its masks differ, nested round to round)."""
+    g, x, y = _task()
+    cfg = FinetuneConfig(epochs=2, batch_size=32, lr=0.05)
+    tk = tmp_path / "ticket"
+    ticket = g.copy()
+    lottery_ticket(ticket, x, y, rounds=4, rate=0.3, config=cfg, state=tk)
+    tmasks = _round_masks(tk)
+    assert sorted(tmasks) == [2, 3, 4]
+    re = g.copy()
+    lottery_ticket(re, x, y, rounds=4, rate=0.3, control="reinit", config=cfg, state=tmp_path / "re", ticket=tk)
+    rmasks = _round_masks(tmp_path / "re")
+    for r in (2, 3, 4):
+        for name, m in tmasks[r].items():
+            np.testing.assert_array_equal(rmasks[r][name], m)  # the ticket's mask of that round
+    for a, b in zip(_weights(re), _weights(ticket)):
+        np.testing.assert_array_equal(get_mask(a).keep, get_mask(b).keep)
+    # other weights trained under the same masks
+    assert not np.allclose(np.concatenate([np.ravel(a.const) for a in _weights(re)]),
+                           np.concatenate([np.ravel(b.const) for b in _weights(ticket)]))
+    rm = g.copy()
+    lottery_ticket(rm, x, y, rounds=4, rate=0.3, control="random_mask", config=cfg, state=tmp_path / "rm", ticket=tk)
+    mmasks = _round_masks(tmp_path / "rm")
+    differ = 0
+    for r in (2, 3, 4):
+        for name, m in tmasks[r].items():
+            assert mmasks[r][name].sum() == m.sum()  # the ticket's per-layer count of that round
+            if 0 < m.sum() < m.size:
+                assert not np.array_equal(mmasks[r][name], m)  # but another mask
+                differ += 1
+            if r > 2:
+                assert not (mmasks[r][name] & ~mmasks[r - 1][name]).any()  # drawn among the survivors
+    assert differ >= 3  # at least one partly pruned layer in every round
+    # the controls refuse to run without the ticket's state, in one line
+    with pytest.raises(GraphOptError, match="control=reinit follows the ticket's masks round by round"):
+        lottery_ticket(g.copy(), x, y, rounds=2, control="reinit", config=cfg)
+    with pytest.raises(GraphOptError, match="no ticket state at"):
+        lottery_ticket(g.copy(), x, y, rounds=2, control="random_mask", config=cfg, ticket=tmp_path / "none")
+    with pytest.raises(GraphOptError, match="has 4 rounds; the control asks for 5"):
+        lottery_ticket(g.copy(), x, y, rounds=5, rate=0.3, control="reinit", config=cfg, ticket=tk)
+    with pytest.raises(GraphOptError, match="is the state of a reinit run, not of the ticket"):
+        lottery_ticket(g.copy(), x, y, rounds=2, control="reinit", config=cfg, ticket=tmp_path / "re")
 
 
 def _files(tmp_path):

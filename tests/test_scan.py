@@ -5,14 +5,14 @@ prune-channels' sensitivity, prune-blocks' block scan) report the same error for
 import numpy as np
 import pytest
 import torch
+from graphopt.passes import _layers as L
+from graphopt.passes.bits import bit_sensitivity, quantizable_layers, quantized_weight
+from graphopt.passes.sparsity import sensitivity_masks
 from nets import build, rel_err, run_ort
 
 from graphopt import from_torch, to_onnx
 from graphopt.allocate import allocate, allocate_to_target
 from graphopt.masks import Mask
-from graphopt.passes import _layers as L
-from graphopt.passes.bits import bit_sensitivity, quantizable_layers, quantized_weight
-from graphopt.passes.sparsity import sensitivity_masks
 from graphopt.passmanager import PassManager
 from graphopt.quantizers import parse
 from graphopt.scan import Scan

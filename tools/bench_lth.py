@@ -62,7 +62,8 @@ def run(control: str, rounds: int, rate: float, epochs: int, n_train: int, rewin
     WORK.mkdir(parents=True, exist_ok=True)
     cfg = FinetuneConfig(epochs=epochs, batch_size=60, lr=2e-4, optimizer="adam", kd_weight=0.0)
     return lottery_ticket(g, xtr, ytr, rounds=rounds, rate=rate, rewind_step=rewind, control=control, config=cfg,
-                          evaluate=score, state=WORK / f"{control}-r{rewind}")
+                          evaluate=score, state=WORK / f"{control}-r{rewind}",
+                          ticket=None if control == "ticket" else WORK / f"ticket-r{rewind}")
 
 
 def table(plot: str | None) -> None:

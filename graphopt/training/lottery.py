@@ -5,14 +5,20 @@ rewinding, and its two controls.
 its current mask (``graphopt.training.finetune``), scores it, prunes ``rate`` of the surviving
 weights by global magnitude, and rewinds the survivors to their values at step ``rewind_step``
 of the first training (0: the initial weights, as the paper; k > 0: the late rewinding of
-Frankle et al. 2020). The controls train the same schedule with:
+Frankle et al. 2020). The ticket run records its mask after every round. The controls are the
+paper's: they do not prune by their own weights, they follow the ticket round by round, and so
+need the ticket's state (``ticket=``):
 
-* ``reinit``: the ticket's mask, but freshly drawn initial weights (torch's default
-  initialization, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from another seed);
-* ``random_mask``: the initial weights under a random mask with the ticket's per-layer sparsity.
+* ``reinit``: round r trains under the *ticket's mask of round r* from freshly drawn weights
+  (torch's default initialization, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), a new draw per round
+  from another seed);
+* ``random_mask``: round r trains the ticket's rewind weights under a *random* mask with the
+  ticket's per-layer counts of round r (each round's mask drawn among the previous round's
+  survivors).
 
-The state after every round (round, masks, rewind weights, results) is saved atomically to
-``state``, so an interrupted run continues from its last completed round with the same call.
+The state after every round (round, masks, rewind weights, results; the ticket's masks of
+every round) is saved atomically to ``state``, so an interrupted run continues from its last
+completed round with the same call.
 """
 
 from __future__ import annotations
@@ -54,13 +60,45 @@ def _save_state(path: Path, state: dict, arrays: dict[str, np.ndarray]) -> None:
         Path(tjson).write_text(json.dumps(state, indent=1))
 
 
+def ticket_masks(ticket: str | os.PathLike, rounds: int, ws) -> list[dict[str, np.ndarray] | None]:
+    """The ticket run's mask of each of ``rounds`` rounds (None for the dense first round), read
+    from its saved state. Refuses, in one line, a state that is missing, is not a ticket's, has
+    fewer rounds, or was written for other layers."""
+    path = Path(ticket)
+    meta_p, arr_p = Path(str(path) + ".json"), Path(str(path) + ".npz")
+    if not meta_p.is_file() or not arr_p.is_file():
+        raise GraphOptError(f"the controls follow the ticket's masks round by round: no ticket state at {path} "
+                            "(run control=ticket with that state first)")
+    meta = json.loads(meta_p.read_text())
+    if meta.get("control") != "ticket":
+        raise GraphOptError(f"{path} is the state of a {meta.get('control')} run, not of the ticket")
+    if meta["round"] < rounds:
+        raise GraphOptError(f"the ticket's state {path} has {meta['round']} rounds; the control asks for {rounds}")
+    out: list[dict[str, np.ndarray] | None] = [None]
+    with np.load(arr_p) as d:
+        for r in range(2, rounds + 1):
+            masks = {}
+            for v in ws:
+                key = f"round{r}/{v.name}"
+                if key not in d.files:
+                    raise GraphOptError(f"the ticket's state {path} has no mask of round {r} for '{v.name}' "
+                                        "(written by another model, or by a graphopt before per-round masks)")
+                if d[key].shape != v.const.shape:
+                    raise GraphOptError(f"the ticket's mask of '{v.name}' is {list(d[key].shape)}, the model's weight "
+                                        f"{list(v.const.shape)}")
+                masks[v.name] = d[key]
+            out.append(masks)
+    return out
+
+
 def lottery_ticket(graph: Graph, x: np.ndarray, y: np.ndarray | None, *, rounds: int = 5, rate: float = 0.2,
                    rewind_step: int = 0, control: str = "ticket", config=None,
                    evaluate: Callable[[Graph], float] | None = None, seed: int = 0,
-                   state: str | os.PathLike | None = None) -> list[dict]:
+                   state: str | os.PathLike | None = None, ticket: str | os.PathLike | None = None) -> list[dict]:
     """Iterative magnitude pruning with rewinding (see the module doc). Returns one row per
     round: the share of weights remaining, the score ``evaluate(graph)`` after training, and
-    the training loss. ``graph`` ends as the last round's trained, pruned network."""
+    the training loss. ``graph`` ends as the last round's trained, pruned network. The controls
+    need ``ticket``: the ``state`` path of the ticket run they follow."""
     from dataclasses import replace
 
     from graphopt.training.finetune import FinetuneConfig, finetune
@@ -79,11 +117,14 @@ def lottery_ticket(graph: Graph, x: np.ndarray, y: np.ndarray | None, *, rounds:
     ws = _weights(graph)
     if not ws:
         raise GraphOptError("the model has no layer with constant weights to prune")
+    follow = None
+    if control != "ticket":
+        if ticket is None:
+            raise GraphOptError(f"control={control} follows the ticket's masks round by round: give the ticket run's "
+                                "state (ticket=...)")
+        follow = ticket_masks(ticket, rounds, ws)
     init = {v.name: np.asarray(v.const).copy() for v in graph.constants.values() if v.const is not None}
-    rng = np.random.default_rng(seed + 7919)
-    if control == "reinit":  # the control's own starting point: fresh weights, same shapes
-        for v in ws:
-            init[v.name] = _fresh_init(v.const.shape, rng)
+    history: dict[str, np.ndarray] = {}  # the ticket's mask of every round, saved with its state
     results: list[dict] = []
     rewind = dict(init)
     start = 0
@@ -95,6 +136,7 @@ def lottery_ticket(graph: Graph, x: np.ndarray, y: np.ndarray | None, *, rounds:
                                 f"{meta.get('rate')}, rewind {meta.get('rewind_step')}); delete it or use another path")
         with np.load(str(spath) + ".npz") as d:
             rewind = {k[7:]: d[k] for k in d.files if k.startswith("rewind/")}
+            history = {k: d[k] for k in d.files if k.startswith("round")}
             for v in ws:  # the last completed round's trained weights and masks: the next round prunes them
                 graph.set_const(v, d[f"trained/{v.name}"])
                 if f"mask/{v.name}" in d.files:
@@ -102,9 +144,18 @@ def lottery_ticket(graph: Graph, x: np.ndarray, y: np.ndarray | None, *, rounds:
         results, start = meta["results"], meta["round"]
         log.info("lottery: resuming at round %d", start + 1)
     for r in range(start, rounds):
-        if r > 0:  # prune the previous round's trained weights, then rewind the survivors
-            _prune_round(graph, ws, rate, control, rng)
-        for name, arr in rewind.items():  # rewind every weight; the masks zero the pruned ones
+        if control == "ticket" and r > 0:  # prune the previous round's trained weights, then rewind
+            _prune_round(graph, ws, rate)
+        elif control == "reinit" and r > 0:  # the ticket's mask of this round
+            for v in ws:
+                set_mask(graph, v, Mask.element(follow[r][v.name]))
+        elif control == "random_mask" and r > 0:  # a random mask with the ticket's per-layer counts
+            _random_round(graph, ws, follow[r], np.random.default_rng([seed + 7919, r]))
+        start_w = dict(rewind)
+        if control == "reinit":  # fresh weights for this round: same shapes and distribution, new seed
+            fresh = np.random.default_rng([seed + 104729, r])
+            start_w.update({v.name: _fresh_init(v.const.shape, fresh) for v in ws})
+        for name, arr in start_w.items():  # rewind every weight; the masks zero the pruned ones
             v = graph.values.get(name)
             if v is not None and v.const is not None and v.const.shape == arr.shape:
                 m = get_mask(v)
@@ -120,8 +171,11 @@ def lottery_ticket(graph: Graph, x: np.ndarray, y: np.ndarray | None, *, rounds:
                "loss": stats["loss"][-1] if stats["loss"] else None}
         results.append(row)
         log.info("lottery round %d: %.1f%% remaining, score %s", r + 1, 100 * row["remaining"], row["score"])
+        if r > 0:
+            history.update({f"round{r + 1}/{v.name}": get_mask(v).keep for v in ws if get_mask(v) is not None})
         if spath is not None:
             arrays = {f"rewind/{k}": v for k, v in rewind.items()}
+            arrays.update(history)
             arrays.update({f"trained/{v.name}": np.asarray(v.const) for v in ws})
             arrays.update({f"mask/{v.name}": get_mask(v).keep for v in ws if get_mask(v) is not None})
             _save_state(spath, {"round": r + 1, "results": results, "control": control, "rate": rate,
@@ -129,26 +183,30 @@ def lottery_ticket(graph: Graph, x: np.ndarray, y: np.ndarray | None, *, rounds:
     return results
 
 
-def _prune_round(graph: Graph, ws, rate: float, control: str, rng) -> None:
-    """Prune ``rate`` of the surviving weights: by global magnitude of the trained weights, or
-    (random_mask) at random with the per-layer counts the magnitude rule would give."""
+def _prune_round(graph: Graph, ws, rate: float) -> None:
+    """Prune ``rate`` of the surviving weights by one global magnitude threshold over the
+    trained weights."""
     cur = [get_mask(v).apply(v.const) if get_mask(v) is not None else np.asarray(v.const) for v in ws]
     total = sum(w.size for w in cur)
     alive = sum(int(np.count_nonzero(get_mask(v).keep)) if get_mask(v) is not None else v.const.size for v in ws)
-    target = 1.0 - alive * (1.0 - rate) / total
-    keeps = global_keep(cur, target)
-    if control == "random_mask":
-        out = []
-        for v, k in zip(ws, keeps):
-            old = get_mask(v).keep if get_mask(v) is not None else np.ones(v.const.shape, bool)
-            idx = np.flatnonzero(old.reshape(-1))
-            n_keep = int(k.sum())
-            new = np.zeros(old.size, bool)
-            new[rng.permutation(idx)[:n_keep]] = True
-            out.append(new.reshape(old.shape))
-        keeps = out
-    for v, k in zip(ws, keeps):
+    for v, k in zip(ws, global_keep(cur, 1.0 - alive * (1.0 - rate) / total)):
         set_mask(graph, v, Mask.element(k))
+
+
+def _random_round(graph: Graph, ws, counts_of: dict[str, np.ndarray], rng) -> None:
+    """A random mask per layer keeping as many weights as the ticket's mask ``counts_of`` does,
+    drawn among the layer's current survivors (vectorised: a random score per weight, the
+    survivors' top-k)."""
+    for v in ws:
+        old = get_mask(v).keep if get_mask(v) is not None else np.ones(v.const.shape, bool)
+        n_keep = int(np.count_nonzero(counts_of[v.name]))
+        if n_keep > int(old.sum()):
+            raise GraphOptError(f"the ticket keeps {n_keep} weights of '{v.name}' in a later round than one where "
+                                f"it kept {int(old.sum())}: not a ticket's masks")
+        score = np.where(old.reshape(-1), rng.random(old.size), -1.0)
+        new = np.zeros(old.size, bool)
+        new[np.argsort(-score, kind="stable")[:n_keep]] = True
+        set_mask(graph, v, Mask.element(new.reshape(old.shape)))
 
 
 def format_table(runs: dict[str, list[dict]]) -> str:
