@@ -752,21 +752,11 @@ def cmd_analyze(args) -> int:
         last = rs[max(rs)]
         print(f"{name:<{w}} {first['channels']:5d} {cells}   {100 * last['macs_saved']:.1f}%")
     if args.plot:
-        from graphopt.plotting import pyplot, save_png
+        from graphopt.scan import plot_units
 
-        plt = pyplot("--plot")
-
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for gname in groups:
-            rs = sorted((r for r in rows if r["group"] == gname), key=lambda r: r["ratio"])
-            ax.plot([r["ratio"] for r in rs], [r[metric] for r in rs], marker="o", label=rs[0]["layers"][:40])
-        ax.set_xlabel("pruning ratio of the group")
-        ax.set_ylabel("top-1 %" if labels is not None else "output relative error")
-        ax.set_title("sensitivity per channel group")
-        if len(groups) <= 12:
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        save_png(fig, args.plot)
+        plot_units(args.plot, [{**r, "unit": r["layers"]} for r in rows], y=metric, xlabel="pruning ratio of the group",
+                   ylabel="top-1 %" if labels is not None else "output relative error",
+                   title="sensitivity per channel group")
         print(f"wrote {args.plot}")
     return 0
 
@@ -927,13 +917,10 @@ def cmd_lottery(args) -> int:
     evaluate = None
     if args.val_data:
         xv, yv = load_xy(args.val_data, args.val_labels, graph)
-        from graphopt.training.calibration import collect
-
-        out = graph.outputs[0].name
+        from graphopt.scan import top1
 
         def evaluate(g) -> float:
-            logits = collect(g, np.asarray(xv, np.float32), [out])[out]
-            return round(100.0 * float((logits.reshape(len(yv), -1).argmax(1) == yv).mean()), 2)
+            return round(top1(g, np.asarray(xv, np.float32), yv), 2)
     cfg = finetune_config(args, kd_weight=0.0)  # labels only: no teacher in a lottery run
     state = Path(args.state)
     state.mkdir(parents=True, exist_ok=True)

@@ -107,3 +107,41 @@ class Scan:
 def row(unit: str, level: Any, cost: float, trial: dict[str, float], **extra) -> dict[str, Any]:
     """A scan row of the one schema: the unit, the level tried, what it costs, the error."""
     return {"unit": unit, "level": level, "cost": cost, "error": trial["error"], **extra}
+
+
+def top1(graph: Graph, data, labels: np.ndarray) -> float:
+    """The graph's top-1 (%) on ``data`` against ``labels``: the baseline of a labelled scan."""
+    return Scan(graph, data, labels).ref_top1
+
+
+def plot_units(path, rows: list[dict], *, y: str = "error", xlabel: str, ylabel: str, title: str,
+               x_scale: float = 1.0, log_y: bool = False, highlight=()) -> None:
+    """PNG of scan rows: one curve per unit, ``row[y]`` against ``row['level'] * x_scale``. With
+    ``highlight``, those units are drawn bold and labelled and the others thin and gray; without,
+    every unit gets a colour (and a legend when there are at most 12). The one plot of a scan
+    (``graphopt analyze sensitivity``, ``graphopt analyze sparsity``)."""
+    from graphopt.plotting import pyplot, save_png
+
+    plt = pyplot("--plot")
+    units = list(dict.fromkeys(r["unit"] for r in rows))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for u in units:
+        rs = sorted((r for r in rows if r["unit"] == u), key=lambda r: r["level"])
+        xs, ys = [r["level"] * x_scale for r in rs], [r[y] for r in rs]
+        if log_y:
+            ys = np.maximum(ys, 1e-9)
+        if highlight:
+            bold = u in highlight
+            ax.plot(xs, ys, "-o" if bold else "-", lw=2.2 if bold else 0.8, alpha=1.0 if bold else 0.5,
+                    label=str(u) if bold else None, color=f"C{3 * (list(highlight).index(u) == 0)}" if bold else "gray")
+        else:
+            ax.plot(xs, ys, marker="o", label=str(u)[:40])
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if highlight or len(units) <= 12:
+        ax.legend(fontsize=6 if not highlight else 8)
+    fig.tight_layout()
+    save_png(fig, path)

@@ -103,26 +103,13 @@ def sensitivity_masks(graph: Graph, layers: list[Node], data, sparsity: float | 
 def plot_scan(path, scan: list[dict], metric: str) -> None:
     """PNG of each layer's error against its sparsity (``sensitivity_masks``' scan), one curve
     per layer, the first and last layers drawn bold: they are the sensitive ones."""
-    from graphopt.plotting import pyplot, save_png
+    from graphopt.scan import plot_units
 
-    plt = pyplot("plotting")
-
-    drop = metric.startswith("top-1")  # points can be 0 or negative: a linear axis
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for i, r in enumerate(scan):
-        edge = i in (0, len(scan) - 1)
-        ys = r["error"][1:] if drop else np.maximum(r["error"][1:], 1e-9)
-        ax.plot([100 * v for v in r["levels"][1:]], ys, "-o" if edge else "-",
-                lw=2.2 if edge else 0.8, alpha=1.0 if edge else 0.5, label=r["layer"] if edge else None,
-                color=("C3" if i == 0 else "C0") if edge else "gray")
-    if not drop:
-        ax.set_yscale("log")
-    ax.set_xlabel("sparsity of the layer alone (%)")
-    ax.set_ylabel(metric)
-    ax.set_title("magnitude-pruning sensitivity per layer (gray: the others)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_png(fig, path)
+    rows = [{"unit": r["layer"], "level": lv, "error": e} for r in scan for lv, e in zip(r["levels"][1:], r["error"][1:])]
+    plot_units(path, rows, xlabel="sparsity of the layer alone (%)", ylabel=metric, x_scale=100,
+               title="magnitude-pruning sensitivity per layer (gray: the others)",
+               log_y=not metric.startswith("top-1"),  # points can be 0 or negative: a linear axis
+               highlight=(scan[0]["layer"], scan[-1]["layer"]) if scan else ())
 
 
 def _apply_masks(graph: Graph, masks: dict[Node, Mask]) -> int:
