@@ -7,7 +7,18 @@ Adding a scheme is one module that subclasses ``Quantizer`` and is decorated wit
 ``@register``, imported below.
 """
 
-from graphopt.quantizers import dynamic, uniform, zoo  # noqa: F401,E402  - registers the built-in schemes
+from graphopt.quantizers import (  # noqa: F401,E402  - registers the built-in schemes, one module each
+    apot,
+    binary,
+    dorefa,
+    dynamic,
+    pow2,
+    pwlq,
+    term,
+    ternary,
+    uniform,
+    zoo,
+)
 from graphopt.quantizers.base import (  # noqa: F401
     DOMAIN,
     FAKE_QUANT,
