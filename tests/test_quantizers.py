@@ -187,3 +187,17 @@ def test_quantize_learn_scales_makes_every_scale_a_parameter():
     scale_params = [m.get_parameter(m.param_names[n.inputs[1].name]) for n in fqs]
     assert all(p.grad is not None for p in scale_params) and any(float(p.grad.abs()) > 0 for p in scale_params
                                                                   if p.numel() == 1)
+
+
+def test_one_spec_grammar_for_every_scheme():
+    """Uniform and the zoo read their specs with one grammar (base.parse_tokens): options in any
+    order, each once, and the same one-line refusals."""
+    assert parse("int8:sym:channel", "weights") == parse("int8:channel:sym", "weights")
+    assert parse("uint4:lsq:tensor", "acts") == parse("uint4:tensor:lsq", "acts")
+    assert parse("apot4:k2:tensor", "weights") == parse("apot4:tensor:k2", "weights")
+    for spec, scheme in (("int8:diagonal", "uniform"), ("apot4:diagonal", "apot"), ("pwlq4:diagonal", "pwlq")):
+        with pytest.raises(GraphOptError, match=f"bad weights spec '{spec}': unknown option 'diagonal' for {scheme}"):
+            parse(spec, "weights")
+    for spec in ("int8:channel:tensor", "pow2:b4:channel:tensor", "int4:block32:channel", "apot4:b3"):
+        with pytest.raises(GraphOptError, match="given twice|not beside"):
+            parse(spec, "weights")

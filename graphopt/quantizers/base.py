@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -221,6 +222,66 @@ def get(name: str) -> type[Quantizer]:
         hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(sorted(_SCHEMES))})"
         raise GraphOptError(f"unknown quantizer scheme '{name}'{hint}")
     return _SCHEMES[name]
+
+
+def parse_tokens(text: str, what: str, scheme: str, keywords: tuple[str, ...], *,
+                 words: dict[str, tuple[str, Any]] | None = None, numbers: dict[str, str] | None = None,
+                 granularities: tuple[str, ...] = ("tensor", "channel"), fixed_bits: bool = False,
+                 default_bits: int | None = None, bit_range: tuple[int, int] = (1, 16),
+                 special: Callable[[str], tuple[str, Any] | None] | None = None) -> tuple[str, dict[str, Any]]:
+    """The one spec grammar: ``<keyword>[<bits>][:<token>]...``. A token is a granularity
+    (``tensor``, ``channel``), one of the scheme's ``words`` (token -> (field, value)), a
+    ``<prefix><int>`` of its ``numbers`` (prefix -> field; ``b<N>`` is the bit width unless
+    ``fixed_bits``), or what ``special`` recognises. Tokens may come in any order, each field at
+    most once. Returns (the keyword, {field: value}) with ``bits`` checked against ``bit_range``
+    (``default_bits`` when the spec gives none; None: the spec must give it). Every refusal is
+    one line naming the spec."""
+    words, numbers = words or {}, numbers or {}
+    parts = str(text).strip().lower().split(":")
+    head = parts[0]
+    kw = next((k for k in sorted(keywords, key=len, reverse=True) if head.startswith(k)), None)
+    if kw is None:
+        raise GraphOptError(f"bad {what} spec '{text}': expected {' or '.join(keywords)} first")
+    digits = head[len(kw):]
+    values: dict[str, Any] = {}
+    if digits:
+        if not digits.isdigit() or fixed_bits:
+            raise GraphOptError(f"bad {what} spec '{text}': {scheme} takes no bit count after its name"
+                                if fixed_bits else f"bad {what} spec '{text}': '{digits}' is not a bit count")
+        values["bits"] = int(digits)
+    prefixes = dict(numbers) if fixed_bits else {"b": "bits", **numbers}
+    seen: set[str] = set()
+    for tok in parts[1:]:
+        if not tok:
+            raise GraphOptError(f"bad {what} spec '{text}': empty option")
+        field = None
+        hit = special(tok) if special is not None else None
+        if hit is not None:
+            field, val = hit
+        elif tok in granularities:
+            field, val = "granularity", tok
+        elif tok in words:
+            field, val = words[tok]
+        else:
+            m = re.fullmatch(r"([a-z]+)(\d+)", tok)
+            if m and m.group(1) in prefixes:
+                field, val = prefixes[m.group(1)], int(m.group(2))
+        if field is None:
+            opts = sorted(set(granularities) | set(words) | {f"{p}<N>" for p in prefixes})
+            raise GraphOptError(f"bad {what} spec '{text}': unknown option '{tok}' for {scheme} "
+                                f"(options: {', '.join(opts)})")
+        if field in seen or (field == "bits" and digits):
+            raise GraphOptError(f"bad {what} spec '{text}': '{field}' given twice")
+        seen.add(field)
+        values[field] = val
+    if "bits" not in values:
+        if default_bits is None:
+            raise GraphOptError(f"bad {what} spec '{text}': {scheme} needs a bit count, e.g. {keywords[0]}8")
+        values["bits"] = default_bits
+    lo, hi = bit_range
+    if not lo <= values["bits"] <= hi:
+        raise GraphOptError(f"bad {what} spec '{text}': {scheme} takes {lo}..{hi} bits, not {values['bits']}")
+    return kw, values
 
 
 def parse(text: str, what: str = "weights") -> Quantizer:

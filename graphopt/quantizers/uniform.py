@@ -22,7 +22,6 @@ says why. All maths is vectorized over channels (numpy for static weights, torch
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,7 +31,7 @@ from onnx import TensorProto
 
 from graphopt.errors import GraphOptError
 from graphopt.ir import numpy_dtype
-from graphopt.quantizers.base import Lowered, Quantizer, register
+from graphopt.quantizers.base import Lowered, Quantizer, parse_tokens, register
 
 INT_TYPES = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8, (16, True): TensorProto.INT16,
              (16, False): TensorProto.UINT16, (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
@@ -46,7 +45,6 @@ def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-_SPEC_RE = re.compile(r"^(u?int)(\d+)(?::(tensor|channel|block)(\d*))?(?::(sym|asym))?(?::(ste|lsq|pact|dorefa))?$")
 ESTIMATORS = ("ste", "lsq", "pact", "dorefa")
 
 
@@ -141,25 +139,22 @@ class Uniform(Quantizer):
     # -- spec text -----------------------------------------------------------
     @classmethod
     def parse(cls, text: str, what: str) -> "Uniform":
-        m = _SPEC_RE.match(str(text).strip().lower())
-        if not m:
-            raise GraphOptError(f"bad {what} spec '{text}': expected e.g. int8:channel, uint8:tensor, int4:block32")
-        kind, bits, gran, block, sym, est = m.groups()
-        bits = int(bits)
+        words = {"sym": ("symmetric", True), "asym": ("symmetric", False), **{e: ("estimator", e) for e in ESTIMATORS}}
+        kind, v = parse_tokens(text, what, "uniform", cls.keywords, words=words, numbers={"block": "block_size"},
+                               bit_range=(1, 16))
+        bits, block_size, est = v["bits"], v.get("block_size", 0), v.get("estimator", "ste")
         if bits == 1 and (kind == "int" or what != "acts"):
             raise GraphOptError(f"bad {what} spec '{text}': 1 bit is for unsigned activations only (uint1: "
                                 "{0, step}, a binary ReLU output); binary weights are the binary scheme")
-        if not 1 <= bits <= 16:
-            raise GraphOptError(f"bad {what} spec '{text}': bits must be 2..16 (uint1 for activations)")
-        gran = gran or "tensor"
-        block_size = int(block) if block else 0
-        if gran == "block" and block_size <= 0:
+        if "block_size" in v and "granularity" in v:
+            raise GraphOptError(f"bad {what} spec '{text}': block<size> is a granularity of its own, not beside "
+                                f"{v['granularity']}")
+        if "block_size" in v and block_size <= 0:
             raise GraphOptError(f"bad {what} spec '{text}': block needs a size, e.g. block32")
-        if gran != "block" and block:
-            raise GraphOptError(f"bad {what} spec '{text}': only block takes a size")
+        gran = "block" if "block_size" in v else v.get("granularity", "tensor")
+        sym = v.get("symmetric")
         signed = kind == "int"
-        symmetric = signed if sym is None else sym == "sym"
-        est = est or "ste"
+        symmetric = signed if sym is None else sym
         if est == "pact" and (signed or what != "acts"):
             raise GraphOptError(f"bad {what} spec '{text}': pact learns the clip of an unsigned activation "
                                 "(acts=uint<bits>:tensor:pact)")

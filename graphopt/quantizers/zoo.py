@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from graphopt.errors import GraphOptError
-from graphopt.quantizers.base import Lowered, Quantizer, parse
+from graphopt.quantizers.base import Lowered, Quantizer, parse, parse_tokens
 
 GRANULARITIES = ("tensor", "channel")
 
@@ -109,47 +108,10 @@ class ZooScheme(Quantizer):
     # -- spec text -----------------------------------------------------------
     @classmethod
     def parse(cls, text: str, what: str) -> "ZooScheme":
-        raw = str(text).strip().lower()
-        parts = raw.split(":")
-        head = parts[0]
-        kw = next(k for k in (cls.keywords or (cls.scheme,)) if head.startswith(k))
-        digits = head[len(kw):]
-        values: dict[str, Any] = {}
-        if digits:
-            if not digits.isdigit() or cls.fixed_bits:
-                raise GraphOptError(f"bad {what} spec '{text}': {cls.scheme} takes no bit count after its name"
-                                    if cls.fixed_bits else f"bad {what} spec '{text}'")
-            values["bits"] = int(digits)
-        seen = set()
-        for tok in parts[1:]:
-            if not tok:
-                raise GraphOptError(f"bad {what} spec '{text}': empty option")
-            field = None
-            special = cls.special_token(tok, text, what)
-            if special is not None:
-                field, val = special
-            elif tok in GRANULARITIES:
-                field, val = "granularity", tok
-            elif tok in cls.words:
-                field, val = cls.words[tok]
-            else:
-                m = re.fullmatch(r"([a-z]+)(\d+)", tok)
-                prefixes = {"b": "bits", **cls.numbers} if not cls.fixed_bits else dict(cls.numbers)
-                if m and m.group(1) in prefixes:
-                    field, val = prefixes[m.group(1)], int(m.group(2))
-            if field is None:
-                opts = sorted(set(GRANULARITIES) | set(cls.words) | {f"{p}<N>" for p in
-                                                                      ({} if cls.fixed_bits else {"b": 0}) | cls.numbers})
-                raise GraphOptError(f"bad {what} spec '{text}': unknown option '{tok}' for {cls.scheme} "
-                                    f"(options: {', '.join(opts)})")
-            if field in seen:
-                raise GraphOptError(f"bad {what} spec '{text}': '{field}' given twice")
-            seen.add(field)
-            values[field] = val
-        values.setdefault("bits", cls.default_bits)
-        lo, hi = cls.bit_range
-        if not lo <= values["bits"] <= hi:
-            raise GraphOptError(f"bad {what} spec '{text}': {cls.scheme} takes {lo}..{hi} bits, not {values['bits']}")
+        _, values = parse_tokens(text, what, cls.scheme, cls.keywords or (cls.scheme,), words=cls.words,
+                                 numbers=cls.numbers, granularities=GRANULARITIES, fixed_bits=cls.fixed_bits,
+                                 default_bits=cls.default_bits, bit_range=cls.bit_range,
+                                 special=lambda tok: cls.special_token(tok, text, what))
         q = cls(**values)
         why = q.invalid()
         if why:
