@@ -24,10 +24,11 @@ register_preset("w4a8-small", "canonicalize,fold-bn,equalize,absorb-bias,quantiz
                 "acts=uint8:tensor,weight_method=gptq,first_bits=8},correct-bias",
                 "w4a8 with the classifier 4-bit too (only the first layer 8-bit) and equalization: the smallest "
                 "4-bit file (needs --calib)")
-register_preset("w4a8-pwlq", "canonicalize,fold-bn,quantize{weights=pwlq4:channel,acts=uint8:tensor,"
-                "weight_method=gptq,first_last_bits=8}",
-                "piecewise-linear 4-bit weights (+1 region bit: 5 bits stored) with GPTQ rounding: the most "
-                "accurate 4-bit recipe, but its layers run in float (needs --calib)")
+register_preset("w4a8-pwlq", "canonicalize,fold-bn,equalize,absorb-bias,quantize{weights=pwlq4:channel,"
+                "acts=uint8:tensor,weight_method=gptq,first_last_bits=8},correct-bias",
+                "piecewise-linear 4-bit weights (+1 region bit: 5 bits stored) with GPTQ rounding, equalization "
+                "and bias correction (the PWLQ variant the calibration images choose); its layers run in float "
+                "(needs --calib)")
 register_preset("w3a8", "canonicalize,fold-bn,equalize,absorb-bias,quantize{weights=apot3:channel,"
                 "acts=uint8:tensor,weight_method=gptq,first_last_bits=8},correct-bias",
                 "3-bit APoT weights (GPTQ rounding onto its grid; first and last layers 8-bit), 8-bit activations, "
