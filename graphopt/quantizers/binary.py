@@ -9,32 +9,25 @@ import torch
 
 from graphopt.quantizers.base import register
 from graphopt.quantizers.zoo import (  # the shared row views and base classes
-    LevelScheme,
-    clipped_ste,
-    levels_from_weights,
+    DerivedLevels,
 )
 
 
 @register
 @dataclass(frozen=True)
-class Binary(LevelScheme):
+class Binary(DerivedLevels):
     """Binary weights (XNOR-Net): sign(w) * alpha per row, alpha = mean |w| (the L2-optimal
     scale for sign). Zero maps to +alpha."""
 
     scheme = "binary"
     doc = "binary[:tensor|channel]: sign(w) * mean|w| (XNOR-Net); int8 kernels"
-    fixed_bits = True
     bit_range = (1, 1)
     default_bits = 1
-    search_clip = False
 
     bits: int = 1
 
     def unit_levels(self):
         return np.array([-1.0, 1.0])
-
-    def initial_params(self, r):
-        return levels_from_weights(self, r)
 
     def rows(self, r, params):
         return params["alpha"] * torch.where(r >= 0, 1.0, -1.0)
@@ -42,5 +35,3 @@ class Binary(LevelScheme):
     def row_params(self, r, params):  # alpha = mean|w| of the current weights (XNOR-Net)
         return {"alpha": r.detach().abs().mean(1, keepdim=True).clamp_min(1e-12)}
 
-    def surrogate(self, r, params):
-        return clipped_ste(r)

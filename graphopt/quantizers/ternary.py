@@ -10,15 +10,13 @@ import torch
 
 from graphopt.quantizers.base import register
 from graphopt.quantizers.zoo import (  # the shared row views and base classes
-    LevelScheme,
-    clipped_ste,
-    levels_from_weights,
+    DerivedLevels,
 )
 
 
 @register
 @dataclass(frozen=True)
-class Ternary(LevelScheme):
+class Ternary(DerivedLevels):
     """Ternary weights (TWN, Li & Liu 2016): threshold delta = 0.7 * mean |w| per row; values
     beyond it become +-alpha, alpha = mean |w| over them; the rest 0."""
 
@@ -26,18 +24,13 @@ class Ternary(LevelScheme):
     doc = "ternary[:tensor|channel]: {-a, 0, a}, threshold 0.7 mean|w| (TWN); int8 kernels"
     param_names = ("alpha", "delta")
     scale_params = ("alpha", "delta")
-    fixed_bits = True
     bit_range = (2, 2)
     default_bits = 2
-    search_clip = False
 
     bits: int = 2
 
     def unit_levels(self):
         return np.array([-1.0, 0.0, 1.0])
-
-    def initial_params(self, r):
-        return levels_from_weights(self, r)
 
     def rows(self, r, params):
         keep = r.abs() > params["delta"]
@@ -50,8 +43,6 @@ class Ternary(LevelScheme):
         alpha = (a * big).sum(1, keepdim=True) / big.sum(1, keepdim=True).clamp_min(1)
         return {"alpha": alpha.clamp_min(1e-12), "delta": delta}
 
-    def surrogate(self, r, params):
-        return clipped_ste(r)
 
     def true_bits(self) -> float:
         return round(math.log2(3), 2)

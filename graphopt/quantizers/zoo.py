@@ -383,3 +383,18 @@ def levels_from_weights(q: "LevelScheme", r: np.ndarray) -> dict[str, np.ndarray
     the same formula, so the stored values equal what training and the export compute."""
     out = q.row_params(torch.from_numpy(np.array(r, np.float32)), {})
     return {k: v.numpy().reshape(-1).astype(np.float32) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class DerivedLevels(LevelScheme):
+    """Base of binary and ternary: one width, no clip search; the parameters are derived from the
+    weights themselves (``row_params``, as in training) and trained through a clipped STE."""
+
+    fixed_bits = True
+    search_clip = False
+
+    def initial_params(self, r):
+        return levels_from_weights(self, r)
+
+    def surrogate(self, r, params):
+        return clipped_ste(r)
