@@ -670,16 +670,16 @@ def _inspect_sparsity(graph) -> int:
           f"{'dense KB':>8} {'sparse KB':>9}")
     for r in rows:
         name = r["layer"] if len(r["layer"]) <= w else "…" + r["layer"][-(w - 1):]
-        enc = r["nm_bits"] if r["nm_bits"] is not None else r["csr_bits"]
         print(f"{name:<{w}} {human(r['params']):>8} {human(r['nonzero']):>8} {100 * r['sparsity']:7.1f}% "
               f"{human(r['macs']):>8} {human(r['nonzero_macs']):>8} {r['params'] * 4 / 1024:8.1f} "
-              f"{min(enc, r['params'] * 32) / 8192:9.1f}" + (f"  ({r['nm']})" if r["nm"] else ""))
+              f"{r['stored_bits'] / 8192:9.1f}" + (f"  ({r['nm']})" if r["nm"] else ""))
     p, nz = sum(r["params"] for r in rows), sum(r["nonzero"] for r in rows)
     m, nzm = sum(r["macs"] for r in rows), sum(r["nonzero_macs"] for r in rows)
-    enc = sum(min(r["nm_bits"] if r["nm_bits"] is not None else r["csr_bits"], r["params"] * 32) for r in rows)
+    enc = sum(r["stored_bits"] for r in rows)
     print(f"total: {human(p)} weights, {human(nz)} nonzero ({100 * (1 - nz / max(p, 1)):.1f}% sparse), "
           f"{human(nzm)} of {human(m)} MACs nonzero; FP32 {p * 4 / 1e6:.3f} MB dense, {enc / 8e6:.3f} MB compressed "
-          f"(float32 values + 4-bit relative indices, or N:M values + log2(M)-bit indices)")
+          f"(each layer in its smallest form: float32 values + 4-bit relative indices, N:M values + log2(M)-bit "
+          f"indices, or dense)")
     print("note: onnxruntime runs the exported model at dense speed (it has no sparse convolution)")
     return 0
 

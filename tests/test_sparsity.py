@@ -167,6 +167,12 @@ def test_inspect_reports_sparsity_and_encodings(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "l1.conv1" in r.stdout and "50.0%" in r.stdout and "MB compressed" in r.stdout
     assert "(2:4)" in r.stdout  # recognised from the zeros of the file
+    # a very sparse layer matches an N:M pattern by chance; it is stored (and charged) in the smaller form
+    sparse = PassManager("prune-weights{sparsity=0.97,scope=layer}").run(g.copy()).graph
+    rows = sparsity_report(sparse)
+    chance = [r for r in rows if r["nm"] is not None]
+    assert chance and all(r["stored"] == "relative" and r["stored_bits"] == r["csr_bits"] < r["nm_bits"] for r in chance)
+    assert all(r["stored_bits"] == min(r["csr_bits"], r["params"] * 32, r["nm_bits"] or 1 << 62) for r in rows)
 
 
 def test_sensitivity_chosen_sparsities_meet_the_target():

@@ -71,7 +71,7 @@ def _export_stats(g) -> dict:
 
     rep = sparsity_report(g)
     p, nz = sum(r["params"] for r in rep), sum(r["nonzero"] for r in rep)
-    enc = sum(min(r["nm_bits"] if r["nm_bits"] is not None else r["csr_bits"], r["params"] * 32) for r in rep)
+    enc = sum(r["stored_bits"] for r in rep)
     return {"sparsity": round(1 - nz / p, 4), "nonzero_macs": round(sum(r["nonzero_macs"] for r in rep) /
                                                                   sum(r["macs"] for r in rep), 4),
             "compressed_mb": round(enc / 8e6, 4), "dense_mb": round(p * 4 / 1e6, 4)}
