@@ -715,171 +715,35 @@ def _labels(args, data):
 
 
 def cmd_analyze(args) -> int:
-    from graphopt.passmanager import pass_library
-
-    sensitivity = pass_library().prune.sensitivity
-    from graphopt.passmanager import Context
+    from graphopt import analyze
 
     graph = load_model(args.model, args)
     data = load_calib(args, graph)
-    if args.analysis == "blocks":
-        return _analyze_blocks(graph, data, _labels(args, data), Context().show_progress)
-    if args.analysis == "bits":
-        return _analyze_bits(graph, data, _labels(args, data), args)
-    if args.analysis == "sparsity":
-        return _analyze_sparsity(graph, data, _labels(args, data), args)
-    try:
-        ratios = tuple(float(r) for r in args.ratios.split(","))
-    except ValueError:
-        raise GraphOptError(f"--ratios must be comma-separated numbers, got '{args.ratios}'") from None
-    if not ratios or any(not 0 < r < 1 for r in ratios):
-        raise GraphOptError("--ratios must lie in (0, 1)")
     labels = _labels(args, data)
-    rows = sensitivity(graph, data, ratios, labels, args.criterion, args.round_to,
-                       progress=Context().show_progress)
-    if not rows:
-        raise GraphOptError("the model has no prunable channel group")
-    metric = "top1" if labels is not None else "rel_error"
-    groups = list(dict.fromkeys(r["group"] for r in rows))
-    w = min(56, max(len(r["layers"]) for r in rows))
-    print(f"{'group (layers)':<{w}} {'ch':>5} " + " ".join(f"{'r=' + str(r):>10}" for r in ratios)
-          + f"   ({'top-1 %' if labels is not None else 'output rel. error'}; MACs saved at the largest ratio)")
-    for gname in groups:
-        rs = {r["ratio"]: r for r in rows if r["group"] == gname}
-        first = next(iter(rs.values()))
-        name = first["layers"] if len(first["layers"]) <= w else first["layers"][: w - 1] + "…"
-        cells = " ".join(f"{rs[r][metric]:10.4g}" if r in rs else f"{'-':>10}" for r in ratios)
-        last = rs[max(rs)]
-        print(f"{name:<{w}} {first['channels']:5d} {cells}   {100 * last['macs_saved']:.1f}%")
-    if args.plot:
-        from graphopt.scan import plot_units
-
-        plot_units(args.plot, [{**r, "unit": r["layers"]} for r in rows], y=metric, xlabel="pruning ratio of the group",
-                   ylabel="top-1 %" if labels is not None else "output relative error",
-                   title="sensitivity per channel group")
-        print(f"wrote {args.plot}")
-    return 0
-
-
-def _analyze_bits(graph, data, labels, args) -> int:
-    import numpy as np
-
-    from graphopt.passmanager import Context, PassManager, pass_library
-    from graphopt.quantizers import parse
-
-    bits_mod = pass_library().bits
-    try:
-        widths = sorted({int(w) for w in args.widths.split(",")})
-    except ValueError:
-        raise GraphOptError(f"--widths must be comma-separated bit counts, got '{args.widths}'") from None
-    for w in widths:
-        parse(args.scheme, "weights").at_bits(w)
-    budget = bits_mod.Budget.parse(args.budget) if args.budget else None
-    if args.prepare:
-        graph = PassManager(args.prepare).run(graph, Context(calib=data)).graph
-    limit = bits_mod.budget_limit(graph, budget, widths, args.act_bits)[0] if budget else None
-    ctx = Context()
-    rows = bits_mod.bit_sensitivity(graph, data, widths, weights=args.scheme, method=args.method, labels=labels,
-                                    progress=ctx.show_progress)
-    p = np.array([r["params"] for r in rows], np.float64)
-    m = np.array([r["macs"] for r in rows], np.float64)
-    kind = budget.kind if budget else "size"
-    costs, errors, plan = bits_mod.plan_bits([r["error"] for r in rows], kind, p, m, widths, args.act_bits, limit)
-    chosen = None
-    if plan is not None:
-        chosen, cost, err = plan
-    metric = "top-1 drop (points)" if labels is not None else "output rel. MSE"
-    w = min(40, max(len(r["layer"]) for r in rows))
-    head = f"{'layer':<{w}} {'params':>8} {'MACs':>8} " + " ".join(f"{'w' + str(b):>9}" for b in widths)
-    if chosen is not None:
-        head += f" {'chosen':>6} {'share':>6}"
-    print(f"sensitivity ({args.method}; {metric}, each layer alone):")
-    print(head)
-    from graphopt.analysis import human
-
-    for i, r in enumerate(rows):
-        name = r["layer"] if len(r["layer"]) <= w else r["layer"][: w - 1] + "…"
-        line = f"{name:<{w}} {human(r['params']):>8} {human(r['macs']):>8} " + " ".join(f"{e:9.3g}" for e in r["error"])
-        if chosen is not None:
-            k = int(chosen[i])
-            line += f" {widths[k]:>6d} {100 * costs[i, k] / cost:5.1f}%"
-        print(line)
-    if chosen is not None:
-        avg = float((p * np.array([widths[int(k)] for k in chosen])).sum() / p.sum())
-        print(f"budget {budget.text}: {avg:.2f} bits per weight on average, "
-              f"{avg / 32:.4f} x FP32 weight size, predicted error {err:.4g}")
-    if args.plot:
-        bits_mod.plot_front(args.plot, costs, errors, widths, p, kind, metric,
-                            {} if chosen is None else {f"chosen ({budget.text})": chosen})
-        print(f"wrote {args.plot}")
-    return 0
-
-
-def _analyze_sparsity(graph, data, labels, args) -> int:
-    import numpy as np
-
-    from graphopt.passmanager import Context, PassManager, pass_library
-
-    sp = pass_library().sparsity
-    try:
-        levels = [float(v) for v in args.levels.split(",")]
-    except ValueError:
-        raise UsageError(f"--levels must be comma-separated sparsities, got '{args.levels}'") from None
-    if args.sparsity is not None:
-        sp.check_sparsity(args.sparsity, "--sparsity")
-    if args.prepare:
-        graph = PassManager(args.prepare).run(graph, Context(calib=data)).graph
-    skip = [p for p in args.skip.split(",") if p]
-    layers = sp.prunable_layers(graph, skip)
-    if not layers:
-        raise GraphOptError("the model has no Conv/Gemm/MatMul layer with constant weights to prune")
-    ctx = Context()
-    _, scan = sp.sensitivity_masks(graph, layers, data, args.sparsity, "macs" if args.target == "macs" else "params",
-                                   levels, args.calib_limit, labels=labels, progress=ctx.show_progress)
-    metric = "top-1 drop (points)" if labels is not None else "output rel. MSE"
-    lv = scan[0]["levels"][1:]
-    w = min(40, max(len(r["layer"]) for r in scan))
-    print(f"sparsity sensitivity ({metric}; each layer pruned alone by magnitude):")
-    print(f"{'layer':<{w}} {'params':>8} " + " ".join(f"{100 * v:>8.0f}%" for v in lv) +
-          (f" {'chosen':>7}" if args.sparsity is not None else ""))
-    from graphopt.analysis import human
-
-    for r in scan:
-        name = r["layer"] if len(r["layer"]) <= w else r["layer"][: w - 1] + "…"
-        line = f"{name:<{w}} {human(r['params']):>8} " + " ".join(f"{e:9.3g}" for e in r["error"][1:])
-        if r["chosen"] is not None:
-            line += f" {100 * r['chosen']:6.0f}%"
-        print(line)
-    if args.sparsity is not None:
-        p = np.array([r["params"] for r in scan], np.float64)
-        ch = np.array([r["chosen"] for r in scan])
-        print(f"--sparsity {args.sparsity} ({args.target}): {100 * float((p * ch).sum() / p.sum()):.1f}% of the "
-              f"weights pruned; predicted error {sum(r['error'][r['levels'].index(r['chosen'])] for r in scan):.4g}")
-    if args.plot:
-        sp.plot_scan(args.plot, scan, metric)
-        print(f"wrote {args.plot}")
-    return 0
-
-
-def _analyze_blocks(graph, data, labels, progress: bool) -> int:
-    from graphopt.passmanager import pass_library
-
-    block_sensitivity = pass_library().depth.block_sensitivity
-    from graphopt.scan import Scan
-
-    scan = Scan(graph, data, labels)
-    rows = block_sensitivity(graph, data, labels, progress=progress, scan=scan)
-    if not rows:
-        raise GraphOptError("the model has no removable residual block (an Add of two paths from one tensor)")
-    w = min(48, max(len(r["layers"]) for r in rows))
-    metric = "top1" if labels is not None else "rel_error"
-    if labels is not None:
-        print(f"intact model: top-1 {scan.ref_top1:.2f} %")
-    print(f"{'block (Add)':<16} {'branch layers':<{w}} {'MACs':>6} {'top-1 %' if labels is not None else 'rel. error':>10}"
-          f"   (each block removed alone)")
-    for r in rows:
-        name = r["layers"] if len(r["layers"]) <= w else r["layers"][: w - 1] + "…"
-        print(f"{r['block']:<16} {name:<{w}} {100 * r['macs_saved']:5.1f}% {r[metric]:10.4g}")
+    if args.analysis == "blocks":
+        analyze.blocks(graph, data, labels)
+    elif args.analysis == "bits":
+        try:
+            widths = [int(w) for w in args.widths.split(",")]
+        except ValueError:
+            raise GraphOptError(f"--widths must be comma-separated bit counts, got '{args.widths}'") from None
+        analyze.bits(graph, data, labels, scheme=args.scheme, widths=widths, budget=args.budget,
+                     act_bits=args.act_bits, method=args.method, prepare=args.prepare, plot=args.plot)
+    elif args.analysis == "sparsity":
+        try:
+            levels = [float(v) for v in args.levels.split(",")]
+        except ValueError:
+            raise UsageError(f"--levels must be comma-separated sparsities, got '{args.levels}'") from None
+        analyze.sparsity(graph, data, labels, levels=levels, sparsity=args.sparsity, target=args.target,
+                         skip=[p for p in args.skip.split(",") if p], max_samples=args.calib_limit,
+                         prepare=args.prepare, plot=args.plot)
+    else:
+        try:
+            ratios = tuple(float(r) for r in args.ratios.split(","))
+        except ValueError:
+            raise GraphOptError(f"--ratios must be comma-separated numbers, got '{args.ratios}'") from None
+        analyze.channels(graph, data, labels, ratios=ratios, criterion=args.criterion, round_to=args.round_to,
+                         plot=args.plot)
     return 0
 
 
