@@ -87,17 +87,28 @@ def _int_range(x: np.ndarray, lo: int, hi: int) -> bool:
     return x.dtype.kind in "iuf" and int(x.min()) >= lo and int(x.max()) <= hi
 
 
-@dataclass(frozen=True)
-class Int8(Codec):
-    name: ClassVar[str] = "int8"
+class _IntegerCodes(Codec):
+    """Integer codes in [lo, hi] (exactly integral values of any numeric dtype)."""
+
+    lo: ClassVar[int] = 0
+    hi: ClassVar[int] = 0
 
     def fits(self, x):
-        return _int_range(x, -128, 127)
+        return _int_range(x, self.lo, self.hi)
+
+    def _checked(self, x) -> np.ndarray:
+        if not self.fits(x):
+            self._refuse(x, f"values outside the integers {self.lo}..{self.hi}")
+        return np.asarray(x)
+
+
+@dataclass(frozen=True)
+class Int8(_IntegerCodes):
+    name: ClassVar[str] = "int8"
+    lo, hi = -128, 127
 
     def encode(self, x):
-        if not self.fits(x):
-            self._refuse(x, "values outside the integers -128..127")
-        x = np.asarray(x)
+        x = self._checked(x)
         return Encoded(self.name, x.shape, x.dtype, {"codes": (x.astype(np.int8).reshape(-1), 8)})
 
     def decode(self, e):
@@ -105,16 +116,12 @@ class Int8(Codec):
 
 
 @dataclass(frozen=True)
-class Int4(Codec):
+class Int4(_IntegerCodes):
     name: ClassVar[str] = "int4"
-
-    def fits(self, x):
-        return _int_range(x, -8, 7)
+    lo, hi = -8, 7
 
     def encode(self, x):
-        if not self.fits(x):
-            self._refuse(x, "values outside the integers -8..7")
-        x = np.asarray(x)
+        x = self._checked(x)
         nib = (x.astype(np.int8).reshape(-1) & 0x0F).astype(np.uint8)
         if nib.size % 2:
             nib = np.concatenate([nib, np.zeros(1, np.uint8)])
