@@ -45,6 +45,8 @@ from common import (
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparsity.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-sparsity"
+# rows whose training is another row's: they resume (and so reuse) its fine-tuned checkpoint
+TRAINS_AS = {"nm-2:4-int8": "nm-2:4"}
 FT = "finetune{{epochs={epochs},batch_size=128,lr={lr},weight_decay=0.0001,kd_weight=0.5,temperature=4,checkpoint={ck}," \
      "resume=true}}"
 # row -> (graphopt pipeline before fine-tuning, final sparsity for the "after pruning" column, after fine-tuning, what)
@@ -97,7 +99,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     shot = PassManager(oneshot).run(g.copy()).graph
     before = top1_pct(torch_logits(graphopt.to_torch(shot).eval(), xt), yt)
     calib = xtr[np.random.default_rng(0).permutation(len(xtr))[:512]]
-    pipe = prune + "," + FT.format(epochs=epochs, lr=lr, ck=WORK / f"{row.replace(':', '_')}.pt")
+    pipe = prune + "," + FT.format(epochs=epochs, lr=lr, ck=WORK / f"{TRAINS_AS.get(row, row).replace(':', '_')}.pt")
     if after:
         pipe += "," + after
     t = time.perf_counter()
