@@ -24,15 +24,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import SHARED, imagenet_sample, need_shared, ort_session
+from common import SHARED, imagenet_sample, need_shared, ort_logits
 
 from graphopt.geometry import geometry
 
 
 def logits(model, x: np.ndarray) -> np.ndarray:
-    sess = ort_session(model)
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + 50]})[0] for i in range(0, len(x), 50)])
+    return ort_logits(model, x, 50)
 
 
 def dw_spreads(graph) -> list[float]:

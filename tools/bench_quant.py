@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import SHARED, OrtReader, imagenet_sample, median_time, need_shared, ort_session
+from common import SHARED, OrtReader, imagenet_sample, median_time, need_shared, ort_logits, ort_session
 
 ROWS = [
     ("graphopt naive per-tensor W8A8", "canonicalize,quantize{weights=int8:tensor}", "ort-tensor"),
@@ -69,10 +69,7 @@ def ours(src: Path, out: Path, calib: np.ndarray, pipeline: str) -> tuple[float,
 
 
 def evaluate(path, x, y, ref_top1) -> tuple[float, float]:
-    sess = ort_session(path)
-    name = sess.get_inputs()[0].name
-    logits = np.concatenate([sess.run(None, {name: x[i:i + 62]})[0] for i in range(0, len(x), 62)])
-    top1 = logits.argmax(1)
+    top1 = ort_logits(path, x, 62).argmax(1)
     return 100 * float((top1 == y).mean()), 100 * float((top1 == ref_top1).mean())
 
 
