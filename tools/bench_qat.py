@@ -145,6 +145,8 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
 PEER_ROWS = {
     "brevitas-w4a4": (4, 4, "Brevitas QuantConv2d/QuantReLU, float BN (batch statistics)"),
     "brevitas-w2a2": (2, 2, "Brevitas, 8-bit network input and classifier input"),
+    "brevitas-w2a2-mse": (2, 2, "Brevitas with its MSE quantizers (Int8WeightPerChannelFloatMSE, "
+                                "Uint8ActPerTensorFloatMSE): the calibrated start of graphopt's -mse rows"),
     "torchao-w4a4": (4, 4, "torch.ao FX QAT (prepare_qat_fx, ConvBn batch statistics), convert_fx"),
 }
 
@@ -172,7 +174,7 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     xtr, xt = cifar_normalize(xtr_u8[:limit]), cifar_normalize(xt_u8)
     ytr = ytr[:limit]
     fp32 = resnet_cifar(20)
-    model = from_fp32(fp32, wb, ab, 8 if ab < 4 else ab)
+    model = from_fp32(fp32, wb, ab, 8 if ab < 4 else ab, **({"mse": True} if row.endswith("-mse") else {}))
     WORK.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     stats = train(model, fp32, xtr, ytr, cifar_augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row}.pt")

@@ -26,17 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peers.train_loop import train  # noqa: E402,F401  (the peers' shared loop)
 
 
-def _layers():
+def _layers(mse: bool = False):
+    """Brevitas's stock quantizers (max-|w| weight scale, statistics-initialized activation scale),
+    or with ``mse`` its MSE-searched variants: the calibrated-range start graphopt's -mse rows use."""
     import brevitas.nn as qnn
-    from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
+    from brevitas import quant as bq
 
-    return qnn, Int8WeightPerChannelFloat, Uint8ActPerTensorFloat, Int8ActPerTensorFloat
+    if mse:
+        return qnn, bq.Int8WeightPerChannelFloatMSE, bq.Uint8ActPerTensorFloatMSE, bq.Int8ActPerTensorFloatMSE
+    return qnn, bq.Int8WeightPerChannelFloat, bq.Uint8ActPerTensorFloat, bq.Int8ActPerTensorFloat
 
 
 class QuantBlock(nn.Module):
-    def __init__(self, cin: int, planes: int, stride: int, wb: int, ab: int):
+    def __init__(self, cin: int, planes: int, stride: int, wb: int, ab: int, mse: bool = False):
         super().__init__()
-        qnn, WQ, AQ, _ = _layers()
+        qnn, WQ, AQ, _ = _layers(mse)
         self.conv1 = qnn.QuantConv2d(cin, planes, 3, stride, 1, bias=False, weight_quant=WQ, weight_bit_width=wb)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu1 = qnn.QuantReLU(act_quant=AQ, bit_width=ab)
@@ -57,9 +61,9 @@ class QuantResNet20(nn.Module):
     """ResNet-20 (He et al. 2016, option A) with Brevitas layers at W``wb``/A``ab``; ``edge_ab``:
     the bits of the network input and of the classifier's input."""
 
-    def __init__(self, wb: int, ab: int, edge_ab: int, num_classes: int = 10):
+    def __init__(self, wb: int, ab: int, edge_ab: int, num_classes: int = 10, mse: bool = False):
         super().__init__()
-        qnn, WQ, AQ, SAQ = _layers()
+        qnn, WQ, AQ, SAQ = _layers(mse)
         self.inp = qnn.QuantIdentity(act_quant=SAQ, bit_width=edge_ab)
         self.conv1 = qnn.QuantConv2d(3, 16, 3, 1, 1, bias=False, weight_quant=WQ, weight_bit_width=8)
         self.bn1 = nn.BatchNorm2d(16)
@@ -68,7 +72,7 @@ class QuantResNet20(nn.Module):
         for i, planes in enumerate((16, 32, 64), start=1):
             blocks = []
             for j in range(3):
-                blocks.append(QuantBlock(cin, planes, 2 if (j == 0 and i > 1) else 1, wb, ab))
+                blocks.append(QuantBlock(cin, planes, 2 if (j == 0 and i > 1) else 1, wb, ab, mse))
                 cin = planes
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
         self.pool_q = qnn.QuantIdentity(act_quant=AQ, bit_width=edge_ab)
@@ -81,9 +85,10 @@ class QuantResNet20(nn.Module):
         return self.linear(x)
 
 
-def from_fp32(fp32: nn.Module, wb: int, ab: int, edge_ab: int) -> QuantResNet20:
-    """The Brevitas network with the FP32 model's weights and BN statistics."""
-    model = QuantResNet20(wb, ab, edge_ab)
+def from_fp32(fp32: nn.Module, wb: int, ab: int, edge_ab: int, mse: bool = False) -> QuantResNet20:
+    """The Brevitas network with the FP32 model's weights and BN statistics (``mse``: its MSE
+    quantizers)."""
+    model = QuantResNet20(wb, ab, edge_ab, mse=mse)
     missing, unexpected = model.load_state_dict(fp32.state_dict(), strict=False)
     if unexpected or any(not ("quant" in k or "scaling" in k) for k in missing):
         raise RuntimeError(f"weights do not map onto the Brevitas model: missing {missing[:3]}, "
