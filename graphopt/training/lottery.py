@@ -83,10 +83,11 @@ def ticket_masks(ticket: str | os.PathLike, rounds: int, ws) -> list[dict[str, n
                 if key not in d.files:
                     raise GraphOptError(f"the ticket's state {path} has no mask of round {r} for '{v.name}' "
                                         "(written by another model, or by a graphopt before per-round masks)")
-                if d[key].shape != v.const.shape:
-                    raise GraphOptError(f"the ticket's mask of '{v.name}' is {list(d[key].shape)}, the model's weight "
+                m = d[key]  # an npz member is read from the archive at every access: once
+                if m.shape != v.const.shape:
+                    raise GraphOptError(f"the ticket's mask of '{v.name}' is {list(m.shape)}, the model's weight "
                                         f"{list(v.const.shape)}")
-                masks[v.name] = d[key]
+                masks[v.name] = m
             out.append(masks)
     return out
 
