@@ -124,10 +124,11 @@ class PruneChannels(Pass):
     def _by_target(self, graph: Graph, ctx: Context, candidates: list[Space], reasons, rng, taylor) -> PassResult:
         if ctx.calib is None:
             raise GraphOptError("prune-channels{target_macs=...} needs calibration data for its sensitivity scan")
+        by_key = {sp.key: sp for sp in candidates}
         rows = [r for r in sensitivity(graph, ctx.calib, ratios=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
                                        criterion=self.criterion, round_to=self.round_to, progress=ctx.show_progress,
                                        taylor=taylor)
-                if r["group"] in {sp.key for sp in candidates}]
+                if r["group"] in by_key]
         from graphopt.allocate import allocate_to_target
         from graphopt.analysis import total_macs
 
@@ -135,7 +136,6 @@ class PruneChannels(Pass):
         # (1-a)(1-b) of its MACs): the allocator measures each plan and asks for more until it holds.
         macs0 = total_macs(graph)
         groups, ratios, saved, err = ratio_table(rows)
-        by_key = {sp.key: sp for sp in candidates}
 
         memo: dict[tuple, dict] = {}  # one draw per plan (criterion=random), reused for the final masks
 
