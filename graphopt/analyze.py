@@ -8,7 +8,10 @@ and draws the scan's plot. The CLI only turns flags into these arguments.
 * ``bits``: each layer's weights quantized alone at each width, and the allocation under a budget
   (choose-bits' sweep);
 * ``sparsity``: each layer pruned alone by magnitude at each level, and the per-layer choice for a
-  target (``prune-weights{scope=sensitivity}``'s scan).
+  target (``prune-weights{scope=sensitivity}``'s scan);
+* ``columns``: each layer's filter matrix packed by column combining (``graphopt.columns``):
+  tiles, utilization and cycles on an N x N systolic array, dense, sparse and packed; it needs no
+  data, and writes the packed file.
 """
 
 from __future__ import annotations
@@ -143,3 +146,124 @@ def sparsity(graph, data, labels, *, levels, sparsity: float | None = None, targ
     if plot:
         sp.plot_scan(plot, scan, metric)
         print(f"wrote {plot}")
+
+
+def columns(graph, *, array: int = 64, alpha: int = 8, gamma: float = 0.5, window: int = 256,
+            plans: str | None = None, out: str | None = None, onnx_out: str | None = None,
+            plot: str | None = None, layer: str | None = None, source: str | None = None) -> dict:
+    """Pack every layer by column combining and report it on an ``array`` x ``array`` array.
+    ``plans``: a packed file to take the groups from (it must match the model); otherwise
+    ``column-combine{alpha, gamma, window}`` groups the model's own sparsity (pruning the conflicts
+    it cannot pack: their count is reported, and the packed file then stands for the combined
+    weights, which ``onnx_out`` writes). Returns the totals."""
+    from graphopt import columns as C
+    from graphopt.backends import systolic
+    from graphopt.meta import COLUMN_PLANS
+
+    if int(array) != array or array < 1:
+        raise GraphOptError(f"--array must be a positive array size, not {array}")
+    C.check_options(alpha, gamma, window)
+    graph = PassManager("canonicalize").run(graph).graph
+    if plans:
+        layers = systolic.load_packed(plans)
+        weights = {v.name: v.const for v in graph.values.values() if v.const is not None}
+        systolic.check_packed(layers, weights, source or "the model")
+        graph.scratch[COLUMN_PLANS] = {L.weight: C.Plan(_groups_of(L.packed), alpha, gamma, window) for L in layers}
+        pruned, dense = 0, {}
+    else:
+        r = PassManager(f"column-combine{{alpha={alpha},gamma={gamma},window={window}}}").run(graph)
+        graph, st = r.graph, r.stats["column-combine"][0]
+        pruned, dense = st.get("conflicts_pruned", 0), st.get("dense", {})
+    cplans = graph.scratch.get(COLUMN_PLANS) or {}
+    sizes = tuple(sorted({int(array), *C.ARRAY_SIZES}))
+    reports = [C.layer_report(n, np.asarray(n.inputs[1].const), cplans.get(n.inputs[1].name), sizes)
+               for n in pass_library().sparsity.prunable_layers(graph)]
+    n = int(array)
+    rows = []
+    for rep in reports:
+        a = rep["arrays"][n]
+        pk = a.get("packed") or a["sparse"]
+        rows.append([rep["layer"], f"{rep['rows']}x{rep['columns']}",
+                     f"{100 * (1 - rep['nonzeros'] / max(rep['rows'] * rep['columns'], 1)):.0f}%",
+                     str(rep["groups"] if rep["groups"] is not None else "-"),
+                     str(a["dense"]["tiles"]), str(a["sparse"]["tiles"]), str(pk["tiles"]),
+                     f"{100 * pk['utilization']:.0f}%", human(a["dense"]["cycles"]), human(pk["cycles"])])
+    print(f"column combining on a {n}x{n} weight-stationary array (alpha {alpha}, gamma {gamma}):")
+    print(text_table(["layer", "filter matrix", "zeros", "groups", "tiles dense", "sparse", "packed", "util.",
+                      "cycles dense", "packed"], rows, 36))
+    tot = {m: C.totals(reports, m) for m in sizes}
+    for m in sizes:
+        t = tot[m]
+        print(f"N={m}: tiles {t['dense']['tiles']} dense, {t['sparse']['tiles']} sparse, {t['packed']['tiles']} packed "
+              f"({t['packed']['tiles'] / max(t['dense']['tiles'], 1):.3f}x dense); utilization "
+              f"{100 * t['dense']['utilization']:.1f}% -> {100 * t['packed']['utilization']:.1f}%; cycles "
+              f"{t['packed']['cycles'] / max(t['dense']['cycles'], 1):.3f}x dense")
+    if not cplans:
+        print("the model has no sparsity: nothing to combine (prune it first, e.g. column-combine{sparsity=0.8} or "
+              "prune-weights)")
+    for k, why in dense.items():
+        print(f"left dense: {k}: {why}")
+    if pruned:
+        print(f"combining pruned {pruned} conflicting weights: the packed file stands for the combined weights"
+              + ("" if onnx_out else " (write them with --onnx-out)"))
+    if out:
+        packed = systolic.packed_layers(graph)
+        systolic.save_packed(out, packed, model=source)
+        print(f"wrote {out} ({len(packed)} packed layers)")
+    if onnx_out:
+        from graphopt.backends.lowering import export_file
+
+        export_file(graph, onnx_out)
+        print(f"wrote {onnx_out}")
+    if plot:
+        plot_packing(plot, graph, layer)
+        print(f"wrote {plot}")
+    return tot
+
+
+def _groups_of(packed) -> np.ndarray:
+    """The plan's column -> group array of a packed layer (members read back)."""
+    g = np.full(packed.columns, -1, np.int64)
+    gi, _ = np.nonzero(packed.members >= 0)
+    g[packed.members[packed.members >= 0]] = gi
+    return g
+
+
+def plot_packing(path, graph, layer: str | None = None) -> None:
+    """PNG of one layer's filter matrix before and after column combining, as in the paper's
+    figures: the sparse matrix's nonzeros, and the packed matrix with each cell coloured by which
+    member of its group it multiplies. ``layer``: a name or source (default: the layer whose
+    packing saves the most columns)."""
+    from graphopt import columns as C
+    from graphopt.geometry import geometry
+    from graphopt.meta import COLUMN_PLANS
+    from graphopt.plotting import pyplot, save_png
+
+    plans = graph.scratch.get(COLUMN_PLANS) or {}
+    nodes = [n for n in graph.nodes if len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].name in plans]
+    if not nodes:
+        raise GraphOptError("no column-combined layer to plot")
+    if layer:
+        nodes = [n for n in nodes if layer in (n.name, n.source)]
+        if not nodes:
+            raise GraphOptError(f"--layer '{layer}' is not a column-combined layer of the model")
+        node = nodes[0]
+    else:
+        node = max(nodes, key=lambda n: plans[n.inputs[1].name].group.size - plans[n.inputs[1].name].n_groups)
+    plt = pyplot("--plot")
+    f = geometry(node).filter_matrix(np.asarray(node.inputs[1].const))
+    plan = plans[node.inputs[1].name]
+    pk = C.pack(f, plan)
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1.4]})
+    a0.imshow(f != 0, cmap="Greys", aspect="auto", interpolation="nearest")
+    a0.set_title(f"{node.source}: filter matrix {f.shape[0]}x{f.shape[1]}, {np.count_nonzero(f)} nonzeros", fontsize=9)
+    a0.set_xlabel("column (input channel x kernel position)")
+    a0.set_ylabel("row (filter)")
+    sel = np.where(pk.values != 0, pk.select.astype(float), np.nan)
+    im = a1.imshow(sel, cmap="viridis", aspect="auto", interpolation="nearest")
+    a1.set_title(f"packed: {int((f != 0).any(0).sum())} columns -> {pk.groups} groups\n"
+                 f"(alpha {plan.alpha}, gamma {plan.gamma}; colour: multiplexer select)", fontsize=9)
+    a1.set_xlabel("group (one array row)")
+    fig.colorbar(im, ax=a1, fraction=0.08)
+    fig.tight_layout()
+    save_png(fig, path, dpi=110)

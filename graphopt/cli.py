@@ -144,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--skip", default="", help="comma-separated layer patterns to leave dense")
     sp.add_argument("--plot", metavar="FILE.png", help="write each layer's error against its sparsity as a PNG")
 
+    col = asub.add_parser("columns", help="column combining for systolic arrays: each layer's filter matrix packed; "
+                                          "tiles, utilization and cycles dense / sparse / packed; the packed file "
+                                          "and a PNG of one layer (no data needed)")
+    col.add_argument("model", help="FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
+    _torch_args(col)
+    col.add_argument("--array", type=_positive_int, default=64, help="the array size N (N x N); the report also "
+                     "gives 32, 64 and 128")
+    col.add_argument("--alpha", type=int, default=8, help="most columns per group")
+    col.add_argument("--gamma", type=float, default=0.5, help="conflicts a group may prune per row")
+    col.add_argument("--window", type=int, default=256, help="columns grouped together")
+    col.add_argument("--plans", metavar="FILE.npz", help="take the groups from this packed file (it must match the "
+                     "model) instead of grouping")
+    col.add_argument("-o", "--output", metavar="FILE.npz", help="write the packed file")
+    col.add_argument("--onnx-out", metavar="FILE.onnx", help="write the combined model (its weights are what the "
+                     "packed file stands for)")
+    col.add_argument("--plot", metavar="FILE.png", help="one layer's filter matrix before and after packing")
+    col.add_argument("--layer", help="--plot: the layer (name or source; default: the one that packs most)")
+
     f = sub.add_parser("finetune", help="recovery fine-tuning (distillation from a teacher and/or labels)")
     f.add_argument("model", help="student model: FILE.onnx, TorchScript FILE.pt, or MODULE:CALLABLE")
     _torch_args(f)
@@ -274,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------- helpers
 _INPUTS = {"input": "the input model", "model": "the input model", "calib": "--calib", "weights": "--weights",
            "teacher": "--teacher", "train": "--train", "train_labels": "--train-labels", "data": "--data",
-           "labels": "--labels", "eval": "--eval", "val_data": "--val-data", "val_labels": "--val-labels"}
+           "labels": "--labels", "eval": "--eval", "val_data": "--val-data", "val_labels": "--val-labels",
+           "plans": "--plans"}
 
 
 def _outputs(args) -> list[tuple[str, str]]:
@@ -288,6 +307,8 @@ def _outputs(args) -> list[tuple[str, str]]:
         outs.append((args.plot_out, "--plot-out"))
     if args.command in ("analyze", "lottery") and getattr(args, "plot", None):
         outs.append((args.plot, "--plot"))
+    if getattr(args, "onnx_out", None):
+        outs.append((args.onnx_out, "--onnx-out"))
     if args.command == "finetune" and args.checkpoint:
         outs.append((args.checkpoint, "--checkpoint"))
     return outs
@@ -718,6 +739,11 @@ def cmd_analyze(args) -> int:
     from graphopt import analyze
 
     graph = load_model(args.model, args)
+    if args.analysis == "columns":
+        analyze.columns(graph, array=args.array, alpha=args.alpha, gamma=args.gamma, window=args.window,
+                        plans=args.plans, out=args.output, onnx_out=args.onnx_out, plot=args.plot, layer=args.layer,
+                        source=os.path.basename(args.model))
+        return 0
     data = load_calib(args, graph)
     labels = _labels(args, data)
     if args.analysis == "blocks":

@@ -19,6 +19,14 @@ Every pass that scales, slices, quantizes or masks a layer's weights by channel 
   exactly the filter of output i.
 
 Both have inverses (``from_out_view``, ``from_in_view``), given the weight's shape.
+
+* ``filter_matrix(w)`` is the layer's whole GEMM operand, [C_out, C_in x kernel]: row o is filter
+  o, column ``c * K + k`` multiplies input channel c at kernel position k (K = the kernel's size;
+  1 for Gemm/MatMul), the im2col order. A grouped conv's matrix is block diagonal: filter o has
+  zeros in every column outside its group (a depthwise conv has one nonzero block of K columns
+  per row). ``from_filter_matrix`` is its inverse (it reads the blocks back). Column combining
+  (``graphopt.columns``) and the systolic-array back end work on this view. A ConvTranspose has
+  none: it scatters its outputs, so its weight is not the operand of one GEMM over im2col.
 """
 
 from __future__ import annotations
@@ -72,6 +80,31 @@ class Geometry:
 
     def from_in_view(self, view: np.ndarray, shape) -> np.ndarray:
         return self._unview(view, shape, self.in_axis)
+
+    def filter_matrix(self, w: np.ndarray) -> np.ndarray:
+        """[C_out, C_in * K]: the layer as one GEMM over im2col columns (see the module notes)."""
+        if self.op == "ConvTranspose":
+            raise GraphOptError("a ConvTranspose has no filter matrix (it scatters its outputs)")
+        v = self.out_view(w)
+        g = self.groups
+        if g == 1:
+            return v
+        b, ck = v.shape
+        full = np.zeros((g, b // g, g, ck), v.dtype)
+        idx = np.arange(g)
+        full[idx, :, idx, :] = v.reshape(g, b // g, ck)
+        return full.reshape(b, g * ck)
+
+    def from_filter_matrix(self, f: np.ndarray, shape) -> np.ndarray:
+        """The weight of ``shape`` whose filter matrix is ``f`` (a grouped conv's off-block
+        entries are not part of the weight and are dropped)."""
+        g = self.groups
+        if g == 1:
+            return self.from_out_view(f, shape)
+        b = f.shape[0]
+        ck = f.shape[1] // g
+        idx = np.arange(g)
+        return self.from_out_view(f.reshape(g, b // g, g, ck)[idx, :, idx, :].reshape(b, ck), shape)
 
     # -- sizes ---------------------------------------------------------------
     def out_channels(self, shape) -> int:

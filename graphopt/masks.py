@@ -7,7 +7,11 @@ A ``Mask`` is a boolean ``keep`` array plus its kind:
 * ``nm``: ``keep`` has the weight's shape, and every group of ``m`` consecutive weights along
   ``axis`` (the layer's input / reduction axis) keeps at most ``n`` (2:4 semi-structured
   sparsity);
-* ``channel``: ``keep`` is one flag per channel of a channel group (structured pruning).
+* ``channel``: ``keep`` is one flag per channel of a channel group (structured pruning);
+* ``column``: ``keep`` has the weight's shape, and its filter matrix is conflict free under a
+  column-combining plan (``graphopt.columns``): it applies, trains and folds like an element
+  mask. The plan itself (group membership) is pass data in
+  ``graph.scratch[graphopt.meta.COLUMN_PLANS]``, keyed by the weight's name.
 
 Where masks live:
 
@@ -32,7 +36,7 @@ import numpy as np
 from graphopt.errors import GraphOptError
 from graphopt.meta import CHANNEL_MASKS, MASK
 
-KINDS = ("element", "nm", "channel")
+KINDS = ("element", "nm", "channel", "column")
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +67,10 @@ class Mask:
     @classmethod
     def element(cls, keep) -> "Mask":
         return cls("element", np.asarray(keep, bool))
+
+    @classmethod
+    def column(cls, keep) -> "Mask":
+        return cls("column", np.asarray(keep, bool))
 
     @classmethod
     def magnitude(cls, w: np.ndarray, sparsity: float) -> "Mask":
@@ -140,7 +148,8 @@ class Mask:
         return np.where(self.keep, w, np.zeros((), w.dtype)).astype(w.dtype)
 
     def describe(self) -> str:
-        what = {"element": "element-wise", "nm": f"{self.n}:{self.m}", "channel": "channel"}[self.kind]
+        what = {"element": "element-wise", "nm": f"{self.n}:{self.m}", "channel": "channel",
+                "column": "column-combined"}[self.kind]
         return f"{what} mask, {self.sparsity:.1%} sparse"
 
 
@@ -205,7 +214,10 @@ def scheduled_sparsity(schedule: dict, step: int, total: int) -> float | None:
     masks are not updated at this step."""
     t0 = min(int(round(schedule["begin"] * total)), max(total - 1, 0))
     t1 = max(min(int(round(schedule["end"] * total)), total - 1), t0)  # a short run still ends at the final sparsity
-    if step < t0 or step > t1 or (step - t0) % schedule["frequency"] and step != t1:
+    freq = schedule["frequency"]
+    if schedule.get("events"):  # a count of pruning events (column combining) instead of a step frequency
+        freq = max((t1 - t0) // int(schedule["events"]), 1)
+    if step < t0 or step > t1 or (step - t0) % freq and step != t1:
         return None
     frac = min(max((step - t0) / max(t1 - t0, 1), 0.0), 1.0)
     return schedule["final"] + (schedule["initial"] - schedule["final"]) * (1 - frac) ** schedule["power"]

@@ -20,5 +20,6 @@ MASK = "mask"  # a weight constant: graphopt.masks.Mask (element-wise or N:M)
 
 # graph.scratch
 CHANNEL_MASKS = "channel_masks"  # prune-channels -> fold-prune: {space key: Mask(kind="channel")}
+COLUMN_PLANS = "column_plans"  # column-combine -> systolic back end, analyze, packed file: {weight name: columns.Plan}
 SPARSITY_SCHEDULE = "sparsity_schedule"  # prune-gradual -> finetune: the polynomial schedule and its weights
 PRUNED_BLOCKS = "pruned_blocks"  # prune-blocks: {"macs0": MACs before any removal, "removed": [Add names]}

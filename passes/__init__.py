@@ -2,7 +2,7 @@
 
 from graphopt.pipeline import register_preset
 
-from . import bits, canonicalize, depth, dfq, prune, quantize, sparsity, train  # noqa: F401
+from . import bits, canonicalize, columns, depth, dfq, prune, quantize, sparsity, train  # noqa: F401
 
 register_preset("default", "canonicalize", "what `graphopt convert` runs when no pipeline is given")
 register_preset("clean", "canonicalize,simplify,canonicalize",

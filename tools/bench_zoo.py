@@ -19,8 +19,10 @@ already there, so the table can be finished across sessions.
   quantize{weights=SCHEME:channel,weight_method=mse,first_last_bits=8} (the ``+gptq`` rows:
   GPTQ rounding onto the scheme's own grid instead), then correct-bias in the "+bc" cells. The first and last layers are
   8-bit in every row (as in the w4a8 preset); the others are at the column's bits.
-* "calib" is the top-1 on the calibration images: the presets are chosen by it, never by the
-  test column.
+* "calib" is the top-1 on the calibration images; ResNet-20's cells also have "val", the top-1 on
+  the validation split (2,000 CIFAR-10 training images outside the calibration set: common.VAL_SPLIT).
+  The presets and the summary cells (``--table``'s first tables) are chosen by calib
+  (EfficientNet-Lite0) or val (ResNet-20), never by the test column.
 * Conversion time is in-process: load the FP32 file, run the pipeline, lower, write the file.
 * Float layers: the Conv/Gemm that onnxruntime's optimized graph still runs in float.
 """
@@ -35,6 +37,8 @@ from pathlib import Path
 import numpy as np
 from common import (
     PTQ_CACHE,
+    VAL_SPLIT,
+    cifar_val,
     fp32_file,
     load_results,
     ort_session,
@@ -120,6 +124,7 @@ def measure(model: str, rows: list[str], bits_wanted: set[int], redo: bool) -> N
 
     src = fp32_file(model)
     calib, ycal, xt, yt = ptq_data(model)
+    xv, yv = cifar_val() if model == "resnet20" else (None, None)
     res = load()
     jobs = [("fp32", None, None, None)]
     jobs += [(f"ort/w{b}", "ort", b, None) for b in PEER_BITS]
@@ -151,6 +156,8 @@ def measure(model: str, rows: list[str], bits_wanted: set[int], redo: bool) -> N
         res[full] = {"pipeline": pipe, "test": ort_top1(out, xt, yt), "calib": ort_top1(out, calib, ycal),
                      "mb": round(out.stat().st_size / 1e6, 3), "convert_s": None if secs is None else round(secs, 2),
                      "float_layers": len(kr["float"]), "integer_layers": int(sum(kr["integer"].values()))}
+        if xv is not None:
+            res[full]["val"] = ort_top1(out, xv, yv)
         save(res)
         print(f"{full:34s} test {res[full]['test']:6.2f} calib {res[full]['calib']:6.2f} "
               f"{res[full]['mb']:7.2f} MB  float layers {res[full]['float_layers']:3d}  "
@@ -198,13 +205,74 @@ def latency(model: str, rounds: int) -> None:
               flush=True)
 
 
+# scheme family -> the rows that are its variants (the -last4 rows change the file, not the scheme)
+FAMILIES = {
+    "uniform": ["uniform", "uniform+gptq", "uniform+gptq-noeq", "uniform+gptq-relu"],
+    "APoT": ["apot", "apot+gptq", "apot+gptq-noeq", "apot+gptq-relu"],
+    "power-of-two": ["pow2", "pow2+gptq"],
+    "term (g8, t16)": ["term"],
+    "PWLQ (stores b+1 bits)": ["pwlq", "pwlq+gptq", "pwlq+gptq-noeq", "pwlq+gptq-relu"],
+    "ternary": ["ternary", "ternary+gptq"],
+    "binary": ["binary", "binary+gptq"],
+}
+CHOOSER = {"effnet": ("calib", "the 128 calibration images"), "resnet20": ("val", VAL_SPLIT)}
+
+
+def chosen_cells(model: str, res: dict) -> dict[tuple[str, int], tuple[str, dict]]:
+    """(family, bits) -> (cell key, result): the variant (GPTQ or not, equalized or not, bias
+    correction or not) with the best top-1 on the choosing data (CHOOSER), never on test."""
+    col = CHOOSER[model][0]
+    out = {}
+    for fam, rows in FAMILIES.items():
+        for b in (8, 6, 5, 4, 3, 2, 1):
+            cands = [(f"{row}/w{b}{bc}", res[f"{model}/{row}/w{b}{bc}"]) for row in rows for bc in ("", "+bc")
+                     if col in res.get(f"{model}/{row}/w{b}{bc}", {})]
+            if cands:
+                out[fam, b] = max(cands, key=lambda kv: kv[1][col])
+    return out
+
+
+def variant(key: str) -> str:
+    """'pwlq+gptq-noeq/w4+bc' -> 'pwlq+gptq-noeq+bc'."""
+    row, _, cell = key.partition("/")
+    return row + ("+bc" if cell.endswith("+bc") else "")
+
+
+def summary(model: str, res: dict) -> None:
+    col, what = CHOOSER[model]
+    cells = chosen_cells(model, res)
+    if not cells:
+        print(f"\n({model}: no cell has a '{col}' score yet: run --model {model} --redo)")
+        return
+    cols = [8, 6, 5, 4, 3]
+    print(f"\n**{model} summary**: per scheme and width, the variant the choosing data picks ({col}: {what}); "
+          "test top-1, the variant below it\n")
+    print("| scheme | " + " | ".join(f"W{b}" for b in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    peer = [f"{res[f'{model}/ort/w{b}']['test']:.1f}" if f"{model}/ort/w{b}" in res else "–" for b in cols]
+    print("| ORT quantize_static | " + " | ".join(peer) + " |")
+    for fam in FAMILIES:
+        if any((fam, b) in cells for b in (2, 1)):
+            b = 2 if (fam, 2) in cells else 1
+            k, r = cells[fam, b]
+            print(f"| {fam} | W{b}: {r['test']:.1f} ({variant(k)}) |" + " |" * (len(cols) - 1))
+            continue
+        row = [f"{cells[fam, b][1]['test']:.1f} ({variant(cells[fam, b][0])})" if (fam, b) in cells else "–"
+               for b in cols]
+        print(f"| {fam} | " + " | ".join(row) + " |")
+
+
 def table() -> None:
     res = load()
+    for model in ("effnet", "resnet20"):
+        if f"{model}/fp32" in res:
+            summary(model, res)
     for model, title in (("effnet", "EfficientNet-Lite0 (test: 372 imagenet-sample images, FP32 {fp})"),
                          ("resnet20", "ResNet-20 CIFAR-10 (test: 10,000 images, FP32 {fp})")):
         if f"{model}/fp32" not in res:
             continue
-        print(f"\n**{title.format(fp=res[f'{model}/fp32']['test'])}**, top-1 test (calib) for weight bits; "
+        col = CHOOSER[model][0]
+        print(f"\n**{title.format(fp=res[f'{model}/fp32']['test'])}**, top-1 test ({col}) for weight bits; "
               "activations uint8\n")
         cols = [8, 6, 5, 4, 3]
         print("| scheme | bc | " + " | ".join(f"W{b}" for b in cols) + " |")
@@ -213,14 +281,14 @@ def table() -> None:
         for i, b in enumerate(cols):
             r = res.get(f"{model}/ort/w{b}")
             if r:
-                peer[i] = f"{r['test']:.1f} ({r['calib']:.1f})"
+                peer[i] = f"{r['test']:.1f} ({r.get(col, float('nan')):.1f})"
         print("| ORT quantize_static | - | " + " | ".join(peer) + " |")
         for row, (_, _, widths) in ROWS.items():
             for bc in (False, True):
                 cells = []
                 for b in cols if len(widths) > 1 else widths:
                     r = res.get(f"{model}/{row}/w{b}{'+bc' if bc else ''}")
-                    cells.append("-" if r is None else f"{r['test']:.1f} ({r['calib']:.1f})")
+                    cells.append("-" if r is None else f"{r['test']:.1f} ({r.get(col, float('nan')):.1f})")
                 if all(c == "-" for c in cells):
                     continue
                 if len(widths) == 1:

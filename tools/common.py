@@ -203,6 +203,23 @@ def ptq_data(model: str):
     return cifar_normalize(xtr[idx]), ytr[idx], cifar_normalize(xt), yt
 
 
+# The ResNet validation split: CIFAR-10 *training* images, never reported. Positions 512..2511 of
+# the seed-0 permutation of the 50,000 training images, disjoint from the PTQ calibration images
+# (positions 0..255) and the QAT rows' (0..511). Every choice on the ResNet tables (defaults,
+# starts, summary cells) is made on it; the test set only scores. (The pretrained FP32 model and
+# the QAT rows train on these images too: the split judges post-training choices, made before
+# any fine-tuning sees them.)
+VAL_SPLIT = ("CIFAR-10 train, seed-0 permutation positions 512-2511 (2,000 images, disjoint from the "
+             "calibration images)")
+
+
+def cifar_val() -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of the validation split described by ``VAL_SPLIT``, normalized NCHW."""
+    xtr, ytr = cifar10("train")
+    idx = np.random.default_rng(0).permutation(len(ytr))[512:2512]
+    return cifar_normalize(xtr[idx]), ytr[idx]
+
+
 def fp32_file(model: str) -> Path:
     if model == "effnet":
         return need_shared(SHARED / "models" / "efficientnet_lite0.onnx")

@@ -72,12 +72,15 @@ def _dist():
     return 0, 1
 
 
-def _save_checkpoint(path: str, module: torch.nn.Module, epoch: int, step: int) -> None:
+def _save_checkpoint(path: str, module: torch.nn.Module, epoch: int, step: int, schedule: dict | None = None) -> None:
     from graphopt.atomic import atomic_paths
 
     state = {"model": {k: v.detach().clone() for k, v in module.state_dict().items()},
              "epoch": torch.tensor(epoch), "step": torch.tensor(step),
              "bn_batch": torch.tensor(int(bool(getattr(module, "bn_folds", None))))}
+    plans = ((schedule or {}).get("columns") or {}).get("plans")
+    if plans:  # column combining: the groups of the last event, so a resumed run keeps them
+        state["column_groups"] = {k: torch.from_numpy(p.group.copy()) for k, p in plans.items()}
     with atomic_paths(path) as (tmp,):
         torch.save(state, tmp)
 
@@ -97,6 +100,16 @@ def _gradual_masks(module, schedule: dict, step: int, total: int) -> None:
         mags = [torch.where(buffers[module.mask_names[n][1]], params[module.mask_names[n][0]].abs(),
                             torch.zeros(())).numpy() for n in names]
         keeps = global_keep(mags, s) if schedule["scope"] == "global" else [Mask.magnitude(m, s).keep for m in mags]
+        cc = schedule.get("columns")
+        if cc:  # column combining: re-pack every layer after the event (graphopt.columns owns it)
+            from graphopt.columns import group_columns
+
+            plans = cc.setdefault("plans", {})
+            for i, (n, m, k) in enumerate(zip(names, mags, keeps)):
+                geo = cc["geometry"][n]
+                f = geo.filter_matrix(np.where(k, m, 0))
+                plans[n] = group_columns(f != 0, cc["alpha"], cc["gamma"], cc["window"])
+                keeps[i] = k & geo.from_filter_matrix(plans[n].keep(f), m.shape)
         for n, k in zip(names, keeps):
             buf = buffers[module.mask_names[n][1]]
             buf.copy_(buf & torch.from_numpy(k))
@@ -174,6 +187,12 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
     from graphopt.meta import SPARSITY_SCHEDULE
 
     schedule = student.scratch.get(SPARSITY_SCHEDULE)
+    cc = (schedule or {}).get("columns")
+    if cc and state is not None and "column_groups" in state:
+        from graphopt.columns import Plan
+
+        cc["plans"] = {k: Plan(v.numpy().astype(np.int64), cc["alpha"], cc["gamma"], cc["window"])
+                       for k, v in state["column_groups"].items()}
     show = cfg.progress if cfg.progress is not None else (sys.stderr.isatty() and not os.environ.get("CI"))
     history: list[float] = []
     interrupted = False
@@ -247,7 +266,7 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
             history.append(float(np.mean(losses)) if losses else float("nan"))
             log.info("epoch %d: loss %.4f", epoch + 1, history[-1])
             if cfg.checkpoint and rank == 0:
-                _save_checkpoint(cfg.checkpoint, module, epoch, step)
+                _save_checkpoint(cfg.checkpoint, module, epoch, step, schedule)
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
     except KeyboardInterrupt:
@@ -255,9 +274,14 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
         module.load_state_dict(last_good)  # the weights of the last completed step
         log.warning("interrupted: keeping the weights of step %d", step)
         if cfg.checkpoint and rank == 0:
-            _save_checkpoint(cfg.checkpoint, module, max(start_epoch, len(history) + start_epoch - 1), step)
+            _save_checkpoint(cfg.checkpoint, module, max(start_epoch, len(history) + start_epoch - 1), step,
+                             schedule)
     module.eval()
     student.update_from(module)
+    if cc and cc.get("plans"):  # the last event's groups: the plan the systolic back end packs by
+        from graphopt.meta import COLUMN_PLANS
+
+        student.scratch[COLUMN_PLANS] = {**(student.scratch.get(COLUMN_PLANS) or {}), **cc["plans"]}
     from graphopt.quantizers.base import refresh_bias_scales
 
     refresh_bias_scales(student)  # biases follow the learned steps, as the export will
