@@ -269,12 +269,12 @@ def positions(node) -> int:
     the rows of a MatMul's input (1 where the shape is unknown)."""
     from graphopt.analysis import _per_sample
 
-    out = _per_sample(node.outputs[0].shape)
-    if out is None or not out:
+    out = _per_sample(node.outputs[0].shape)  # [batch, ...] with a symbolic batch read as 1
+    if out is None or len(out) < 2:
         return 1
     if node.op_type == "Conv":
-        return int(np.prod(out[1:], dtype=np.int64)) if len(out) > 1 else 1
-    return int(np.prod(out[:-1], dtype=np.int64)) if len(out) > 1 else 1
+        return int(np.prod(out[2:], dtype=np.int64))  # output pixels
+    return int(np.prod(out[1:-1], dtype=np.int64))  # rows of a MatMul's input (1 for a Gemm)
 
 
 def combine_weight(node, w: np.ndarray, alpha: int, gamma: float, window: int = 256,

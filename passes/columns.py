@@ -28,7 +28,7 @@ from graphopt.errors import GraphOptError
 from graphopt.geometry import geometry
 from graphopt.ir import Graph
 from graphopt.masks import Mask, get_mask, set_mask
-from graphopt.meta import COLUMN_PLANS, SPARSITY_SCHEDULE
+from graphopt.meta import COLUMN_PLANS, MASK, SPARSITY_SCHEDULE
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
 
 from . import _layers as L
@@ -61,10 +61,20 @@ class ColumnCombine(Pass):
                           maximum=1.0)
     end: float = option(0.5, "events: the last event (the paper: half way)", minimum=0.0, maximum=1.0)
     skip: list[str] = option([], "layers (fnmatch patterns) to leave as they are")
+    only: Literal["all", "pointwise"] = option("all", "pack every layer, or only 1x1 convs (group 1) and Gemm/MatMul")
+    correct_bias: bool = option(False, "one shot: subtract the mean output shift the pruning causes from each bias "
+                                       "(E[x] measured on the calibration data, as correct-bias does for quantization)")
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         C.check_options(self.alpha, self.gamma, self.window)
         layers = prunable_layers(graph, self.skip)
+        if self.only == "pointwise":
+            layers = [n for n in layers if n.op_type != "Conv" or (int(n.attr("group", 1)) == 1 and
+                                                                   int(np.prod(L.weight(graph, n).shape[2:])) == 1)]
+        if self.correct_bias and (self.events or ctx.calib is None):
+            raise GraphOptError("column-combine{correct_bias=true} is for one shot (events=0) and needs calibration "
+                                "data (--calib)")
+        before = {n: np.asarray(L.weight(graph, n), np.float64).copy() for n in layers} if self.correct_bias else {}
         dense: dict[str, str] = {}
         for n in graph.nodes:  # layers with a constant weight that the array cannot take
             if n.op_type == "ConvTranspose" and len(n.inputs) > 1 and graph.const_value(n.inputs[1]) is not None:
@@ -99,8 +109,10 @@ class ColumnCombine(Pass):
                 changed += 1
             pruned += lost
             rows.append(C.layer_report(n, L.weight(graph, n), plan))
-        graph.scratch[COLUMN_PLANS] = plans
-        stats = {"layers": len(rows), "conflicts_pruned": pruned, "dense": dense,
+        if plans:
+            graph.scratch[COLUMN_PLANS] = plans
+        corrected = _correct_bias(graph, ctx, before) if before else 0
+        stats = {"layers": len(rows), "conflicts_pruned": pruned, "dense": dense, "bias_corrected": corrected,
                  "per_layer": {r["layer"]: {"columns": r["columns"], "groups": r["groups"]} for r in rows}}
         if rows:
             stats["tiles"] = {n: {k: v["tiles"] for k, v in C.totals(rows, n).items()} for n in C.ARRAY_SIZES}
@@ -129,3 +141,32 @@ class ColumnCombine(Pass):
         changed = zeroed > 0 or repr(before) != repr(sched)
         return PassResult(graph, changed, {"layers": len(layers), "events": self.events, "final": fin,
                                            "dense": dense})
+
+
+def _correct_bias(graph: Graph, ctx: Context, before: dict) -> int:
+    """Subtract E[(W_new - W_old) x] from each changed layer's bias (E[x] of the graph *before*
+    this pass's pruning, measured on ctx.calib): DFQ's bias correction applied to pruning."""
+    from graphopt.training.calibration import Moments, observe
+
+    changed = [n for n, w in before.items() if not np.array_equal(w, L.weight(graph, n))]
+    if not changed:
+        return 0
+    g0 = graph.copy()
+    by_name = {n.name: n for n in g0.nodes}
+    for n in changed:  # the float model before pruning
+        m = by_name[n.name]
+        m.inputs[1].meta.pop(MASK, None)  # the torch back end would re-apply the mask
+        g0.set_const(m.inputs[1], before[n].astype(np.asarray(m.inputs[1].const).dtype))
+    names = {n: by_name[n.name].inputs[0].name for n in changed}
+    res = observe(g0, ctx.calib, {names[n]: Moments(axis=1 if n.op_type == "Conv" else -1) for n in changed},
+                  progress=ctx.show_progress, desc="column-combine bias correction")
+    for n in changed:
+        shift = geometry(n).mean_output(np.asarray(L.weight(graph, n), np.float64) - before[n], res[names[n]]["mean"])
+        b = L.bias(graph, n)
+        if n.op_type == "MatMul":  # no bias input to correct
+            continue
+        new_b = ((np.zeros(shift.shape) if b is None else np.asarray(b, np.float64)) - shift).astype(np.float32)
+        if b is None and n.op_type == "Gemm" and n.attr("beta", 1.0) != 1.0:
+            continue
+        L.set_input_const(graph, n, 2, new_b, "_bias")
+    return len(changed)

@@ -33,7 +33,7 @@ from graphopt.pipeline import parse_pipeline
 # how to give a pass something to do: a pipeline to run first, and the options to run it with
 SETUP = {"fold-prune": "prune-channels{ratio=0.5}"}
 OPTIONS = {"prune-channels": "{ratio=0.5}", "prune-blocks": "{count=1}", "finetune": "{batch_size=4,lr=0.001}",
-           "prune-weights": "{sparsity=0.5}"}
+           "prune-weights": "{sparsity=0.5}", "column-combine": "{sparsity=0.5}"}
 # the passes that refuse a graph with nothing to do, and the one-line reason each gives; every
 # other pass must run on it and report modified=False
 REFUSES_NOTHING = {"choose-bits": "the model has no layer with quantizable weights",
