@@ -196,8 +196,11 @@ def columns(graph, *, array: int = 64, alpha: int = 8, gamma: float = 0.5, windo
         t = tot[m]
         print(f"N={m}: tiles {t['dense']['tiles']} dense, {t['sparse']['tiles']} sparse, {t['packed']['tiles']} packed "
               f"({t['packed']['tiles'] / max(t['dense']['tiles'], 1):.3f}x dense); utilization "
-              f"{100 * t['dense']['utilization']:.1f}% -> {100 * t['packed']['utilization']:.1f}%; cycles "
-              f"{t['packed']['cycles'] / max(t['dense']['cycles'], 1):.3f}x dense")
+              f"{100 * t['dense']['utilization']:.1f}% dense, {100 * t['sparse']['utilization']:.1f}% sparse, "
+              f"{100 * t['packed']['utilization']:.1f}% packed; mapping efficiency {100 * t['dense']['mapping']:.0f}% / "
+              f"{100 * t['sparse']['mapping']:.0f}% / {100 * t['packed']['mapping']:.0f}%; cycles "
+              f"{human(t['dense']['cycles'])} / {human(t['sparse']['cycles'])} / {human(t['packed']['cycles'])} "
+              f"({t['packed']['cycles'] / max(t['dense']['cycles'], 1):.3f}x dense)")
     if not cplans:
         print("the model has no sparsity: nothing to combine (prune it first, e.g. column-combine{sparsity=0.8} or "
               "prune-weights)")
