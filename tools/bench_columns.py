@@ -112,22 +112,6 @@ def array_stats(graph, pointwise_only: bool = False) -> dict:
     return {"arrays": out, "sparsity": round(1 - nz / w, 4), "packed_layers": len(plans)}
 
 
-def _plans_by_node(graph) -> dict:
-    from graphopt.meta import COLUMN_PLANS
-
-    plans = graph.scratch.get(COLUMN_PLANS) or {}
-    return {n.name: plans[n.inputs[1].name] for n in graph.nodes
-            if len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].name in plans}
-
-
-def _replan(graph, by_node: dict) -> None:
-    """fold-bn writes new weight constants: key the plans by the new weights' names."""
-    from graphopt.meta import COLUMN_PLANS
-
-    graph.scratch[COLUMN_PLANS] = {n.inputs[1].name if n.inputs[1].producer is None else n.inputs[1].producer.inputs[0].name:
-                                   by_node[n.name] for n in graph.nodes if n.name in by_node}
-
-
 def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     import torch
     from cifar_resnet import resnet_cifar
@@ -163,10 +147,8 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
         secs = time.perf_counter() - t
         q = r.graph
         ran = r.stats["finetune"][0].get("epochs", 0)
-        if row.endswith("-int8"):
-            by_node = _plans_by_node(q)
+        if row.endswith("-int8"):  # the plans stay keyed by the weights fold-bn rewrites in place
             q = PassManager(INT8).run(q, Context(calib=calib)).graph
-            _replan(q, by_node)
             pipe += "," + INT8
     sim = torch_logits(graphopt.to_torch(q).eval(), xt)
     export_file(q, out, "qdq" if row.endswith("-int8") else "float")
