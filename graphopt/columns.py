@@ -34,6 +34,7 @@ A ConvTranspose does not (no filter matrix); it stays dense, with that reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -73,6 +74,10 @@ class Plan:
 
     def members(self) -> np.ndarray:
         """[G, a] int64: each group's columns, ascending, padded with -1 (a: the largest group)."""
+        return self._members
+
+    @cached_property
+    def _members(self) -> np.ndarray:  # computed once per plan: select, keep and pack all read it
         g = self.group
         cols = np.flatnonzero(g >= 0)
         if not cols.size:
@@ -208,11 +213,11 @@ def pack(f: np.ndarray, plan: Plan) -> Packed:
     """Pack filter matrix ``f`` by ``plan``. ``f`` must already be conflict free under the plan
     (``plan.keep(f)`` keeps every nonzero): a packing never silently drops a weight."""
     f = np.asarray(f)
-    lost = plan.conflicts(f)
+    sel, val = plan.select(f)
+    lost = int(np.count_nonzero(f)) - int(np.count_nonzero(val))  # plan.conflicts(f), from this one selection
     if lost:
         raise GraphOptError(f"the filter matrix does not fit its column plan: {lost} nonzeros conflict "
                             "(apply the plan's keep mask first)")
-    sel, val = plan.select(f)
     a = plan.members().shape[1]
     return Packed(val, sel.astype(np.uint8 if a <= 256 else np.int32), plan.members().astype(np.int32),
                   int(f.shape[1]))
@@ -262,6 +267,11 @@ def packable(node) -> str | None:
     if node.op_type == "ConvTranspose":
         return "a ConvTranspose scatters its outputs: its weight is not one GEMM over im2col columns"
     return None
+
+
+def pointwise(node, weight_shape) -> bool:
+    """A 1x1 conv of one group, or a Gemm/MatMul: the layers ``column-combine{only=pointwise}`` packs."""
+    return node.op_type != "Conv" or (int(node.attr("group", 1)) == 1 and int(np.prod(weight_shape[2:])) == 1)
 
 
 def positions(node) -> int:

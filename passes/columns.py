@@ -69,8 +69,7 @@ class ColumnCombine(Pass):
         C.check_options(self.alpha, self.gamma, self.window)
         layers = prunable_layers(graph, self.skip)
         if self.only == "pointwise":
-            layers = [n for n in layers if n.op_type != "Conv" or (int(n.attr("group", 1)) == 1 and
-                                                                   int(np.prod(L.weight(graph, n).shape[2:])) == 1)]
+            layers = [n for n in layers if C.pointwise(n, L.weight(graph, n).shape)]
         if self.correct_bias and (self.events or ctx.calib is None):
             raise GraphOptError("column-combine{correct_bias=true} is for one shot (events=0) and needs calibration "
                                 "data (--calib)")

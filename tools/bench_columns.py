@@ -70,11 +70,6 @@ TRAINS_AS = {"cc-a8-g0.5-int8": "cc-a8-g0.5"}
 INT8 = "fold-bn,quantize{weights=int8:channel,acts=uint8:tensor}"
 
 
-def _pointwise(n, graph) -> bool:
-    w = graph.const_value(n.inputs[1]) if n.inputs[1].producer is None else None
-    return n.op_type != "Conv" or (int(n.attr("group", 1)) == 1 and w is not None and int(np.prod(np.shape(w)[2:])) == 1)
-
-
 def array_stats(graph, pointwise_only: bool = False) -> dict:
     """Per array size: tiles, cycles (and their ratio to the dense layout), utilization and
     mapping efficiency of the packed network; layers without a plan count as dense."""
@@ -90,7 +85,7 @@ def array_stats(graph, pointwise_only: bool = False) -> dict:
         n for n in graph.nodes if n.op_type in ("Conv", "Gemm", "MatMul") and not n.domain and len(n.inputs) > 1
         and is_fake_quant(n.inputs[1].producer) and graph.const_value(n.inputs[1].producer.inputs[0]) is not None]
     if pointwise_only:  # EfficientNet: the 1x1 layers column combining packs there
-        layers = [n for n in layers if _pointwise(n, graph)]
+        layers = [n for n in layers if C.pointwise(n, np.shape(graph.const_value(n.inputs[1])))]
     for n in layers:
         v = n.inputs[1]
         if is_fake_quant(v.producer):
