@@ -308,7 +308,77 @@ class Relative(Codec):
         return int((pos.size + int(fillers.sum())) * (self.value_bits + self.index_bits))
 
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (Int8, Int4, Indexed, Palette, NM, Relative)}
+@dataclass(frozen=True)
+class SharedPalette(Codec):
+    """k-means weight sharing stored dense: one codebook per group of ``group_rows`` consecutive
+    rows along ``axis`` (one group when ``axis`` is None) and an index per weight. Zeros get an
+    entry of their own after the centroids when the tensor has any, so the index needs
+    ceil(log2(k + 1)) bits then; it is written in 4 bits (two per byte, ONNX UINT4) when it
+    fits, else 8 or 16. What the palettized ONNX holds (``packing.palette_weight``)."""
+
+    name: ClassVar[str] = "shared-palette"
+    axis: int | None = None
+    group_rows: int = 1
+    book_bits: int = 32
+
+    def _rows(self, x: np.ndarray) -> np.ndarray:
+        moved = np.moveaxis(x, self.axis, 0) if self.axis is not None else x.reshape(1, -1)
+        return moved.reshape(moved.shape[0], -1)
+
+    def fits(self, x):
+        return True
+
+    @staticmethod
+    def form(book: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """(codebook [G, k'] with a zero entry appended when ``index`` has pruned (-1) entries,
+        index >= 0 into it, the container bits: 4, 8 or 16)."""
+        book = np.asarray(book, np.float32)
+        index = np.asarray(index, np.int64)
+        k = book.shape[1]
+        if (index < 0).any():
+            book = np.concatenate([book, np.zeros((book.shape[0], 1), np.float32)], 1)
+            index = np.where(index < 0, k, index)
+        k = book.shape[1]
+        return book, index, 4 if k <= 16 else 8 if k <= 256 else 16
+
+    def _group_view(self, rows: np.ndarray) -> np.ndarray:
+        """[groups, group_rows * n]; the last group padded with zeros (not levels)."""
+        g = -(-rows.shape[0] // self.group_rows)
+        pad = np.zeros((g * self.group_rows - rows.shape[0], rows.shape[1]), rows.dtype)
+        return np.concatenate([rows, pad]).reshape(g, -1)
+
+    def encode(self, x):
+        x = np.asarray(x, np.float32)
+        rows = self._rows(x)
+        v = self._group_view(rows)
+        order = np.argsort(np.where(v != 0, v, np.inf), axis=1, kind="stable")  # nonzeros first, sorted
+        s = np.take_along_axis(v, order, 1)
+        nz = np.take_along_axis(v != 0, order, 1)
+        new = np.concatenate([nz[:, :1], (s[:, 1:] != s[:, :-1]) & nz[:, 1:]], 1)
+        rank = np.where(nz, np.cumsum(new, 1) - 1, -1)  # level of each sorted value; -1 for a zero
+        k = max(int(rank.max(initial=0)) + 1, 1)
+        book = np.zeros((v.shape[0], k + 1), np.float32)  # zeros write to the spare last column
+        np.put_along_axis(book, np.where(nz, rank, k), np.where(nz, s, 0), 1)
+        book = book[:, :k]
+        idx = np.empty_like(rank)
+        np.put_along_axis(idx, order, rank, 1)
+        idx = idx.reshape(-1, rows.shape[1])[: rows.shape[0]]
+        book, idx, bits = self.form(book, idx)
+        return Encoded(self.name, x.shape, x.dtype, {"codebook": (book, self.book_bits),
+                                                     "index": (idx.astype(np.uint16), bits)},
+                       {"axis": self.axis, "group_rows": self.group_rows})
+
+    def decode(self, e):
+        book, idx = e["codebook"], e["index"].astype(np.int64)
+        gid = np.arange(idx.shape[0]) // self.group_rows
+        rows = book[gid[:, None], idx]
+        if self.axis is None:
+            return rows.reshape(e.shape).astype(e.dtype)
+        moved = (e.shape[self.axis],) + tuple(d for i, d in enumerate(e.shape) if i != self.axis)
+        return np.moveaxis(rows.reshape(moved), 0, self.axis).astype(e.dtype)
+
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (Int8, Int4, Indexed, Palette, NM, Relative, SharedPalette)}
 
 
 def get(name: str, **options) -> Codec:

@@ -71,7 +71,9 @@ class Quantize(Pass):
 
     weights: str = option("int8:channel", "weight spec: int<bits>:tensor|channel|block<size>, or a zoo scheme "
                                           "(pow2, apot, term, pwlq, binary, ternary; see docs/quantizers.md)")
-    acts: str = option("uint8:tensor", "activation spec: (u)int<bits>[:tensor][:sym|asym] (uint = asymmetric)")
+    acts: str = option("uint8:tensor", "activation spec: (u)int<bits>[:tensor][:sym|asym] (uint = asymmetric), "
+                                       "dynamic (quantized at run time), or float (weight-only: activations and "
+                                       "biases stay float, no calibration unless GPTQ)")
     act_method: Literal["minmax", "percentile", "mse", "entropy"] = option(
         "minmax", "activation range from calibration (entropy: KL-optimal clip, as TensorRT/onnxruntime)")
     percentile: float = option(99.99, "for act_method=percentile", minimum=50.0, maximum=100.0)
@@ -80,7 +82,7 @@ class Quantize(Pass):
                   "from the calibration data)")
     skip: list[str] = option([], "node name/source patterns (fnmatch) to leave in float")
     override: list[str] = option([], "PATTERN=BITS: other weight bits for matching layers (uniform int<BITS> "
-                                     "when the weight scheme is not uniform)")
+                                     "when the weight scheme is not uniform, k-means at BITS for kmeans)")
     first_bits: Optional[int] = option(None, "weight bits for the first compute layer (over first_last_bits)",
                                        minimum=2, maximum=16)
     last_bits: Optional[int] = option(None, "weight bits for the last compute layer (over first_last_bits)",
@@ -129,10 +131,11 @@ class Quantize(Pass):
     def planned_quantizers(self) -> list[tuple[str, object]]:
         """(what, quantizer) for every spec this pass will use, known before it runs (for a CLI
         that checks the output format before doing any work)."""
-        w, a = parse(self.weights, "weights"), parse(self.acts, "acts")
-        out = [("weights", w, "weight"), ("activations", a, "act")]
+        w = parse(self.weights, "weights")
+        a = None if self._weight_only else parse(self.acts, "acts")
+        out = [("weights", w, "weight")] + ([] if a is None else [("activations", a, "act")])
         out += [(f"weights of '{pat}'", w.layer_at_bits(bits), "weight") for pat, bits in self._overrides().items()]
-        if self.first_last_act_bits:
+        if self.first_last_act_bits and a is not None:
             out.append(("first/last layer activations", a.with_bits(self.first_last_act_bits), "act"))
         for what, bits in (("first layer weights", self.first_bits or self.first_last_bits),
                            ("last layer weights", self.last_bits or self.first_last_bits)):
@@ -146,8 +149,14 @@ class Quantize(Pass):
         if any(is_fake_quant(n) for n in graph.nodes):
             raise PreconditionError("the graph is already quantized (it has FakeQuant nodes)")
 
+    @property
+    def _weight_only(self) -> bool:
+        return str(self.acts).strip().lower() == "float"
+
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         wspec = parse(self.weights, "weights")
+        if self._weight_only:
+            return self._run_weight_only(graph, ctx, wspec)
         aspec = parse(self.acts, "acts")
         if aspec.dynamic:
             return self._run_dynamic(graph, ctx, wspec, aspec)
@@ -232,10 +241,7 @@ class Quantize(Pass):
         layers = ctx.progress(compute, total=len(compute), desc="GPTQ rounding") if self.weight_method == "gptq" \
             else compute
         for n in layers:
-            bits = next((b for p, b in overrides.items() if L.matches(n, [p])), None)
-            if bits is None:  # choose-bits' allocation, else the first/last layer widths
-                bits = n.meta.get(CHOSEN_BITS, edge_bits.get(n))
-            spec = wspec if bits is None else wspec.layer_at_bits(bits)
+            spec = self._layer_spec(n, wspec, overrides, edge_bits)
             h = hessians.get(n)
             self._quantize_weights(graph, n, spec, self.weight_method, None if h is None else h.result())
             why = self._quantize_bias(graph, n)
@@ -266,6 +272,57 @@ class Quantize(Pass):
 
         return skipped, {n.source: why(n) for n in graph.nodes
                          if n.op_type in COMPUTE_OPS and n.domain == "" and n not in compute}
+
+    def _layer_spec(self, n: Node, wspec, overrides: dict[str, int], edge_bits: dict):
+        """The weight spec of layer ``n``: an ``override``, else choose-bits' allocation, else the
+        first/last layer widths, else ``wspec``."""
+        bits = next((b for p, b in overrides.items() if L.matches(n, [p])), None)
+        if bits is None:
+            bits = n.meta.get(CHOSEN_BITS, edge_bits.get(n))
+        return wspec if bits is None else wspec.layer_at_bits(bits)
+
+    def _run_weight_only(self, graph: Graph, ctx: Context, wspec) -> PassResult:
+        """``acts=float``: every Conv/Gemm/MatMul weight quantized, activations and biases left
+        float (weight sharing, weight-only int4). No calibration data unless GPTQ."""
+        if self.first_last_act_bits or self.learn_scales:
+            raise GraphOptError("acts=float quantizes weights only: first_last_act_bits and learn_scales do not apply")
+        wspec = wspec.for_training(self.qat, "weight")
+        if self.weight_method == "gptq" and not wspec.elementwise:
+            wspec.gptq_rounding({}, None, (1, 1))  # refuses, saying why
+        if self.weight_method == "gptq" and ctx.calib is None:
+            raise GraphOptError("weight_method=gptq needs calibration data (--calib), even with acts=float")
+        graph.toposort()
+        compute = quantizable_layers(graph, self.skip)
+        skipped, float_layers = self._left_float(graph, compute)
+        hessians: dict[Node, object] = {}
+        if self.weight_method == "gptq":
+            from graphopt.training.calibration import CalibrationData, observe
+
+            data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(
+                ctx.calib, batch_size=self.batch_size)
+            obs: dict[str, list] = {}
+            for n in compute:
+                h = hessians[n] = _hessian_observer(graph, n)
+                obs.setdefault(n.inputs[0].name, []).append(h)
+            observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (GPTQ)")
+        edge_bits = {}
+        if compute:
+            for n, b in ((compute[-1], self.last_bits or self.first_last_bits),
+                         (compute[0], self.first_bits or self.first_last_bits)):
+                if b:
+                    edge_bits[n] = b
+        overrides = self._overrides()
+        for n in ctx.progress(compute, total=len(compute), desc="quantizing weights"):
+            h = hessians.get(n)
+            self._quantize_weights(graph, n, self._layer_spec(n, wspec, overrides, edge_bits), self.weight_method,
+                                   None if h is None else h.result())
+        tables = self._quantize_tables(graph) if self.embeddings else 0
+        return PassResult(graph, bool(compute) or tables > 0,
+                          {"weights": len(compute), "tables": tables, "activations": 0, "bounds_dropped": 0,
+                           "skipped": skipped, "float_layers": float_layers,
+                           "float_biases": {n.source: "acts=float: weight-only" for n in compute
+                                            if len(n.inputs) > 2 and n.inputs[2] is not None},
+                           "weight_spec": str(wspec), "act_spec": "float"})
 
     def _run_dynamic(self, graph: Graph, ctx: Context, wspec, aspec) -> PassResult:
         """``acts=dynamic``: quantized weights, and each Gemm/MatMul input quantized at run time

@@ -11,7 +11,7 @@ from graphopt import from_torch
 from graphopt.errors import GraphOptError
 from graphopt.masks import get_mask
 from graphopt.training.finetune import FinetuneConfig, finetune
-from graphopt.training.lottery import _weights, lottery_ticket
+from graphopt.training.lottery import _weights, format_table, lottery_ticket
 
 
 def _task(seed=0):
@@ -187,3 +187,22 @@ def test_cli_labels_must_match_the_data(tmp_path, capsys):
     rc = main(["lottery", str(tmp_path / "init.onnx"), "--data", str(tmp_path / "x.npy"), "--labels",
                str(tmp_path / "y.npy"), "--state", str(tmp_path / "st")])
     assert rc == 1 and "has 96 samples but" in capsys.readouterr().err
+
+
+def test_named_scores_are_kept_and_tabled():
+    g, x, y = _task()
+    cfg = FinetuneConfig(epochs=1, batch_size=32, lr=0.05)
+    calls = []
+
+    def both(gr):
+        calls.append(1)
+        return {"torch": 50.0 + len(calls), "onnxruntime": 40.0 + len(calls)}
+
+    rows = lottery_ticket(g.copy(), x, y, rounds=2, rate=0.5, config=cfg, evaluate=both)
+    assert [r["score"] for r in rows] == [51.0, 52.0]  # the first named score
+    assert [r["scores"]["onnxruntime"] for r in rows] == [41.0, 42.0]
+    table = format_table({"ticket": rows, "old": [{"round": 1, "remaining": 1.0, "score": 9.0, "loss": 1.0}]},
+                         key="onnxruntime")
+    assert "| 100.0% | 41.00 | - |" in table and "| 50.0% | 42.00 | - |" in table
+    with pytest.raises(GraphOptError, match="no scores"):
+        lottery_ticket(g.copy(), x, y, rounds=1, config=cfg, evaluate=lambda gr: {})

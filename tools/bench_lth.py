@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import cifar10, cifar_normalize, load_results, save_results
+from common import cifar10, cifar_normalize, load_results, ort_top1, save_results, top1_pct, torch_logits
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lth.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-lth"
@@ -53,11 +53,12 @@ def run(control: str, rounds: int, rate: float, epochs: int, n_train: int, rewin
     xt = cifar_normalize(xt_u8)
     g = graphopt.from_torch(conv2(), torch.zeros(1, 3, 32, 32))
 
-    def score(graph) -> float:
+    def score(graph) -> dict[str, float]:
+        """Top-1 of the round's network in torch and of its exported ONNX file in onnxruntime."""
         m = graphopt.to_torch(graph).eval()
-        with torch.no_grad():
-            pred = np.concatenate([m(torch.from_numpy(xt[i:i + 1000])).argmax(1).numpy() for i in range(0, len(xt), 1000)])
-        return round(100 * float((pred == yt).mean()), 2)
+        out = WORK / f"{control}-r{rewind}-round.onnx"
+        graphopt.save_onnx(graph, out)
+        return {"torch": top1_pct(torch_logits(m, xt, 1000), yt), "onnxruntime": ort_top1(out, xt, yt)}
 
     WORK.mkdir(parents=True, exist_ok=True)
     cfg = FinetuneConfig(epochs=epochs, batch_size=60, lr=2e-4, optimizer="adam", kd_weight=0.0)
@@ -74,7 +75,11 @@ def table(plot: str | None) -> None:
         print("no results yet")
         return
     runs = {k: v["rounds"] for k, v in res.items()}
+    epochs = sorted({v["epochs_per_round"] for v in res.values()})
+    print(f"torch top-1 % on the 10,000 test images ({'/'.join(map(str, epochs))} epochs per round):")
     print(format_table(runs))
+    print("\nthe same rounds' exported ONNX files in onnxruntime:")
+    print(format_table(runs, key="onnxruntime"))
     if plot:
         plot_curves(plot, runs, title="Conv-2 on CIFAR-10: winning ticket vs controls", ylabel="test top-1 %")
         print(f"wrote {plot}")
@@ -102,7 +107,9 @@ def main() -> int:
                                                    "train_images": args.train}
     save_results(RESULTS, res)
     for r in rows:
-        print(f"round {r['round']}: {100 * r['remaining']:.1f}% remaining, top-1 {r['score']:.2f}")
+        ort = (r.get("scores") or {}).get("onnxruntime")
+        print(f"round {r['round']}: {100 * r['remaining']:.1f}% remaining, top-1 {r['score']:.2f}"
+              + ("" if ort is None else f" (onnxruntime {ort:.2f})"))
     return 0
 
 

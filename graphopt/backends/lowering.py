@@ -206,9 +206,12 @@ def to_model(g: Graph, opset: int) -> onnx.ModelProto:
     integer_ops = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
                    "ConvInteger", "QLinearAdd", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool"}
 
+    float_books = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+
     def float_out(n) -> bool:  # a kept-aside node whose output is float again
         return n.op_type == "DequantizeLinear" or (n.op_type == "Cast" and any(
-            a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute))
+            a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)) or (
+            n.op_type == "Gather" and is_unpack_node(n.name) and n.input[0] in float_books)  # a float palette
 
     aside: list = []
     int_values: set[str] = set()
@@ -230,7 +233,7 @@ def to_model(g: Graph, opset: int) -> onnx.ModelProto:
         p = producers.get(name)
         if p is None or not is_unpack_node(p.name):
             return None
-        return dims(p.input[1] if p.op_type == "Gather" else p.input[0])
+        return dims(p.input[1] if p.op_type == "Gather" else p.input[0])  # Gather: the index's; Cast/Add: input 0
 
     read_by_rest = {i for n in rest for i in n.input} | {o.name for o in model.graph.output}
     stripped = onnx.ModelProto()
@@ -242,7 +245,8 @@ def to_model(g: Graph, opset: int) -> onnx.ModelProto:
     for n in aside:  # the float values the rest reads from the integer part become stand-ins
         if not float_out(n) or n.output[0] not in read_by_rest:
             continue
-        d = dims(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        d = dims(n.input[0]) if n.op_type == "DequantizeLinear" else dims(n.output[0]) if n.op_type == "Gather" \
+            else None
         if d is not None:  # a weight: a float initializer of its shape
             stripped.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(d, np.float32), n.output[0]))
         else:  # an activation: a graph input

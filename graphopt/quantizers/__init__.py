@@ -12,6 +12,7 @@ from graphopt.quantizers import (  # noqa: F401,E402  - registers the built-in s
     binary,
     dorefa,
     dynamic,
+    kmeans,
     pow2,
     pwlq,
     term,

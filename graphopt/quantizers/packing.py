@@ -5,7 +5,10 @@ into an int8 (or float) initializer at session start (so QLinearConv/QGemm run o
 * codes in [-8, 7]: an INT4 initializer and ``Cast(to=INT8)`` (half a byte per weight);
 * at most 16 distinct codes (a power-of-two or APoT tensor): a UINT4 index, a 16-entry int8
   codebook, ``Cast(to=INT32)`` and ``Gather``;
-* anything else: an INT8 initializer.
+* anything else: an INT8 initializer;
+* k-means shared weights (``palette_weight``): a UINT4 (or UINT8/16) index in the weight's
+  shape, the float codebooks, ``Cast(to=INT64)``, a broadcast ``Add`` of each group's offset
+  when there are several codebooks, and ``Gather``.
 
 onnxruntime's constant folding runs the Cast/Gather on the initializers before its Q/DQ
 fusion, so the int4 file runs exactly as fast as its int8 twin (measured in
@@ -20,7 +23,7 @@ from onnx import TensorProto
 
 from graphopt.errors import GraphOptError
 from graphopt.ir import numpy_dtype
-from graphopt.storage import Palette, smallest_int8_form
+from graphopt.storage import Palette, SharedPalette, smallest_int8_form
 
 UNPACK_TAG = "_unpack"
 
@@ -112,3 +115,32 @@ def float_codebook(g, y: np.ndarray, axis: int | None, name: str, source: str):
         out = node("Transpose", [out], "value", perm=perm)
     out.dtype, out.shape = TensorProto.FLOAT, tuple(y.shape)
     return out
+
+
+def palette_weight(g, book: np.ndarray, index: np.ndarray, axis: int | None, group_rows: int, name: str,
+                   source: str):
+    """A float weight shared through codebooks (``book`` [groups, k], ``index`` in the weight's
+    shape, -1 for a pruned zero; one codebook per ``group_rows`` slices along ``axis``), written
+    in ``storage.SharedPalette``'s form: ``Gather(flat codebook, Cast(index) [+ group offset])``.
+    Returns ``(value, opset)``."""
+    book, idx, bits = SharedPalette.form(book, index)
+    k = book.shape[1]
+    dtype = {4: TensorProto.UINT4, 8: TensorProto.UINT8, 16: TensorProto.UINT16}[bits]
+
+    def node(op, ins, tag, **attrs):
+        m = g.add_node(op, ins, [f"{name}_{tag}"], attrs=attrs, source=source,
+                       name=g.unique_node_name(f"{name}_{tag}{UNPACK_TAG}"))
+        return m.outputs[0]
+
+    iv = g.add_const(idx.astype(numpy_dtype(dtype)), f"{name}_index")
+    i64 = node("Cast", [iv], "index64", to=TensorProto.INT64)
+    i64.dtype, i64.shape = TensorProto.INT64, idx.shape
+    if book.shape[0] > 1:
+        shape = [1] * idx.ndim
+        shape[axis] = idx.shape[axis]
+        offs = (np.arange(idx.shape[axis]) // group_rows * k).astype(np.int64).reshape(shape)
+        i64 = node("Add", [i64, g.add_const(offs, f"{name}_offset")], "flat_index")
+        i64.dtype, i64.shape = TensorProto.INT64, idx.shape
+    out = node("Gather", [g.add_const(book.reshape(-1), f"{name}_codebook"), i64], "value", axis=0)
+    out.dtype, out.shape = TensorProto.FLOAT, tuple(idx.shape)
+    return out, 21 if bits == 4 else 13

@@ -94,11 +94,12 @@ def ticket_masks(ticket: str | os.PathLike, rounds: int, ws) -> list[dict[str, n
 
 def lottery_ticket(graph: Graph, x: np.ndarray, y: np.ndarray | None, *, rounds: int = 5, rate: float = 0.2,
                    rewind_step: int = 0, control: str = "ticket", config=None,
-                   evaluate: Callable[[Graph], float] | None = None, seed: int = 0,
+                   evaluate: Callable[[Graph], float | dict[str, float]] | None = None, seed: int = 0,
                    state: str | os.PathLike | None = None, ticket: str | os.PathLike | None = None) -> list[dict]:
     """Iterative magnitude pruning with rewinding (see the module doc). Returns one row per
     round: the share of weights remaining, the score ``evaluate(graph)`` after training, and
-    the training loss. ``graph`` ends as the last round's trained, pruned network. The controls
+    the training loss. ``evaluate`` may return named scores (e.g. ``{"torch": .., "onnxruntime":
+    ..}``): the row keeps them all under ``scores`` and its ``score`` is the first. ``graph`` ends as the last round's trained, pruned network. The controls
     need ``ticket``: the ``state`` path of the ticket run they follow."""
     from dataclasses import replace
 
@@ -168,8 +169,15 @@ def lottery_ticket(graph: Graph, x: np.ndarray, y: np.ndarray | None, *, rounds:
             rewind = {**rewind, **stats["snapshot"]}
         kept = sum(int(get_mask(v).keep.sum()) if get_mask(v) is not None else v.const.size for v in ws)
         total = sum(v.const.size for v in ws)
-        row = {"round": r + 1, "remaining": kept / total, "score": None if evaluate is None else float(evaluate(graph)),
-               "loss": stats["loss"][-1] if stats["loss"] else None}
+        got = None if evaluate is None else evaluate(graph)
+        row = {"round": r + 1, "remaining": kept / total, "score": None, "loss": stats["loss"][-1] if stats["loss"] else None}
+        if isinstance(got, dict):
+            if not got:
+                raise GraphOptError("evaluate returned no scores (an empty dict)")
+            row["scores"] = {k: float(v) for k, v in got.items()}
+            row["score"] = next(iter(row["scores"].values()))
+        elif got is not None:
+            row["score"] = float(got)
         results.append(row)
         log.info("lottery round %d: %.1f%% remaining, score %s", r + 1, 100 * row["remaining"], row["score"])
         if r > 0:
@@ -210,9 +218,10 @@ def _random_round(graph: Graph, ws, counts_of: dict[str, np.ndarray], rng) -> No
         set_mask(graph, v, Mask.element(new.reshape(old.shape)))
 
 
-def format_table(runs: dict[str, list[dict]]) -> str:
+def format_table(runs: dict[str, list[dict]], key: str | None = None) -> str:
     """Markdown table of ``lottery_ticket`` results: one row per share of weights remaining, one
-    column per run (e.g. per control). A run without scores shows its training loss."""
+    column per run (e.g. per control). A run without scores shows its training loss. ``key``
+    picks one of the named scores (``row["scores"][key]``); a round without it shows '-'."""
     rems = sorted({round(r["remaining"], 4) for rows in runs.values() for r in rows}, reverse=True)
     lines = ["| weights remaining | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
     for rem in rems:
@@ -221,6 +230,9 @@ def format_table(runs: dict[str, list[dict]]) -> str:
             r = next((r for r in rows if round(r["remaining"], 4) == rem), None)
             if r is None:
                 cells.append("-")
+            elif key is not None:
+                v = (r.get("scores") or {}).get(key)
+                cells.append("-" if v is None else f"{v:.2f}")
             elif r.get("score") is not None:
                 cells.append(f"{r['score']:.2f}")
             else:
