@@ -103,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--sparsity", action="store_true", help="per layer: sparsity, nonzero parameters and MACs, and "
                    "the size of compressed encodings (relative indices; 2-bit indices for 2:4)")
 
+    i.add_argument("--compression", action="store_true", help="Deep Compression's per-layer size table: weights "
+                   "kept, bits per weight and per relative index, fixed width and Huffman-coded, and the ratio")
+
+    cp = sub.add_parser("compress", help="Deep Compression file (.gdc): pruned and k-means-shared weights as "
+                                         "Huffman-coded indices and relative positions; prints the size table")
+    cp.add_argument("model", help="FILE.onnx (a palettized or pruned model, e.g. from quantize{weights=kmeans4,"
+                                  "acts=float})")
+    cp.add_argument("-o", "--output", required=True, help="the .gdc file to write")
+    cp.add_argument("--no-huffman", action="store_true", help="fixed-width streams only (the paper's P+Q)")
+    cp.add_argument("--gap-bits", type=int, choices=(0, 2, 3, 4, 5, 6, 7, 8), default=None,
+                    help="relative position width for every layer (default: each layer's smallest; 0 = dense)")
+    dp = sub.add_parser("decompress", help="rebuild the ONNX model a .gdc file holds (bit for bit)")
+    dp.add_argument("input", help="FILE.gdc")
+    dp.add_argument("-o", "--output", required=True, help="the ONNX file to write")
+    dp.add_argument("--dense", action="store_true", help="expand palettized weights into float initializers")
+
     a = sub.add_parser("analyze", help="analyses: sensitivity of each prunable channel group, or of each residual block")
     asub = a.add_subparsers(dest="analysis", metavar="ANALYSIS", parser_class=_Parser, required=True)
     _aadd = asub.add_parser
@@ -268,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_outputs(args)
         return {"convert": cmd_convert, "passes": cmd_passes, "inspect": cmd_inspect, "demo": cmd_demo,
-                "analyze": cmd_analyze, "finetune": cmd_finetune, "lottery": cmd_lottery}[args.command](args)
+                "analyze": cmd_analyze, "finetune": cmd_finetune, "lottery": cmd_lottery, "compress": cmd_compress,
+                "decompress": cmd_decompress}[args.command](args)
     except BrokenPipeError:  # e.g. `graphopt passes | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -663,6 +680,8 @@ def cmd_inspect(args) -> int:
         return _inspect_ranges(graph, args)
     if args.sparsity:
         return _inspect_sparsity(graph)
+    if args.compression:
+        return _inspect_compression(args.model)
     rows = layer_table(graph)
     w = max([len(r.name) for r in rows] + [5])
     w = min(w, 60)
@@ -702,6 +721,56 @@ def _inspect_sparsity(graph) -> int:
           f"(each layer in its smallest form: float32 values + 4-bit relative indices, N:M values + log2(M)-bit "
           f"indices, or dense)")
     print("note: onnxruntime runs the exported model at dense speed (it has no sparse convolution)")
+    return 0
+
+
+def _onnx_model(path: str):
+    """The ONNX ModelProto at ``path`` (compress and inspect --compression read files as written)."""
+    import onnx
+
+    if Path(path).suffix.lower() != ".onnx":
+        raise GraphOptError(f"{path}: compression reads an ONNX file (export the model with graphopt convert first)")
+    try:
+        return onnx.load(path)
+    except Exception as e:
+        raise GraphOptError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+
+
+def _inspect_compression(path: str) -> int:
+    from graphopt import compressed
+
+    model = _onnx_model(path)
+    rows = compressed.report(model)
+    if not rows:
+        raise GraphOptError("the model has no Conv/Gemm/MatMul layer with constant weights")
+    data = compressed.encode(model)
+    print(compressed.format_report(rows, compressed.sizes(model, len(data))))
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from graphopt import compressed
+
+    model = _onnx_model(args.model)
+    rows = compressed.report(model)
+    size = compressed.write(model, args.output, huffman=not args.no_huffman, gap_bits=args.gap_bits)
+    print(compressed.format_report(rows, compressed.sizes(model, size)))
+    print(f"wrote {args.output} ({size / 1e3:.1f} KB{', fixed-width streams' if args.no_huffman else ''})")
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    from graphopt import compressed
+    from graphopt.atomic import atomic_paths
+
+    model = compressed.read(args.input)
+    if args.dense:
+        model = compressed.dense_model(model)
+    with atomic_paths(args.output) as (tmp,):
+        with open(tmp, "wb") as fh:
+            fh.write(model.SerializeToString())
+    print(f"wrote {args.output} ({len(model.graph.initializer)} tensors" + (", palettes expanded" if args.dense else
+                                                                             ", bit for bit as compressed") + ")")
     return 0
 
 

@@ -16,6 +16,12 @@ way for every form.
   previous one in ``index_bits`` bits; a gap that does not fit costs a filler zero entry per
   2^index_bits positions.
 
+* ``shared-palette``: k-means shared weights, a codebook per group of rows and an index per
+  weight (the palettized ONNX form);
+* ``stream``: an integer (or float) tensor as Deep Compression stores it: the positions of the
+  entries that differ from a background symbol as relative gaps, and their values, each stream
+  Huffman-coded (``huffman_*`` below) or fixed-width.
+
 The ONNX lowering (``graphopt.quantizers.packing``) writes these forms as initializers plus
 unpacking nodes, and reports (``sparsity_report``, ``inspect``) ask ``size_bits``; neither
 restates a form's layout. Everything is vectorised numpy: no per-element Python loop.
@@ -378,7 +384,208 @@ class SharedPalette(Codec):
         return np.moveaxis(rows.reshape(moved), 0, self.axis).astype(e.dtype)
 
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (Int8, Int4, Indexed, Palette, NM, Relative, SharedPalette)}
+
+
+
+# ------------------------------------------------------------------ Huffman coding
+HUFFMAN_MAX_LEN = 16  # code lengths are limited so that decoding is one table lookup per bit position
+
+
+def huffman_lengths(counts: np.ndarray, max_len: int = HUFFMAN_MAX_LEN) -> np.ndarray:
+    """Code length of each symbol (0 for a symbol that never occurs) of a Huffman code for
+    ``counts``, limited to ``max_len`` bits by halving the counts until it fits (the zlib-style
+    heuristic; a code within a fraction of a percent of optimal at our alphabet sizes). A lone
+    symbol gets a 1-bit code. The heap loop runs over symbols (at most 2^16), never over data."""
+    import heapq
+
+    counts = np.asarray(counts, np.int64)
+    used = np.flatnonzero(counts)
+    lengths = np.zeros(counts.size, np.int64)
+    if used.size == 0:
+        return lengths
+    if used.size == 1:
+        lengths[used] = 1
+        return lengths
+    c = counts[used].copy()
+    while True:
+        heap = [(int(w), i, (i,)) for i, w in enumerate(c)]
+        heapq.heapify(heap)
+        depth = np.zeros(used.size, np.int64)
+        tie = used.size
+        while len(heap) > 1:
+            w1, _, a = heapq.heappop(heap)
+            w2, _, b = heapq.heappop(heap)
+            depth[list(a + b)] += 1
+            heapq.heappush(heap, (w1 + w2, tie, a + b))
+            tie += 1
+        if depth.max() <= max_len:
+            lengths[used] = depth
+            return lengths
+        c = np.maximum(c >> 1, 1)
+
+
+def huffman_codes(lengths: np.ndarray) -> np.ndarray:
+    """Canonical codes (as integers, most significant bit first) for code ``lengths``: symbols
+    sorted by (length, symbol) take consecutive codes, so the lengths alone describe the code."""
+    lengths = np.asarray(lengths, np.int64)
+    codes = np.zeros(lengths.size, np.int64)
+    order = sorted(np.flatnonzero(lengths), key=lambda s: (lengths[s], s))
+    code, prev = 0, 0
+    for s in order:  # one step per symbol of the alphabet
+        code <<= int(lengths[s]) - prev
+        codes[s], prev = code, int(lengths[s])
+        code += 1
+    return codes
+
+
+def huffman_encode(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
+    """The canonical Huffman bit stream of ``symbols`` (bytes, zero-padded; and its bit count),
+    vectorised: each symbol's code as a row of bits, the used bits selected and packed."""
+    symbols = np.asarray(symbols, np.int64).reshape(-1)
+    lengths = np.asarray(lengths, np.int64)
+    if symbols.size == 0:
+        return b"", 0
+    if np.any(lengths[symbols] == 0):
+        raise GraphOptError("huffman: a symbol to encode has no code (its count was zero)")
+    L = int(lengths.max())
+    codes = huffman_codes(lengths)
+    shifts = np.arange(L - 1, -1, -1)
+    table = ((codes[:, None] << (L - lengths)[:, None]) >> shifts[None, :]) & 1  # codes left-aligned
+    keep = np.arange(L)[None, :] < lengths[symbols][:, None]
+    bits = table[symbols][keep].astype(np.uint8)
+    return np.packbits(bits).tobytes(), int(bits.size)
+
+
+def huffman_decode(data: bytes, nbits: int, lengths: np.ndarray, count: int) -> np.ndarray:
+    """``count`` symbols from a canonical Huffman stream, vectorised: the symbol and length at
+    every bit position come from one lookup of the next ``max length`` bits; the positions
+    where codes start are found by pointer doubling (log2(count) gathers), not a loop over
+    symbols. Raises on a stream that does not decode to exactly ``count`` symbols in ``nbits``."""
+    lengths = np.asarray(lengths, np.int64)
+    if count == 0:
+        return np.zeros(0, np.int64)
+    if nbits > 8 * len(data) or not lengths.any():
+        raise GraphOptError("corrupt Huffman stream: fewer bits than its header says")
+    L = int(lengths.max())
+    codes = huffman_codes(lengths)
+    sym_at = np.full(1 << L, -1, np.int64)
+    len_at = np.zeros(1 << L, np.int64)
+    for s in np.flatnonzero(lengths):  # fill the table: one slice per symbol of the alphabet
+        lo = int(codes[s]) << (L - int(lengths[s]))
+        hi = (int(codes[s]) + 1) << (L - int(lengths[s]))
+        sym_at[lo:hi], len_at[lo:hi] = s, lengths[s]
+    bits = np.concatenate([np.unpackbits(np.frombuffer(data, np.uint8))[:nbits], np.zeros(L, np.uint8)])
+    win = np.lib.stride_tricks.sliding_window_view(bits, L)[: nbits + 1] @ (1 << np.arange(L - 1, -1, -1))
+    step = len_at[win]
+    nxt = np.minimum(np.arange(nbits + 1) + np.where(step > 0, step, nbits + 1), nbits)
+    nxt[nbits] = nbits
+    pos = np.zeros(count, np.int64)
+    i = np.arange(count)
+    jump = nxt
+    for k in range(max(int(count - 1).bit_length(), 1)):
+        pos = np.where((i >> k) & 1, jump[pos], pos)
+        jump = jump[jump]
+    if pos[-1] >= nbits or np.any(step[pos] == 0) or pos[-1] + step[pos[-1]] != nbits:
+        raise GraphOptError("corrupt Huffman stream: its bits do not decode to the symbol count in its header")
+    return sym_at[win[pos]]
+
+
+def _gap_layout(keep: np.ndarray, gap_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gap symbols, whether each is a skip): each kept position as the count of positions since
+    the previous one; a count that does not fit ``gap_bits`` is split by skip symbols
+    (2^gap_bits - 1, "move on that many positions, no value")."""
+    pos = np.flatnonzero(keep)
+    gaps = np.diff(np.concatenate([[-1], pos])) - 1
+    span = (1 << gap_bits) - 1
+    skips = gaps // span
+    n = int(skips.sum()) + pos.size
+    ends = np.cumsum(skips + 1) - 1  # each kept entry's slot, after its skips
+    sym = np.full(n, span, np.int64)
+    sym[ends] = gaps % span
+    real = np.zeros(n, bool)
+    real[ends] = True
+    return sym, real
+
+
+@dataclass(frozen=True)
+class Stream(Codec):
+    """Deep Compression's storage of one tensor (Han et al. 2016, sections 3-4): the entries
+    that differ from the ``background`` value (the pruned zeros; for an index tensor, the
+    zero slot) as relative positions in ``gap_bits`` (a longer run is bridged by skip
+    symbols that carry no value), their values in ``value_bits`` (an index: its width; a float
+    weight: 32), each stream Huffman-coded when ``huffman`` (else fixed-width). With
+    ``gap_bits`` 0 the tensor is stored dense (every value, no positions). Exact for any
+    tensor; ``size_bits`` counts what a file holds (code tables included)."""
+
+    name: ClassVar[str] = "stream"
+    gap_bits: int = 4
+    value_bits: int = 4
+    huffman: bool = True
+    background: float = 0
+
+    def fits(self, x):
+        return True
+
+    def _streams(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        flat = np.asarray(x).reshape(-1)
+        if not self.gap_bits:
+            return flat, None
+        keep = flat != flat.dtype.type(self.background)
+        gaps, _ = _gap_layout(keep, self.gap_bits)
+        return flat[keep], gaps
+
+    def encode(self, x):
+        x = np.asarray(x)
+        values, gaps = self._streams(x)
+        fields: dict[str, tuple[np.ndarray, int]] = {}
+        meta: dict[str, Any] = {"count": int(values.size)}
+        integer = x.dtype.kind in "iu"
+        for tag, arr, width in (("values", values, self.value_bits), ("gaps", gaps, self.gap_bits)):
+            if arr is None:
+                continue
+            if self.huffman and (integer or tag == "gaps"):
+                sym = arr.astype(np.int64)
+                if sym.size and (sym.min() < 0 or sym.max() >= 1 << 16):
+                    self._refuse(x, "values outside 0..65535 cannot be Huffman-coded")
+                lengths = huffman_lengths(np.bincount(sym, minlength=int(sym.max(initial=0)) + 1))
+                data, nbits = huffman_encode(sym, lengths)
+                fields[tag] = (np.frombuffer(data, np.uint8), 8)
+                fields[f"{tag}_lengths"] = (lengths.astype(np.uint8), 5)  # the code table: a length per symbol
+                meta[f"{tag}_nbits"], meta[f"{tag}_count"] = nbits, int(sym.size)
+            else:
+                fields[tag] = (arr, width)
+                meta[f"{tag}_count"] = int(arr.size)
+        return Encoded(self.name, x.shape, x.dtype, fields, meta)
+
+    def _stream(self, e: Encoded, tag: str) -> np.ndarray:
+        if f"{tag}_lengths" in e.fields:
+            return huffman_decode(e[tag].tobytes(), e.meta[f"{tag}_nbits"], e[f"{tag}_lengths"],
+                                  e.meta[f"{tag}_count"])
+        return e[tag]
+
+    def decode(self, e):
+        n = math.prod(e.shape)
+        values = self._stream(e, "values")
+        if not self.gap_bits:
+            if values.size != n:
+                raise GraphOptError(f"corrupt stream: {values.size} values for a tensor of {n}")
+            return values.astype(e.dtype).reshape(e.shape)
+        gaps = self._stream(e, "gaps").astype(np.int64)
+        span = (1 << self.gap_bits) - 1
+        skip = gaps == span
+        pos = (np.cumsum(np.where(skip, span, gaps + 1)) - 1)[~skip]
+        if pos.size != values.size or (pos.size and pos[-1] >= n):
+            raise GraphOptError(f"corrupt stream: {pos.size} positions for {values.size} values in a tensor of {n}")
+        out = np.full(n, self.background, e.dtype)
+        out[pos] = values
+        return out.reshape(e.shape)
+
+    def size_bits(self, x):
+        return self.encode(x).bits
+
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (Int8, Int4, Indexed, Palette, NM, Relative, SharedPalette,
+                                                      Stream)}
 
 
 def get(name: str, **options) -> Codec:
