@@ -33,3 +33,7 @@ register_preset("w3a8", "canonicalize,fold-bn,equalize,absorb-bias,quantize{weig
                 "acts=uint8:tensor,weight_method=gptq,first_last_bits=8},correct-bias",
                 "3-bit APoT weights (GPTQ rounding onto its grid; first and last layers 8-bit), 8-bit activations, "
                 "equalization and bias correction (needs --calib)")
+register_preset("kmeans4", "canonicalize,fold-bn,quantize{weights=kmeans4,acts=float},correct-bias",
+                "post-training k-means weight sharing (Deep Compression): 16 shared float values per layer, "
+                "activations float, bias correction (from BatchNorm statistics, or --calib); write with --format qdq "
+                "for the palettized file, then `graphopt compress` for the Huffman-coded .gdc")
