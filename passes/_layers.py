@@ -34,6 +34,20 @@ def matches(node: Node, patterns) -> bool:
     return any(fnmatch.fnmatchcase(node.source, p) or fnmatch.fnmatchcase(node.name, p) for p in patterns)
 
 
+def warn_unmatched(nodes, patterns, what: str = "skip") -> list[str]:
+    """Log one warning per pattern that matches none of ``nodes`` (a typo such as 'conv' for
+    'conv1' would otherwise silently skip nothing); returns those patterns."""
+    import logging
+
+    nodes = list(nodes)
+    bad = [p for p in patterns if not any(matches(n, [p]) for n in nodes)]
+    for p in bad:
+        names = ", ".join(n.source for n in nodes[:4]) + (", ..." if len(nodes) > 4 else "")
+        logging.getLogger("graphopt").warning("%s pattern '%s' matches no layer (layers: %s): it skips nothing",
+                                              what, p, names)
+    return bad
+
+
 
 
 

@@ -42,8 +42,11 @@ COMPUTE_OPS = LINEAR_OPS  # the layer ops quantize gives weights (owned by graph
 
 
 def quantizable_layers(graph: Graph, skip=()) -> list[Node]:
-    """The layers ``quantize`` gives quantized weights, in graph order."""
-    return [n for n in linear_layers(graph) if not L.matches(n, list(skip))]
+    """The layers ``quantize`` gives quantized weights, in graph order. A ``skip`` pattern that
+    matches none of them gets a warning."""
+    layers = linear_layers(graph)
+    L.warn_unmatched(layers, list(skip))
+    return [n for n in layers if not L.matches(n, list(skip))]
 
 
 # --------------------------------------------------------------------------- budgets

@@ -382,3 +382,20 @@ def test_pointwise_only_and_bias_correction_of_the_pruning_shift():
     assert errs["true"] < 0.5 * errs["false"]
     with pytest.raises((GraphOptError, PassError), match="one shot"):
         PassManager("column-combine{sparsity=0.5,events=2,correct_bias=true}").run(g.copy(), Context(calib=xs))
+
+
+def test_a_skip_pattern_that_matches_no_layer_is_warned(caplog):
+    """skip=[conv] on a model whose stem is 'conv1' skips nothing: say so (the column benchmark
+    once pruned its stem this way)."""
+    import torch
+
+    import graphopt
+    from graphopt.passmanager import PassManager
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 4))
+    g = graphopt.from_torch(m, torch.zeros(1, 3, 8, 8))
+    with caplog.at_level("WARNING", logger="graphopt"):
+        PassManager("column-combine{sparsity=0.5,skip=[conv,3]}").run(g)
+    assert "skip pattern 'conv' matches no layer" in caplog.text
+    assert "'3'" not in caplog.text  # the pattern that matched is not reported

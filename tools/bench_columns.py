@@ -13,7 +13,7 @@ ResNet-20 rows start from the pretrained FP32 weights (87.79) and fine-tune with
 benchmark's recipe (SGD momentum 0.9, cosine from lr 0.01, weight decay 1e-4, batch 128, crop +
 flip, 0.5 distillation from the FP32 model at T = 4 + 0.5 cross-entropy, BatchNorm training),
 for --epochs epochs (the table states them). A column-combining row is
-``column-combine{sparsity=0.8,events=10,alpha=A,gamma=G,skip=[conv,linear]}``: ten magnitude
+``column-combine{sparsity=0.8,events=10,alpha=A,gamma=G,skip=[conv1,linear]}``: ten magnitude
 pruning events over the first half of the steps, the sparsity rising as 0.8 (1 - (1 - i/10)^3),
 every layer re-packed after each event (the paper's schedule); the first conv (27 columns) and
 the classifier stay dense: each is one tile at every array size. ``magnitude`` is the same
@@ -61,7 +61,7 @@ FP32 = 87.79
 SIZES = (32, 64, 128)
 FT = ("finetune{{epochs={epochs},batch_size=128,lr={lr},weight_decay=0.0001,kd_weight=0.5,temperature=4,"
       "checkpoint={ck},resume=true}}")
-CC = "column-combine{{sparsity={s},events=10,alpha={a},gamma={g},scope=layer,skip=[conv,linear]}}"
+CC = "column-combine{{sparsity={s},events=10,alpha={a},gamma={g},scope=layer,skip=[conv1,linear]}}"
 # row -> (alpha, gamma); "magnitude" is alpha 1 at the main row's final sparsity
 ROWS = {"dense": None, "cc-a8-g0.5": (8, 0.5), "magnitude": (1, 0.0),
         "cc-a2-g0.5": (2, 0.5), "cc-a4-g0.5": (4, 0.5), "cc-a16-g0.5": (16, 0.5),
