@@ -399,3 +399,30 @@ def test_a_skip_pattern_that_matches_no_layer_is_warned(caplog):
         PassManager("column-combine{sparsity=0.5,skip=[conv,3]}").run(g)
     assert "skip pattern 'conv' matches no layer" in caplog.text
     assert "'3'" not in caplog.text  # the pattern that matched is not reported
+
+
+def test_packed_qlinear_layer_equals_onnxruntime_qlinearconv():
+    """uint8 activations with a zero point (borders padded with it), per-channel int8 weights and
+    an int32 bias, requantized to uint8: the packed array equals onnxruntime's QLinearConv code
+    for code."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w, packed = _int_layer((32, 16, 3, 3))
+    xq = RNG.integers(0, 256, (2, 16, 9, 9)).astype(np.uint8)
+    sx, zx, sy, zy = np.float32(0.02), 37, np.float32(0.7), 11
+    sw = (RNG.random(32) * 0.01 + 0.001).astype(np.float32)
+    bq = RNG.integers(-5000, 5000, 32).astype(np.int32)
+    node = _Node("Conv", w.shape, pads=[1] * 4, strides=[1, 1])
+    y = S.run_qlinear(node, packed, xq, sx, zx, sw, bq, sy, zy, n=16)
+    c = onnx.numpy_helper.from_array
+    g = helper.make_graph(
+        [helper.make_node("QLinearConv", ["x", "sx", "zx", "w", "sw", "zw", "sy", "zy", "b"], ["y"], pads=[1] * 4)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, list(xq.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+        [c(np.array(sx), "sx"), c(np.array(zx, np.uint8), "zx"), c(w, "w"), c(sw, "sw"), c(np.zeros(32, np.int8), "zw"),
+         c(np.array(sy), "sy"), c(np.array(zy, np.uint8), "zy"), c(bq, "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": xq})[0]
+    assert y.dtype == np.uint8 and 0 < (y == 255).mean() + (y == 0).mean() < 0.9  # saturation is exercised
+    np.testing.assert_array_equal(y, ref)

@@ -6,6 +6,7 @@ the dense layers in the same run.
   python tools/bench_columns.py --list
   python tools/bench_columns.py --effnet                         # the post-training EfficientNet rows
   python tools/bench_columns.py --scalesim [--scalesim-python PY] # cycles vs SCALE-Sim, dense layers
+  python tools/bench_columns.py --int8-check                     # the int8 row on the array vs onnxruntime
   python tools/bench_columns.py --table
   python tools/bench_columns.py --plot docs/img/columns_tiles.png # tiles against top-1
 
@@ -160,6 +161,79 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     if row != "dense" and not ran:  # re-scored from a finished checkpoint: keep the training's timing
         old = load_results(RESULTS).get(row, {})
         res.update({k: old.get(k) for k in ("wall_s", "s_per_epoch") if k in old})
+    return res
+
+
+# ------------------------------------------------------------------ the simulator against onnxruntime, int8
+def int8_check(row: str = "cc-a8-g0.5-int8", images: int = 10000, batch: int = 250, n: int = 64) -> dict:
+    """Every packed layer of the int8 row run on the systolic array (``systolic.run_qlinear``: u8 x
+    s8 sums, zero points, int32 bias, onnxruntime's requantization) from the uint8 input codes
+    onnxruntime computes on the test images, compared code for code with onnxruntime's own
+    output codes of that layer. Equal everywhere, the network with every packed layer run on
+    the array computes onnxruntime's logits exactly (each layer gets the same input and gives the
+    same output; the other ops are unchanged)."""
+    import onnx
+    import onnxruntime as ortm
+
+    import graphopt
+    from graphopt.backends import systolic
+    from graphopt.quantizers.packing import codes_of
+
+    path, pf = WORK / f"{row}.onnx", WORK / f"{row}.packed.npz"
+    if not path.exists() or not pf.exists():
+        raise SystemExit(f"run --row {row} first")
+    g = graphopt.load_onnx(str(path))
+    layers = {L.source: L for L in systolic.load_packed(pf)}
+
+    def const(v):
+        return np.asarray(g.const_value(v))
+
+    plan = []  # (layer, node, x code name, y code name, quantization facts)
+    for node in g.nodes:
+        if node.op_type not in ("Conv", "Gemm") or node.source not in layers:
+            continue
+        xdq, wdq = node.inputs[0].producer, node.inputs[1].producer
+        bdq = node.inputs[2].producer if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        out = node.outputs[0]
+        nxt = [u for u, _ in out.uses]
+        if len(nxt) == 1 and nxt[0].op_type == "Relu":
+            out = nxt[0].outputs[0]
+            nxt = [u for u, _ in out.uses]
+        q = next(u for u in nxt if u.op_type == "QuantizeLinear")
+        L = layers[node.source]
+        codes = codes_of(g, wdq.inputs[0])
+        if not np.array_equal(L.geometry.from_filter_matrix(L.packed.unpack(), L.shape), codes):
+            raise SystemExit(f"{node.source}: the packed file does not hold the model's int8 codes")
+        plan.append((L, node, xdq.inputs[0].name, q.outputs[0].name,
+                     dict(x_scale=const(xdq.inputs[1]), x_zero=int(const(xdq.inputs[2])), w_scale=const(wdq.inputs[1]),
+                          bias_q=None if bdq is None else const(bdq.inputs[0]), y_scale=const(q.inputs[1]),
+                          y_zero=int(const(q.inputs[2])))))
+    model = onnx.load(str(path))
+    names = sorted({p[2] for p in plan} | {p[3] for p in plan})
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(nm, onnx.TensorProto.UINT8, None)
+                              for nm in names if nm not in have)
+    so = ortm.SessionOptions()
+    so.log_severity_level = 3
+    sess = ortm.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    xt_u8, yt = cifar10("test")
+    xt = cifar_normalize(xt_u8[:images])
+    inp = sess.get_inputs()[0].name
+    differ = {p[1].source: 0 for p in plan}
+    total = {p[1].source: 0 for p in plan}
+    for i in range(0, len(xt), batch):
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {inp: xt[i:i + batch]})))
+        for L, node, xn, yn, qf in plan:
+            y = systolic.run_qlinear(node, L.packed, outs[xn], n=n, **qf)
+            differ[node.source] += int((y != outs[yn]).sum())
+            total[node.source] += y.size
+    res = {"row": row, "images": len(xt), "array": n, "layers": len(plan),
+           "codes_compared": int(sum(total.values())), "codes_differing": int(sum(differ.values())),
+           "per_layer_differing": {k: v for k, v in differ.items() if v}}
+    print(json.dumps(res))
+    out = load_results(RESULTS)
+    out["int8-check"] = res
+    save_results(RESULTS, out)
     return res
 
 
@@ -356,6 +430,9 @@ def main() -> int:
     ap.add_argument("--sizes", default="32,64,128", help="--scalesim: array sizes")
     ap.add_argument("--models", default="resnet20,effnet", help="--scalesim: models")
     ap.add_argument("--max-positions", type=int, help="--scalesim: only layers with at most this many output pixels")
+    ap.add_argument("--int8-check", action="store_true", help="the int8 row's packed layers on the systolic array "
+                                                              "against onnxruntime's codes on the test images")
+    ap.add_argument("--images", type=int, default=10000, help="--int8-check: test images")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--plot", metavar="FILE.png")
     args = ap.parse_args()
@@ -369,6 +446,9 @@ def main() -> int:
         for row, ag in ROWS.items():
             print(f"{row:18s} " + ("FP32, no training" if ag is None else
                                    f"{CC.format(s=0.8, a=ag[0], g=ag[1])}" + (f" + {INT8}" if row in TRAINS_AS else "")))
+        return 0
+    if args.int8_check:
+        int8_check(images=args.images)
         return 0
     if args.effnet:
         run_effnet()

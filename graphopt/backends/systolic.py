@@ -41,7 +41,8 @@ INT32 = np.iinfo(np.int32)
 
 
 class SystolicArray:
-    """An N x N weight-stationary array with per-cell multiplexers (int8 x int8 -> int32)."""
+    """An N x N weight-stationary array with per-cell multiplexers: int8 weights, int8 or uint8
+    inputs (a u8 x s8 dot product, as VNNI and onnxruntime's QLinearConv), int32 accumulation."""
 
     def __init__(self, n: int):
         if int(n) != n or n < 1:
@@ -49,10 +50,11 @@ class SystolicArray:
         self.n = int(n)
 
     def matmul(self, packed: Packed, x: np.ndarray) -> np.ndarray:
-        """[B, P] int32: the packed [B, C] matrix times ``x`` [C, P] (int8), tile by tile."""
+        """[B, P] int32: the packed [B, C] matrix times ``x`` [C, P] (int8 or uint8), tile by tile."""
         x = np.asarray(x)
-        if x.dtype != np.int8 or packed.values.dtype != np.int8:
-            raise GraphOptError(f"the array takes int8 inputs and weights (got {x.dtype} and {packed.values.dtype})")
+        if x.dtype not in (np.int8, np.uint8) or packed.values.dtype != np.int8:
+            raise GraphOptError(f"the array takes int8 weights and int8 or uint8 inputs (got {x.dtype} inputs and "
+                                f"{packed.values.dtype} weights)")
         if x.shape[0] != packed.columns:
             raise GraphOptError(f"the layer reads {packed.columns} input columns, the input has {x.shape[0]}")
         n, b, g = self.n, packed.rows, packed.groups
@@ -77,9 +79,10 @@ class SystolicArray:
 
 
 # ------------------------------------------------------------------ layers
-def im2col(node, x: np.ndarray) -> tuple[np.ndarray, tuple]:
+def im2col(node, x: np.ndarray, pad_value=0) -> tuple[np.ndarray, tuple]:
     """([C*K, P], output shape [N, H_out, W_out...]) for a Conv's input ``x`` [N, C, H, W...], in
-    the filter matrix's column order; for Gemm/MatMul ([K, P], leading shape)."""
+    the filter matrix's column order; for Gemm/MatMul ([K, P], leading shape). ``pad_value``
+    fills the borders (a quantized input's zero point: the code of 0.0)."""
     x = np.asarray(x)
     if node.op_type != "Conv":
         return x.reshape(-1, x.shape[-1]).T, x.shape[:-1]
@@ -92,7 +95,7 @@ def im2col(node, x: np.ndarray) -> tuple[np.ndarray, tuple]:
     if node.attr("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
         raise GraphOptError(f"Conv '{node.name}': auto_pad is not supported by the systolic back end "
                             "(canonicalize makes pads explicit)")
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)], constant_values=pad_value)
     span = tuple((k - 1) * dl + 1 for k, dl in zip(ks, dil))
     win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + d)))
     win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
@@ -103,14 +106,36 @@ def im2col(node, x: np.ndarray) -> tuple[np.ndarray, tuple]:
     return np.ascontiguousarray(cols).reshape(c * int(np.prod(ks)), -1), (n, *out)
 
 
-def run_layer(node, packed: Packed, x: np.ndarray, n: int = 64) -> np.ndarray:
-    """The layer's int32 output (no bias) for int8 input ``x``, on an N x N array: [N, B, out...]
-    for a Conv, [..., B] for a Gemm/MatMul."""
-    cols, lead = im2col(node, x)
+def run_layer(node, packed: Packed, x: np.ndarray, n: int = 64, pad_value=0) -> np.ndarray:
+    """The layer's int32 output (no bias) for int8 or uint8 input ``x``, on an N x N array:
+    [N, B, out...] for a Conv, [..., B] for a Gemm/MatMul. ``pad_value``: see ``im2col``."""
+    cols, lead = im2col(node, x, pad_value)
     y = SystolicArray(n).matmul(packed, cols)  # [B, P]
     if node.op_type == "Conv":
         return np.moveaxis(y.reshape(y.shape[0], *lead), 0, 1)
     return y.T.reshape(*lead, y.shape[0])
+
+
+def run_qlinear(node, packed: Packed, xq: np.ndarray, x_scale, x_zero: int, w_scale, bias_q, y_scale,
+                y_zero: int, n: int = 64) -> np.ndarray:
+    """A quantized layer end to end, as onnxruntime's QLinearConv/QGemm computes it: the array's
+    int32 sums of the uint8/int8 input codes (borders padded with the input's zero point), minus
+    the zero point times each filter's sum, plus the int32 bias; then requantized with the
+    float32 multiplier (x_scale * w_scale) / y_scale, rounded half to even, offset by the output
+    zero point and saturated to the output type (uint8 when ``xq`` is uint8). Returns the output
+    codes."""
+    acc = run_layer(node, packed, xq, n, pad_value=int(x_zero)).astype(np.int64)
+    rows = packed.unpack().astype(np.int64).sum(1)  # each filter's sum: the zero point's share
+    axis = 1 if node.op_type == "Conv" else -1
+    shape = [1] * acc.ndim
+    shape[axis] = -1
+    acc = acc - int(x_zero) * rows.reshape(shape)
+    if bias_q is not None:
+        acc = acc + np.asarray(bias_q, np.int64).reshape(shape)
+    mult = (np.float32(x_scale) * np.asarray(w_scale, np.float32)) / np.float32(y_scale)
+    y = np.rint(acc.astype(np.float32) * np.asarray(mult, np.float32).reshape(shape)) + int(y_zero)
+    lo, hi = (0, 255) if xq.dtype == np.uint8 else (-128, 127)
+    return np.clip(y, lo, hi).astype(xq.dtype)
 
 
 # ------------------------------------------------------------------ the packed file
