@@ -65,7 +65,7 @@ class Weight:
     form: str  # "palette" or "float"
     size: int  # weights
     kept: int  # weights that are not zero
-    codebook: str | None = None  # a palette's codebook initializer
+    codebook: str | None = None  # a palette's codebook initializer (int codes: their DequantizeLinear steps)
     offset: str | None = None  # a palette's group offsets (several codebooks)
     value_bits: int = 32  # a palette's index width (log2 of its centroids), or 32
 
@@ -84,13 +84,20 @@ def weights(model: onnx.ModelProto) -> list[Weight]:
         if n.op_type not in COMPUTE or len(n.input) < 2:
             continue
         w = n.input[1]
+        scale = None
         if w in prod and prod[w].op_type == "DequantizeLinear":  # int8 codes (a weight on an integer grid)
+            scale = prod[w].input[1] if prod[w].input[1] in inits else None  # its steps count as the codebook
             w = prod[w].input[0]
-        if w in inits and inits[w].data_type in (TensorProto.FLOAT, TensorProto.INT8):
+            c = prod.get(w)
+            if c is not None and c.op_type == "Cast" and c.input[0] in inits and \
+                    inits[c.input[0]].data_type == TensorProto.INT4:  # int4 codes, unpacked to int8
+                w = c.input[0]
+        if w in inits and inits[w].data_type in (TensorProto.FLOAT, TensorProto.INT8, TensorProto.INT4):
             a = numpy_helper.to_array(inits[w])
-            fl = inits[w].data_type == TensorProto.FLOAT
-            out.append(Weight(n.name, n.op_type, w, "float" if fl else "codes", a.size, int(np.count_nonzero(a)),
-                              value_bits=32 if fl else 8))
+            dt = inits[w].data_type
+            out.append(Weight(n.name, n.op_type, w, "float" if dt == TensorProto.FLOAT else "codes", a.size,
+                              int(np.count_nonzero(a.astype(np.float32))), codebook=scale,
+                              value_bits={TensorProto.FLOAT: 32, TensorProto.INT8: 8, TensorProto.INT4: 4}[dt]))
             continue
         p = prod.get(w)
         if p is None or p.op_type != "Gather" or p.input[0] not in inits:
@@ -116,12 +123,14 @@ def weights(model: onnx.ModelProto) -> list[Weight]:
 
 
 def _array(t: onnx.TensorProto) -> np.ndarray:
-    """An initializer as the streams take it: float32, or integers >= 0 (int8 codes as their
-    two's-complement bytes, which the decoder's cast back to int8 restores)."""
+    """An initializer as the streams take it: float32, or integers >= 0 (int8/int4 codes as their
+    two's-complement bits, which the decoder's cast back to int8/int4 restores)."""
     a = numpy_helper.to_array(t)
     if t.data_type == TensorProto.FLOAT:
         return a
-    return a.astype(np.int64) & 0xFF if t.data_type == TensorProto.INT8 else a.astype(np.int64)
+    if t.data_type in (TensorProto.INT8, TensorProto.INT4):
+        return a.astype(np.int64) & (0xFF if t.data_type == TensorProto.INT8 else 0xF)
+    return a.astype(np.int64)
 
 
 def _codec(a: np.ndarray, w: Weight, huffman: bool, gap_bits: int | None) -> tuple[Stream, Encoded]:

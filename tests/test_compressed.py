@@ -115,6 +115,7 @@ def _same_tensors(a: onnx.ModelProto, b: onnx.ModelProto):
     ("quantize{weights=kmeans3:g4,acts=float}", "qdq", {"palette"}),
     ("prune-weights{sparsity=0.7}", "float", {"float"}),
     ("prune-weights{sparsity=0.5},quantize{weights=kmeans4:int8:channel,acts=float}", "qdq", {"codes", "palette"}),
+    ("prune-weights{sparsity=0.5},quantize{weights=int4:channel,acts=float}", "qdq", {"codes", "palette"}),
 ])
 def test_the_decoder_rebuilds_every_layer_kind_bit_for_bit(tmp_path, pipe, fmt, forms):
     g = PassManager(pipe).run(_model(), Context()).graph
