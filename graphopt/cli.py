@@ -270,6 +270,18 @@ def _analysis_args(p) -> None:
     p.add_argument("--std", default="0.229,0.224,0.225", help="image folder: per-channel std")
     p.add_argument("--eval", metavar="LABELS.npy", help="integer labels for the samples: report top-1 too")
 
+TRAINING_COMMANDS = ("convert", "finetune", "lottery")  # those that may train: under torchrun they join its group
+
+
+def _writer() -> bool:
+    """Whether this process writes the outputs (rank 0 under torchrun; always otherwise)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from graphopt.training.finetune import is_writer
+
+    return is_writer()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -283,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()  # our own process: keep large freed blocks for reuse (see its doc)
     try:
         check_outputs(args)
+        if args.command in TRAINING_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from graphopt.training.finetune import join_torchrun
+
+            join_torchrun()  # under torchrun: one process group, each rank its share of every batch
         return {"convert": cmd_convert, "passes": cmd_passes, "inspect": cmd_inspect, "demo": cmd_demo,
                 "analyze": cmd_analyze, "finetune": cmd_finetune, "lottery": cmd_lottery, "compress": cmd_compress,
                 "decompress": cmd_decompress}[args.command](args)
@@ -295,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
+        if not _writer():  # under torchrun every rank fails alike: rank 0 says why
+            return 1
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not isinstance(e, (GraphOptError, OSError)):
             where = f" in pass '{e.graphopt_pass}'" if getattr(e, "graphopt_pass", None) else ""
@@ -304,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"graphopt: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        if args.command in TRAINING_COMMANDS and "torch" in sys.modules:
+            import torch
+
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -516,6 +540,8 @@ def cmd_convert(args) -> int:
     result = PassManager(pipeline, verify_each=args.verify_each, instruments=instruments).run(graph, ctx)
     graph = result.graph
     t_passes = time.perf_counter()
+    if not _writer():  # under torchrun rank 0 writes the model and the report
+        return 0
     from graphopt.backends.lowering import export_file
 
     report = export_file(graph, args.output, args.format, external_data=True if args.external_data else None)
@@ -851,6 +877,8 @@ def cmd_finetune(args) -> int:
     teacher = load_model(args.teacher) if args.teacher else None
     cfg = finetune_config(args)
     stats = finetune(student, x, y, teacher, cfg)
+    if not _writer():  # under torchrun rank 0 writes the model
+        return 130 if stats["interrupted"] else 0
     save_onnx(student, args.output)
     losses = ", ".join(f"{v:.4f}" for v in stats["loss"])
     print(f"fine-tuned {stats['steps']} steps over {stats['epochs']} epoch(s) on {stats['world_size']} process(es); "
@@ -892,6 +920,8 @@ def cmd_lottery(args) -> int:
                                  ticket=None if c == "ticket" else ticket)
         if first is None:
             first, first_name = g, c
+    if not _writer():  # under torchrun rank 0 prints and writes
+        return 0
     print(f"lottery tickets: {args.rounds} rounds, {100 * args.rate:g}% of survivors pruned per round, rewind to step "
           f"{args.rewind}, {args.epochs} epoch(s) per round; " + ("top-1 % on --val-data" if evaluate else
                                                                    "training loss (no --val-data)"))

@@ -207,3 +207,31 @@ def test_convert_runs_a_training_step(tmp_path):
                         "--pipeline", pipe], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "finetune needs training data" in r.stderr and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "o2.onnx").exists()
+
+
+def test_cli_finetune_under_torchrun_joins_one_group(tmp_path):
+    """`torchrun --nproc_per_node 2 graphopt finetune ...` trains once on two processes (each its
+    share of every batch), writes one output from rank 0, equal to the single-process result."""
+    teacher, student, data = pruned_pair()
+    (tmp_path / "s.onnx").write_bytes(to_onnx(student).SerializeToString())
+    (tmp_path / "t.onnx").write_bytes(to_onnx(teacher).SerializeToString())
+    np.save(tmp_path / "d.npy", data)
+    args = ["finetune", str(tmp_path / "s.onnx"), "--data", str(tmp_path / "d.npy"), "--teacher",
+            str(tmp_path / "t.onnx"), "--batch-size", "16", "--lr", "0.05", "--max-steps", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "graphopt.cli", *args, "-o", str(tmp_path / "one.onnx")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29531", "-m", "graphopt.cli", *args, "-o", str(tmp_path / "two.onnx"),
+                          "--checkpoint", str(tmp_path / "ck.pt")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("on 2 process(es)") == 1 and two.stdout.count("wrote") == 1, two.stdout
+    a, b = load_onnx(tmp_path / "one.onnx"), load_onnx(tmp_path / "two.onnx")
+    start = load_onnx(tmp_path / "s.onnx")
+    moved = 0
+    for name, v in a.constants.items():
+        np.testing.assert_allclose(b.constants[name].const, v.const, rtol=1e-4, atol=1e-6)
+        moved += not np.array_equal(v.const, start.constants[name].const)
+    assert moved > 0 and (tmp_path / "ck.pt").is_file()

@@ -72,6 +72,8 @@ ROWS = {
                     "prune 80% + k-means (conv 4-bit, classifier 5-bit) + Huffman"),
     "prune80-km3": ("prune80", "weights=kmeans3,acts=float,last_bits=4", "prune 80% + k-means (conv 3, classifier 4)"),
     "prune80-km2": ("prune80", "weights=kmeans2,acts=float,last_bits=3", "prune 80% + k-means (conv 2, classifier 3)"),
+    "prune80-km4-int8": ("prune80", "weights=kmeans4:int8,acts=uint8:tensor,last_bits=5",
+                         "prune 80% + k-means 4/5-bit on int8 grids, uint8 activations (QLinearConv runs)"),
     "prune90-km3": ("prune90", "weights=kmeans3,acts=float,last_bits=4", "prune 90% + k-means (conv 3, classifier 4)"),
     "int4-gptq": (None, "weights=int4:channel,acts=float,weight_method=gptq",
                   "uniform int4 per channel + GPTQ, weight-only, post-training (the zoo's answer)"),
@@ -366,7 +368,7 @@ def plot(path: Path) -> None:
 
     res = load_results(RESULTS)
     groups = {"pruning only": ["prune-80"], "k-means only": ["kmeans4", "kmeans4-post"],
-              "pruning + k-means + Huffman": ["prune80-km4", "prune80-km3", "prune80-km2", "prune90-km3"],
+              "pruning + k-means + Huffman": ["prune80-km4", "prune80-km3", "prune80-km2", "prune90-km3", "prune80-km4-int8"],
               "uniform int4 + GPTQ": ["int4-gptq"]}
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, rows in groups.items():

@@ -72,6 +72,24 @@ def _dist():
     return 0, 1
 
 
+def join_torchrun() -> tuple[int, int]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) join its process group, from
+    the environment it sets (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``), unless the caller made
+    one: NCCL when CUDA is available, else gloo. Returns (rank, world size); (0, 1) outside
+    torchrun. The CLI calls it for every command that trains."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_available() \
+            and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return _dist()
+
+
+def is_writer() -> bool:
+    """Whether this process writes outputs and checkpoints (rank 0, or the only process)."""
+    return _dist()[0] == 0
+
+
 def _save_checkpoint(path: str, module: torch.nn.Module, epoch: int, step: int, schedule: dict | None = None) -> None:
     from graphopt.atomic import atomic_paths
 

@@ -182,7 +182,9 @@ def lottery_ticket(graph: Graph, x: np.ndarray, y: np.ndarray | None, *, rounds:
         log.info("lottery round %d: %.1f%% remaining, score %s", r + 1, 100 * row["remaining"], row["score"])
         if r > 0:
             history.update({f"round{r + 1}/{v.name}": get_mask(v).keep for v in ws if get_mask(v) is not None})
-        if spath is not None:
+        from graphopt.training.finetune import is_writer
+
+        if spath is not None and is_writer():  # every rank holds the same state: rank 0 writes it
             arrays = {f"rewind/{k}": v for k, v in rewind.items()}
             arrays.update(history)
             arrays.update({f"trained/{v.name}": np.asarray(v.const) for v in ws})
