@@ -136,14 +136,14 @@ def test_unsupported_op_names_op_and_module():
 
     model = nn.Sequential(nn.Conv2d(3, 3, 1), Block())
     with pytest.raises(UnsupportedOpError, match=r"interpolate mode 'bicubic' .*at module '1\.up'"):
-        from_torch(model, torch.randn(1, 3, 4, 4))
+        from_torch(model, torch.randn(1, 3, 4, 4), exporter="fx")  # auto would export it instead
 
     class NonZero(nn.Module):
         def forward(self, x):
             return torch.nonzero(x)
 
     with pytest.raises(UnsupportedOpError, match="function torch.nonzero"):
-        from_torch(NonZero(), torch.randn(2, 5))
+        from_torch(NonZero(), torch.randn(2, 5), exporter="fx")
 
 
 def test_wrong_example_shape_is_a_clear_error():

@@ -174,33 +174,34 @@ def test_modern_block_through_the_cli(tmp_path):
 
 
 def test_unsupported_variants_name_the_op():
+    """exporter=fx: the fx path names what it cannot map (auto would fall back to the exporter)."""
     class Drop(nn.Module):
         def forward(self, q):
             return F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
 
     with pytest.raises(UnsupportedOpError, match="dropout_p > 0"):
-        graphopt.from_torch(Drop(), torch.randn(1, 2, 4, 8))
+        graphopt.from_torch(Drop(), torch.randn(1, 2, 4, 8), exporter="fx")
 
     class Bicubic(nn.Module):
         def forward(self, x):
             return F.interpolate(x, scale_factor=2, mode="bicubic")
 
     with pytest.raises(UnsupportedOpError, match="interpolate mode 'bicubic'"):
-        graphopt.from_torch(Bicubic(), torch.randn(1, 2, 4, 4))
+        graphopt.from_torch(Bicubic(), torch.randn(1, 2, 4, 4), exporter="fx")
 
     class BatchRange(nn.Module):
         def forward(self, x):
             return x + torch.arange(x.shape[0]).float()[:, None]
 
     with pytest.raises(UnsupportedOpError, match="arange of a size read from the batch dimension"):
-        graphopt.from_torch(BatchRange(), torch.randn(2, 4))
+        graphopt.from_torch(BatchRange(), torch.randn(2, 4), exporter="fx")
 
     class MaxBins(nn.Module):
         def forward(self, x):
             return F.adaptive_max_pool2d(x, 3)
 
     with pytest.raises(UnsupportedOpError):
-        graphopt.from_torch(MaxBins(), torch.randn(1, 2, 10, 10))
+        graphopt.from_torch(MaxBins(), torch.randn(1, 2, 10, 10), exporter="fx")
 
 
 class TinyViT(nn.Module):
@@ -256,3 +257,53 @@ def test_embedding_module_and_function():
     ids = torch.randint(0, 30, (2, 12))
     g = _match(Embeds(), ids, batch_too=torch.randint(0, 30, (5, 12)))
     assert sum(n.op_type == "Gather" for n in g.nodes) >= 2
+
+
+class _FusedBNAct(nn.BatchNorm2d):
+    """A fused BatchNorm + activation module that calls the functional form (as model zoos do)."""
+
+    def forward(self, x):
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1,
+                                   self.eps))
+
+
+class _Patterns(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = _FusedBNAct(6)
+        self.bn.running_mean.uniform_(-1, 1)
+        self.bn.running_var.uniform_(0.5, 2)
+        self.bn.weight.data.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        q, k, v = y.reshape(y.shape[0], 3, 2, -1).unbind(1)  # attention's q, k, v split
+        a = (q * k + v).reshape_as(y[:, :2])
+        return a.expand_as(y[:, :2]) + y[:, :2].view_as(a).type_as(a)
+
+
+def test_functional_batch_norm_unbind_and_as_methods_convert_through_fx(caplog):
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING"):
+        g = _match(_Patterns(), torch.randn(2, 3, 8, 8), batch_too=torch.randn(3, 3, 8, 8))
+    assert not caplog.records  # fx converted it: no fallback
+    bn = [n for n in g.nodes if n.op_type == "BatchNormalization"]
+    assert len(bn) == 1 and bn[0].inputs[3].name == "bn.running_mean"  # the module's own tensors, by name
+
+
+def test_auto_falls_back_to_the_exporter_when_fx_meets_an_unmapped_op(caplog):
+    class Soft(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.softplus(self.fc(x)) * 2
+
+    with pytest.raises(UnsupportedOpError, match="softplus at module"):
+        graphopt.from_torch(Soft().eval(), torch.randn(2, 4), exporter="fx")
+    with caplog.at_level("WARNING"):
+        _match(Soft(), torch.randn(2, 4))
+    msgs = [r.getMessage() for r in caplog.records if "converted it through" in r.getMessage()]
+    assert len(msgs) == 1 and "softplus" in msgs[0] and "torch.fx traced Soft" in msgs[0]

@@ -796,6 +796,56 @@ def _layer_norm_fn(c, n, x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return _layer_norm_values(c, n, x, normalized_shape, w, b, eps, f"{n.name}.weight", f"{n.name}.bias")
 
 
+def _batch_norm_fn(c, n, x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                   eps=1e-5):
+    """``F.batch_norm`` in inference form (a fused BatchNorm + activation module calls it): one
+    BatchNormalization whose statistics and affine parameters are the module's tensors."""
+    if training:
+        raise c.unsupported("F.batch_norm with training=True (batch statistics)")
+    names = ("running_mean", "running_var", "weight", "bias")
+    args = list(n.args[1:5]) + [None] * 4
+    fx = {k: args[i] if args[i] is not None else n.kwargs.get(k) for i, k in enumerate(names)}
+    if fx["running_mean"] is None or fx["running_var"] is None:
+        raise c.unsupported("F.batch_norm without running statistics")
+    t = {k: _tensor_of(c, a) for k, a in fx.items() if a is not None}
+    C = t["running_mean"].numel()
+
+    def value(k, default):
+        if k not in t:
+            return c.const(np.full(C, default, np.float32), k)
+        return c.param(t[k], str(fx[k].target))
+
+    return c.node("BatchNormalization", [x, value("weight", 1.0), value("bias", 0.0), value("running_mean", 0.0),
+                                         value("running_var", 1.0)], {"epsilon": float(eps)})[0]
+
+
+def _unbind_fn(c, n, x, dim=0):
+    """``unbind``: a Split into size-1 pieces, each squeezed (attention's q, k, v)."""
+    rank = c.rank_of(n.args[0])
+    d = _norm_axis(dim, rank)
+    size = c.shape_of(n.args[0])[d]
+    pieces = _split_values(c, n, x, [1] * int(size), d)
+    return tuple(c.node("Squeeze", [p, c.ints([d], f"axes{i}")], suffix=f"_squeeze{i}")[0]
+                 for i, p in enumerate(pieces))
+
+
+def _reshape_as_fn(c, n, x, other):
+    """``reshape_as`` / ``view_as``: Reshape to the other tensor's run-time shape."""
+    return c.node("Reshape", [x, c.node("Shape", [c.val(other)], suffix="_shape")[0]])[0]
+
+
+def _expand_as_fn(c, n, x, other):
+    return c.node("Expand", [x, c.node("Shape", [c.val(other)], suffix="_shape")[0]])[0]
+
+
+def _type_as_fn(c, n, x, other):
+    t = c.concrete.get(n.args[1]) if isinstance(n.args[1], torch.fx.Node) else None
+    to = _ONNX_DTYPE.get(t.dtype) if isinstance(t, torch.Tensor) else None
+    if to is None:
+        raise c.unsupported("type_as of a tensor whose dtype is unknown")
+    return c.node("Cast", [x], {"to": to})[0]
+
+
 def _adaptive_avg_fn(c, n, x, output_size):
     return _adaptive(c, n, x, output_size, "avg")
 
@@ -1205,6 +1255,9 @@ _FUNCTIONS: dict[Any, Any] = {
     torch.min: _extreme_fn("min"), "Tensor.min": _extreme_fn("min"),
 }
 _FUNCTIONS[F.embedding] = _embedding_fn
+_FUNCTIONS.update({F.batch_norm: _batch_norm_fn, torch.unbind: _unbind_fn, "Tensor.unbind": _unbind_fn,
+                   "Tensor.reshape_as": _reshape_as_fn, "Tensor.view_as": _reshape_as_fn,
+                   "Tensor.expand_as": _expand_as_fn, "Tensor.type_as": _type_as_fn})
 _FUNCTIONS.update({f: _factory_fn for f in (torch.arange, torch.zeros, torch.ones, torch.full)})
 _MODULES.update({nn.MultiheadAttention: _mha, nn.Upsample: _upsample, nn.Embedding: _embedding})
 # run-time checks: they held on the example inputs (the model ran once), so they are dropped
@@ -1240,6 +1293,24 @@ def _bind_arguments(module: nn.Module, n_inputs: int, constants: dict[str, Any])
 
 
 @with_gc_paused
+def _export_fallback(module, example_inputs, concrete, opset, dynamic_batch, infer_shapes, why: str | None) -> Graph:
+    """``torch.onnx.export(dynamo=True)`` + the ONNX front end; ``why`` the fx path failed (None:
+    the exporter was asked for). A warning names that reason; if the exporter fails too, the
+    error names both."""
+    from graphopt.frontends.torch_export import EXPORTER, export_graph
+
+    try:
+        graph = export_graph(module, example_inputs, concrete, opset=opset, dynamic_batch=dynamic_batch,
+                             infer_shapes=infer_shapes)
+    except FrontendError as e:
+        if why is None:
+            raise FrontendError(f"torch front end: {e}") from e
+        raise FrontendError(f"torch front end: {why}, and {e}") from e
+    if why is not None:
+        log.warning("torch front end: %s; converted it through %s instead", why, EXPORTER)
+    return graph
+
+
 def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
                opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, infer_shapes: bool = True,
                constants: dict[str, Any] | None = None, exporter: str = "auto") -> Graph:
@@ -1251,9 +1322,10 @@ def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
     ``concrete_args``: ``if attn_mask is not None`` branches are decided at trace time.
     ``torch._assert`` checks are evaluated on the example inputs and dropped (the log says how many).
     ``dynamic_batch``: name dim 0 of every input ``batch`` so the graph takes any batch size.
-    ``exporter``: ``"auto"`` traces with torch.fx and, only when fx cannot trace the module
-    (Python control flow on shapes, a library fx refuses), falls back to
-    ``torch.onnx.export(dynamo=True)`` and the ONNX front end, with a warning that says why
+    ``exporter``: ``"auto"`` traces with torch.fx and, when fx cannot trace the module (Python
+    control flow on shapes, a library fx refuses) or its conversion meets an op, argument or
+    dtype it has no mapping for, falls back to ``torch.onnx.export(dynamo=True)`` and the ONNX
+    front end, with one warning that names the reason (the op and the module)
     (``graphopt.frontends.torch_export``); ``"fx"`` never falls back; ``"export"`` always exports.
     Raises ``UnsupportedOpError`` naming the op and module path for anything it cannot map,
     and ``FrontendError`` when the module cannot be traced or rejects the example inputs.
@@ -1280,20 +1352,9 @@ def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
                                         f"(data-dependent control flow?): {why}") from e
                 fx_error = why
         if gm is None:
-            from graphopt.frontends.torch_export import EXPORTER, export_graph
-
-            try:
-                graph = export_graph(module, example_inputs, concrete, opset=opset, dynamic_batch=dynamic_batch,
-                                     infer_shapes=infer_shapes)
-            except FrontendError as e:
-                if exporter == "export":
-                    raise FrontendError(f"torch front end: {e}") from e
-                raise FrontendError(f"torch front end: torch.fx cannot trace {type(module).__name__} ({fx_error}), "
-                                    f"and {e}") from e
-            if exporter == "auto":
-                log.warning("torch front end: torch.fx cannot trace %s (%s); converted it through %s instead",
-                            type(module).__name__, fx_error, EXPORTER)
-            return graph
+            return _export_fallback(module, example_inputs, concrete, opset, dynamic_batch, infer_shapes,
+                                    None if exporter == "export" else
+                                    f"torch.fx cannot trace {type(module).__name__} ({fx_error})")
         rec = _ConcreteRecorder(gm)
         try:
             with torch.no_grad():
@@ -1306,7 +1367,15 @@ def from_torch(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
         for p, x in zip(placeholders, example_inputs):
             rec.values[p] = x
         conv = _Converter(gm, rec.values, opset, dynamic_batch)
-        graph = conv.convert()
+        try:
+            graph = conv.convert()
+        except UnsupportedOpError as e:
+            if exporter != "auto":
+                raise
+            # fx traced it, but an op has no fx mapping here: the exporter knows more ops
+            return _export_fallback(module, example_inputs, concrete, opset, dynamic_batch, infer_shapes,
+                                    f"torch.fx traced {type(module).__name__} but graphopt's fx path has no mapping for "
+                                    f"{str(e).removeprefix('torch front end: unsupported op ')}")
         if conv.dropped_checks:
             log.info("torch front end: %d run-time checks (torch._assert) held on the example inputs and were "
                      "dropped", conv.dropped_checks)
