@@ -18,11 +18,18 @@ from graphopt.storage import SharedPalette
 
 
 def _lloyd_1d(v: np.ndarray, c: np.ndarray, iters: int = 60) -> np.ndarray:
-    """Plain Lloyd on one group (the reference the batched code must match)."""
+    """Plain Lloyd on one group (the reference the batched code must match): an empty centroid
+    moves onto the value worst served by the current centroids (the i-th empty, in order, onto
+    the i-th worst)."""
     c = np.sort(c.astype(np.float64))
     for _ in range(iters):
         a = np.abs(v[:, None] - c[None, :]).argmin(1)
         new = np.array([v[a == j].mean() if (a == j).any() else c[j] for j in range(c.size)])
+        err = (v - c[a]) ** 2
+        worst = np.argsort(-err, kind="stable")
+        for i, j in enumerate(np.flatnonzero([not (a == j).any() for j in range(c.size)])):
+            if i < v.size and err[worst[i]] > 0:
+                new[j] = v[worst[i]]
         new = np.sort(new)
         if np.array_equal(new, c):
             break
@@ -199,3 +206,17 @@ def test_shared_palette_round_trips_every_layout():
         assert e.fields["index"][1] == (8 if e["codebook"].shape[1] > 16 else 4)
     e = SharedPalette(axis=0, group_rows=2).encode(np.zeros((2, 3), np.float32))
     np.testing.assert_array_equal(SharedPalette(axis=0, group_rows=2).decode(e), 0)
+
+
+def test_linear_start_on_a_heavy_tailed_layer_leaves_no_dead_centroid():
+    # linear over [min, max] puts most centroids in the empty range between the body and two
+    # outliers; without relocation they never get a member and the body shares two values
+    rng = np.random.default_rng(1)
+    r = np.concatenate([rng.normal(scale=0.05, size=2000), [-3.0, 4.0]])[None, :]
+    book, idx, _ = cluster(r, 4, 1, "linear")
+    used = np.bincount(idx[idx >= 0], minlength=16)
+    assert (used > 0).all(), used
+    sse = ((book[0][idx[0]] - r[0]) ** 2).sum()
+    dead = _lloyd_1d(r[0], np.linspace(-3.0, 4.0, 16), iters=0)  # the start itself
+    a = np.abs(r[0][:, None] - dead[None, :]).argmin(1)
+    assert sse < 0.2 * ((dead[a] - r[0]) ** 2).sum()

@@ -204,14 +204,16 @@ def choose(steps: int = 200) -> dict:
 
 
 def run_effnet() -> dict:
-    """Post-training k-means at 4/5/6 bits (+ bias correction), coremltools' palettizer at the same
-    settings on the same torch model, and the w4a8 preset; all scored on the 372 held-out images."""
+    """Post-training k-means at 4/5/6 bits per tensor (+ bias correction) with the start (linear or
+    k-means++) chosen by top-1 on the 128 calibration images, coremltools' palettizer at the same
+    bits and granularity on the same torch model, a per-output-channel 4-bit row against
+    coremltools' grouped-channel mode, and the w4a8 preset; all scored on the 372 held-out images."""
     import graphopt
     from graphopt.models.efficientnet_lite import efficientnet_lite0
     from graphopt.passmanager import Context, PassManager
     from graphopt.pipeline import presets
 
-    xc, _, xt, yt = ptq_data("effnet")
+    xc, yc, xt, yt = ptq_data("effnet")
     src = fp32_file("effnet")
     fp32 = src.read_bytes()
     g = graphopt.load_onnx(str(src))
@@ -219,34 +221,57 @@ def run_effnet() -> dict:
     out = {"fp32": {"ort_top1": top1_pct(ort_logits(src, xt), yt), "fp32_kb": round(len(fp32) / 1e3, 1),
                     "fp32_gzip_kb": round(len(gzip.compress(fp32, 9)) / 1e3, 1)}}
     print("fp32", out["fp32"], flush=True)
-    for bits in (4, 5, 6):
-        for bc in (False, True):
-            name = f"effnet-km{bits}" + ("-bc" if bc else "")
-            pipe = f"canonicalize,fold-bn,quantize{{weights=kmeans{bits},acts=float}}" + (",correct-bias" if bc else "")
-            t = time.perf_counter()
-            q = PassManager(pipe).run(g.copy(), Context(calib=xc)).graph
-            secs = time.perf_counter() - t
-            f = _files(q, name, "qdq")
-            ort, dec = ort_logits(f.pop("out"), xt), ort_logits(f.pop("decoded"), xt)
-            sim = torch_logits(graphopt.to_torch(q).eval(), xt, 50)
-            f.pop("layers")
-            out[name] = {"pipeline": pipe, "torch_top1": top1_pct(sim, yt), "ort_top1": top1_pct(ort, yt),
-                         "decoded_top1": top1_pct(dec, yt), "agree_decoded": agree_pct(ort, dec),
-                         "convert_s": round(secs, 1), **f}
-            print(name, out[name], flush=True)
-        # the peer: coremltools on the same torch model, per tensor, k-means, the same bits
+
+    def ours(name: str, scheme: str, bc: bool, chosen: dict | None = None) -> None:
+        pipe = f"canonicalize,fold-bn,quantize{{weights={scheme},acts=float}}" + (",correct-bias" if bc else "")
+        t = time.perf_counter()
+        q = PassManager(pipe).run(g.copy(), Context(calib=xc)).graph
+        secs = time.perf_counter() - t
+        f = _files(q, name, "qdq")
+        ort, dec = ort_logits(f.pop("out"), xt), ort_logits(f.pop("decoded"), xt)
+        sim = torch_logits(graphopt.to_torch(q).eval(), xt, 50)
+        f.pop("layers")
+        out[name] = {"pipeline": pipe, "torch_top1": top1_pct(sim, yt), "ort_top1": top1_pct(ort, yt),
+                     "decoded_top1": top1_pct(dec, yt), "agree_decoded": agree_pct(ort, dec),
+                     "convert_s": round(secs, 1), **(chosen or {}), **f}
+        print(name, out[name], flush=True)
+
+    def peer(name: str, cfg: dict, what: str, folded: bool = False) -> None:
+        """coremltools on the torch model as its users run it (BatchNorm kept beside the palettized
+        convs: the palette is shared before each channel's BN scale) or, ``folded``, on the same
+        BN-folded weights graphopt clusters (torch.fx's conv-BN fusion)."""
         from coremltools.optimize.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig
+        from torch.fx.experimental.optimization import fuse
 
         m = efficientnet_lite0().eval()
+        if folded:
+            m, what = fuse(m).eval(), what + ", BN folded first"
         t = time.perf_counter()
-        cfg = PostTrainingPalettizerConfig.from_dict({"global_config": {"n_bits": bits, "granularity": "per_tensor"}})
-        pm = PostTrainingPalettizer(m, cfg).compress()
+        pm = PostTrainingPalettizer(m, PostTrainingPalettizerConfig.from_dict({"global_config": cfg})).compress()
         secs = time.perf_counter() - t
-        out[f"coremltools-km{bits}"] = {"peer": f"coremltools PostTrainingPalettizer n_bits={bits} per_tensor",
-                                        "torch_top1": top1_pct(torch_logits(pm.eval(), xt, 50), yt),
-                                        "convert_s": round(secs, 1),
-                                        "note": "its compact form exists only in Core ML; no ONNX to score or size"}
-        print(f"coremltools-km{bits}", out[f"coremltools-km{bits}"], flush=True)
+        out[name] = {"peer": f"coremltools PostTrainingPalettizer {what}",
+                     "torch_top1": top1_pct(torch_logits(pm.eval(), xt, 50), yt), "convert_s": round(secs, 1),
+                     "note": "its compact form exists only in Core ML; no ONNX to score or size"}
+        print(name, out[name], flush=True)
+
+    for bits in (4, 5, 6):
+        # the start, chosen on the calibration images (never on the 372 scored ones)
+        cal = {}
+        for init in ("linear", "kpp"):
+            q = PassManager(f"canonicalize,fold-bn,quantize{{weights=kmeans{bits}:{init},acts=float}}").run(
+                g.copy(), Context(calib=xc)).graph
+            cal[init] = top1_pct(torch_logits(graphopt.to_torch(q).eval(), xc, 64), yc)
+        init = max(cal, key=lambda k: (cal[k], k == "linear"))
+        chosen = {"init": init, "init_calib_top1": cal, "chosen_on": "the 128 calibration images"}
+        for bc in (False, True):
+            ours(f"effnet-km{bits}" + ("-bc" if bc else ""), f"kmeans{bits}:{init}", bc, chosen)
+        peer(f"coremltools-km{bits}", {"n_bits": bits, "granularity": "per_tensor"}, f"n_bits={bits} per_tensor")
+        peer(f"coremltools-km{bits}-folded", {"n_bits": bits, "granularity": "per_tensor"},
+             f"n_bits={bits} per_tensor", folded=True)
+    # one codebook per output channel: the granularity a 4-bit palette needs on a mobile net
+    ours("effnet-km4-channel-bc", "kmeans4:channel", True)
+    peer("coremltools-km4-channel", {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 1},
+         "n_bits=4 per_grouped_channel group_size=1")
     pipe = presets()["w4a8"][0]
     q = PassManager(pipe).run(g.copy(), Context(calib=xc)).graph
     from graphopt.backends.lowering import export_file

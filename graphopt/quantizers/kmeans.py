@@ -97,6 +97,23 @@ def _init(v: torch.Tensor, valid: torch.Tensor, k: int, how: str, seed: int) -> 
     return torch.cat(cs, 1)
 
 
+def _relocate(v: torch.Tensor, valid: torch.Tensor, at: torch.Tensor, c: torch.Tensor,
+              empty: torch.Tensor) -> torch.Tensor:
+    """Centroids ``c`` [G, k] with each empty one moved onto the weight worst served so far (the
+    largest squared distance ``(v - at)^2`` to its centroid, one weight per empty centroid, the
+    worst first), as k-means implementations do: a start that leaves centroids in empty ranges
+    (linear over a heavy-tailed layer) would otherwise keep them dead."""
+    e = int(empty.sum(1).max()) if empty.any() else 0
+    if e == 0:
+        return c
+    err = torch.where(valid, (v - at) ** 2, -1.0)
+    top = err.topk(min(e, v.shape[1]), dim=1)
+    rank = (empty.cumsum(1) - 1).clamp(min=0, max=top.indices.shape[1] - 1)  # the i-th empty takes the i-th worst
+    worst_err = top.values.gather(1, rank)
+    worst_val = v.gather(1, top.indices.gather(1, rank))
+    return torch.where(empty & (worst_err > 0), worst_val, c)
+
+
 def cluster(r: np.ndarray, bits: int, group_rows: int, init: str = "linear", seed: int = 0,
             iterations: int = ITERATIONS) -> tuple[np.ndarray, np.ndarray, int]:
     """k-means of the nonzero values of ``r`` ([rows, n]), one codebook per ``group_rows``
@@ -113,10 +130,12 @@ def cluster(r: np.ndarray, bits: int, group_rows: int, init: str = "linear", see
     flat_valid = valid.reshape(-1)
     vv = v.reshape(-1)[flat_valid]
     for _ in range(iterations):
-        a = (_assign(v, c) + offs).reshape(-1)[flat_valid]
+        near = _assign(v, c)
+        a = (near + offs).reshape(-1)[flat_valid]
         sums = torch.zeros(G * k, dtype=v.dtype).index_add_(0, a, vv)
         cnt = torch.bincount(a, minlength=G * k).to(v.dtype)
-        new = torch.where(cnt > 0, sums / cnt.clamp(min=1), c.reshape(-1)).reshape(G, k).sort(1).values
+        new = torch.where(cnt > 0, sums / cnt.clamp(min=1), c.reshape(-1)).reshape(G, k)
+        new = _relocate(v, valid, c.gather(1, near), new, cnt.reshape(G, k) == 0).sort(1).values
         if torch.equal(new, c):
             break
         c = new
