@@ -8,6 +8,13 @@ from graphopt.ir import Graph, Node, Value  # noqa: F401
 from graphopt.serialize import save_onnx, to_onnx  # noqa: F401
 
 
+def convert(model, output=None, **kw):
+    """Model -> compressed file, returning a ``Report`` (see ``graphopt.api.convert``)."""
+    from graphopt.api import convert as _c
+
+    return _c(model, output, **kw)
+
+
 def from_torch(module, example_inputs, **kw):
     """torch ``nn.Module`` -> ``Graph`` (see ``graphopt.frontends.torch_fx.from_torch``)."""
     from graphopt.frontends.torch_fx import from_torch as _f

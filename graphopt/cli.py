@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the quantization report (onnxruntime's kernel check and per-layer SQNR)")
     c.add_argument("--report-samples", type=_positive_int, default=32, metavar="N",
                    help="calibration samples the per-layer SQNR report uses")
+    c.add_argument("--report-json", metavar="FILE",
+                   help="also write the report as JSON (schema graphopt.report/1, docs/api.md)")
     c.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
     c.add_argument("--timing", action="store_true", help="print time per pass")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR text after each pass into DIR")
@@ -344,6 +346,8 @@ def _outputs(args) -> list[tuple[str, str]]:
         outs.append((args.output, "-o"))
         if args.command == "convert" and args.external_data:
             outs.append((args.output + ".data", "-o's external data"))
+    if args.command == "convert" and args.report_json:
+        outs.append((args.report_json, "--report-json"))
     if args.command == "inspect" and getattr(args, "plot", None):
         outs.append((args.plot_out, "--plot-out"))
     if args.command in ("analyze", "lottery") and getattr(args, "plot", None):
@@ -428,18 +432,6 @@ def load_calib(args, graph):
     return data
 
 
-def check_format(pipeline, fmt: str) -> None:
-    """Refuse a pipeline/format pair that cannot work, before any work is done."""
-    from graphopt.backends.lowering import check_format as format_takes
-
-    quant = [p for p in pipeline if p.name == "quantize"]
-    try:
-        planned = [(f"the pipeline's {what}", q, kind) for p in quant for what, q, kind in p.planned_quantizers()]
-    except GraphOptError as e:  # a spec string that does not parse is a bad option value
-        raise UsageError(str(e)) from None
-    format_takes(fmt, bool(quant), planned)
-
-
 def load_labels(path: str, n_samples: int, samples: str, exact: bool = True):
     """Integer class labels from a .npy, validated against the ``n_samples`` samples of
     ``samples`` (a file or folder name for the message): 1-D, integer, and one per sample (or,
@@ -505,156 +497,34 @@ def load_train(args, graph):
     return TrainingData(*load_xy(args.train, args.train_labels, graph))
 
 
-def _size(graph) -> int:
-    return int(sum(v.const.nbytes for v in graph.constants.values()))
-
-
 # ---------------------------------------------------------------------------- commands
 def cmd_convert(args) -> int:
-    from graphopt.analysis import human, total_macs
-    from graphopt.passmanager import Context, DumpIRInstrument, PassManager, TimingInstrument
-    from graphopt.pipeline import parse_pipeline, presets
+    from graphopt.api import _pipeline_text, check_format, run
+    from graphopt.passmanager import Context, DumpIRInstrument, TimingInstrument
+    from graphopt.pipeline import parse_pipeline
 
-    if args.preset is not None:
-        pre = presets()
-        if args.preset not in pre:
-            import difflib
-            near = difflib.get_close_matches(args.preset, list(pre), n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else f"; presets: {', '.join(pre)}"
-            raise UsageError(f"unknown preset '{args.preset}'{hint}")
-        text = pre[args.preset][0]
-    else:
-        text = args.pipeline if args.pipeline is not None else presets()["default"][0]
-    pipeline = parse_pipeline(text)  # parse before reading the model: fail fast
+    pipeline = parse_pipeline(_pipeline_text(args.pipeline, args.preset))  # before reading the model: fail fast
     check_format(pipeline, args.format)
 
     t0 = time.perf_counter()
     graph = load_model(args.input, args)
     ctx = Context(calib=load_calib(args, graph) if args.calib else None, train=load_train(args, graph),
                   teacher=load_model(args.teacher) if args.teacher else None)
-    t_load = time.perf_counter()
-    before = (len(graph), graph.num_params(), _size(graph), total_macs(graph))
     timing = TimingInstrument()
-    keeper = _KeepBeforeQuantize()
-    instruments = [timing, keeper] + ([DumpIRInstrument(args.dump_ir)] if args.dump_ir else [])
-    result = PassManager(pipeline, verify_each=args.verify_each, instruments=instruments).run(graph, ctx)
-    graph = result.graph
-    t_passes = time.perf_counter()
+    report = run(graph, pipeline, ctx, args.output, args.format, input_name=args.input,
+                 input_bytes=os.path.getsize(args.input) if os.path.isfile(args.input) else None,
+                 load_s=time.perf_counter() - t0, report_samples=args.report_samples, kernels=not args.no_report,
+                 verify_each=args.verify_each,
+                 instruments=[timing] + ([DumpIRInstrument(args.dump_ir)] if args.dump_ir else []),
+                 external_data=True if args.external_data else None, writer=_writer())
     if not _writer():  # under torchrun rank 0 writes the model and the report
         return 0
-    from graphopt.backends.lowering import export_file
-
-    report = export_file(graph, args.output, args.format, external_data=True if args.external_data else None)
-    t_write = time.perf_counter()
-    after = (len(graph), graph.num_params(), _size(graph), total_macs(graph))
-
-    print(f"{args.input} -> {args.output}")
-    print(f"pipeline: {pipeline}")
-    for name, runs in result.stats.items():
-        for st in runs:
-            extra = ", ".join(f"{k}={_stat(v)}" for k, v in st.items() if k not in ("modified", "seconds"))
-            print(f"  {name:<20} {'modified' if st['modified'] else 'unchanged':<9} {extra}")
-    print(f"nodes {before[0]} -> {after[0]}, params {human(before[1])} -> {human(after[1])}, "
-          f"weights {human(before[2], 'B')} -> {human(after[2], 'B')}, MACs {human(before[3])} -> {human(after[3])}")
-    if report is not None:
-        _quant_summary(args, graph, keeper.graph, ctx, report, result.stats)
-    t_end = time.perf_counter()
-    report_s = f", report {t_end - t_write:.2f}" if report is not None and not args.no_report else ""
-    print(f"total {t_end - t0:.2f} s: load {t_load - t0:.2f}, passes {t_passes - t_load:.2f}, "
-          f"write {t_write - t_passes:.2f}{report_s}")
+    print(report.summary())
+    if args.report_json:
+        report.write_json(args.report_json)
     if args.timing:
         print(timing.report())
     return 0
-
-
-class _KeepBeforeQuantize:
-    """Instrument: keeps a copy of the float graph as it was just before ``quantize``."""
-
-    def __init__(self):
-        self.graph = None
-
-    def before(self, p, graph, index):
-        if p.name == "quantize":
-            self.graph = graph.copy()
-
-    def after(self, p, result, index, seconds):
-        pass
-
-
-def _stat(v) -> str:
-    """A pass statistic for one summary line: numbers rounded, collections as their size."""
-    if isinstance(v, bool) or v is None:
-        return str(v).lower()
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple, dict, set)):
-        return f"{len(v)} entr{'y' if len(v) == 1 else 'ies'}"
-    return str(v)
-
-
-def _pass_reasons(stats: dict, key: str) -> dict[str, str]:
-    """``key`` (a {layer: reason} stat) merged over every run of ``quantize``."""
-    out: dict[str, str] = {}
-    for st in stats.get("quantize", []):
-        out.update(st.get(key) or {})
-    return out
-
-
-def _why_lines(title: str, reasons: dict[str, str], limit: int = 12) -> None:
-    """Every fall-back with its reason (grouped by reason when there are many)."""
-    if not reasons:
-        return
-    print(f"  {title}: {len(reasons)}")
-    by_reason: dict[str, list[str]] = {}
-    for name, why in reasons.items():
-        by_reason.setdefault(why, []).append(name)
-    for why, names in by_reason.items():
-        shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-        print(f"    {why}: {shown}")
-
-
-def _quant_summary(args, graph, float_graph, ctx, report, stats) -> None:
-    import os
-
-    from graphopt.backends.lowering import ort_kernel_report
-
-    in_size = os.path.getsize(args.input) if os.path.isfile(args.input) else None
-    out_size = os.path.getsize(args.output)
-    print(f"format {report.format}: {report.qdq_pairs} activation quantizers, {report.weights} quantized "
-          f"initializers, opset {report.opset}" + (f", {report.fused} layers as QOperator" if report.fused else ""))
-    if report.schemes:
-        print("  quantizers: " + "; ".join(f"{k} x{v}" for k, v in report.schemes.items()))
-    _why_lines("layers left in float by quantize", _pass_reasons(stats, "float_layers"))
-    _why_lines("biases left in float", _pass_reasons(stats, "float_biases"))
-    _why_lines("quantizers simulated in float", report.simulated_why)
-    _why_lines("layers not lowered to QOperator", report.not_fused)
-    sizes = f"size {in_size / 1e6:.2f} MB -> {out_size / 1e6:.2f} MB" if in_size else f"size {out_size / 1e6:.2f} MB"
-    print(f"  {sizes}")
-    if args.no_report:
-        return
-    kr = ort_kernel_report(args.output)
-    ints = ", ".join(f"{k} x{v}" for k, v in sorted(kr["integer"].items())) or "none"
-    print(f"  onnxruntime integer kernels: {ints}")
-    if kr["float"]:
-        print(f"  onnxruntime runs {len(kr['float'])} Conv/Gemm/MatMul in FLOAT: " +
-              ", ".join(f"{op} {name}" for op, name in kr["float"]))
-    else:
-        print("  every Conv/Gemm/MatMul runs as an integer kernel")
-    if float_graph is not None and ctx.calib is not None:
-        from graphopt.training.calibration import CalibrationData, compare
-
-        names = [n.outputs[0].name for n in graph.nodes if n.op_type in ("Conv", "Gemm", "MatMul")]
-        sample = CalibrationData(ctx.calib, limit=args.report_samples)
-        sq = compare(float_graph, graph, sample, names, progress=ctx.show_progress)
-        src = {n.outputs[0].name: n.source for n in graph.nodes}
-        worst = sorted(sq.items(), key=lambda kv: kv[1])[:10]
-        try:
-            used = f"{len(sample)} calibration samples"
-        except TypeError:
-            used = "the calibration data"
-        print(f"  worst layers by SQNR vs float ({used}; --report-samples, --no-report):")
-        for name, db in worst:
-            print(f"    {db:6.1f} dB  {src.get(name, name)}")
 
 
 def _short_type(tp) -> str:
