@@ -217,10 +217,13 @@ def _merged(stats: dict, key: str) -> dict[str, str]:
 
 
 def _own_dirs() -> tuple[str, ...]:
-    import graphopt
-    import graphopt.passes
+    import importlib.util
 
-    return tuple(os.path.abspath(d) + os.sep for d in [os.path.dirname(graphopt.__file__), *graphopt.passes.__path__])
+    import graphopt
+
+    lib = importlib.util.find_spec("graphopt.passes")  # the pass library's folder (passes/), not imported here
+    dirs = [os.path.dirname(graphopt.__file__), *(lib.submodule_search_locations or [] if lib else [])]
+    return tuple(os.path.abspath(d) + os.sep for d in dirs)
 
 
 def run(graph, pipeline, ctx, output: str | os.PathLike | None, fmt: str = "qdq", *, input_name: str | None = None,
