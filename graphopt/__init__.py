@@ -3,9 +3,26 @@
 __version__ = "0.1.0"
 
 from graphopt.errors import FrontendError, GraphError, GraphOptError, PassError, PipelineError, UnsupportedOpError  # noqa: F401
-from graphopt.frontends.onnx_file import load_onnx  # noqa: F401
-from graphopt.ir import Graph, Node, Value  # noqa: F401
-from graphopt.serialize import save_onnx, to_onnx  # noqa: F401
+
+# Imported on first use (PEP 562): `import graphopt` and the CLI's cheap answers (--help,
+# --version, an input error) do not pay for onnx, numpy or torch.
+_LAZY = {"load_onnx": "graphopt.frontends.onnx_file", "Graph": "graphopt.ir", "Node": "graphopt.ir",
+         "Value": "graphopt.ir", "save_onnx": "graphopt.serialize", "to_onnx": "graphopt.serialize",
+         "Report": "graphopt.api"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'graphopt' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def convert(model, output=None, **kw):

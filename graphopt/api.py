@@ -337,9 +337,9 @@ def _graph_of(model, example_inputs):
         return model.copy(), None, None
     if isinstance(model, (str, os.PathLike)):
         p = str(model)
-        from graphopt.frontends.torch_io import is_factory_spec
+        from graphopt.frontends.sniff import model_kind, precheck
 
-        if is_factory_spec(p) or Path(p).suffix.lower() in (".pt", ".pth", ".ts", ".torchscript"):
+        if model_kind(p) == "torch":
             from graphopt.frontends.torch_io import load_torch_model
 
             if example_inputs is None:
@@ -348,11 +348,7 @@ def _graph_of(model, example_inputs):
             return load_torch_model(p, shape, None, "auto"), p, None
         from graphopt.frontends.onnx_file import load_onnx
 
-        if not Path(p).is_file():
-            raise GraphOptError(f"{p}: no such file")
-        if Path(p).suffix.lower() != ".onnx":
-            raise GraphOptError(f"{p}: unsupported model type '{Path(p).suffix or '(none)'}'; expected .onnx, .pt "
-                                "or MODULE:CALLABLE")
+        precheck(p)
         return load_onnx(p), p, os.path.getsize(p)
     try:
         import onnx

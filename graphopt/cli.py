@@ -16,6 +16,7 @@ from pathlib import Path
 
 from graphopt import __version__
 from graphopt.errors import GraphOptError, PipelineError, UsageError
+from graphopt.frontends.sniff import model_kind, precheck
 
 log = logging.getLogger("graphopt")
 
@@ -297,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()  # our own process: keep large freed blocks for reuse (see its doc)
     try:
         check_outputs(args)
+        model = getattr(args, "model", None) or (args.input if args.command == "convert" else None)
+        if isinstance(model, str):
+            precheck_model(model, args)  # a wrong input is refused before onnx or torch is imported
         if args.command in TRAINING_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from graphopt.training.finetune import join_torchrun
 
@@ -388,19 +392,26 @@ def check_outputs(args) -> None:
 
 def load_model(path: str, args=None):
     """An .onnx file, a TorchScript archive, or MODULE:CALLABLE -> Graph."""
-    from graphopt.frontends.onnx_file import load_onnx
-    from graphopt.frontends.torch_io import is_factory_spec, load_torch_model
-
+    precheck_model(path, args)
     input_shape = getattr(args, "input_shape", None)
     weights = getattr(args, "weights", None)
-    if is_factory_spec(path) or Path(path).suffix.lower() in (".pt", ".pth", ".ts", ".torchscript"):
+    if model_kind(path) == "torch":
+        from graphopt.frontends.torch_io import load_torch_model
+
         return load_torch_model(path, input_shape, weights, getattr(args, "exporter", "auto"))
-    if input_shape or weights:
-        raise UsageError("--input-shape/--weights apply to PyTorch models only; an ONNX file declares its inputs")
-    suffix = Path(path).suffix.lower()
-    if suffix != ".onnx" and Path(path).is_file():
-        raise GraphOptError(f"{path}: unsupported model type '{suffix or '(none)'}'; expected .onnx, .pt or MODULE:CALLABLE")
+    from graphopt.frontends.onnx_file import load_onnx
+
     return load_onnx(path)
+
+
+def precheck_model(path: str, args=None) -> None:
+    """The input errors that need no parsing (see graphopt.frontends.sniff), answered before
+    onnx or torch is imported."""
+    if model_kind(path) == "torch":
+        return
+    if getattr(args, "input_shape", None) or getattr(args, "weights", None):
+        raise UsageError("--input-shape/--weights apply to PyTorch models only; an ONNX file declares its inputs")
+    precheck(path)
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from graphopt.errors import FrontendError, GraphOptError, UsageError
+from graphopt.frontends.sniff import is_factory_spec  # noqa: F401  (its owner)
 from graphopt.ir import Graph
 
 
@@ -51,10 +52,6 @@ def example_input(text: str) -> torch.Tensor:
     if dtype == "float32":
         return torch.randn(*shape)
     return torch.ones(*shape, dtype=_EXAMPLE_DTYPES[dtype])
-
-
-def is_factory_spec(spec: str) -> bool:
-    return ":" in spec and not Path(spec).exists() and not spec.lower().endswith(".onnx")
 
 
 def load_factory(spec: str) -> torch.nn.Module:
