@@ -299,11 +299,100 @@ def test_auto_falls_back_to_the_exporter_when_fx_meets_an_unmapped_op(caplog):
             self.fc = nn.Linear(4, 4)
 
         def forward(self, x):
-            return F.softplus(self.fc(x)) * 2
+            return torch.tensor_split(self.fc(x), 2, dim=1)[0] * 2
 
-    with pytest.raises(UnsupportedOpError, match="softplus at module"):
+    with pytest.raises(UnsupportedOpError, match="tensor_split at module"):
         graphopt.from_torch(Soft().eval(), torch.randn(2, 4), exporter="fx")
     with caplog.at_level("WARNING"):
         _match(Soft(), torch.randn(2, 4))
     msgs = [r.getMessage() for r in caplog.records if "converted it through" in r.getMessage()]
-    assert len(msgs) == 1 and "softplus" in msgs[0] and "torch.fx traced Soft" in msgs[0]
+    assert len(msgs) == 1 and "tensor_split" in msgs[0] and "torch.fx traced Soft" in msgs[0]
+
+
+class _Norms(nn.Module):
+    """Norms as modern blocks write them: ConvNeXt's channels-first LayerNorm (mean, pow,
+    rsqrt), variance, L2 normalize, functional group/instance norm, nn.InstanceNorm2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.rand(6) + 0.5), nn.Parameter(torch.randn(6))
+        self.inorm = nn.InstanceNorm2d(6, affine=True)
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        ln = (x - u) * torch.rsqrt(s + 1e-6)
+        v = x.var(dim=(2, 3), keepdim=True) + torch.var(x, 1, keepdim=True, unbiased=False)
+        nz = F.normalize(x, dim=1) + x.norm(dim=1, keepdim=True)
+        gn = F.group_norm(x, 2, self.w, self.b, 1e-5) + F.instance_norm(x, weight=self.w, bias=self.b)
+        return ln + v + nz + gn + self.inorm(x)
+
+
+class _Shapes(nn.Module):
+    """unflatten (method, torch, nn), t, flip, narrow, pixel_shuffle, ZeroPad2d, floordiv of a
+    tensor, amax/amin, zeros_like/ones_like/new_zeros, to(dtype)/to(device), a table indexed by
+    a buffer (Swin's relative position bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unf = nn.Unflatten(1, (2, 3))
+        self.pad = nn.ZeroPad2d((1, 0, 0, 1))
+        self.shuffle = nn.PixelShuffle(2)
+        self.table = nn.Parameter(torch.randn(10, 4))
+        self.register_buffer("index", torch.tensor([[3, 1], [0, 9]]))
+
+    def forward(self, x):  # x: [B, 12, 4, 4]
+        a = x.flatten(2).unflatten(2, (4, 4)) + torch.unflatten(x, 1, (3, -1)).flatten(1, 2)
+        b = self.unf(x[:, :6, 0, 0]).flatten(1).t().t()
+        c = torch.flip(x, dims=(2,)) + x.flip(-1) + torch.narrow(x, 2, 1, 2).sum(2, keepdim=True)
+        d = (self.shuffle(x).mean((2, 3)) + F.pixel_shuffle(x, 2).amax(dim=(2, 3))).sum(1, keepdim=True) - x.amin((2, 3))
+        e = self.pad(x)[:, :, :4, 1:] + torch.zeros_like(x) + torch.ones_like(x) + x.new_zeros((4,))
+        f = (x * 3) // 2 + x.to(torch.float32) + x.to("cpu")
+        bias = self.table[self.index.view(-1)].view(2, 2, 4).permute(2, 0, 1)  # [4, 2, 2]
+        return a + c + e + f + d[:, :, None, None] + b.sum(1)[:, None, None, None] + bias.sum()
+
+
+class _Acts(nn.Module):
+    """mish, elu, softplus (with beta and threshold: torch returns x above it), log_softmax,
+    bmm as a method, torch.masked_fill, baddbmm."""
+
+    def __init__(self):
+        super().__init__()
+        self.mish, self.elu, self.sp = nn.Mish(), nn.ELU(0.5), nn.Softplus(beta=2.0, threshold=3.0)
+
+    def forward(self, x):  # [B, 4, 8]
+        a = self.mish(x) + F.mish(x) + self.elu(x) + F.elu(x) + self.sp(x * 4) + F.softplus(x)
+        b = F.log_softmax(x, dim=-1) + x.log_softmax(-1)
+        m = x.transpose(1, 2).bmm(x)  # [B, 8, 8]
+        c = torch.masked_fill(m, m > 1.0, 0.5) + torch.baddbmm(m, x.transpose(1, 2), x, beta=0.5, alpha=2.0)
+        return a + b + c.sum(1, keepdim=True)
+
+
+def test_norms_in_functional_and_written_out_forms_convert_through_fx(caplog):
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING"):
+        _match(_Norms(), torch.randn(2, 6, 5, 5), atol=1e-4, batch_too=torch.randn(3, 6, 5, 5))
+    assert not [r for r in caplog.records if "converted it through" in r.getMessage()]
+
+
+def test_reshapes_flips_shuffles_and_table_lookups_convert_through_fx(caplog):
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING"):
+        _match(_Shapes(), torch.randn(2, 12, 4, 4), batch_too=torch.randn(3, 12, 4, 4))
+    assert not [r for r in caplog.records if "converted it through" in r.getMessage()]
+
+
+def test_more_activations_and_batched_products_convert_through_fx(caplog):
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING"):
+        _match(_Acts(), torch.randn(2, 4, 8), atol=1e-4, batch_too=torch.randn(3, 4, 8))
+    assert not [r for r in caplog.records if "converted it through" in r.getMessage()]
+
+
+def test_boolean_mask_indexing_is_refused_by_fx_with_its_reason():
+    class M(nn.Module):
+        def forward(self, x):
+            return x[x > 0].sum()
+
+    with pytest.raises(UnsupportedOpError, match="boolean mask"):
+        graphopt.from_torch(M().eval(), torch.randn(2, 4), exporter="fx")

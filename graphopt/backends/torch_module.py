@@ -120,8 +120,13 @@ def onnx_slice(x, starts, ends, axes, steps):
         steps = [1] * len(starts)
     idx: list[Any] = [slice(None)] * x.dim()
     for s, e, a, st in zip(starts, ends, axes, steps):
-        if st < 0:
-            raise GraphOptError("Slice with a negative step is not supported by the torch back end")
+        if st < 0:  # ONNX's clamping for a negative step, then the same walk on the flipped axis
+            d = x.shape[a]
+            s = min(max(s + d if s < 0 else s, 0), d - 1)
+            e = min(max(e + d if e < 0 else e, -1), d - 1)
+            x = torch.flip(x, (a,))
+            idx[a] = slice(d - 1 - s, d - 1 - e, -st)
+            continue
         idx[a] = slice(s, None if e >= _INT64_MAX // 2 else e, st)
     return x[tuple(idx)]
 
@@ -161,6 +166,21 @@ def onnx_reduce_minmax(x, kind, axes, keepdims):
     if axes is None or len(axes) == 0:
         axes = tuple(range(x.dim()))
     return (torch.amax if kind == "max" else torch.amin)(x, dim=tuple(axes), keepdim=bool(keepdims))
+
+
+def onnx_reduce_norm(x, p, axes, keepdims):
+    axes = _as_list(axes)
+    if axes is None or len(axes) == 0:
+        axes = tuple(range(x.dim()))
+    return torch.linalg.vector_norm(x, ord=p, dim=tuple(axes), keepdim=bool(keepdims))
+
+
+def onnx_depth_to_space(x, r, mode):
+    b, c, h, w = x.shape
+    if mode == "CRD":
+        return F.pixel_shuffle(x, r)
+    y = x.reshape(b, r, r, c // (r * r), h, w).permute(0, 3, 4, 1, 5, 2)  # DCR
+    return y.reshape(b, c // (r * r), h * r, w * r)
 
 
 def onnx_layer_norm(x, scale, bias, axis, eps):
@@ -705,6 +725,22 @@ def _reduce(b, n):
 def _reduce_mm(b, n):
     kind = "max" if n.op_type == "ReduceMax" else "min"
     return [b.call(onnx_reduce_minmax, b.inp(n, 0), kind, _axes_of(b, n), n.attr("keepdims", 1))]
+
+
+@lowering("ReduceL1", "ReduceL2")
+def _reduce_norm(b, n):
+    return [b.call(onnx_reduce_norm, b.inp(n, 0), 1 if n.op_type == "ReduceL1" else 2, _axes_of(b, n),
+                   n.attr("keepdims", 1))]
+
+
+@lowering("DepthToSpace")
+def _depth_to_space(b, n):
+    return [b.call(onnx_depth_to_space, b.inp(n, 0), int(n.attr("blocksize")), n.attr("mode", "DCR"))]
+
+
+@lowering("Elu")
+def _elu(b, n):
+    return [b.call(F.elu, b.inp(n, 0), float(n.attr("alpha", 1.0)))]
 
 
 @lowering("GlobalAveragePool")

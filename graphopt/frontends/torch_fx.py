@@ -476,21 +476,25 @@ def _layer_norm(c, n, mod, x):
                               f"{n.target}.weight", f"{n.target}.bias")
 
 
-def _group_norm(c: _Converter, n, mod: nn.GroupNorm, x):
+def _group_norm_values(c: _Converter, n, x, g: int, w_t, b_t, eps: float, name: str):
     """GroupNorm at opset 17 (ONNX's GroupNormalization arrives in 18): InstanceNormalization of
     x viewed as [N, G, -1], back to x's shape, then the per-channel affine."""
     rank = c.rank_of(n.args[0])
-    g = int(mod.num_groups)
     v = c.node("Reshape", [x, c.ints([0, g, -1], "groups")], suffix="_groups")[0]
     ones, zeros = c.const(np.ones(g, np.float32), "one"), c.const(np.zeros(g, np.float32), "zero")
-    v = c.node("InstanceNormalization", [v, ones, zeros], {"epsilon": float(mod.eps)}, suffix="_norm")[0]
+    v = c.node("InstanceNormalization", [v, ones, zeros], {"epsilon": float(eps)}, suffix="_norm")[0]
     v = c.node("Reshape", [v, c.node("Shape", [x], suffix="_shape")[0]], suffix="_back")[0]
-    if not mod.affine:
-        return v
     shape = [-1] + [1] * (rank - 2)
-    w = c.g.add_const(_np(mod.weight).reshape(shape), f"{n.target}.weight")
-    b = c.g.add_const(_np(mod.bias).reshape(shape), f"{n.target}.bias")
-    return c.node("Add", [c.node("Mul", [v, w], suffix="_scale")[0], b])[0]
+    if w_t is not None:
+        v = c.node("Mul", [v, c.g.add_const(_np(w_t).reshape(shape), f"{name}.weight")], suffix="_scale")[0]
+    if b_t is not None:
+        v = c.node("Add", [v, c.g.add_const(_np(b_t).reshape(shape), f"{name}.bias")])[0]
+    return v
+
+
+def _group_norm(c: _Converter, n, mod: nn.GroupNorm, x):
+    return _group_norm_values(c, n, x, int(mod.num_groups), mod.weight if mod.affine else None,
+                              mod.bias if mod.affine else None, mod.eps, n.target)
 
 
 def _einsum_fn(c: _Converter, n, equation, *operands):
@@ -958,7 +962,7 @@ def _tensor_index(c: _Converter, n, x: Value, idx):
     rank = len(shape)
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(isinstance(i, Value) for i in idx):
-        raise c.unsupported("indexing with a tensor")
+        return _tensor_gather(c, n, x, idx, shape)
     if Ellipsis in idx:
         k = idx.index(Ellipsis)
         fill = rank - (len(idx) - 1 - sum(i is None for i in idx))
@@ -1000,6 +1004,19 @@ def _tensor_index(c: _Converter, n, x: Value, idx):
     if unsqueeze:
         y = c.node("Unsqueeze", [y, c.ints(unsqueeze, "unsq_axes")])[0]
     return y
+
+
+def _tensor_gather(c: _Converter, n, x: Value, idx: tuple, shape: list[int]):
+    """``x[..., t, ...]`` with one integer tensor ``t`` after full slices (a lookup table indexed
+    by a buffer, as Swin's relative position bias): Gather along that axis."""
+    k = next(j for j, i in enumerate(idx) if isinstance(i, Value))
+    if any(i != slice(None) for j, i in enumerate(idx) if j != k):
+        raise c.unsupported("indexing with a tensor next to other indices")
+    fx_idx = n.args[1][k] if isinstance(n.args[1], tuple) else n.args[1]
+    t = c.concrete.get(fx_idx) if isinstance(fx_idx, torch.fx.Node) else None
+    if t is not None and t.dtype == torch.bool:
+        raise c.unsupported("indexing with a boolean mask (its result's shape depends on the values)")
+    return c.node("Gather", [x, idx[k]], {"axis": k})[0]
 
 
 # ---------------------------------------------------------------- attention
@@ -1260,6 +1277,277 @@ _FUNCTIONS.update({F.batch_norm: _batch_norm_fn, torch.unbind: _unbind_fn, "Tens
                    "Tensor.expand_as": _expand_as_fn, "Tensor.type_as": _type_as_fn})
 _FUNCTIONS.update({f: _factory_fn for f in (torch.arange, torch.zeros, torch.ones, torch.full)})
 _MODULES.update({nn.MultiheadAttention: _mha, nn.Upsample: _upsample, nn.Embedding: _embedding})
+
+
+# ---------------------------------------------------------------- more of what modern blocks call
+def _pow_fn(c, n, x, exponent):
+    if not isinstance(x, Value) and not isinstance(exponent, Value):  # shape arithmetic
+        return x ** exponent
+    if not isinstance(x, Value):  # scalar ** tensor
+        return c.node("Pow", [c.val(x, exponent), exponent])[0]
+    if isinstance(exponent, (int, float)) and float(exponent) == 2.0:
+        return c.node("Mul", [x, x])[0]  # exact, as torch computes x * x for pow 2
+    return c.node("Pow", [x, c.val(exponent, x)])[0]
+
+
+def _rsqrt_fn(c, n, x):
+    return c.node("Reciprocal", [c.node("Sqrt", [x], suffix="_sqrt")[0]])[0]
+
+
+def _var_values(c: _Converter, n, x, dim, correction, keepdim):
+    rank = c.rank_of(n.args[0])
+    shape = c.shape_of(n.args[0])
+    dims = list(range(rank)) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+    dims = sorted(_norm_axis(d, rank) for d in dims)
+    mean = _reduce_fn("ReduceMean")(c, n, x, dims, True)
+    d = c.node("Sub", [x, mean], suffix="_centered")[0]
+    v = _reduce_fn("ReduceMean")(c, n, c.node("Mul", [d, d], suffix="_sq")[0], dims, keepdim)
+    count = int(np.prod([shape[i] for i in dims]))
+    if correction:
+        v = c.node("Mul", [v, c.const(np.array(count / max(count - correction, 1), np.float32), "bessel")],
+                   suffix="_unbiased")[0]
+    return v
+
+
+def _var_fn(c, n, x, dim=None, unbiased=None, keepdim=False, *, correction=None):
+    if isinstance(dim, bool):  # var(x, unbiased)
+        dim, unbiased = None, dim
+    corr = correction if correction is not None else (0 if unbiased is False else 1)
+    return _var_values(c, n, x, dim, corr, keepdim)
+
+
+def _norm_values(c: _Converter, n, x, p, dim, keepdim):
+    if p not in (2, 2.0, "fro", None, 1, 1.0):
+        raise c.unsupported(f"norm with p={p}")
+    rank = c.rank_of(n.args[0])
+    dims = list(range(rank)) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+    dims = sorted(_norm_axis(d, rank) for d in dims)
+    op = "ReduceL1" if p in (1, 1.0) else "ReduceL2"
+    if c.opset >= 18:
+        return c.node(op, [x, c.ints(dims, "axes")], {"keepdims": int(bool(keepdim))})[0]
+    return c.node(op, [x], {"axes": dims, "keepdims": int(bool(keepdim))})[0]
+
+
+def _norm_fn(c, n, x, p="fro", dim=None, keepdim=False, dtype=None):
+    return _norm_values(c, n, x, p, dim, keepdim)
+
+
+def _normalize_fn(c, n, x, p=2.0, dim=1, eps=1e-12, out=None):
+    nrm = _norm_values(c, n, x, p, dim, True)
+    nrm = c.node("Max", [nrm, c.const(np.array(eps, np.float32), "eps")], suffix="_clamp")[0]
+    return c.node("Div", [x, nrm])[0]
+
+
+def _unflatten_values(c: _Converter, n, x, dim, sizes):
+    shape = c.shape_of(n.args[0])
+    d = _norm_axis(int(dim), len(shape))
+    sizes = [int(s) for s in sizes]
+    if -1 in sizes:
+        known = int(np.prod([s for s in sizes if s != -1]))
+        sizes = [shape[d] // known if s == -1 else s for s in sizes]
+    return _reshape_values(c, n, x, shape[:d] + sizes + shape[d + 1:])
+
+
+def _unflatten_fn(c, n, x, dim, sizes):
+    return _unflatten_values(c, n, x, dim, sizes)
+
+
+def _unflatten_mod(c, n, mod, x):
+    return _unflatten_values(c, n, x, mod.dim, mod.unflattened_size)
+
+
+def _t_fn(c, n, x):
+    return x if c.rank_of(n.args[0]) < 2 else c.node("Transpose", [x], {"perm": [1, 0]})[0]
+
+
+def _flip_fn(c, n, x, *dims, **kw):
+    dims = kw["dims"] if "dims" in kw else (dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    rank = c.rank_of(n.args[0])
+    axes = [_norm_axis(d, rank) for d in dims]
+    big = 2 ** 62
+    return c.node("Slice", [x, c.ints([-1] * len(axes), "starts"), c.ints([-big] * len(axes), "ends"),
+                            c.ints(axes, "axes"), c.ints([-1] * len(axes), "steps")])[0]
+
+
+def _narrow_fn(c, n, x, dim, start, length):
+    if isinstance(start, Value):
+        raise c.unsupported("narrow at a computed start")
+    rank = c.rank_of(n.args[0])
+    d = _norm_axis(int(dim), rank)
+    s = _norm_axis(int(start), c.shape_of(n.args[0])[d]) if int(start) < 0 else int(start)
+    return c.node("Slice", [x, c.ints([s], "starts"), c.ints([s + int(length)], "ends"), c.ints([d], "axes")])[0]
+
+
+def _mish_values(c: _Converter, x):
+    sp = c.node("Softplus", [x], suffix="_softplus")[0]
+    return c.node("Mul", [x, c.node("Tanh", [sp], suffix="_tanh")[0]])[0]
+
+
+def _mish_fn(c, n, x, inplace=False):
+    return _mish_values(c, x)
+
+
+def _mish(c, n, mod, x):
+    return _mish_values(c, x)
+
+
+def _elu_fn(c, n, x, alpha=1.0, inplace=False):
+    return c.node("Elu", [x], {"alpha": float(alpha)})[0]
+
+
+def _elu(c, n, mod, x):
+    return c.node("Elu", [x], {"alpha": float(mod.alpha)})[0]
+
+
+def _softplus_values(c: _Converter, x, beta, threshold):
+    """torch's softplus: log(1 + exp(beta x)) / beta, and x itself where beta x > threshold."""
+    bx = x if beta == 1 else c.node("Mul", [x, c.const(np.array(beta, np.float32), "beta")], suffix="_beta")[0]
+    sp = c.node("Softplus", [bx], suffix="_sp")[0]
+    if beta != 1:
+        sp = c.node("Div", [sp, c.const(np.array(beta, np.float32), "beta")], suffix="_div")[0]
+    over = c.node("Greater", [bx, c.const(np.array(threshold, np.float32), "threshold")], suffix="_over")[0]
+    return c.node("Where", [over, x, sp])[0]
+
+
+def _softplus_fn(c, n, x, beta=1.0, threshold=20.0):
+    return _softplus_values(c, x, float(beta), float(threshold))
+
+
+def _softplus(c, n, mod, x):
+    return _softplus_values(c, x, float(mod.beta), float(mod.threshold))
+
+
+def _log_softmax_fn(c, n, x, dim=None, *a, **k):
+    return c.node("LogSoftmax", [x], {"axis": int(-1 if dim is None else dim)})[0]
+
+
+def _baddbmm_fn(c, n, inp, b1, b2, *, beta=1, alpha=1):
+    y = c.node("MatMul", [b1, b2], suffix="_mm")[0]
+    if alpha != 1:
+        y = c.node("Mul", [y, c.val(float(alpha), y)], suffix="_alpha")[0]
+    if beta == 0:
+        return y
+    if beta != 1:
+        inp = c.node("Mul", [inp, c.val(float(beta), inp)], suffix="_beta")[0]
+    return c.node("Add", [inp, y])[0]
+
+
+def _zero_pad(c, n, mod, x):
+    return _pad_fn(c, n, x, list(mod.padding), "constant", 0.0)
+
+
+def _pixel_shuffle_values(c: _Converter, x, r):
+    return c.node("DepthToSpace", [x], {"blocksize": int(r), "mode": "CRD"})[0]
+
+
+def _pixel_shuffle_fn(c, n, x, upscale_factor):
+    return _pixel_shuffle_values(c, x, upscale_factor)
+
+
+def _pixel_shuffle(c, n, mod, x):
+    return _pixel_shuffle_values(c, x, mod.upscale_factor)
+
+
+def _instance_norm_values(c: _Converter, n, x, w_t, b_t, eps, wname, bname):
+    ch = c.shape_of(n.args[0])[1]
+    w = c.param(w_t, wname) if w_t is not None else c.const(np.ones(ch, np.float32), "scale")
+    b = c.param(b_t, bname) if b_t is not None else c.const(np.zeros(ch, np.float32), "bias")
+    return c.node("InstanceNormalization", [x, w, b], {"epsilon": float(eps)})[0]
+
+
+def _instance_norm(c, n, mod, x):
+    if mod.track_running_stats:
+        raise c.unsupported("InstanceNorm with track_running_stats (eval uses running statistics)")
+    return _instance_norm_values(c, n, x, mod.weight, mod.bias, mod.eps, f"{n.target}.weight", f"{n.target}.bias")
+
+
+def _instance_norm_fn(c, n, x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                      momentum=0.1, eps=1e-5):
+    if not use_input_stats:
+        raise c.unsupported("instance_norm with use_input_stats=False")
+    w = _tensor_of(c, n.kwargs.get("weight", n.args[3] if len(n.args) > 3 else None)) if weight is not None else None
+    b = _tensor_of(c, n.kwargs.get("bias", n.args[4] if len(n.args) > 4 else None)) if bias is not None else None
+    return _instance_norm_values(c, n, x, w, b, eps, f"{n.name}.weight", f"{n.name}.bias")
+
+
+def _group_norm_fn(c, n, x, num_groups, weight=None, bias=None, eps=1e-5):
+    args = list(n.args) + [None] * 4
+    w_node = args[2] if args[2] is not None else n.kwargs.get("weight")
+    b_node = args[3] if args[3] is not None else n.kwargs.get("bias")
+    return _group_norm_values(c, n, x, int(num_groups), _tensor_of(c, w_node) if w_node is not None else None,
+                              _tensor_of(c, b_node) if b_node is not None else None, float(eps), n.name)
+
+
+def _like_fn(fill: float):
+    """zeros_like / ones_like / new_zeros / new_ones: a constant of the shape the trace saw,
+    unless that shape holds the symbolic batch (then ConstantOfShape of the input's Shape)."""
+    def fn(c: _Converter, n, x, *size, **kw):
+        if size:  # x.new_zeros(size): the size is what the trace knows
+            t = c.concrete.get(n)
+            if any(_batch_source(c, a) is not None for a in n.args[1:]):
+                raise c.unsupported(f"{n.target} of a size read from the batch dimension")
+            return c.const(_np(t), "made")
+        shp = c.node("Shape", [x], suffix="_shape")[0]
+        return c.node("ConstantOfShape", [shp], {"value": np.array([fill], np.float32)})[0]
+
+    return fn
+
+
+def _to_fn(c, n, x, *args, **kw):
+    """Tensor.to(device / dtype / tensor): a device move is nothing in ONNX; a dtype a Cast."""
+    dtype = kw.get("dtype")
+    for a in args:
+        if isinstance(a, torch.dtype):
+            dtype = a
+        elif isinstance(a, Value):
+            raise c.unsupported("Tensor.to(other tensor)")
+    if dtype is None:
+        return x
+    if dtype not in _ONNX_DTYPE:
+        raise c.unsupported(f"Tensor.to({dtype})")
+    return c.node("Cast", [x], {"to": _ONNX_DTYPE[dtype]})[0]
+
+
+def _amax_fn(kind: str):
+    op = {"max": "ReduceMax", "min": "ReduceMin"}[kind]
+
+    def fn(c, n, x, dim=(), keepdim=False):
+        rank = c.rank_of(n.args[0])
+        dims = list(range(rank)) if dim in ((), [], None) else ([dim] if isinstance(dim, int) else list(dim))
+        dims = sorted(_norm_axis(d, rank) for d in dims)
+        if c.opset >= 18:
+            return c.node(op, [x, c.ints(dims, "axes")], {"keepdims": int(bool(keepdim))})[0]
+        return c.node(op, [x], {"axes": dims, "keepdims": int(bool(keepdim))})[0]
+
+    return fn
+
+
+def _floordiv_fn(c, n, a, b):
+    if not isinstance(a, Value) and not isinstance(b, Value):  # shape arithmetic
+        return a // b
+    like = a if isinstance(a, Value) else b
+    return c.node("Floor", [c.node("Div", [c.val(a, like), c.val(b, like)], suffix="_div")[0]])[0]
+
+
+_FUNCTIONS.update({
+    torch.pow: _pow_fn, "Tensor.pow": _pow_fn, operator.pow: _pow_fn, torch.rsqrt: _rsqrt_fn, "Tensor.rsqrt": _rsqrt_fn,
+    torch.var: _var_fn, "Tensor.var": _var_fn, torch.norm: _norm_fn, "Tensor.norm": _norm_fn,
+    F.normalize: _normalize_fn, torch.unflatten: _unflatten_fn, "Tensor.unflatten": _unflatten_fn,
+    torch.t: _t_fn, "Tensor.t": _t_fn, torch.flip: _flip_fn, "Tensor.flip": _flip_fn,
+    torch.narrow: _narrow_fn, "Tensor.narrow": _narrow_fn, F.mish: _mish_fn, F.elu: _elu_fn,
+    F.softplus: _softplus_fn, F.log_softmax: _log_softmax_fn, torch.log_softmax: _log_softmax_fn,
+    "Tensor.log_softmax": _log_softmax_fn, "Tensor.bmm": _matmul_fn, torch.masked_fill: _masked_fill_fn,
+    torch.baddbmm: _baddbmm_fn, F.pixel_shuffle: _pixel_shuffle_fn, torch.pixel_shuffle: _pixel_shuffle_fn,
+    F.instance_norm: _instance_norm_fn, F.group_norm: _group_norm_fn,
+    torch.zeros_like: _like_fn(0.0), torch.ones_like: _like_fn(1.0), "Tensor.new_zeros": _like_fn(0.0),
+    "Tensor.new_ones": _like_fn(1.0), "Tensor.to": _to_fn, torch.amax: _amax_fn("max"), "Tensor.amax": _amax_fn("max"),
+    torch.amin: _amax_fn("min"), "Tensor.amin": _amax_fn("min"), operator.floordiv: _floordiv_fn,
+
+})
+_MODULES.update({nn.Unflatten: _unflatten_mod, nn.Mish: _mish, nn.ELU: _elu, nn.Softplus: _softplus,
+                 nn.ZeroPad2d: _zero_pad, nn.PixelShuffle: _pixel_shuffle, nn.InstanceNorm1d: _instance_norm,
+                 nn.InstanceNorm2d: _instance_norm})
 # run-time checks: they held on the example inputs (the model ran once), so they are dropped
 _CHECKS = {torch._assert, torch.fx._symbolic_trace._assert_is_none}
 
