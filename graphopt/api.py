@@ -93,6 +93,7 @@ class Report:
             lines += _why_lines("biases left in float", q["float_biases"])
             lines += _why_lines("quantizers simulated in float", q["simulated"])
             lines += _why_lines("layers not lowered to QOperator", q["not_fused"])
+            lines += _why_lines("per-channel bounds (Min) left in float", q.get("bounds_kept") or {})
         ins, outs = self.sizes.get("input_bytes"), self.sizes.get("output_bytes")
         if q is not None and outs is not None:
             lines.append(f"  size {ins / 1e6:.2f} MB -> {outs / 1e6:.2f} MB" if ins else f"  size {outs / 1e6:.2f} MB")
@@ -306,6 +307,7 @@ def _quantization(low, graph, float_graph, ctx, stats, path, report_samples, ker
          "qoperator_layers": low.fused, "schemes": dict(low.schemes),
          "float_layers": _merged(stats, "float_layers"), "float_biases": _merged(stats, "float_biases"),
          "simulated": dict(low.simulated_why), "not_fused": dict(low.not_fused),
+         "bounds_kept": _merged(stats, "bounds_kept"),
          "ort_kernels": None, "sqnr_db": None, "sqnr_samples": 0}
     if not kernels:
         return q

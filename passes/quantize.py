@@ -67,7 +67,9 @@ class Quantize(Pass):
     Conv/Gemm/MatMul. So is each Conv/Gemm/MatMul output, after its ReLU/Clip, never between. Concat inputs share one scale. A value that
     stays float gets no FakeQuant. Biases become int32 with scale = input scale x weight scale.
     A per-channel ``Min`` bound left by ``equalize`` that the calibration data never reaches is
-    dropped (exact on that data), so the Conv before it can fuse."""
+    dropped (exact on that data), so the Conv before it can fuse; so is one whose every bound is
+    at or above its output quantizer's top value (the quantizer saturates first: exact). Each
+    ``Min`` kept is listed in ``bounds_kept`` with the reason."""
 
     weights: str = option("int8:channel", "weight spec: int<bits>:tensor|channel|block<size>, or a zoo scheme "
                                           "(pow2, apot, term, pwlq, binary, ternary; see docs/quantizers.md)")
@@ -223,6 +225,32 @@ class Quantize(Pass):
             ranges = {k: range_from_histogram(h["counts"], h["lo"], h["hi"], aspec, self.act_method, self.percentile)
                       for k, h in hist.items()}
         self._share_concat_ranges(graph, ranges)
+        bounds_kept: dict[str, str] = {}
+        implied = 0
+        for m in mins:
+            if m not in graph.nodes:
+                continue
+            out = m.outputs[0].name
+            bound = np.asarray(L.per_channel_min_bound(graph, m)).reshape(-1)
+            res = first[m.inputs[0].name][-1]
+            reached = int(np.sum(res["max"] > bound)) if bound.size in (1, res["max"].size) else -1
+            if out in ranges and m.outputs[0] in targets:
+                lo, hi = ranges[out]
+                spec = aspec.for_range(lo, hi)
+                big = 4.0 * max(abs(lo), abs(hi), float(np.max(bound))) + 1.0  # far above the range: saturates
+                top = float(spec.apply_np(np.array([big]), spec.act_params(lo, hi), None)[0])
+                if np.all(bound >= top):
+                    # the quantizer of its output saturates at or below every bound: Q(min(x, b)) = Q(x)
+                    ranges[m.inputs[0].name] = ranges[out]
+                    graph.replace_all_uses(m.outputs[0], m.inputs[0])
+                    graph.remove_node(m)
+                    implied += 1
+                    continue
+            bounds_kept[m.source] = (f"per-channel bound active on the calibration data ({reached} of {bound.size} "
+                                     "channels reach it) and below its quantizer's top code: onnxruntime runs the "
+                                     "Min in float between the integer layers")
+        if implied:
+            targets = self._activation_targets(graph, compute)
 
         act_fq: dict[str, Node] = {}
         edge_acts = ({compute[0].inputs[0], compute[-1].inputs[0], *graph.outputs}
@@ -254,9 +282,10 @@ class Quantize(Pass):
             for n in compute:
                 add_grad_quant(graph, n.outputs[0], self.grad_bits, source=n.source)
         tables = self._quantize_tables(graph) if self.embeddings else 0
-        changed = n_w > 0 or len(targets) > 0 or dropped > 0 or tables > 0
+        changed = n_w > 0 or len(targets) > 0 or dropped > 0 or tables > 0 or implied > 0
         return PassResult(graph, changed, {"weights": n_w, "tables": tables, "activations": len(targets),
-                                        "bounds_dropped": dropped,
+                                        "bounds_dropped": dropped, "bounds_implied": implied,
+                                        "bounds_kept": bounds_kept,
                                         "skipped": skipped, "float_layers": float_layers,
                                         "float_biases": float_biases, "weight_spec": str(wspec),
                                         "act_spec": str(aspec)})

@@ -276,3 +276,28 @@ def test_dfq_on_effnet(effnet_path):
 def test_pipeline_names_registered():
     assert str(parse_pipeline("fold-bn,equalize{max_iters=50,relu6=skip},absorb-bias{sigmas=2.5}")) == \
         "fold-bn,equalize{max_iters=50,relu6=skip},absorb-bias{sigmas=2.5}"
+
+
+def test_quantize_drops_bounds_its_quantizer_implies_and_says_why_it_keeps_the_others():
+    g, x = graph_of(scramble(Chain("relu6")), shape=(16, 3, 8, 8))
+    eq = run(g, "fold-bn,equalize").graph
+    assert eq.find_nodes("Min")  # equalize turned the ReLU6 bounds into per-channel Mins
+    kept = run(eq.copy(), "quantize", calib=x)
+    st = kept.stats["quantize"][0]
+    assert st["bounds_kept"] and all("channels reach it" in why for why in st["bounds_kept"].values())
+    assert len(kept.graph.find_nodes("Min")) == len(st["bounds_kept"])
+    # a low activation range (the 50th percentile): every bound is above the quantizer's top value,
+    # so the Min changes nothing after quantization and goes; on any input, not only the calibration data
+    q = "quantize{act_method=percentile,percentile=50"
+    implied = run(eq.copy(), q + "}", calib=x)
+    ref = run(eq.copy(), q + ",drop_inactive_bounds=false}", calib=x)
+    st = implied.stats["quantize"][0]
+    left = implied.graph.find_nodes("Min")
+    assert st["bounds_implied"] > 0
+    assert len(left) + st["bounds_implied"] + st["bounds_dropped"] == len(ref.graph.find_nodes("Min"))
+    assert len(st["bounds_kept"]) == len(left)
+    y = np.random.default_rng(5).standard_normal((8, 3, 8, 8)).astype(np.float32) * 3
+    from graphopt.backends.lowering import export
+
+    a, b = export(implied.graph, "qdq")[0], export(ref.graph, "qdq")[0]
+    np.testing.assert_allclose(run_ort(a, y), run_ort(b, y), atol=1e-6)
