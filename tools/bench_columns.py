@@ -403,7 +403,8 @@ def plot(path: Path) -> None:
         ax.scatter(xs, ys, color=c, s=30, label=f"N = {m}", zorder=3)
         if m == 64:
             for x, y, r in zip(xs, ys, rows):
-                ax.annotate(r, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+                below = r.endswith("-int8")  # sits on its float row: label it underneath
+                ax.annotate(r, (x, y), xytext=(4, -10 if below else 3), textcoords="offset points", fontsize=7)
     ax.axvline(0.25, color="tab:red", lw=0.8, ls=":", label="0.25x tiles (the goal)")
     ep = sorted({res[r]["epochs"] for r in rows if res[r]["epochs"]})
     ax.set_xlabel("systolic-array tiles, x the dense network")
