@@ -113,7 +113,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     g = graphopt.from_torch(model, torch.zeros(1, 3, 32, 32))
     calib = xtr[np.random.default_rng(0).permutation(len(xtr))[:512]]
     WORK.mkdir(parents=True, exist_ok=True)
-    ck = WORK / f"{row}.pt"
+    ck = WORK / f"{key_of(row, epochs)}.pt"
     train = "ptq" not in row
     edge = EDGE + (f",first_last_act_bits={EDGE_ACT[row]}" if row in EDGE_ACT else "")
     pipe = f"canonicalize,fold-bn,quantize{{{opts},{edge}}}"
@@ -181,7 +181,7 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     model = from_fp32(fp32, wb, ab, 8 if ab < 4 else ab, **({"mse": True} if row.endswith("-mse") else {}))
     WORK.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    stats = train(model, fp32, xtr, ytr, cifar_augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row}.pt")
+    stats = train(model, fp32, xtr, ytr, cifar_augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{key_of(row, epochs)}.pt")
     secs = time.perf_counter() - t
     if hasattr(peer, "freeze"):  # torch.ao: observers off and BN frozen before anything is scored
         peer.freeze(model)
@@ -212,6 +212,12 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     return res
 
 
+def key_of(row: str, epochs: int) -> str:
+    """A row's results key and checkpoint name: the row, or ``row@Nep`` at another budget than
+    the table's default 3 epochs (both stay in the table)."""
+    return row if epochs == 3 else f"{row}@{epochs}ep"
+
+
 def table() -> None:
     res = load()
     print("| row | what | epochs | top-1 torch | top-1 onnxruntime | agree | max diff (output steps) | s/epoch "
@@ -219,7 +225,9 @@ def table() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     rows = {**{k: w for k, (_, w) in ROWS.items()}, **{k: w for k, (_, _, w) in PEER_ROWS.items()}}
     fmt = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
-    for row, what in rows.items():
+    budgets = [(k, w) for base, w in rows.items() for k in [base] + sorted(
+        (k for k in res if k.startswith(base + "@")), key=lambda k: int(k.split("@")[1][:-2]))]
+    for row, what in budgets:
         r = res.get(row)
         if r:
             print(f"| {row} | {what} | {r['epochs']} | {fmt(r['torch_top1'])} | {fmt(r['ort_top1'])} | "
@@ -385,9 +393,9 @@ def main() -> int:
     result = run(args.row, args.epochs, args.lr, args.limit)
     if not args.limit:
         res = load()
-        res[args.row] = {**result, "chosen_on": chosen_on(args.row, res)}
+        res[key_of(args.row, args.epochs)] = {**result, "chosen_on": chosen_on(args.row, res)}
         save(res)
-    print(json.dumps({args.row: result}))
+    print(json.dumps({key_of(args.row, args.epochs): result}))
     return 0
 
 
