@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--weight-decay", type=float, default=0.0)
     f.add_argument("--freeze-bn", action="store_true",
                    help="keep BatchNormalization statistics fixed")
+    _device_args(f)
 
     lt = sub.add_parser("lottery", help="lottery tickets: iterative magnitude pruning with rewinding, against its "
                         "controls; table (+ PNG)")
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("-o", "--output", metavar="FILE.onnx", help="write the first control's last trained, pruned "
                     "network")
     lt.add_argument("--plot", metavar="FILE.png", help="write score against weights remaining, one curve per control")
+    _device_args(lt)
 
     d = sub.add_parser("demo", help="run the main job on a built-in network (no files needed)")
     d.add_argument("-o", "--output", default="graphopt-demo.onnx", help="ONNX file to write (default: %(default)s)")
@@ -247,6 +249,13 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
     return v
+
+
+def _device_args(p) -> None:
+    p.add_argument("--device", default="auto", help="where it trains: auto (CUDA when available, else CPU), cpu, "
+                   "cuda, cuda:N, mps")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                   help="autocast the forward pass (quantizer maths stays float32); fp16 needs a GPU")
 
 
 def _torch_args(p) -> None:
@@ -490,7 +499,8 @@ def finetune_config(args, **fixed):
 
     flags = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
              "weight_decay": "weight_decay", "temperature": "temperature", "kd_weight": "kd_weight",
-             "checkpoint": "checkpoint", "resume": "resume", "max_steps": "max_steps"}
+             "checkpoint": "checkpoint", "resume": "resume", "max_steps": "max_steps", "device": "device",
+             "amp": "amp"}
     opts = {field: getattr(args, flag) for field, flag in flags.items() if hasattr(args, flag)}
     if hasattr(args, "freeze_bn"):
         opts["train_bn"] = not args.freeze_bn

@@ -46,6 +46,9 @@ class Finetune(Pass):
     checkpoint: Optional[str] = option(None, "checkpoint file, written after every epoch")
     resume: bool = option(False, "continue from the checkpoint")
     max_steps: Optional[int] = option(None, "stop after this many steps", minimum=1)
+    device: str = option("auto", "where it trains: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps")
+    amp: Literal["off", "bf16", "fp16"] = option("off", "autocast the forward pass: bf16 or fp16 (quantizer maths "
+                                                        "stays float32)")
     seed: int = option(0, "seed for shuffling")
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
@@ -76,7 +79,7 @@ class Finetune(Pass):
                              kd_weight=self.kd_weight if teacher is not None else 0.0, checkpoint=self.checkpoint,
                              resume=self.resume, max_steps=self.max_steps, seed=self.seed,
                              transform=ctx.train.transform, train_bn=not self.freeze_bn,
-                             progress=ctx.show_progress)
+                             progress=ctx.show_progress, device=self.device, amp=self.amp)
         before = {k: v.const.copy() for k, v in graph.constants.items() if v.const is not None}
         stats = finetune(graph, ctx.train.x, ctx.train.y, teacher, cfg)
         after = {k: v.const for k, v in graph.constants.items() if v.const is not None}

@@ -900,7 +900,13 @@ def _fake_quant(b, n):
     q = from_node(n)  # the scheme owns the maths and says which parameters train
     fn, static = q.torch_function(n.attr("axis"))
     params = [b.value(n.inputs[i], trainable=q.trainable(name)) for i, name in enumerate(q.param_names, start=1)]
-    return [b.call(fn, b.inp(n, 0), *params, *static)]
+    return [b.call(fn, b.call(as_float32, b.inp(n, 0)), *params, *static)]
+
+
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """A FakeQuant's input in float32: under autocast a bf16/fp16 activation would round to the
+    grid in low precision (autocast leaves elementwise maths in its input's dtype)."""
+    return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
 
 
 @lowering("GradQuant", domain="ai.graphopt")
@@ -1033,7 +1039,7 @@ def write_back(graph: Graph, module: TorchGraphModule) -> int:
                 raise GraphOptError(f"graph has no layer '{layer}' to fold its trained BatchNorm into")
             bn = module.get_submodule(info["module"])
             with torch.no_grad():
-                stats = [t.detach().double().numpy() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+                stats = [t.detach().cpu().double().numpy() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
             refold(graph, by_name[layer], *stats, bn.eps, info.get("fixed"))
         refresh_bias_scales(graph)
     return n

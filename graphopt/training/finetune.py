@@ -64,6 +64,8 @@ class FinetuneConfig:
     # layer normalizes with batch statistics (torch.ao ConvBn), then it is folded back and frozen
     bn_batch_epochs: int = 0
     snapshot_step: int | None = None  # keep the weights after this many steps (0: before training) in stats["snapshot"]
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (graphopt.training.device)
+    amp: str = "off"  # off | bf16 | fp16: autocast for the forward pass and loss
 
 
 def _dist():
@@ -93,7 +95,7 @@ def is_writer() -> bool:
 def _save_checkpoint(path: str, module: torch.nn.Module, epoch: int, step: int, schedule: dict | None = None) -> None:
     from graphopt.atomic import atomic_paths
 
-    state = {"model": {k: v.detach().clone() for k, v in module.state_dict().items()},
+    state = {"model": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},  # device-independent
              "epoch": torch.tensor(epoch), "step": torch.tensor(step),
              "bn_batch": torch.tensor(int(bool(getattr(module, "bn_folds", None))))}
     plans = ((schedule or {}).get("columns") or {}).get("plans")
@@ -116,7 +118,7 @@ def _gradual_masks(module, schedule: dict, step: int, total: int) -> None:
     params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
     with torch.no_grad():  # the mask owner selects; the buffers only record its choice
         mags = [torch.where(buffers[module.mask_names[n][1]], params[module.mask_names[n][0]].abs(),
-                            torch.zeros(())).numpy() for n in names]
+                            torch.zeros(())).cpu().numpy() for n in names]
         keeps = global_keep(mags, s) if schedule["scope"] == "global" else [Mask.magnitude(m, s).keep for m in mags]
         cc = schedule.get("columns")
         if cc:  # column combining: re-pack every layer after the event (graphopt.columns owns it)
@@ -130,7 +132,7 @@ def _gradual_masks(module, schedule: dict, step: int, total: int) -> None:
                 keeps[i] = k & geo.from_filter_matrix(plans[n].keep(f), m.shape)
         for n, k in zip(names, keeps):
             buf = buffers[module.mask_names[n][1]]
-            buf.copy_(buf & torch.from_numpy(k))
+            buf.copy_(buf & torch.from_numpy(k).to(buf.device))
 
 
 def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher: Graph | None = None,
@@ -145,6 +147,11 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
         raise GraphOptError(f"fine-tuning learning rate must be a finite number >= 0, not {cfg.lr}")
     if teacher is None and y is None:
         raise GraphOptError("fine-tuning needs a teacher model (distillation) or labels")
+    from graphopt.training.device import autocast, check_amp, grad_scaler, resolve_device
+
+    dev = resolve_device(cfg.device)
+    check_amp(cfg.amp, dev)
+    scaler = grad_scaler(dev, cfg.amp)
     x = np.asarray(x, np.float32)
     from graphopt.training.calibration import check_sample_shape
 
@@ -171,8 +178,9 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
     def build(bn_phase: str, at_step: int):
         """The module, its DDP wrapper, optimizer and schedule for a BN phase; the cosine
         schedule continues from ``at_step``."""
-        m = to_torch(student, train_bn=cfg.train_bn, folded_bn=bn_phase)
-        n = torch.nn.parallel.DistributedDataParallel(m) if world > 1 else m
+        m = to_torch(student, train_bn=cfg.train_bn, folded_bn=bn_phase).to(dev)
+        ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
+        n = torch.nn.parallel.DistributedDataParallel(m, device_ids=ids) if world > 1 else m
         params = [p for p in m.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
             o = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -201,7 +209,7 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
     if module.bn_folds:
         log.info("%d folded BatchNorms train with batch statistics for %d epochs", len(module.bn_folds),
                  cfg.bn_batch_epochs)
-    t_module = to_torch(teacher).eval() if teacher is not None else None
+    t_module = to_torch(teacher).eval().to(dev) if teacher is not None else None
     from graphopt.meta import SPARSITY_SCHEDULE
 
     schedule = student.scratch.get(SPARSITY_SCHEDULE)
@@ -249,17 +257,19 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
                 xb_np = x[idx]
                 if cfg.transform is not None:
                     xb_np = cfg.transform(xb_np, aug_rng)
-                xb = torch.from_numpy(np.ascontiguousarray(xb_np, np.float32))
-                out = net(xb)
-                loss = torch.zeros(())
-                if t_module is not None:
-                    with torch.no_grad():
-                        tout = t_module(xb)
-                    kd = F.kl_div(F.log_softmax(out / T, 1), F.softmax(tout / T, 1), reduction="batchmean") * T * T
-                    loss = loss + (cfg.kd_weight if y is not None else 1.0) * kd
-                if y is not None:
-                    ce = F.cross_entropy(out, torch.from_numpy(np.asarray(y)[idx]).long())
-                    loss = loss + (1.0 - cfg.kd_weight if t_module is not None else 1.0) * ce
+                xb = torch.from_numpy(np.ascontiguousarray(xb_np, np.float32)).to(dev, non_blocking=True)
+                with autocast(dev, cfg.amp):
+                    out = net(xb)
+                    loss = torch.zeros((), device=dev)
+                    if t_module is not None:
+                        with torch.no_grad():
+                            tout = t_module(xb)
+                        kd = F.kl_div(F.log_softmax(out.float() / T, 1), F.softmax(tout.float() / T, 1),
+                                      reduction="batchmean") * T * T
+                        loss = loss + (cfg.kd_weight if y is not None else 1.0) * kd
+                    if y is not None:
+                        ce = F.cross_entropy(out.float(), torch.from_numpy(np.asarray(y)[idx]).long().to(dev))
+                        loss = loss + (1.0 - cfg.kd_weight if t_module is not None else 1.0) * ce
                 if not torch.isfinite(loss):
                     module.load_state_dict(last_good)
                     student.update_from(module)
@@ -269,8 +279,13 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
                                            os.path.isfile(cfg.checkpoint) else "")
                                         + f"). Lower the learning rate (now {cfg.lr})")
                 opt.zero_grad()
-                loss.backward()
-                opt.step()
+                if scaler is not None:  # fp16: scaled loss, unscaled step (skipped on inf/nan gradients)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
                 sched.step()
                 if schedule is not None:
                     _gradual_masks(module, schedule, step, total)
@@ -304,4 +319,4 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
 
     refresh_bias_scales(student)  # biases follow the learned steps, as the export will
     return {"epochs": len(history), "steps": step, "loss": history, "interrupted": interrupted,
-            "world_size": world, "snapshot": snapshot}
+            "world_size": world, "snapshot": snapshot, "device": str(dev), "amp": cfg.amp}

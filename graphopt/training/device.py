@@ -1,0 +1,71 @@
+"""Where torch work runs, and in which precision: the one owner of the ``device`` and ``amp``
+options every training step takes.
+
+``device``: ``auto`` (CUDA when torch sees a GPU, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or
+``mps``. A device this torch build or machine does not have is refused in one line naming what
+is missing. ``amp``: ``off``, ``bf16`` or ``fp16``: the forward pass and the loss run under
+``torch.autocast`` on that device; quantizer maths stays float32 (the torch back end casts a
+FakeQuant's input to float32 first: rounding to the grid must be exact), parameters and
+optimizer state stay float32, and fp16 scales the loss (``torch.amp.GradScaler``) so small
+gradients do not flush to zero. Checkpoints are saved on the CPU, so a run resumes on any device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+
+from graphopt.errors import GraphOptError
+
+AMP = ("off", "bf16", "fp16")
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``spec`` as a ``torch.device`` this process can use (see the module doc)."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if m:
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+            raise GraphOptError(f"device '{spec}': torch {torch.__version__} has no CUDA device here ({build})")
+        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+            raise GraphOptError(f"device '{spec}': only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device(spec)
+    if spec == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise GraphOptError("device 'mps': torch has no Apple-silicon (MPS) device here")
+        return torch.device("mps")
+    raise GraphOptError(f"unknown device '{spec}' ({DEVICES})")
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    if amp not in AMP:
+        raise GraphOptError(f"unknown amp '{amp}' ({', '.join(AMP)})")
+    if amp == "fp16" and device.type == "cpu":
+        raise GraphOptError("amp=fp16 needs a GPU (fp16 autocast on the CPU is slower and unscaled); use amp=bf16")
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context of ``amp`` on ``device`` (a no-op for ``off``)."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def grad_scaler(device: torch.device, amp: str):
+    """A GradScaler for fp16 (None otherwise)."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+def to_cpu(state: dict) -> dict:
+    """A state dict with every tensor on the CPU (device-independent checkpoints)."""
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
