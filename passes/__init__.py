@@ -2,7 +2,7 @@
 
 from graphopt.pipeline import register_preset
 
-from . import bits, canonicalize, columns, depth, dfq, prune, quantize, sparsity, train  # noqa: F401
+from . import bits, canonicalize, columns, depth, dfq, prune, quantize, smooth, sparsity, train  # noqa: F401
 
 register_preset("default", "canonicalize", "what `graphopt convert` runs when no pipeline is given")
 register_preset("clean", "canonicalize,simplify,canonicalize",
@@ -37,3 +37,8 @@ register_preset("kmeans4", "canonicalize,fold-bn,quantize{weights=kmeans4,acts=f
                 "post-training k-means weight sharing (Deep Compression): 16 shared float values per layer, "
                 "activations float, bias correction (from BatchNorm statistics, or --calib); write with --format qdq "
                 "for the palettized file, then `graphopt compress` for the Huffman-coded .gdc")
+register_preset("int8-static-tf", "canonicalize,smooth{alpha=auto},quantize{weights=int8:channel,acts=uint8:tensor,"
+                "act_outputs=false}",
+                "static INT8 for transformers: SmoothQuant (alpha per input, chosen on the calibration data), "
+                "per-channel int8 weights, per-tensor uint8 inputs of every MatMul/Gemm; layer outputs, residual "
+                "adds, LayerNorm and Softmax stay float (needs --calib)")

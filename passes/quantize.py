@@ -95,6 +95,9 @@ class Quantize(Pass):
         None, "activation bits for the inputs of the first and last compute layers and the graph outputs "
               "(binary and 2-bit networks keep these wider, as IR-Net and PACT do)", minimum=1, maximum=16)
     drop_inactive_bounds: bool = option(True, "remove per-channel Min bounds the calibration data never reaches")
+    act_outputs: bool = option(True, "also quantize each layer's output (QLinear kernels chain); false: only layer "
+                                     "inputs, outputs stay float (transformers: MatMulIntegerToFloat, no per-tensor grid "
+                                     "on the residual stream)")
     batch_size: int = option(32, "calibration batch size", minimum=1)
     qat: Literal["none", "ste", "lsq", "pact", "dorefa"] = option(
         "none", "prepare for quantization-aware training (a finetune step follows): ste = fixed scales, "
@@ -430,7 +433,7 @@ class Quantize(Pass):
         for n in compute:
             want(n.inputs[0])
             out = after_acts(n.outputs[0])
-            if want(out):
+            if self.act_outputs and want(out):
                 produced.add(out)
         for n in graph.nodes:  # topological order: a chain of Adds is decided front to back
             if n.domain != "" or n in skip:

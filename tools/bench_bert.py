@@ -120,7 +120,13 @@ def main() -> int:
     ffn_float = 'canonicalize,fold-bn,quantize{skip=["*[0-9]/output/dense/*"]}'
     dyn_gptq = "canonicalize,quantize{acts=dynamic,embeddings=true,weight_method=gptq}"
     calib_args = ["--calib", str(d / "calib.npz")]
-    for i, (label, how) in enumerate((("graphopt `int8` (CLI, end to end)", ["--preset", "int8", *calib_args]),
+    for i, (label, how) in enumerate((("graphopt `int8-static-tf` (SmoothQuant alpha=auto, inputs only)",
+                                       ["--preset", "int8-static-tf", *calib_args]),
+                                      ("graphopt static int8, inputs only, no SmoothQuant",
+                                       ["--pipeline", "canonicalize,quantize{act_outputs=false}", *calib_args]),
+                                      ("graphopt static int8, SmoothQuant alpha=0.5, inputs only",
+                                       ["--pipeline", "canonicalize,smooth,quantize{act_outputs=false}", *calib_args]),
+                                      ("graphopt `int8` (CLI, end to end)", ["--preset", "int8", *calib_args]),
                                       ("graphopt int8, the 6 FFN down-projections float",
                                        ["--pipeline", ffn_float, *calib_args]),
                                       ("graphopt `int8-dynamic` (CLI, no calibration)", ["--preset", "int8-dynamic"]),

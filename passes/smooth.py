@@ -1,0 +1,212 @@
+"""SmoothQuant (Xiao et al., ICML 2023): move activation outliers into the weights.
+
+A few input channels of a transformer's linear layers carry values 10-100x the rest, so one
+per-tensor activation scale wastes most of its codes on them. For the linear layers reading one
+activation X (q, k, v share theirs), SmoothQuant divides X's channel j by
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+(max|X_j| over the calibration data, max|W_j| over row j of every reader's weight) and
+multiplies row j of each weight by s_j: X W = (X / s)(s W), so the function is unchanged and
+the outliers now sit in the weights, which are quantized per output channel.
+
+Where the division goes:
+
+* into the LayerNormalization that produces X (its scale and bias divided by s), when every
+  reader of X is one of the linear layers: free at run time;
+* otherwise (X also feeds a residual Add, as in every post-LN encoder such as BERT, or X comes
+  from a non-linear op) an explicit per-channel ``Mul`` by 1/s in front of the linear layers
+  only; the summary says which layers got one and why. In the integer export it runs in float
+  before the activation's QuantizeLinear (one elementwise multiply per smoothed input).
+
+``alpha`` is the migration strength (the paper: 0.5 for most models; higher moves more into the
+weights). ``alpha=auto`` chooses per input, on the calibration data, the alpha in
+{0.3, ..., 0.8} whose smoothed input and weights lose the least in a simulated int8
+quantize-dequantize of the layers' outputs (never on the data that scores the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from graphopt.errors import GraphOptError
+from graphopt.ir import Graph, Node, Value
+from graphopt.passbase import Context, Pass, PassResult, option, register_pass
+
+from . import _layers as L
+
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def _weight_rows(graph: Graph, n: Node) -> np.ndarray | None:
+    """The weight of a linear layer as [in, out] (rows = input channels), or None."""
+    if n.op_type == "MatMul":
+        w = graph.const_value(n.inputs[1])
+        return None if w is None or np.asarray(w).ndim != 2 else np.asarray(w)
+    if n.op_type == "Gemm" and not n.attr("transA", 0):
+        w = graph.const_value(n.inputs[1])
+        if w is None:
+            return None
+        return np.asarray(w).T if n.attr("transB", 0) else np.asarray(w)
+    return None
+
+
+def _scale_rows(graph: Graph, n: Node, s: np.ndarray) -> None:
+    """Multiply input channel j of ``n``'s weight by s_j (a new constant: weights are shared)."""
+    w = np.asarray(graph.const_value(n.inputs[1]))
+    new = w * s[None, :] if n.op_type == "Gemm" and n.attr("transB", 0) else w * s[:, None]
+    graph.set_input(n, 1, graph.add_const(new.astype(w.dtype), n.inputs[1].name + "_smooth"))
+
+
+def _groups(graph: Graph, skip) -> dict[Value, list[Node]]:
+    """Activation value -> the linear layers (const weights) that read it as input 0."""
+    out: dict[Value, list[Node]] = {}
+    for n in graph.nodes:
+        if n.op_type not in ("MatMul", "Gemm") or L.matches(n, skip):
+            continue
+        x = n.inputs[0]
+        if x.const is not None or _weight_rows(graph, n) is None:
+            continue
+        out.setdefault(x, []).append(n)
+    return out
+
+
+def smooth_factors(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    """s_j = amax_j^alpha / wmax_j^(1 - alpha), 1 where either is zero, within [1e-5, 1e5]."""
+    ok = (amax > 0) & (wmax > 0)
+    s = np.ones_like(amax, dtype=np.float64)
+    s[ok] = amax[ok] ** alpha / wmax[ok] ** (1 - alpha)
+    return np.clip(s, 1e-5, 1e5)
+
+
+def _int8_error(xs: np.ndarray, ws: list[np.ndarray], s: np.ndarray) -> float:
+    """Output error of per-tensor int8 X / s times per-column int8 s W, summed over the readers."""
+    xq = xs / s
+    step = np.abs(xq).max() / 127 or 1.0
+    xq = np.round(xq / step) * step
+    err = 0.0
+    for w in ws:
+        ww = w * s[:, None]
+        ws_ = np.abs(ww).max(0, keepdims=True) / 127
+        ws_[ws_ == 0] = 1.0
+        wq = np.round(ww / ws_) * ws_
+        err += float(np.sum((xq @ wq - xs @ w) ** 2))
+    return err
+
+
+@register_pass("smooth")
+@dataclass(kw_only=True)
+class Smooth(Pass):
+    """SmoothQuant: per-channel factors move activation outliers of linear layers' inputs into
+    their weights (folded into the LayerNorm before them where it feeds only them, else an
+    explicit Mul); function-preserving. Calibrated on --calib. See the module doc."""
+
+    after = ("canonicalize",)
+    before = ("quantize",)
+    preserves_function = True
+
+    alpha: str = option("0.5", "migration strength in [0, 1], or auto (chosen per input on the calibration data)")
+    skip: list[str] = option([], "layer name patterns to leave alone")
+    min_outlier: float = option(1.0, "smooth an input only if max|X| over its channels / their median exceeds this")
+    samples: Optional[int] = option(64, "calibration samples used", minimum=1)
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        if self.alpha != "auto":
+            try:
+                a = float(self.alpha)
+            except ValueError:
+                raise GraphOptError(f"smooth: alpha must be a number in [0, 1] or auto, not '{self.alpha}'") from None
+            if not 0.0 <= a <= 1.0:
+                raise GraphOptError(f"smooth: alpha must be in [0, 1], not {a}")
+        groups = _groups(graph, self.skip)
+        if not groups:
+            return PassResult(graph, False, {"smoothed": 0, "reason": "no linear layer reads an activation"})
+        if ctx.calib is None:
+            raise GraphOptError("smooth needs calibration data (--calib) for the activations' channel ranges")
+        from graphopt.training.calibration import CalibrationData, MinMax, observe
+
+        data = CalibrationData(ctx.calib, limit=self.samples)
+        res = observe(graph, data, {x.name: MinMax(axis=-1) for x in groups}, progress=ctx.show_progress,
+                      desc="calibrating (smooth)")
+        samples = {}
+        if self.alpha == "auto":
+            samples = _samples(graph, data, list(groups))
+        folded: dict[str, str] = {}
+        explicit: dict[str, str] = {}
+        alphas: dict[str, float] = {}
+        for x, layers in groups.items():
+            r = res[x.name]
+            amax = np.maximum(np.abs(r["min"]), np.abs(r["max"])).astype(np.float64)
+            ws = [_weight_rows(graph, n).astype(np.float64) for n in layers]
+            if any(w.shape[0] != amax.size for w in ws):
+                continue
+            med = float(np.median(amax)) or 1.0
+            if amax.max() / med <= self.min_outlier:
+                continue
+            wmax = np.max([np.abs(w).max(1) for w in ws], axis=0)
+            if self.alpha == "auto":
+                xs = samples[x.name]
+                errs = {a: _int8_error(xs, ws, smooth_factors(amax, wmax, a)) for a in ALPHAS}
+                a = min(errs, key=errs.get)
+            else:
+                a = float(self.alpha)
+            s = smooth_factors(amax, wmax, a).astype(np.float32)
+            if np.all(np.abs(s - 1) < 1e-3):  # already balanced (a smoothed graph): nothing to move
+                continue
+            where = _divide(graph, x, layers, s)
+            names = ", ".join(n.source for n in layers)
+            (folded if where.startswith("into") else explicit)[names] = where
+            alphas[names] = a
+            for n in layers:
+                _scale_rows(graph, n, s)
+        return PassResult(graph, bool(folded or explicit),
+                          {"smoothed": len(folded) + len(explicit), "folded": folded, "explicit": explicit,
+                           "alpha": alphas})
+
+
+def _divide(graph: Graph, x: Value, layers: list[Node], s: np.ndarray) -> str:
+    """Divide channel j of ``x`` by s_j for ``layers``: into its LayerNormalization when only
+    they read it, else an explicit Mul in front of them. Returns where, for the summary."""
+    p = x.producer
+    readers = set(x.users()) | ({None} if x in graph.outputs else set())
+    only_layers = readers == set(layers)
+    if p is not None and p.op_type == "LayerNormalization" and only_layers and len(p.outputs) == 1:
+        gamma, beta = graph.const_value(p.inputs[1]), graph.const_value(p.inputs[2]) if len(p.inputs) > 2 else None
+        axis = p.attr("axis", -1)
+        if gamma is not None and np.asarray(gamma).shape == s.shape and axis in (-1, len(x.shape or [0]) - 1):
+            graph.set_input(p, 1, graph.add_const((np.asarray(gamma) / s).astype(np.float32), p.inputs[1].name + "_smooth"))
+            if beta is not None:
+                graph.set_input(p, 2, graph.add_const((np.asarray(beta) / s).astype(np.float32),
+                                                      p.inputs[2].name + "_smooth"))
+            return f"into LayerNormalization '{p.source}'"
+    others = sorted({"the graph output" if n is None else n.op_type for n in readers - set(layers)})
+    why = (f"it also feeds {', '.join(others)}" if not only_layers
+           else f"its producer is {p.op_type if p is not None else 'a graph input'}, not a LayerNormalization")
+    inv = graph.add_const((1.0 / s).astype(np.float32), x.name + "_smooth_inv")
+    mul = graph.add_node("Mul", [x, inv], [x.name + "_smoothed"], source=layers[0].source,
+                         name=graph.unique_node_name(x.name + "_smooth"))
+    mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
+    for n in layers:
+        graph.set_input(n, 0, mul.outputs[0])
+    return f"explicit per-channel Mul ({why})"
+
+
+def _samples(graph: Graph, data, names: list[Value], rows: int = 512) -> dict[str, np.ndarray]:
+    """Up to ``rows`` rows (tokens) of each named activation, as [rows, channels], for alpha=auto."""
+    from graphopt.training.calibration import Observer, observe
+
+    class Rows(Observer):
+        def __init__(self):
+            self.x = []
+
+        def update(self, t):
+            if sum(len(a) for a in self.x) < rows:
+                self.x.append(t.detach().float().reshape(-1, t.shape[-1]).numpy())
+
+        def result(self):
+            return np.concatenate(self.x)[:rows].astype(np.float64)
+
+    return observe(graph, data, {v.name: Rows() for v in names})
