@@ -116,6 +116,17 @@ def main() -> int:
     quantize_static(str(fp32), str(d / "ort_static.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     rows.append(("ORT quantize_static (QDQ, per-channel, MinMax)", d / "ort_static.onnx", time.perf_counter() - t))
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    for bs in (32, 128):  # onnxruntime's 4-bit weight-only tool (RTN, symmetric), the MatMulNBits peer
+        t = time.perf_counter()
+        q = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=bs, is_symmetric=True,
+                                 algo_config=DefaultWeightOnlyQuantConfig(block_size=bs, is_symmetric=True))
+        q.process()
+        q.model.save_model_to_file(str(d / f"ort_nbits{bs}.onnx"), False)
+        rows.append((f"ORT MatMulNBitsQuantizer 4-bit block {bs} (RTN, symmetric)", d / f"ort_nbits{bs}.onnx",
+                     time.perf_counter() - t))
     # the skip pattern was chosen by a per-layer-kind scan on other (calibration) sentences, not on these
     ffn_float = 'canonicalize,fold-bn,quantize{skip=["*[0-9]/output/dense/*"]}'
     dyn_gptq = "canonicalize,quantize{acts=dynamic,embeddings=true,weight_method=gptq}"
@@ -126,6 +137,14 @@ def main() -> int:
                                        ["--pipeline", "canonicalize,quantize{act_outputs=false}", *calib_args]),
                                       ("graphopt static int8, SmoothQuant alpha=0.5, inputs only",
                                        ["--pipeline", "canonicalize,smooth,quantize{act_outputs=false}", *calib_args]),
+                                      ("graphopt 4-bit weight-only block 32, RTN (MatMulNBits in ORT)",
+                                       ["--pipeline", "canonicalize,quantize{weights=int4:block32,acts=float}"]),
+                                      ("graphopt 4-bit weight-only block 32, MSE scales",
+                                       ["--pipeline", "canonicalize,quantize{weights=int4:block32,acts=float,"
+                                        "weight_method=mse}"]),
+                                      ("graphopt 4-bit weight-only block 128, MSE scales",
+                                       ["--pipeline", "canonicalize,quantize{weights=int4:block128,acts=float,"
+                                        "weight_method=mse}"]),
                                       ("graphopt `int8` (CLI, end to end)", ["--preset", "int8", *calib_args]),
                                       ("graphopt int8, the 6 FFN down-projections float",
                                        ["--pipeline", ffn_float, *calib_args]),
