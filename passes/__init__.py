@@ -38,7 +38,7 @@ register_preset("kmeans4", "canonicalize,fold-bn,quantize{weights=kmeans4,acts=f
                 "activations float, bias correction (from BatchNorm statistics, or --calib); write with --format qdq "
                 "for the palettized file, then `graphopt compress` for the Huffman-coded .gdc")
 register_preset("int8-static-tf", "canonicalize,smooth{alpha=auto},quantize{weights=int8:channel,acts=uint8:tensor,"
-                "act_outputs=false}",
+                "act_outputs=false,embeddings=true}",
                 "static INT8 for transformers: SmoothQuant (alpha per input, chosen on the calibration data), "
-                "per-channel int8 weights, per-tensor uint8 inputs of every MatMul/Gemm; layer outputs, residual "
-                "adds, LayerNorm and Softmax stay float (needs --calib)")
+                "per-channel int8 weights and embedding tables, per-tensor uint8 inputs of every MatMul/Gemm; layer "
+                "outputs, residual adds, LayerNorm and Softmax stay float (needs --calib)")

@@ -470,12 +470,10 @@ class Quantize(Pass):
         geo = geometry(n)
         params, axis = spec.weight_params(w, geo.out_axis, geo.in_axis, "mse" if method == "gptq" else method,
                                           self.weight_init)
-        if method == "gptq" and axis is not None and axis != geo.out_axis:
-            raise GraphOptError("weight_method=gptq needs per-tensor or per-output-channel parameters")
+        if method == "gptq" and axis is not None and axis != geo.out_axis and spec.granularity != "block":
+            raise GraphOptError("weight_method=gptq needs per-tensor, per-output-channel or block parameters")
         float_w = None
         if method == "gptq":
-            if spec.granularity == "block":
-                raise GraphOptError("weight_method=gptq supports per-tensor and per-channel weights, not blocks")
             float_w = w
             L.set_input_const(graph, n, 1, _gptq_weights(n, w, hessian, params, axis, spec))
         fq = add_fake_quant(graph, n.inputs[1], spec, params, "weight", axis, source=n.source, consumers=[(n, 1)])

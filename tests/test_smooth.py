@@ -3,6 +3,8 @@ an explicit Mul where it cannot (with the reason), idempotent, and it helps int8
 
 from __future__ import annotations
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from nets import rel_err, run_ort
@@ -72,3 +74,34 @@ def test_smoothing_makes_static_int8_closer_to_float():
         out = PassManager(f"{pre},{q}").run(g.copy(), Context(calib=x)).graph
         errs[name] = rel_err(run_ort(export(out, "qdq")[0], x), ref)
     assert errs["smooth"] < 0.7 * errs["plain"], errs
+
+
+def test_gptq_with_block_scales_beats_rounding_and_stays_on_the_block_grid():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 16)).eval()
+    mix = torch.randn(64, 64) / 8  # correlated inputs: where GPTQ's error feedback pays
+    x = (torch.randn(256, 4, 64) @ mix).numpy()
+    g = graphopt.from_torch(m, torch.from_numpy(x[:1]))
+    ref = run_ort(graphopt.to_onnx(g), x)
+    errs = {}
+    for method in ("minmax", "gptq"):
+        q = PassManager(f"canonicalize,quantize{{weights=int4:block16,acts=float,weight_method={method}}}").run(
+            g.copy(), Context(calib=x[:128])).graph
+        proto = export(q, "qdq")[0]
+        # onnxruntime fuses DequantizeLinear (int4 blocks) + MatMul into MatMulNBits; at its default
+        # accuracy level 4 that kernel quantizes the activations to int8; level 0 computes the file
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        s = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        got = s.run(None, {s.get_inputs()[0].name: x[128:]})[0]
+        errs[method] = rel_err(got, ref[128:])
+        with torch.no_grad():  # the file computes what the fake-quant model computes
+            sim = graphopt.to_torch(q)(torch.from_numpy(x[128:])).numpy()
+        assert rel_err(got, sim) < 1e-5
+        fq = [n for n in q.nodes if n.op_type == "FakeQuant"]
+        for n in fq:  # every weight is a whole number of its block's steps
+            w, s = q.const_value(n.inputs[0]), np.asarray(q.const_value(n.inputs[1]))
+            step = np.repeat(s, 16, axis=n.attr("axis"))[:w.shape[0]] if n.attr("axis") == 0 else np.repeat(s, 16, 1)
+            codes = w / step
+            assert method == "minmax" or np.abs(codes - np.round(codes)).max() < 1e-3
+    assert errs["gptq"] < 0.8 * errs["minmax"], errs

@@ -133,11 +133,13 @@ def ratio_summary(r: np.ndarray, macs_ratio: float) -> str:
     return f"{med:.3f} ({q1:.3f}-{q3:.3f}), realized {share(med):.0%} ({share(q3):.0%}-{share(q1):.0%})"
 
 
-def ort_session(model, threads: int | None = None):
+def ort_session(model, threads: int | None = None, config: dict | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only: unused-initializer notices would drown the tables
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
     if threads:
         so.intra_op_num_threads = threads
     src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)

@@ -49,8 +49,8 @@ class HessianObserver:
 
 def gptq(w_rows: np.ndarray, H: np.ndarray, round_col, damp: float = 0.01, act_order: bool = True) -> np.ndarray:
     """GPTQ rounding of weights ``w_rows`` [G, R, K] (G groups of R rows over K inputs) with
-    input Hessians ``H`` [G, K, K]; ``round_col`` maps one column [G, R] (float64) to its
-    value on the grid. Returns the dequantized weights (on the quantization grid). Columns are rounded in order; each rounding error is
+    input Hessians ``H`` [G, K, K]; ``round_col(column, k)`` maps one column [G, R] (float64),
+    input ``k`` in the original order, to its value on the grid (``k`` picks a block's scale). Returns the dequantized weights (on the quantization grid). Columns are rounded in order; each rounding error is
     spread over the columns still to come through the inverse Hessian, which keeps
     E[(W_q x - W x)^2] small. With ``act_order`` the columns whose inputs carry the most energy
     (largest Hessian diagonal, summed over groups) go first."""
@@ -71,7 +71,7 @@ def gptq(w_rows: np.ndarray, H: np.ndarray, round_col, damp: float = 0.01, act_o
     Q = torch.zeros_like(W)
     for j in range(K):  # columns in order; every op is batched over groups and rows
         w = W[:, :, j]
-        q = round_col(w)
+        q = round_col(w, int(perm[j]) if perm is not None else j)
         Q[:, :, j] = q
         err = (w - q) / U[:, j, j][:, None]
         if j + 1 < K:

@@ -131,10 +131,25 @@ class Uniform(Quantizer):
             super().check_dynamic_weights(text)
 
     def gptq_rounding(self, params, axis, shape):
+        if self.granularity == "block":
+            return self._block_rounding(params, axis, shape)
         n = shape[0] * shape[1]
         return uniform_rounding(np.broadcast_to(np.asarray(params["scale"], np.float64).reshape(-1), (n,)),
                                 np.broadcast_to(np.asarray(params["zero_point"], np.float64).reshape(-1), (n,)),
                                 self.qmin, self.qmax, shape)
+
+    def _block_rounding(self, params, axis, shape):
+        """GPTQ onto a block grid: the blocks' scales are fixed before rounding (GPTQ's static
+        groups), column k uses its block's. 2-D weights (MatMul/Gemm) only."""
+        s, z = np.asarray(params.get("scale", np.zeros(0))), np.asarray(params.get("zero_point", np.zeros(0)))
+        if s.ndim != 2 or axis is None:
+            raise GraphOptError("weight_method=gptq with block scales needs a 2-D weight (MatMul/Gemm); a Conv's "
+                                "blocks would span kernel positions: use minmax or mse")
+        G, R = shape
+        sb = torch.from_numpy(np.moveaxis(s, axis, -1).astype(np.float64).reshape(G, R, -1))
+        zb = torch.from_numpy(np.moveaxis(z, axis, -1).astype(np.float64).reshape(G, R, -1))
+        bs, qmin, qmax = self.block_size, self.qmin, self.qmax
+        return lambda w, k: fake_quant_torch(w, sb[:, :, k // bs], zb[:, :, k // bs], qmin, qmax)
 
     # -- spec text -----------------------------------------------------------
     @classmethod
@@ -319,7 +334,7 @@ def uniform_rounding(scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int, sh
     """The column rounding of the uniform grid with per-row ``scale``/``zp`` ([G, R])."""
     s = torch.from_numpy(np.array(scale, np.float64)).reshape(shape)
     z = torch.from_numpy(np.array(zp, np.float64)).reshape(shape)
-    return lambda w: fake_quant_torch(w, s, z, qmin, qmax)
+    return lambda w, k=None: fake_quant_torch(w, s, z, qmin, qmax)
 
 
 def _shaped_params(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, axis, block_size):

@@ -103,7 +103,7 @@ class ZooScheme(Quantizer):
             return torch.from_numpy(np.ascontiguousarray(r))
 
         per_row = {k: as_rows(v) for k, v in params.items()}
-        return lambda col: self.rows(col.reshape(n, 1).float(), per_row).reshape(shape).double()
+        return lambda col, k=None: self.rows(col.reshape(n, 1).float(), per_row).reshape(shape).double()
 
     # -- spec text -----------------------------------------------------------
     @classmethod
