@@ -220,3 +220,16 @@ def test_linear_start_on_a_heavy_tailed_layer_leaves_no_dead_centroid():
     dead = _lloyd_1d(r[0], np.linspace(-3.0, 4.0, 16), iters=0)  # the start itself
     a = np.abs(r[0][:, None] - dead[None, :]).argmin(1)
     assert sse < 0.2 * ((dead[a] - r[0]) ** 2).sum()
+
+
+def test_groups_with_few_distinct_values_beside_full_groups_are_exact():
+    # per-channel codebooks where one channel is mostly pruned (5 distinct values) and the others
+    # are not: the exact groups keep their values, the others cluster (this crashed once)
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(4, 27))
+    r[0, 5:] = 0.0
+    book, idx, exact = cluster(r, 4, 1)
+    assert exact == 1 and book.shape == (4, 16)
+    q = np.where(idx >= 0, np.take_along_axis(book, np.maximum(idx, 0), 1), 0.0)
+    np.testing.assert_allclose(q[0], r[0], atol=1e-6)
+    assert np.abs(q[1:] - r[1:]).max() < 0.5

@@ -148,7 +148,7 @@ def cluster(r: np.ndarray, bits: int, group_rows: int, init: str = "linear", see
         fin = torch.isfinite(s)
         rank = torch.where(fin, (first.cumsum(1) - 1).clamp(min=0, max=k - 1), k)  # level; k: the spare column
         levels = torch.zeros(G, k + 1, dtype=v.dtype).scatter_(1, rank, torch.where(fin, s, 0.0))[:, :k]
-        last = levels.gather(1, (distinct - 1).clamp(min=0)[:, None])
+        last = levels.gather(1, (distinct - 1).clamp(min=0, max=k - 1)[:, None])  # only exact groups use it
         levels = torch.where(torch.arange(k)[None, :] < distinct[:, None], levels, last)
         c = torch.where(exact[:, None], levels, c)
     book = c.to(torch.float32)
