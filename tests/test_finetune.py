@@ -235,3 +235,63 @@ def test_cli_finetune_under_torchrun_joins_one_group(tmp_path):
         np.testing.assert_allclose(b.constants[name].const, v.const, rtol=1e-4, atol=1e-6)
         moved += not np.array_equal(v.const, start.constants[name].const)
     assert moved > 0 and (tmp_path / "ck.pt").is_file()
+
+
+DDP_PIPELINE_WORKER = r"""
+import sys, numpy as np, torch
+sys.path.insert(0, {tests!r})
+import torch.distributed as dist
+from nets import build
+import graphopt
+from graphopt.masks import get_mask
+from graphopt.passmanager import Context, PassManager, TrainingData
+rank, world, out, pipe = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if world > 1:
+    dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=rank, world_size=world)
+torch.set_num_threads(1)
+model, x = build("resnet", 0)
+rng = np.random.default_rng(0)
+xs = rng.standard_normal((128,) + x.shape[1:]).astype(np.float32)
+with torch.no_grad():
+    ys = model(torch.from_numpy(xs)).argmax(1).numpy()
+g = graphopt.from_torch(model, torch.from_numpy(x))
+r = PassManager(pipe).run(g, Context(calib=xs[:32], train=TrainingData(xs, ys)))
+arrays = {{k: v.const for k, v in r.graph.constants.items() if v.const is not None}}
+arrays.update({{"mask:" + k: get_mask(v).keep for k, v in r.graph.constants.items() if get_mask(v) is not None}})
+np.savez(out + f".rank{{rank}}.npz", **arrays)
+if world > 1:
+    dist.destroy_process_group()
+"""
+
+
+# BatchNorm frozen: with batch statistics each rank normalizes its own half batch (torch's DDP
+# without SyncBatchNorm), which one process cannot reproduce
+@pytest.mark.parametrize("pipe", [
+    "canonicalize,fold-bn,quantize{weights=int4:channel,acts=uint8:tensor,qat=lsq},"
+    "finetune{batch_size=16,lr=0.01,max_steps=4,teacher=none,kd_weight=0,freeze_bn=true}",
+    "canonicalize,prune-gradual{final=0.6,end=0.8,frequency=1},"
+    "finetune{batch_size=16,lr=0.01,max_steps=4,teacher=none,kd_weight=0,freeze_bn=true}",
+], ids=["qat-lsq", "gradual"])
+def test_two_gloo_processes_keep_learned_steps_and_masks_identical(tmp_path, pipe):
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_PIPELINE_WORKER.format(tests=os.path.dirname(__file__), store=str(tmp_path / "store")))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, str(script), "0", "1", str(tmp_path / "one"), pipe], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path / "two"), pipe], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    one = np.load(tmp_path / "one.rank0.npz")
+    r0, r1 = np.load(tmp_path / "two.rank0.npz"), np.load(tmp_path / "two.rank1.npz")
+    assert set(r0.files) == set(r1.files) == set(one.files)
+    masks = [k for k in r0.files if k.startswith("mask:")]
+    assert ("gradual" in pipe) == bool(masks)
+    for k in r0.files:
+        assert np.array_equal(r0[k], r1[k]), k  # the ranks never drift apart: weights, steps, masks
+        if k.startswith("mask:"):
+            assert np.array_equal(r0[k], one[k]), k  # the same weights pruned as one process
+        else:
+            np.testing.assert_allclose(r0[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
