@@ -105,3 +105,23 @@ def test_gptq_with_block_scales_beats_rounding_and_stays_on_the_block_grid():
             codes = w / step
             assert method == "minmax" or np.abs(codes - np.round(codes)).max() < 1e-3
     assert errs["gptq"] < 0.8 * errs["minmax"], errs
+
+
+def test_qoperator_writes_matmulnbits_that_computes_the_fake_quant_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 16)).eval()
+    x = torch.randn(16, 4, 64).numpy()
+    g = graphopt.from_torch(m, torch.from_numpy(x[:1]))
+    q = PassManager("canonicalize,quantize{weights=int4:block16,acts=float,weight_method=gptq}").run(
+        g.copy(), Context(calib=x)).graph
+    proto, rep = export(q, "qoperator")
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and rep.fused == 2 and not any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+    assert {a.name: a.i for a in nbits[0].attribute}["accuracy_level"] == 0
+    with torch.no_grad():
+        sim = graphopt.to_torch(q)(torch.from_numpy(x)).numpy()
+    assert rel_err(run_ort(proto, x), sim) < 1e-5  # default session options: the file says float activations
+    # a block MatMulNBits cannot take stays a DequantizeLinear + MatMul, with the reason
+    q8 = PassManager("canonicalize,quantize{weights=int4:block8,acts=float}").run(g.copy(), Context(calib=x)).graph
+    _, rep8 = export(q8, "qoperator")
+    assert rep8.fused == 0 and all("block of at least 16" in why for why in rep8.not_fused.values())

@@ -159,8 +159,9 @@ def main() -> int:
                                        ["--pipeline", dyn_gptq, *calib_args]))):
         out = d / f"graphopt_{i}.onnx"
         t = time.perf_counter()
+        fmt = "qoperator" if "4-bit" in label else "qdq"  # weight-only 4-bit: MatMulNBits nodes in the file
         r = subprocess.run([sys.executable, "-m", "graphopt.cli", "convert", str(fp32), "-o", str(out), *how,
-                            "--format", "qdq", "--no-report"], capture_output=True, text=True)
+                            "--format", fmt, "--no-report"], capture_output=True, text=True)
         if r.returncode:
             print(r.stderr, file=sys.stderr)
             return 1

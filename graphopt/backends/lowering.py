@@ -76,9 +76,12 @@ def check_format(fmt: str, quantized: bool, quantizers) -> None:
                             "(or use --preset int8)")
     if fmt == "qoperator":
         for what, q, kind in quantizers:
-            if q.kernel_bits(kind) != 8:
+            nbits = kind == "weight" and getattr(q, "granularity", "") == "block" and getattr(q, "bits", 0) == 4 \
+                and getattr(q, "symmetric", False)  # weight-only 4-bit blocks: MatMulNBits
+            if q.kernel_bits(kind) != 8 and not nbits:
                 raise GraphOptError(f"--format qoperator needs weights and activations on 8-bit integer kernels "
-                                    f"(QLinearConv/QLinearMatMul); {what} is {q.describe()}: use --format qdq")
+                                    f"(QLinearConv/QLinearMatMul), or symmetric 4-bit weight blocks (MatMulNBits); "
+                                    f"{what} is {q.describe()}: use --format qdq")
 
 
 def lower(graph: Graph, fmt: str) -> tuple[Graph, LowerReport]:
@@ -338,12 +341,59 @@ def _to_qoperator(g: Graph, not_fused: dict[str, str]) -> int:
     for n in list(g.nodes):
         if n.domain != "" or n.op_type not in ("Conv", "MatMul", "Gemm") or n.graph is None:
             continue
-        why = _fuse(g, n)
+        if n.op_type == "MatMul" and _dq_parts(g, n.inputs[0]) is None and _block_int4(g, n) is not None:
+            why = _matmul_nbits(g, n)  # weight-only 4-bit blocks: onnxruntime's MatMulNBits
+        else:
+            why = _fuse(g, n)
         if why is None:
             fused += 1
         else:
             not_fused[f"{n.op_type} '{n.source}'"] = why
     return fused
+
+
+MS_DOMAIN = "com.microsoft"
+
+
+def _block_int4(g: Graph, n: Node):
+    """(codes [K, N] int4, scales [K/bs, N], block size) when ``n``'s weight is a blocked,
+    symmetric int4 DequantizeLinear along its input axis; else None."""
+    wp = _dq_parts(g, n.inputs[1])
+    if wp is None:
+        return None
+    codes, scale = g.const_value(wp[0]), g.const_value(wp[1])
+    zp = g.const_value(wp[2]) if wp[2] is not None else None
+    bs = int(wp[3].attr("block_size", 0) or 0)
+    if codes is None or scale is None or np.asarray(codes).ndim != 2 or str(np.asarray(codes).dtype) != "int4":
+        return None
+    if not bs or wp[3].attr("axis", 1) != 0 or (zp is not None and np.any(np.asarray(zp).astype(np.int8) != 0)):
+        return None
+    return np.asarray(codes).astype(np.int8), np.asarray(scale, np.float32), bs
+
+
+def _matmul_nbits(g: Graph, n: Node) -> str | None:
+    """x @ DQ(int4 blocks) as com.microsoft MatMulNBits: codes + 8 as unsigned nibbles (the
+    kernel's default zero point 8), two per byte, low nibble first, laid out [N, blocks,
+    block/2]; scales [N * blocks]; ``accuracy_level`` 0, so the kernel computes what the file
+    says (float activations), not its int8-activation fast path."""
+    codes, scale, bs = _block_int4(g, n)
+    if bs < 16 or bs & (bs - 1):
+        return f"MatMulNBits takes a power-of-two block of at least 16, not {bs}"
+    K, N = codes.shape
+    nb = -(-K // bs)
+    u = np.full((nb * bs, N), 8, np.uint8)
+    u[:K] = (codes.astype(np.int16) + 8).astype(np.uint8)
+    u = np.ascontiguousarray(u.T).reshape(N, nb, bs)
+    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    b = g.add_const(packed, n.inputs[1].name + "_nbits")
+    sc = g.add_const(np.ascontiguousarray(scale.T).reshape(-1).astype(np.float32), n.inputs[1].name + "_nbits_scale")
+    new = g.add_node("MatMulNBits", [n.inputs[0], b, sc], [n.outputs[0].name + "_nbits"], domain=MS_DOMAIN,
+                     attrs={"K": K, "N": N, "bits": 4, "block_size": bs, "accuracy_level": 0},
+                     source=n.source, name=g.unique_node_name(n.name + "_nbits"))
+    new.outputs[0].dtype, new.outputs[0].shape = n.outputs[0].dtype, n.outputs[0].shape
+    g.opset_imports.setdefault(MS_DOMAIN, 1)
+    g.replace_all_uses(n.outputs[0], new.outputs[0])
+    return None
 
 
 def _fuse(g: Graph, n: Node) -> str | None:
