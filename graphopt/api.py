@@ -424,7 +424,8 @@ def _training(train):
 def convert(model, output: str | os.PathLike | None = None, *, pipeline: str | None = None,
             preset: str | None = None, calib: Any = None, train: Any = None, teacher: Any = None,
             format: str | None = None, example_inputs: Any = None, report_samples: int = 32, kernels: bool = True,
-            verify_each: bool = False, external_data: bool | None = None, progress: bool | None = None) -> Report:
+            verify_each: bool = False, external_data: bool | None = None, progress: bool | None = None,
+            device: str | None = None) -> Report:
     """Compress ``model`` with ``pipeline`` (a pipeline string) or ``preset`` (a preset name; the
     ``default`` preset when neither is given) and write it to ``output`` in ``format`` ("float",
     "qdq" or "qoperator"; by default "qdq" when the pipeline quantizes, else "float"); return the
@@ -436,7 +437,8 @@ def convert(model, output: str | os.PathLike | None = None, *, pipeline: str | N
     to a .npy/.npz file or an image folder as the CLI takes). ``train``: ``TrainingData`` or an
     ``(inputs, labels)`` pair for training steps; ``teacher``: a model to distill from. With
     ``output=None`` nothing is written (the report still lowers the model to measure it).
-    ``kernels=False`` skips the onnxruntime kernel check and the per-layer SQNR.
+    ``kernels=False`` skips the onnxruntime kernel check and the per-layer SQNR. ``device``:
+    where calibration and training steps run (auto, cpu, cuda, cuda:N, mps).
     The input is never changed. Errors are ``GraphOptError`` subclasses with a one-line cause.
     """
     from graphopt.passmanager import Context
@@ -464,7 +466,7 @@ def convert(model, output: str | os.PathLike | None = None, *, pipeline: str | N
     t_teacher = None
     if teacher is not None:
         t_teacher = _graph_of(teacher, example_inputs)[0]
-    ctx = Context(calib=calib, train=_training(train), teacher=t_teacher, progress=progress)
+    ctx = Context(calib=calib, train=_training(train), teacher=t_teacher, progress=progress, device=device)
     return run(graph, parsed, ctx, output, format, input_name=name, input_bytes=nbytes,
                load_s=time.perf_counter() - t0, report_samples=report_samples, kernels=kernels,
                verify_each=verify_each, external_data=external_data)

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration samples the per-layer SQNR report uses")
     c.add_argument("--report-json", metavar="FILE",
                    help="also write the report as JSON (schema graphopt.report/1, docs/api.md)")
+    c.add_argument("--device", default=None, help="where calibration and training steps run: auto, cpu, cuda, "
+                   "cuda:N, mps (default: calibration on the CPU, training steps auto)")
     c.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
     c.add_argument("--timing", action="store_true", help="print time per pass")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR text after each pass into DIR")
@@ -530,7 +532,7 @@ def cmd_convert(args) -> int:
     t0 = time.perf_counter()
     graph = load_model(args.input, args)
     ctx = Context(calib=load_calib(args, graph) if args.calib else None, train=load_train(args, graph),
-                  teacher=load_model(args.teacher) if args.teacher else None)
+                  teacher=load_model(args.teacher) if args.teacher else None, device=args.device)
     timing = TimingInstrument()
     report = run(graph, pipeline, ctx, args.output, args.format, input_name=args.input,
                  input_bytes=os.path.getsize(args.input) if os.path.isfile(args.input) else None,

@@ -204,8 +204,9 @@ class Context:
     """
 
     def __init__(self, calib: Any = None, options: dict[str, Any] | None = None, progress: bool | None = None,
-                 train: TrainingData | None = None, teacher: Graph | None = None):
+                 train: TrainingData | None = None, teacher: Graph | None = None, device: str | None = None):
         self.calib = calib
+        self.device = device  # where calibration runs and training defaults to (None: CPU / auto)
         self.train = train
         self.teacher = teacher
         self.input_graph: Graph | None = None

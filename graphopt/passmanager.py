@@ -99,6 +99,8 @@ class PassManager:
 
     def run(self, graph: Graph, ctx: Context | None = None) -> PassResult:
         ctx = ctx or Context()
+        from graphopt.training.device import calibrating_on  # torch: imported when a pipeline runs
+
         if ctx.input_graph is None and any(p.needs_input_graph for p in self.passes):
             ctx.input_graph = graph.copy()  # constants are shared, so this costs the structure only
         ran: list[str] = []
@@ -112,7 +114,7 @@ class PassManager:
                     ins.before(p, graph, index)
                 t0 = time.perf_counter()
                 try:
-                    with gc_paused():
+                    with gc_paused(), calibrating_on(ctx.device):
                         result = p(graph, ctx)
                     if self.verify_each:
                         result.graph.verify()

@@ -204,7 +204,7 @@ def _samples(graph: Graph, data, names: list[Value], rows: int = 512) -> dict[st
 
         def update(self, t):
             if sum(len(a) for a in self.x) < rows:
-                self.x.append(t.detach().float().reshape(-1, t.shape[-1]).numpy())
+                self.x.append(t.detach().float().reshape(-1, t.shape[-1]).cpu().numpy())
 
         def result(self):
             return np.concatenate(self.x)[:rows].astype(np.float64)

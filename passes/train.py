@@ -79,7 +79,8 @@ class Finetune(Pass):
                              kd_weight=self.kd_weight if teacher is not None else 0.0, checkpoint=self.checkpoint,
                              resume=self.resume, max_steps=self.max_steps, seed=self.seed,
                              transform=ctx.train.transform, train_bn=not self.freeze_bn,
-                             progress=ctx.show_progress, device=self.device, amp=self.amp)
+                             progress=ctx.show_progress, amp=self.amp,
+                             device=ctx.device if self.device == "auto" and ctx.device else self.device)
         before = {k: v.const.copy() for k, v in graph.constants.items() if v.const is not None}
         stats = finetune(graph, ctx.train.x, ctx.train.y, teacher, cfg)
         after = {k: v.const for k, v in graph.constants.items() if v.const is not None}

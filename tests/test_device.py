@@ -86,3 +86,25 @@ def test_fake_quant_rounds_in_float32_inside_autocast():
     assert out.dtype == torch.float32
     codes = out.numpy() / step + zp
     assert np.abs(codes - np.round(codes)).max() < 1e-3  # on the grid: the rounding ran in float32
+
+
+def test_the_context_device_is_where_calibration_runs(monkeypatch):
+    from graphopt.training import calibration, device
+
+    seen = []
+    real = calibration.calibration_device if hasattr(calibration, "calibration_device") else device.calibration_device
+
+    def spy():
+        d = real()
+        seen.append(d)
+        return d
+
+    monkeypatch.setattr(device, "calibration_device", spy)
+    g, xs, _ = _qat("canonicalize,fold-bn")
+    from graphopt.passmanager import Context, PassManager
+
+    PassManager("quantize").run(g.copy(), Context(calib=xs[:32], device="cpu"))
+    assert seen and all(d.type == "cpu" for d in seen)
+    if NO_CUDA:
+        with pytest.raises(GraphOptError, match="has no CUDA device here"):
+            PassManager("quantize").run(g.copy(), Context(calib=xs[:32], device="cuda"))

@@ -44,7 +44,7 @@ class HessianObserver:
         self.n += cols.shape[-1]
 
     def result(self):
-        return (self.H / max(self.n, 1)).numpy()
+        return (self.H / max(self.n, 1)).cpu().numpy()
 
 
 def gptq(w_rows: np.ndarray, H: np.ndarray, round_col, damp: float = 0.01, act_order: bool = True) -> np.ndarray:

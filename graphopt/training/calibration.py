@@ -240,7 +240,7 @@ class MinMax(Observer):
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
 
     def result(self):
-        return {"min": self.min.numpy(), "max": self.max.numpy()}
+        return {"min": self.min.cpu().numpy(), "max": self.max.cpu().numpy()}
 
 
 class Moments(Observer):
@@ -262,7 +262,7 @@ class Moments(Observer):
     def result(self):
         mean = self.s / self.n
         var = (self.s2 / self.n - mean * mean).clamp_min(0)
-        return {"count": self.n, "mean": mean.numpy(), "var": var.numpy()}
+        return {"count": self.n, "mean": mean.cpu().numpy(), "var": var.cpu().numpy()}
 
 
 class Histogram(Observer):
@@ -274,7 +274,7 @@ class Histogram(Observer):
 
     def update(self, x):
         if self.hi > self.lo:
-            self.counts += torch.histc(x.detach().float().reshape(-1), self.bins, self.lo, self.hi).double()
+            self.counts += torch.histc(x.detach().float().reshape(-1), self.bins, self.lo, self.hi).double().cpu()
 
     def result(self):
         return {"counts": self.counts.numpy(), "lo": self.lo, "hi": self.hi}
@@ -298,20 +298,26 @@ class Collect(Observer):
         self.count += x.shape[0]
 
     def result(self):
-        return torch.cat(self.parts).numpy() if self.parts else None
+        return torch.cat(self.parts).cpu().numpy() if self.parts else None
 
 
 # --------------------------------------------------------------------------- runner
 def observe(graph: Graph, data: Any, observers: dict[str, Observer | Sequence[Observer]], *,
-            batch_size: int = 32, progress: bool = False, desc: str = "calibrating") -> dict[str, Any]:
+            batch_size: int = 32, progress: bool = False, desc: str = "calibrating",
+            device: str | None = None) -> dict[str, Any]:
     """Run ``data`` through ``graph`` (torch back end, no grad) and feed each named value's
-    batches to its observers. Returns ``{name: result}`` (a list where a list was given)."""
+    batches to its observers. Returns ``{name: result}`` (a list where a list was given).
+    ``device``: where it runs (graphopt.training.device; None: the calibration device the
+    running pipeline's Context set, else the CPU); results come back as NumPy arrays."""
     from graphopt.backends.torch_module import to_torch
+    from graphopt.training.device import calibration_device, resolve_device
+
+    dev = resolve_device(device) if device is not None else calibration_device()
 
     data = data if isinstance(data, CalibrationData) else CalibrationData(data, batch_size=batch_size)
     data.check_against(graph)
     names = list(observers)
-    module = to_torch(graph, outputs=names).eval()
+    module = to_torch(graph, outputs=names).eval().to(dev)
     obs = {k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in observers.items()}
     it: Iterable = data
     if progress:
@@ -320,7 +326,7 @@ def observe(graph: Graph, data: Any, observers: dict[str, Observer | Sequence[Ob
         it = tqdm(data, total=data.num_batches(), desc=desc, leave=False)
     with torch.no_grad():
         for i, batch in enumerate(it):
-            outs = module(*data.tensors(batch))
+            outs = module(*[t.to(dev) for t in data.tensors(batch)])
             for name, t in zip(names, outs):
                 check_finite_value(name, t, i * data.batch_size)
                 for o in obs[name]:

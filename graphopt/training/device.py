@@ -3,7 +3,9 @@ options every training step takes.
 
 ``device``: ``auto`` (CUDA when torch sees a GPU, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or
 ``mps``. A device this torch build or machine does not have is refused in one line naming what
-is missing. ``amp``: ``off``, ``bf16`` or ``fp16``: the forward pass and the loss run under
+is missing. ``Context(device=...)`` (``graphopt convert --device``) sets where a pipeline's
+calibration runs (``observe``: ranges, histograms, GPTQ's Hessians, bias correction, SmoothQuant)
+and the default of its training steps. ``amp``: ``off``, ``bf16`` or ``fp16``: the forward pass and the loss run under
 ``torch.autocast`` on that device; quantizer maths stays float32 (the torch back end casts a
 FakeQuant's input to float32 first: rounding to the grid must be exact), parameters and
 optimizer state stay float32, and fp16 scales the loss (``torch.amp.GradScaler``) so small
@@ -45,6 +47,24 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
             raise GraphOptError("device 'mps': torch has no Apple-silicon (MPS) device here")
         return torch.device("mps")
     raise GraphOptError(f"unknown device '{spec}' ({DEVICES})")
+
+
+_CALIBRATION: list[torch.device] = []  # the stack PassManager pushes a Context's device onto
+
+
+@contextlib.contextmanager
+def calibrating_on(spec: str | None):
+    """Within it, ``observe`` (calibration, GPTQ's Hessians, bias correction, SmoothQuant's
+    ranges) runs on ``spec``'s device; PassManager enters it with the Context's ``device``."""
+    _CALIBRATION.append(resolve_device(spec or "cpu"))
+    try:
+        yield
+    finally:
+        _CALIBRATION.pop()
+
+
+def calibration_device() -> torch.device:
+    return _CALIBRATION[-1] if _CALIBRATION else torch.device("cpu")
 
 
 def check_amp(amp: str, device: torch.device) -> None:
