@@ -563,7 +563,54 @@ def _short_type(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _catalogue_key() -> str:
+    """What `graphopt passes` prints depends only on the installed code: its version and the
+    sources of graphopt and of the pass library (path, size, mtime), hashed. Standard library
+    only: computing it imports neither onnx nor torch."""
+    import hashlib
+    import importlib.util
+
+    h = hashlib.sha256(__version__.encode())
+    lib = importlib.util.find_spec("graphopt.passes")
+    roots = [Path(__file__).parent, *(Path(p) for p in (lib.submodule_search_locations or []))] if lib else \
+        [Path(__file__).parent]
+    for root in roots:
+        for f in sorted(root.rglob("*.py")):
+            st = f.stat()
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def cmd_passes(args) -> int:
+    """The catalogue, from a cache keyed by the installed sources when there is one (building it
+    imports the pass library, torch and onnx included: about 2 s; reading it, milliseconds)."""
+    import io
+    from contextlib import redirect_stdout
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphopt" / \
+        f"passes-{_catalogue_key()}.txt"
+    try:
+        sys.stdout.write(cache.read_text())
+        return 0
+    except OSError:
+        pass
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        _print_catalogue()
+    text = buf.getvalue()
+    sys.stdout.write(text)
+    try:  # best effort: a read-only home just means no cache
+        from graphopt.atomic import atomic_paths
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_paths(str(cache)) as (tmp,):
+            Path(tmp).write_text(text)
+    except OSError:
+        pass
+    return 0
+
+
+def _print_catalogue() -> None:
     import dataclasses
 
     from graphopt.passmanager import registry
@@ -586,7 +633,6 @@ def cmd_passes(args) -> int:
     print("\npresets:")
     for name, (text, doc) in presets().items():
         print(f"  {name:<10} {text}\n  {'':<10} ({doc})")
-    return 0
 
 
 def cmd_inspect(args) -> int:

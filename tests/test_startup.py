@@ -65,3 +65,34 @@ def test_a_real_onnx_file_passes_the_precheck(tmp_path):
     m2.graph.CopyFrom(g)  # no ir_version: the file starts with the graph field
     p.write_bytes(m2.SerializeToString())
     precheck(p)
+
+
+def test_passes_catalogue_is_cached_by_the_installed_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def run():
+        r = subprocess.run([sys.executable, "-c", PROBE, "passes"], capture_output=True, text=True, timeout=300)
+        lines = r.stdout.strip().splitlines()
+        return json.loads(lines[-1]), "\n".join(lines[:-1])
+
+    first, text = run()
+    assert first["rc"] == 0 and "torch" in first["heavy"]  # built: the pass library imports torch
+    assert "quantize" in text and "presets:" in text
+    cached = list((tmp_path / "graphopt").glob("passes-*.txt"))
+    assert len(cached) == 1
+    second, text2 = run()
+    assert second == {"rc": 0, "heavy": []} and text2 == text  # read back: nothing heavy, the same text
+    import os
+
+    import graphopt.cli as cli
+    from graphopt.cli import _catalogue_key
+
+    key = _catalogue_key()
+    assert cached[0].name == f"passes-{key}.txt"
+    src = cli.__file__  # a changed source changes the key, so a stale catalogue is never read
+    st = os.stat(src)
+    try:
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+        assert _catalogue_key() != key
+    finally:
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
