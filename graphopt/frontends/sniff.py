@@ -49,6 +49,9 @@ def precheck(path: str | os.PathLike) -> None:
         raise FrontendError(f"{p}: is a folder, not an ONNX file")
     if not p.is_file():
         raise FrontendError(f"{p}: not a regular file (a device, pipe or socket cannot be read as a model)")
+    if p.suffix.lower() == ".gdc":
+        raise FrontendError(f"{p}: a Deep Compression file (.gdc); this command reads an ONNX file "
+                            "(graphopt decompress turns it back into one)")
     if p.suffix.lower() != ".onnx":
         raise FrontendError(f"{p}: unsupported model type '{p.suffix or '(none)'}'; expected .onnx, .pt or "
                             "MODULE:CALLABLE")
