@@ -23,10 +23,13 @@ agree), the weights' compression ratio against FP32 (fixed width P+Q, and with H
 and the file sizes (.gdc, palettized ONNX, FP32 ONNX and its gzip -9).
 
 **EfficientNet-Lite0** (no training set here): post-training k-means at 4, 5 and 6 bits per
-layer, then bias correction (empirical, on the 128 calibration images), scored on the other
-372 imagenet-sample images; coremltools' ``PostTrainingPalettizer`` at the same bits and
-granularity (per tensor, k-means) on the same torch model, scored through torch the same way;
-and the uniform ``w4a8`` preset.
+layer (the start, linear or k-means++, chosen by top-1 on the 128 calibration images), then
+bias correction (empirical, on the same images), scored on the other 372 imagenet-sample
+images; coremltools' ``PostTrainingPalettizer`` at the same bits and granularity (per tensor,
+k-means) on the same torch model as its users run it (BatchNorm beside the palettized convs)
+and on the BN-folded weights graphopt clusters, scored through torch the same way; a 4-bit
+per-output-channel row against coremltools' grouped-channel mode; and the uniform ``w4a8``
+preset.
 """
 
 from __future__ import annotations
