@@ -145,6 +145,9 @@ def main() -> int:
                                       ("graphopt 4-bit weight-only block 32, GPTQ (calibration sentences)",
                                        ["--pipeline", "canonicalize,quantize{weights=int4:block32,acts=float,"
                                         "weight_method=gptq}", *calib_args]),
+                                      ("graphopt 4-bit weight-only block 32, GPTQ, int8 embedding table",
+                                       ["--pipeline", "canonicalize,quantize{weights=int4:block32,acts=float,"
+                                        "weight_method=gptq,embeddings=true}", *calib_args]),
                                       ("graphopt 4-bit weight-only block 128, GPTQ (calibration sentences)",
                                        ["--pipeline", "canonicalize,quantize{weights=int4:block128,acts=float,"
                                         "weight_method=gptq}", *calib_args]),
