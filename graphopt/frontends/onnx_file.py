@@ -178,13 +178,9 @@ def tensor_to_array(t: onnx.TensorProto, base_dir: Path | None, where: str = "")
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Parse an ONNX file without loading external data; bad input -> FrontendError."""
-    p = Path(path)
-    if not p.exists():
-        raise FrontendError(f"{p}: no such file")
-    if p.is_dir():
-        raise FrontendError(f"{p}: is a folder, not an ONNX file")
-    if not p.is_file():
-        raise FrontendError(f"{p}: not a regular file (a device, pipe or socket cannot be read as a model)")
+    from graphopt.frontends.sniff import check_file
+
+    p = check_file(path)
     try:
         model = onnx.load_model(str(p), load_external_data=False)
     except Exception as e:

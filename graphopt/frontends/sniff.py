@@ -40,8 +40,9 @@ def _first_field(head: bytes) -> tuple[int, int] | None:
     return None
 
 
-def precheck(path: str | os.PathLike) -> None:
-    """Refuse, in one line, a path that cannot hold an ONNX model (see the module doc)."""
+def check_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, refused in one line unless it is an existing regular file (the one
+    place that says so for every model reader)."""
     p = Path(path)
     if not p.exists():
         raise FrontendError(f"{p}: no such file")
@@ -49,6 +50,12 @@ def precheck(path: str | os.PathLike) -> None:
         raise FrontendError(f"{p}: is a folder, not an ONNX file")
     if not p.is_file():
         raise FrontendError(f"{p}: not a regular file (a device, pipe or socket cannot be read as a model)")
+    return p
+
+
+def precheck(path: str | os.PathLike) -> None:
+    """Refuse, in one line, a path that cannot hold an ONNX model (see the module doc)."""
+    p = check_file(path)
     if p.suffix.lower() == ".gdc":
         raise FrontendError(f"{p}: a Deep Compression file (.gdc); this command reads an ONNX file "
                             "(graphopt decompress turns it back into one)")
