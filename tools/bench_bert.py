@@ -127,6 +127,19 @@ def main() -> int:
         q.model.save_model_to_file(str(d / f"ort_nbits{bs}.onnx"), False)
         rows.append((f"ORT MatMulNBitsQuantizer 4-bit block {bs} (RTN, symmetric)", d / f"ort_nbits{bs}.onnx",
                      time.perf_counter() - t))
+    try:  # NNCF's weight compression on the ONNX model: INT4_SYM, groups of 32, AWQ on the calibration sentences
+        import nncf
+
+        t = time.perf_counter()
+        m = nncf.compress_weights(onnx.load(str(fp32)), mode=nncf.CompressWeightsMode.INT4_SYM, group_size=32,
+                                  ratio=1.0, awq=True,
+                                  dataset=nncf.Dataset([{k: v[i:i + 1] for k, v in calib.items()}
+                                                        for i in range(args.calib)]))
+        onnx.save(m, str(d / "nncf_int4.onnx"))
+        rows.append(("NNCF compress_weights INT4_SYM group 32, AWQ (4-bit)", d / "nncf_int4.onnx",
+                     time.perf_counter() - t))
+    except ImportError:
+        print("nncf is not installed: its row is skipped", file=sys.stderr)
     # the skip pattern was chosen by a per-layer-kind scan on other (calibration) sentences, not on these
     ffn_float = 'canonicalize,fold-bn,quantize{skip=["*[0-9]/output/dense/*"]}'
     dyn_gptq = "canonicalize,quantize{acts=dynamic,embeddings=true,weight_method=gptq}"
