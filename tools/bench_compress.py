@@ -404,7 +404,8 @@ def plot(path: Path) -> None:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=label)
             for x, y, r in pts:
-                ax.annotate(r, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(r, (x, y), fontsize=7, xytext=(3, -10 if r.endswith("-int8") else 3),
+                            textcoords="offset points")  # the int8 row sits on its float row: label it below
     ax.axhline(FP32, color="gray", ls="--", lw=0.8, label=f"FP32 {FP32}")
     ax.set_xscale("log")
     ax.set_xlabel("weight compression ratio vs FP32 (P+Q+H, codebooks included)")
