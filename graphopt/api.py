@@ -232,10 +232,8 @@ def run(graph, pipeline, ctx, output: str | os.PathLike | None, fmt: str = "qdq"
         verify_each: bool = False, instruments: list | None = None, external_data: bool | None = None,
         writer: bool = True) -> Report:
     """Run ``pipeline`` (a parsed pipeline) over ``graph`` and write ``output`` (None: lowered to
-    a temporary file for the report, then dropped); the core of ``convert`` and of the CLI."""
-    from graphopt.backends.lowering import export_file
-    from graphopt.passmanager import PassManager, TimingInstrument
-
+    a temporary file for the report, then dropped); the core of ``convert`` and of the CLI. The
+    warnings graphopt logs or raises meanwhile go into the report."""
     collect = _Collect()
     glog = logging.getLogger("graphopt")
     glog.addHandler(collect)
@@ -243,8 +241,7 @@ def run(graph, pipeline, ctx, output: str | os.PathLike | None, fmt: str = "qdq"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rep = _run(graph, pipeline, ctx, output, fmt, input_name, input_bytes, load_s, report_samples, kernels,
-                       verify_each, instruments or [], external_data, writer, export_file, PassManager,
-                       TimingInstrument)
+                       verify_each, instruments or [], external_data, writer)
         ours = _own_dirs()
         for w in caught:  # re-issued, so a caller's own filters still see them
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -258,12 +255,14 @@ def run(graph, pipeline, ctx, output: str | os.PathLike | None, fmt: str = "qdq"
 
 
 def _run(graph, pipeline, ctx, output, fmt, input_name, input_bytes, load_s, report_samples, kernels, verify_each,
-         instruments, external_data, writer, export_file, PassManager, TimingInstrument) -> Report:
+         instruments, external_data, writer) -> Report:
+    from graphopt.backends.lowering import export_file
+    from graphopt.passmanager import PassManager
+
     t0 = time.perf_counter()
     before = _measure(graph)
     keeper = _KeepBeforeQuantize()
-    result = PassManager(pipeline, verify_each=verify_each, instruments=[TimingInstrument(), keeper] + instruments
-                         ).run(graph, ctx)
+    result = PassManager(pipeline, verify_each=verify_each, instruments=[keeper] + instruments).run(graph, ctx)
     graph = result.graph
     t_passes = time.perf_counter()
     rep = Report(input=input_name, output=None if output is None else str(output), format=fmt, pipeline=str(pipeline),
