@@ -249,9 +249,11 @@ class Quantize(Pass):
                     graph.remove_node(m)
                     implied += 1
                     continue
+            quantized = out in ranges and m.outputs[0] in targets
             bounds_kept[m.source] = (f"per-channel bound active on the calibration data ({reached} of {bound.size} "
-                                     "channels reach it) and below its quantizer's top code: onnxruntime runs the "
-                                     "Min in float between the integer layers")
+                                     "channels reach it)" + (" and below its output quantizer's top value"
+                                                             if quantized else ", its output not quantized")
+                                     + ": onnxruntime runs the Min in float")
         if implied:
             targets = self._activation_targets(graph, compute)
 

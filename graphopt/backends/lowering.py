@@ -341,8 +341,9 @@ def _to_qoperator(g: Graph, not_fused: dict[str, str]) -> int:
     for n in list(g.nodes):
         if n.domain != "" or n.op_type not in ("Conv", "MatMul", "Gemm") or n.graph is None:
             continue
-        if n.op_type == "MatMul" and _dq_parts(g, n.inputs[0]) is None and _block_int4(g, n) is not None:
-            why = _matmul_nbits(g, n)  # weight-only 4-bit blocks: onnxruntime's MatMulNBits
+        blocks = _block_int4(g, n) if n.op_type == "MatMul" and _dq_parts(g, n.inputs[0]) is None else None
+        if blocks is not None:
+            why = _matmul_nbits(g, n, *blocks)  # weight-only 4-bit blocks: onnxruntime's MatMulNBits
         else:
             why = _fuse(g, n)
         if why is None:
@@ -371,12 +372,12 @@ def _block_int4(g: Graph, n: Node):
     return np.asarray(codes).astype(np.int8), np.asarray(scale, np.float32), bs
 
 
-def _matmul_nbits(g: Graph, n: Node) -> str | None:
+def _matmul_nbits(g: Graph, n: Node, codes: np.ndarray, scale: np.ndarray, bs: int) -> str | None:
     """x @ DQ(int4 blocks) as com.microsoft MatMulNBits: codes + 8 as unsigned nibbles (the
     kernel's default zero point 8), two per byte, low nibble first, laid out [N, blocks,
     block/2]; scales [N * blocks]; ``accuracy_level`` 0, so the kernel computes what the file
-    says (float activations), not its int8-activation fast path."""
-    codes, scale, bs = _block_int4(g, n)
+    says (float activations), not its int8-activation fast path. ``codes, scale, bs`` come
+    from ``_block_int4``."""
     if bs < 16 or bs & (bs - 1):
         return f"MatMulNBits takes a power-of-two block of at least 16, not {bs}"
     K, N = codes.shape
