@@ -129,11 +129,11 @@ class Smooth(Pass):
         from graphopt.training.calibration import CalibrationData, MinMax, observe
 
         data = CalibrationData(ctx.calib, limit=self.samples)
-        res = observe(graph, data, {x.name: MinMax(axis=-1) for x in groups}, progress=ctx.show_progress,
-                      desc="calibrating (smooth)")
-        samples = {}
-        if self.alpha == "auto":
-            samples = _samples(graph, data, list(groups))
+        auto = self.alpha == "auto"  # one pass over the data: channel ranges, and token rows to choose alpha
+        res = observe(graph, data, {x.name: [MinMax(axis=-1)] + ([_Rows()] if auto else []) for x in groups},
+                      progress=ctx.show_progress, desc="calibrating (smooth)")
+        samples = {k: v[1] for k, v in res.items()} if auto else {}
+        res = {k: v[0] for k, v in res.items()}
         folded: dict[str, str] = {}
         explicit: dict[str, str] = {}
         alphas: dict[str, float] = {}
@@ -194,19 +194,16 @@ def _divide(graph: Graph, x: Value, layers: list[Node], s: np.ndarray) -> str:
     return f"explicit per-channel Mul ({why})"
 
 
-def _samples(graph: Graph, data, names: list[Value], rows: int = 512) -> dict[str, np.ndarray]:
-    """Up to ``rows`` rows (tokens) of each named activation, as [rows, channels], for alpha=auto."""
-    from graphopt.training.calibration import Observer, observe
+class _Rows:
+    """Observer: up to ``rows`` rows (tokens) of an activation, as [rows, channels] float64, for
+    alpha=auto."""
 
-    class Rows(Observer):
-        def __init__(self):
-            self.x = []
+    def __init__(self, rows: int = 512):
+        self.rows, self.x = rows, []
 
-        def update(self, t):
-            if sum(len(a) for a in self.x) < rows:
-                self.x.append(t.detach().float().reshape(-1, t.shape[-1]).cpu().numpy())
+    def update(self, t):
+        if sum(len(a) for a in self.x) < self.rows:
+            self.x.append(t.detach().float().reshape(-1, t.shape[-1]).cpu().numpy())
 
-        def result(self):
-            return np.concatenate(self.x)[:rows].astype(np.float64)
-
-    return observe(graph, data, {v.name: Rows() for v in names})
+    def result(self):
+        return np.concatenate(self.x)[:self.rows].astype(np.float64)
