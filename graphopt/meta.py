@@ -13,6 +13,7 @@ SOURCE = "source"  # str: the ONNX node name or torch module path a node came fr
 FLOAT_WEIGHT = "float_weight"  # FakeQuant (weight): the weights before GPTQ rounding (bias correction's reference)
 CHOSEN_BITS = "chosen_bits"  # Conv/Gemm/MatMul: weight bits choose-bits allocated; quantize uses them
 BIAS_BEFORE_CORRECTION = "bias_before_correction"  # Conv/Gemm: its bias before correct-bias (float view, idempotence)
+AWQ_SCALE = "awq_scale"  # MatMul/Gemm: the per-input-channel factors awq moved into its weight (idempotence)
 
 # value.meta
 BN_STATS = "bn"  # a folded BN's output: {"gamma": [C], "beta": [C]}; the value is ~N(beta, gamma^2)

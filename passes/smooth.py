@@ -1,4 +1,7 @@
-"""SmoothQuant (Xiao et al., ICML 2023): move activation outliers into the weights.
+"""Per-input-channel scaling of linear layers, folded where the function allows: SmoothQuant
+for int8 activations (``smooth``) and AWQ for low-bit weights (``awq``).
+
+SmoothQuant (Xiao et al., ICML 2023): move activation outliers into the weights.
 
 A few input channels of a transformer's linear layers carry values 10-100x the rest, so one
 per-tensor activation scale wastes most of its codes on them. For the linear layers reading one
@@ -23,6 +26,17 @@ Where the division goes:
 weights). ``alpha=auto`` chooses per input, on the calibration data, the alpha in
 {0.3, ..., 0.8} whose smoothed input and weights lose the least in a simulated int8
 quantize-dequantize of the layers' outputs (never on the data that scores the model).
+
+AWQ (Lin et al., MLSys 2024), for weight-only quantization (activations stay float): the input
+channels that carry the largest activations matter most, so their weight rows are scaled *up*
+by s_j = mean|X_j|^alpha (normalised so that max(s) min(s) = 1) before the weights are rounded,
+which gives them finer steps relative to their size, and X is divided by s as above. ``alpha``
+is searched per input on a grid in [0, 1], minimising the layers' output error
+E||X W - (X / s) Q(s W)||^2 under the weight quantizer the later ``quantize`` pass uses
+(``weights=``, the same spec text), computed from the calibration data's X^T X and mean|X| in
+one pass over it. alpha = 0 is plain rounding, so the chosen scaling never does worse on the
+calibration data; an input whose best alpha gains less than ``min_gain`` is left alone (this
+also makes a second run a no-op).
 """
 
 from __future__ import annotations
@@ -31,9 +45,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 
 from graphopt.errors import GraphOptError
 from graphopt.ir import Graph, Node, Value
+from graphopt.meta import AWQ_SCALE
 from graphopt.passbase import Context, Pass, PassResult, option, register_pass
 
 from . import _layers as L
@@ -156,15 +172,22 @@ class Smooth(Pass):
             s = smooth_factors(amax, wmax, a).astype(np.float32)
             if np.all(np.abs(s - 1) < 1e-3):  # already balanced (a smoothed graph): nothing to move
                 continue
-            where = _divide(graph, x, layers, s)
             names = ", ".join(n.source for n in layers)
+            where = _apply(graph, x, layers, s)
             (folded if where.startswith("into") else explicit)[names] = where
             alphas[names] = a
-            for n in layers:
-                _scale_rows(graph, n, s)
         return PassResult(graph, bool(folded or explicit),
                           {"smoothed": len(folded) + len(explicit), "folded": folded, "explicit": explicit,
                            "alpha": alphas})
+
+
+def _apply(graph: Graph, x: Value, layers: list[Node], s: np.ndarray) -> str:
+    """X W = (X / s)(s W): divide ``x``'s channels by s for ``layers`` and scale their weight
+    rows by s. Returns where the division went, for the summary."""
+    where = _divide(graph, x, layers, s)
+    for n in layers:
+        _scale_rows(graph, n, s)
+    return where
 
 
 def _divide(graph: Graph, x: Value, layers: list[Node], s: np.ndarray) -> str:
@@ -192,6 +215,95 @@ def _divide(graph: Graph, x: Value, layers: list[Node], s: np.ndarray) -> str:
     for n in layers:
         graph.set_input(n, 0, mul.outputs[0])
     return f"explicit per-channel Mul ({why})"
+
+
+@register_pass("awq")
+@dataclass(kw_only=True)
+class AWQ(Pass):
+    """AWQ, activation-aware weight scaling for low-bit weight-only quantization: per input
+    channel, s = mean|X|^alpha with alpha searched on the calibration data against the output
+    error of the given weight quantizer; X / s is folded into the LayerNorm before or an
+    explicit Mul, s W into the weights. Function-preserving; run it before quantize with the
+    same weights spec. See the module doc."""
+
+    after = ("canonicalize", "smooth")
+    before = ("quantize",)
+    preserves_function = True
+
+    weights: str = option("int4:block32", "the weight quantizer of the quantize pass that follows (same spec text)")
+    grid: int = option(20, "alpha is searched over grid + 1 points in [0, 1]", minimum=1)
+    min_gain: float = option(0.01, "scale an input only if its output error drops by at least this fraction", minimum=0.0)
+    skip: list[str] = option([], "layer name patterns to leave alone")
+    samples: Optional[int] = option(64, "calibration samples used", minimum=1)
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        from graphopt.quantizers.base import parse
+
+        q = parse(self.weights, "weights")
+        if not self.min_gain < 1:
+            raise GraphOptError(f"awq: min_gain must be below 1, not {self.min_gain}")
+        groups = _groups(graph, self.skip)
+        if not groups:
+            return PassResult(graph, False, {"scaled": 0, "reason": "no linear layer reads an activation"})
+        already = sorted(n.source for ls in groups.values() for n in ls if AWQ_SCALE in n.meta)
+        groups = {x: ls for x, ls in groups.items() if not any(AWQ_SCALE in n.meta for n in ls)}
+        if not groups:  # every input was scaled by an earlier run: its search started from there
+            return PassResult(graph, False, {"scaled": 0, "already_scaled": already})
+        if ctx.calib is None:
+            raise GraphOptError("awq needs calibration data (--calib): it weighs each weight row by its input's "
+                                "activations")
+        from graphopt.quantizers.gptq import HessianObserver
+        from graphopt.training.calibration import AbsMean, CalibrationData, observe
+
+        res = observe(graph, CalibrationData(ctx.calib, limit=self.samples),
+                      {x.name: [AbsMean(axis=-1), HessianObserver("MatMul")] for x in groups},
+                      progress=ctx.show_progress, desc="calibrating (awq)")
+        folded: dict[str, str] = {}
+        explicit: dict[str, str] = {}
+        alphas: dict[str, float] = {}
+        gains: dict[str, float] = {}
+        for x, layers in groups.items():
+            xm, H = res[x.name][0]["abs_mean"], res[x.name][1][0]
+            ws = [_weight_rows(graph, n).astype(np.float64) for n in layers]
+            if any(w.shape[0] != xm.size for w in ws) or not np.any(xm > 0):
+                continue
+            a, s, err, err0 = awq_search(xm, H, ws, q, self.grid)
+            names = ", ".join(n.source for n in layers)
+            if err0 <= 0 or err > (1 - self.min_gain) * err0:
+                continue
+            where = _apply(graph, x, layers, s.astype(np.float32))
+            for n in layers:
+                n.meta[AWQ_SCALE] = s.astype(np.float32)
+            (folded if where.startswith("into") else explicit)[names] = where
+            alphas[names], gains[names] = a, round(1 - err / err0, 4)
+        return PassResult(graph, bool(folded or explicit),
+                          {"scaled": len(folded) + len(explicit), "folded": folded, "explicit": explicit,
+                           "alpha": alphas, "error_drop": gains, "weights": str(q),
+                           **({"already_scaled": already} if already else {})})
+
+
+def awq_search(xm: np.ndarray, H: np.ndarray, ws: list[np.ndarray], q, grid: int = 20):
+    """AWQ's grid search for one input X read by the weights ``ws`` ([in, out] each).
+    ``xm`` = mean|X_j|, ``H`` = E[X^T X]; ``q`` is the weight quantizer (any scheme: its own
+    parameters and rounding). For alpha in {0, 1/grid, ..., 1}, s = xm^alpha / sqrt(max min)
+    and the output error is sum_i tr(D_i^T H D_i), D_i = W_i - Q(s W_i) / s. Returns (alpha, s,
+    its error, the error at alpha = 0)."""
+    Ht = torch.from_numpy(np.asarray(H, np.float64))
+    base = np.maximum(np.asarray(xm, np.float64), 1e-8)
+    errs, scales = [], []
+    for a in np.linspace(0.0, 1.0, grid + 1):  # grid points in sequence; every one is a batched computation
+        s = np.clip(base ** a, 1e-4, None)
+        s = s / np.sqrt(s.max() * s.min())
+        err = 0.0
+        for w in ws:
+            sw = (w * s[:, None]).astype(np.float32)
+            params, axis = q.weight_params(sw, 1, 0, "minmax")
+            d = torch.from_numpy(w - np.asarray(q.apply_np(sw, params, axis), np.float64) / s[:, None])
+            err += float(((Ht @ d) * d).sum())
+        errs.append(err)
+        scales.append(s)
+    best = int(np.argmin(errs))
+    return float(np.linspace(0.0, 1.0, grid + 1)[best]), scales[best], errs[best], errs[0]
 
 
 class _Rows:

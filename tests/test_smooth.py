@@ -125,3 +125,76 @@ def test_qoperator_writes_matmulnbits_that_computes_the_fake_quant_model():
     q8 = PassManager("canonicalize,quantize{weights=int4:block8,acts=float}").run(g.copy(), Context(calib=x)).graph
     _, rep8 = export(q8, "qoperator")
     assert rep8.fused == 0 and all("block of at least 16" in why for why in rep8.not_fused.values())
+
+
+# ---------------------------------------------------------------- AWQ (weight-only 4-bit)
+class Mlp(nn.Module):
+    """LN (two outlier channels) -> fc1 -> GELU -> fc2, plus a residual: the FFN of a transformer."""
+
+    def __init__(self, c=32):
+        super().__init__()
+        self.ln, self.fc1, self.fc2 = nn.LayerNorm(c), nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        with torch.no_grad():
+            self.ln.weight[3], self.ln.weight[7] = 40.0, -25.0
+
+    def forward(self, x):
+        h = self.ln(x)
+        return self.fc2(torch.nn.functional.gelu(self.fc1(h))) + h
+
+
+def _mlp():
+    torch.manual_seed(0)
+    x = torch.randn(96, 8, 32)
+    return graphopt.from_torch(Mlp().eval(), x[:1]), x.numpy()
+
+
+def _sim(g, x):
+    with torch.no_grad():
+        return graphopt.to_torch(g)(torch.from_numpy(x)).numpy()
+
+
+def test_awq_preserves_the_function_says_where_and_runs_once():
+    g, x = _graph()
+    r = PassManager("canonicalize,awq{weights=int4:block16}").run(g.copy(), Context(calib=x))
+    st = r.stats["awq"][0]
+    assert r.modified and st["scaled"] == 3 and st["weights"] == "int4:block16"
+    assert list(st["folded"].values()) == ["into LayerNormalization 'ln'"]
+    assert all(0 < a <= 1 for a in st["alpha"].values()) and all(d >= 0.01 for d in st["error_drop"].values())
+    assert rel_err(_sim(r.graph, x), run_ort(graphopt.to_onnx(g), x)) < 1e-5
+    again = PassManager("awq{weights=int4:block16}").run(r.graph.copy(), Context(calib=x))
+    assert not again.modified and again.stats["awq"][0]["already_scaled"] == ["fc1", "fc2", "k", "q", "v"]
+    # min_gain: an input is scaled only when its output error drops by that much
+    none = PassManager("canonicalize,awq{weights=int4:block16,min_gain=0.99}").run(g.copy(), Context(calib=x))
+    assert not none.modified and none.stats["awq"][0]["scaled"] == 0
+
+
+def test_awq_refuses_bad_input():
+    g, x = _graph()
+    with pytest.raises(GraphOptError, match="awq needs calibration data"):
+        PassManager("canonicalize,awq").run(g.copy(), Context())
+    with pytest.raises(GraphOptError, match="int4:blok32"):
+        PassManager("canonicalize,awq{weights=int4:blok32}").run(g.copy(), Context(calib=x))
+    with pytest.raises(GraphOptError, match="min_gain must be below 1"):
+        PassManager("canonicalize,awq{min_gain=1.5}").run(g.copy(), Context(calib=x))
+
+
+@pytest.mark.parametrize("method", ["minmax", "gptq"])
+def test_awq_makes_int4_weights_closer_to_float_on_held_out_data(method):
+    g, x = _mlp()
+    calib, test = x[:32], x[32:]
+    ref = _sim(g, test)
+    errs = {}
+    for awq in ("", "awq{weights=int4:block16},"):
+        q = PassManager(f"canonicalize,{awq}quantize{{weights=int4:block16,acts=float,weight_method={method}}}").run(
+            g.copy(), Context(calib=calib)).graph
+        errs[bool(awq)] = rel_err(_sim(q, test), ref)
+    assert errs[True] < 0.8 * errs[False], errs
+
+
+def test_awq_then_matmulnbits_computes_the_fake_quant_model():
+    g, x = _mlp()
+    q = PassManager("canonicalize,awq{weights=int4:block16},quantize{weights=int4:block16,acts=float}").run(
+        g.copy(), Context(calib=x[:32])).graph
+    proto, rep = export(q, "qoperator")
+    assert rep.fused == 2 and sum(n.op_type == "Mul" for n in proto.graph.node) >= 1  # the explicit 1/s
+    assert rel_err(run_ort(proto, x[32:]), _sim(q, x[32:])) < 1e-5

@@ -388,14 +388,18 @@ def compare(reference: Graph, test: Graph, data: Any, names: Sequence[str], *, b
 
 
 class AbsMean(Observer):
-    """Mean absolute value of a whole tensor (LSQ's initial step)."""
+    """Mean absolute value of a whole tensor (LSQ's initial step), or per channel along ``axis``
+    (AWQ's activation salience)."""
 
-    def __init__(self):
+    def __init__(self, axis: int | None = None):
+        self.axis = axis
         self.s, self.n = 0.0, 0
 
     def update(self, x):
-        self.s += float(x.detach().double().abs().sum())
-        self.n += x.numel()
+        v = _channels_first(x.detach().double().abs(), self.axis)
+        self.s = self.s + v.sum(1)
+        self.n += v.shape[1]
 
     def result(self):
-        return {"abs_mean": self.s / max(self.n, 1)}
+        m = self.s / max(self.n, 1)
+        return {"abs_mean": float(m[0]) if self.axis is None else m.cpu().numpy()}
