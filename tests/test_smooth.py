@@ -198,3 +198,18 @@ def test_awq_then_matmulnbits_computes_the_fake_quant_model():
     proto, rep = export(q, "qoperator")
     assert rep.fused == 2 and sum(n.op_type == "Mul" for n in proto.graph.node) >= 1  # the explicit 1/s
     assert rel_err(run_ort(proto, x[32:]), _sim(q, x[32:])) < 1e-5
+
+
+@pytest.mark.parametrize("spec", ["int4:block16", "int4:block16:asym", "uint4:block16"])
+def test_matmulnbits_takes_asymmetric_blocks_and_a_k_that_is_not_a_multiple_of_the_block(spec):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(40, 32), nn.GELU(), nn.Linear(32, 16)).eval()  # K = 40: the last block is padded
+    x = torch.randn(8, 4, 40).numpy()
+    g = graphopt.from_torch(m, torch.from_numpy(x[:1]))
+    q = PassManager(f"canonicalize,quantize{{weights={spec},acts=float,weight_method=gptq}}").run(
+        g.copy(), Context(calib=x)).graph
+    proto, rep = export(q, "qoperator")
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and rep.fused == 2
+    assert all(len(n.input) == (3 if spec == "int4:block16" else 4) for n in nbits)  # zero points when asymmetric
+    assert rel_err(run_ort(proto, x), _sim(q, x)) < 1e-5

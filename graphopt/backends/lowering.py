@@ -76,11 +76,11 @@ def check_format(fmt: str, quantized: bool, quantizers) -> None:
                             "(or use --preset int8)")
     if fmt == "qoperator":
         for what, q, kind in quantizers:
-            nbits = kind == "weight" and getattr(q, "granularity", "") == "block" and getattr(q, "bits", 0) == 4 \
-                and getattr(q, "symmetric", False)  # weight-only 4-bit blocks: MatMulNBits
+            nbits = kind == "weight" and getattr(q, "granularity", "") == "block" \
+                and getattr(q, "bits", 0) == 4  # weight-only 4-bit blocks, either sign: MatMulNBits
             if q.kernel_bits(kind) != 8 and not nbits:
                 raise GraphOptError(f"--format qoperator needs weights and activations on 8-bit integer kernels "
-                                    f"(QLinearConv/QLinearMatMul), or symmetric 4-bit weight blocks (MatMulNBits); "
+                                    f"(QLinearConv/QLinearMatMul), or 4-bit weight blocks (MatMulNBits); "
                                     f"{what} is {q.describe()}: use --format qdq")
 
 
@@ -357,38 +357,62 @@ MS_DOMAIN = "com.microsoft"
 
 
 def _block_int4(g: Graph, n: Node):
-    """(codes [K, N] int4, scales [K/bs, N], block size) when ``n``'s weight is a blocked,
-    symmetric int4 DequantizeLinear along its input axis; else None."""
+    """(unsigned codes [K, N] in 0..15, unsigned zero points [K/bs, N] or None for the kernel's
+    default 8, scales [K/bs, N], block size) when ``n``'s weight is a blocked int4/uint4
+    DequantizeLinear along its input axis; else None. Signed codes and zero points are shifted
+    by 8 (the nibble's range), which leaves (code - zero point) unchanged."""
     wp = _dq_parts(g, n.inputs[1])
     if wp is None:
         return None
     codes, scale = g.const_value(wp[0]), g.const_value(wp[1])
     zp = g.const_value(wp[2]) if wp[2] is not None else None
     bs = int(wp[3].attr("block_size", 0) or 0)
-    if codes is None or scale is None or np.asarray(codes).ndim != 2 or str(np.asarray(codes).dtype) != "int4":
+    kind = str(np.asarray(codes).dtype) if codes is not None else ""
+    if scale is None or np.asarray(codes).ndim != 2 or kind not in ("int4", "uint4"):
         return None
-    if not bs or wp[3].attr("axis", 1) != 0 or (zp is not None and np.any(np.asarray(zp).astype(np.int8) != 0)):
+    if not bs or wp[3].attr("axis", 1) != 0:
         return None
-    return np.asarray(codes).astype(np.int8), np.asarray(scale, np.float32), bs
+    shift = 8 if kind == "int4" else 0
+    u = (np.asarray(codes).astype(np.int16) + shift).astype(np.uint8)
+    z = None if zp is None else (np.asarray(zp).astype(np.int16) + shift).astype(np.uint8)
+    if z is not None and np.all(z == 8):
+        z = None  # the kernel's default
+    elif z is None and shift == 0:
+        z = np.zeros(np.asarray(scale).shape, np.uint8)  # uint4 without zero points: zero point 0, not 8
+    return u, z, np.asarray(scale, np.float32), bs
 
 
-def _matmul_nbits(g: Graph, n: Node, codes: np.ndarray, scale: np.ndarray, bs: int) -> str | None:
-    """x @ DQ(int4 blocks) as com.microsoft MatMulNBits: codes + 8 as unsigned nibbles (the
-    kernel's default zero point 8), two per byte, low nibble first, laid out [N, blocks,
-    block/2]; scales [N * blocks]; ``accuracy_level`` 0, so the kernel computes what the file
-    says (float activations), not its int8-activation fast path. ``codes, scale, bs`` come
-    from ``_block_int4``."""
+def _nibbles(u: np.ndarray) -> np.ndarray:
+    """Pack 4-bit values two per byte along the last axis, low nibble first (an odd count is
+    padded with a zero nibble)."""
+    if u.shape[-1] % 2:
+        u = np.concatenate([u, np.zeros(u.shape[:-1] + (1,), np.uint8)], -1)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _matmul_nbits(g: Graph, n: Node, codes: np.ndarray, zp: np.ndarray | None, scale: np.ndarray,
+                  bs: int) -> str | None:
+    """x @ DQ(int4 blocks) as com.microsoft MatMulNBits: unsigned nibbles, two per byte, low
+    nibble first, laid out [N, blocks, block/2]; scales [N * blocks]; the zero points, when not
+    the kernel's default 8, as nibbles [N, ceil(blocks / 2)] (asymmetric blocks);
+    ``accuracy_level`` 0, so the kernel computes what the file says (float activations), not
+    its int8-activation fast path. The arguments come from ``_block_int4``."""
     if bs < 16 or bs & (bs - 1):
         return f"MatMulNBits takes a power-of-two block of at least 16, not {bs}"
     K, N = codes.shape
     nb = -(-K // bs)
-    u = np.full((nb * bs, N), 8, np.uint8)
-    u[:K] = (codes.astype(np.int16) + 8).astype(np.uint8)
+    pad = 8 if zp is None else 0  # padded rows: code = zero point, so they add nothing
+    u = np.full((nb * bs, N), pad, np.uint8)
+    u[:K] = codes
+    if zp is not None:  # the padding rows of the last block sit on that block's zero point
+        u[K:] = zp[nb - 1][None, :]
     u = np.ascontiguousarray(u.T).reshape(N, nb, bs)
-    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
-    b = g.add_const(packed, n.inputs[1].name + "_nbits")
+    b = g.add_const(_nibbles(u), n.inputs[1].name + "_nbits")
     sc = g.add_const(np.ascontiguousarray(scale.T).reshape(-1).astype(np.float32), n.inputs[1].name + "_nbits_scale")
-    new = g.add_node("MatMulNBits", [n.inputs[0], b, sc], [n.outputs[0].name + "_nbits"], domain=MS_DOMAIN,
+    ins = [n.inputs[0], b, sc]
+    if zp is not None:
+        ins.append(g.add_const(_nibbles(np.ascontiguousarray(zp.T)).reshape(-1), n.inputs[1].name + "_nbits_zp"))
+    new = g.add_node("MatMulNBits", ins, [n.outputs[0].name + "_nbits"], domain=MS_DOMAIN,
                      attrs={"K": K, "N": N, "bits": 4, "block_size": bs, "accuracy_level": 0},
                      source=n.source, name=g.unique_node_name(n.name + "_nbits"))
     new.outputs[0].dtype, new.outputs[0].shape = n.outputs[0].dtype, n.outputs[0].shape
