@@ -213,3 +213,27 @@ def test_matmulnbits_takes_asymmetric_blocks_and_a_k_that_is_not_a_multiple_of_t
     assert len(nbits) == 2 and rep.fused == 2
     assert all(len(n.input) == (3 if spec == "int4:block16" else 4) for n in nbits)  # zero points when asymmetric
     assert rel_err(run_ort(proto, x), _sim(q, x)) < 1e-5
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_with_bias_lowers_to_matmulnbits(trans_b):
+    """GPT-2's Conv1D exports as Gemm (transB=0), torch Linear in some exporters as Gemm (transB=1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 48) if trans_b else (48, 32)).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "w", "c"], ["y"], transB=trans_b)
+    model = helper.make_model(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 48])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "c")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    from graphopt.frontends.onnx_file import from_model_proto
+
+    x = rng.standard_normal((16, 48)).astype(np.float32)
+    spec = "int4:block16:asym" if trans_b else "int4:block16"  # with and without zero points before the bias
+    q = PassManager(f"canonicalize,quantize{{weights={spec},acts=float}}").run(from_model_proto(model),
+                                                                              Context(calib=x)).graph
+    proto, rep = export(q, "qoperator")
+    assert [n.op_type for n in proto.graph.node] == ["MatMulNBits"] and rep.fused == 1
+    assert rel_err(run_ort(proto, x), _sim(q, x)) < 1e-5

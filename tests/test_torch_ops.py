@@ -396,3 +396,26 @@ def test_boolean_mask_indexing_is_refused_by_fx_with_its_reason():
 
     with pytest.raises(UnsupportedOpError, match="boolean mask"):
         graphopt.from_torch(M().eval(), torch.randn(2, 4), exporter="fx")
+
+
+@pytest.mark.parametrize("data_shape,index_shape,batch_dims", [((4, 5, 3), (2, 6, 2), 0), ((4, 5, 3), (7, 1), 0),
+                                                               ((3, 5, 6, 2), (3, 4, 2), 1)])
+def test_gather_nd_matches_onnxruntime(data_shape, index_shape, batch_dims):
+    """GatherND (the dynamo exporter writes it for HF decoders' causal masks) in the torch back end."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal(data_shape).astype(np.float32)
+    k = index_shape[-1]
+    dims = data_shape[batch_dims:batch_dims + k]
+    idx = np.stack([rng.integers(-d, d, index_shape[:-1]) for d in dims], -1).astype(np.int64)  # negatives too
+    node = helper.make_node("GatherND", ["x", "i"], ["y"], batch_dims=batch_dims)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, data_shape),
+                                        helper.make_tensor_value_info("i", TensorProto.INT64, index_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": data, "i": idx})[0]
+    from graphopt.frontends.onnx_file import from_model_proto
+
+    got = graphopt.to_torch(from_model_proto(model))(torch.from_numpy(data), torch.from_numpy(idx))
+    np.testing.assert_array_equal(got.numpy(), ref)

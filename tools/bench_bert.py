@@ -127,6 +127,21 @@ def main() -> int:
         q.model.save_model_to_file(str(d / f"ort_nbits{bs}.onnx"), False)
         rows.append((f"ORT MatMulNBitsQuantizer 4-bit block {bs} (RTN, symmetric)", d / f"ort_nbits{bs}.onnx",
                      time.perf_counter() - t))
+    from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig
+
+    class Rewind(Reader):
+        def rewind(self):
+            self.__init__()
+
+    for name, cfg, sym in (("GPTQ, calibration sentences, symmetric", GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=Rewind(), block_size=32), True),
+                           ("HQQ, asymmetric", HQQWeightOnlyQuantConfig(block_size=32, bits=4), False)):
+        t = time.perf_counter()  # onnxruntime's other 4-bit algorithms, same block
+        q = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=32, is_symmetric=sym, algo_config=cfg)
+        q.process()
+        out = d / f"ort_nbits32_{name.split(',')[0].lower()}.onnx"
+        q.model.save_model_to_file(str(out), False)
+        rows.append((f"ORT MatMulNBitsQuantizer 4-bit block 32 ({name})", out, time.perf_counter() - t))
     try:  # NNCF's weight compression on the ONNX model: INT4_SYM, groups of 32, AWQ on the calibration sentences
         import nncf
 
@@ -141,6 +156,7 @@ def main() -> int:
     except ImportError:
         print("nncf is not installed: its row is skipped", file=sys.stderr)
     # the skip pattern was chosen by a per-layer-kind scan on other (calibration) sentences, not on these
+    awq32 = "awq{weights=int4:block32},"
     ffn_float = 'canonicalize,fold-bn,quantize{skip=["*[0-9]/output/dense/*"]}'
     dyn_gptq = "canonicalize,quantize{acts=dynamic,embeddings=true,weight_method=gptq}"
     calib_args = ["--calib", str(d / "calib.npz")]
@@ -161,6 +177,21 @@ def main() -> int:
                                       ("graphopt 4-bit weight-only block 32, GPTQ, int8 embedding table",
                                        ["--pipeline", "canonicalize,quantize{weights=int4:block32,acts=float,"
                                         "weight_method=gptq,embeddings=true}", *calib_args]),
+                                      ("graphopt 4-bit weight-only block 32, AWQ + RTN",
+                                       ["--pipeline", f"canonicalize,{awq32}quantize{{weights=int4:block32,acts=float}}",
+                                        *calib_args]),
+                                      ("graphopt 4-bit weight-only block 32, AWQ + GPTQ",
+                                       ["--pipeline", f"canonicalize,{awq32}quantize{{weights=int4:block32,acts=float,"
+                                        "weight_method=gptq}", *calib_args]),
+                                      ("graphopt 4-bit weight-only block 32, AWQ + GPTQ, int8 embedding table",
+                                       ["--pipeline", f"canonicalize,{awq32}quantize{{weights=int4:block32,acts=float,"
+                                        "weight_method=gptq,embeddings=true}", *calib_args]),
+                                      ("graphopt 4-bit weight-only block 32 asymmetric (uint4), GPTQ",
+                                       ["--pipeline", "canonicalize,quantize{weights=uint4:block32,acts=float,"
+                                        "weight_method=gptq}", *calib_args]),
+                                      ("graphopt 4-bit weight-only block 128, AWQ + GPTQ",
+                                       ["--pipeline", "canonicalize,awq{weights=int4:block128},quantize{weights=int4:block128,"
+                                        "acts=float,weight_method=gptq}", *calib_args]),
                                       ("graphopt 4-bit weight-only block 128, GPTQ (calibration sentences)",
                                        ["--pipeline", "canonicalize,quantize{weights=int4:block128,acts=float,"
                                         "weight_method=gptq}", *calib_args]),

@@ -341,7 +341,7 @@ def _to_qoperator(g: Graph, not_fused: dict[str, str]) -> int:
     for n in list(g.nodes):
         if n.domain != "" or n.op_type not in ("Conv", "MatMul", "Gemm") or n.graph is None:
             continue
-        blocks = _block_int4(g, n) if n.op_type == "MatMul" and _dq_parts(g, n.inputs[0]) is None else None
+        blocks = _block_int4(g, n) if _dq_parts(g, n.inputs[0]) is None else None
         if blocks is not None:
             why = _matmul_nbits(g, n, *blocks)  # weight-only 4-bit blocks: onnxruntime's MatMulNBits
         else:
@@ -358,9 +358,17 @@ MS_DOMAIN = "com.microsoft"
 
 def _block_int4(g: Graph, n: Node):
     """(unsigned codes [K, N] in 0..15, unsigned zero points [K/bs, N] or None for the kernel's
-    default 8, scales [K/bs, N], block size) when ``n``'s weight is a blocked int4/uint4
-    DequantizeLinear along its input axis; else None. Signed codes and zero points are shifted
-    by 8 (the nibble's range), which leaves (code - zero point) unchanged."""
+    default 8, scales [K/bs, N], block size) when ``n`` is a MatMul, or a plain Gemm (no transA,
+    alpha = beta = 1), whose weight is a blocked int4/uint4 DequantizeLinear along its input
+    axis; else None. Signed codes and zero points are shifted by 8 (the nibble's range), which
+    leaves (code - zero point) unchanged."""
+    if n.op_type == "MatMul":
+        in_axis = 0
+    elif n.op_type == "Gemm" and not n.attr("transA", 0) and n.attr("alpha", 1.0) == 1.0 \
+            and n.attr("beta", 1.0) == 1.0:
+        in_axis = 1 if n.attr("transB", 0) else 0
+    else:
+        return None
     wp = _dq_parts(g, n.inputs[1])
     if wp is None:
         return None
@@ -370,11 +378,13 @@ def _block_int4(g: Graph, n: Node):
     kind = str(np.asarray(codes).dtype) if codes is not None else ""
     if scale is None or np.asarray(codes).ndim != 2 or kind not in ("int4", "uint4"):
         return None
-    if not bs or wp[3].attr("axis", 1) != 0:
+    if not bs or wp[3].attr("axis", 1) != in_axis:
         return None
     shift = 8 if kind == "int4" else 0
     u = (np.asarray(codes).astype(np.int16) + shift).astype(np.uint8)
     z = None if zp is None else (np.asarray(zp).astype(np.int16) + shift).astype(np.uint8)
+    if in_axis == 1:  # Gemm with transB: [N, K] -> [K, N]
+        u, scale, z = u.T, np.asarray(scale).T, None if z is None else z.T
     if z is not None and np.all(z == 8):
         z = None  # the kernel's default
     elif z is None and shift == 0:
@@ -392,7 +402,7 @@ def _nibbles(u: np.ndarray) -> np.ndarray:
 
 def _matmul_nbits(g: Graph, n: Node, codes: np.ndarray, zp: np.ndarray | None, scale: np.ndarray,
                   bs: int) -> str | None:
-    """x @ DQ(int4 blocks) as com.microsoft MatMulNBits: unsigned nibbles, two per byte, low
+    """x @ DQ(int4 blocks) (+ a Gemm's bias) as com.microsoft MatMulNBits: unsigned nibbles, two per byte, low
     nibble first, laid out [N, blocks, block/2]; scales [N * blocks]; the zero points, when not
     the kernel's default 8, as nibbles [N, ceil(blocks / 2)] (asymmetric blocks);
     ``accuracy_level`` 0, so the kernel computes what the file says (float activations), not
@@ -400,6 +410,12 @@ def _matmul_nbits(g: Graph, n: Node, codes: np.ndarray, zp: np.ndarray | None, s
     if bs < 16 or bs & (bs - 1):
         return f"MatMulNBits takes a power-of-two block of at least 16, not {bs}"
     K, N = codes.shape
+    c = None
+    if n.op_type == "Gemm" and len(n.inputs) > 2 and n.inputs[2] is not None:
+        c = g.const_value(n.inputs[2])
+        if c is None or np.asarray(c).size != N:
+            return "its bias is not a constant vector of its outputs (MatMulNBits adds only that)"
+        c = np.asarray(c, np.float32).reshape(N)
     nb = -(-K // bs)
     pad = 8 if zp is None else 0  # padded rows: code = zero point, so they add nothing
     u = np.full((nb * bs, N), pad, np.uint8)
@@ -412,6 +428,9 @@ def _matmul_nbits(g: Graph, n: Node, codes: np.ndarray, zp: np.ndarray | None, s
     ins = [n.inputs[0], b, sc]
     if zp is not None:
         ins.append(g.add_const(_nibbles(np.ascontiguousarray(zp.T)).reshape(-1), n.inputs[1].name + "_nbits_zp"))
+    if c is not None:
+        ins += [None] * (5 - len(ins)) + [g.add_const(c, n.inputs[2].name + "_nbits_bias")]  # A, B, scales,
+        # zero_points, g_idx, bias
     new = g.add_node("MatMulNBits", ins, [n.outputs[0].name + "_nbits"], domain=MS_DOMAIN,
                      attrs={"K": K, "N": N, "bits": 4, "block_size": bs, "accuracy_level": 0},
                      source=n.source, name=g.unique_node_name(n.name + "_nbits"))

@@ -336,6 +336,21 @@ def onnx_gather_elements(x, index, axis):
     return torch.gather(x, axis, index)
 
 
+def onnx_gather_nd(x, index, batch_dims=0):
+    """ONNX GatherND: the last axis of ``index`` addresses the k axes of ``x`` after its first
+    ``batch_dims`` (which index shares); one batched fancy-index, negative indices wrap."""
+    b, k = batch_dims, index.shape[-1]
+    dims = list(x.shape[b:b + k])
+    index = index.long()
+    index = torch.where(index < 0, index + torch.tensor(dims, device=index.device), index)
+    strides = torch.tensor([int(np.prod(dims[j + 1:])) for j in range(k)], device=index.device)
+    nb = int(np.prod(x.shape[:b]))
+    flat = x.reshape(nb, -1, *x.shape[b + k:])  # [batch, gathered positions, rest]
+    lin = (index.reshape(nb, -1, k) * strides).sum(-1)  # [batch, M]
+    out = flat[torch.arange(nb, device=x.device)[:, None], lin]
+    return out.reshape(*index.shape[:-1], *x.shape[b + k:])
+
+
 def onnx_min(*xs):
     out = xs[0]
     for x in xs[1:]:
@@ -847,6 +862,11 @@ def _topk(b, n):
 @lowering("GatherElements")
 def _gather_elements(b, n):
     return [b.call(onnx_gather_elements, b.inp(n, 0), b.inp(n, 1), n.attr("axis", 0))]
+
+
+@lowering("GatherND")
+def _gather_nd(b, n):
+    return [b.call(onnx_gather_nd, b.inp(n, 0), b.inp(n, 1), n.attr("batch_dims", 0))]
 
 
 @lowering("InstanceNormalization")

@@ -118,6 +118,9 @@ def export_graph(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ..
     names = params[:len(example_inputs)] if len(params) >= len(example_inputs) else \
         [f"input_{i}" for i in range(len(example_inputs))]
     specs = [{0: Dim.AUTO} if dynamic_batch and x.dim() > 0 else None for x in example_inputs]
+    if dynamic_batch:  # torch.export specializes a dimension of size 1 (its 0/1 rule) and would bake batch 1
+        example_inputs = tuple(torch.cat([x, x]) if x.dim() > 0 and x.shape[0] == 1 else x  # into shapes (a
+                               for x in example_inputs)  # causal mask's Expand) of a graph that says 'batch'
     if len(params) >= len(example_inputs):  # by name, so the specialized keyword arguments can be listed too
         dyn: Any = {**dict(zip(names, specs)), **{k: None for k in constants}}
     else:
