@@ -114,8 +114,9 @@ class Quantize(Pass):
     grad_bits: Optional[int] = option(None, "DoReFa gradient quantization: quantize the gradient at every layer "
                                             "output to this many bits in training (dropped on export)",
                                       minimum=2, maximum=16)
-    embeddings: bool = option(False, "also quantize the constant tables of Gather nodes (embeddings) to int8 per "
-                                     "row: a 4x smaller file; onnxruntime dequantizes the table at load time")
+    embeddings: bool | str = option(False, "also quantize the constant tables of Gather nodes (embeddings): true = "
+                                           "int8 per row (a 4x smaller table), or a weight spec such as int4:block32 "
+                                           "(blocks along the row; GatherBlockQuantized with --format qoperator)")
     learn_scales: bool = option(False, "mark weight and activation scales learnable: the torch back end makes them "
                                        "parameters with true gradients (a start for QAT)")
 
@@ -484,8 +485,9 @@ class Quantize(Pass):
 
     def _quantize_tables(self, graph: Graph) -> int:
         """``embeddings=true``: each Gather that reads rows of a constant 2-D float table gets
-        an int8 per-row weight quantizer on it (symmetric, one scale per row)."""
-        spec = parse("int8:channel", "weights")
+        an int8 per-row weight quantizer on it (symmetric, one scale per row); ``embeddings=SPEC``
+        that scheme instead (a block spec's blocks run along the row)."""
+        spec = parse("int8:channel" if self.embeddings is True else self.embeddings, "embeddings")
         n_t = 0
         for n in list(graph.nodes):
             if n.op_type != "Gather" or n.domain != "" or n.attr("axis", 0) != 0 or L.matches(n, self.skip):

@@ -237,3 +237,30 @@ def test_gemm_with_bias_lowers_to_matmulnbits(trans_b):
     proto, rep = export(q, "qoperator")
     assert [n.op_type for n in proto.graph.node] == ["MatMulNBits"] and rep.fused == 1
     assert rel_err(run_ort(proto, x), _sim(q, x)) < 1e-5
+
+
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(50, 64), nn.Linear(64, 16)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+@pytest.mark.parametrize("table", ["int4:block32", "uint4:block16"])
+def test_a_4bit_embedding_table_lowers_to_gather_block_quantized(table):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (8, 12))
+    g = graphopt.from_torch(Embed().eval(), ids[:1])
+    q = PassManager(f"canonicalize,quantize{{weights=int4:block16,acts=float,embeddings={table}}}").run(
+        g.copy(), Context(calib=ids.numpy())).graph
+    proto, rep = export(q, "qoperator")
+    ops = [n.op_type for n in proto.graph.node]
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops and "DequantizeLinear" not in ops, ops
+    table_bytes = sum(len(t.raw_data) or len(t.int32_data) for t in proto.graph.initializer if list(t.dims) == [50, 64])
+    assert 0 < table_bytes <= 50 * 64 // 2  # 4 bits per entry
+    assert rel_err(run_ort(proto, ids.numpy()), _sim(q, ids.numpy())) < 1e-5
+    with pytest.raises(GraphOptError, match="int4:blk32"):
+        PassManager("canonicalize,quantize{weights=int4:block16,acts=float,embeddings=int4:blk32}").run(
+            g.copy(), Context(calib=ids.numpy()))

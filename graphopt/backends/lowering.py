@@ -339,6 +339,11 @@ def _to_qoperator(g: Graph, not_fused: dict[str, str]) -> int:
     Q/DQ around a float op is recorded in ``not_fused`` with its reason."""
     fused = 0
     for n in list(g.nodes):
+        if n.op_type == "Gather" and n.domain == "" and n.graph is not None:
+            why = _gather_blocks(g, n)  # a table lookup, not a layer: not counted in ``fused``
+            if why:
+                not_fused[f"Gather '{n.source}'"] = why
+            continue
         if n.domain != "" or n.op_type not in ("Conv", "MatMul", "Gemm") or n.graph is None:
             continue
         blocks = _block_int4(g, n) if _dq_parts(g, n.inputs[0]) is None else None
@@ -390,6 +395,32 @@ def _block_int4(g: Graph, n: Node):
     elif z is None and shift == 0:
         z = np.zeros(np.asarray(scale).shape, np.uint8)  # uint4 without zero points: zero point 0, not 8
     return u, z, np.asarray(scale, np.float32), bs
+
+
+def _gather_blocks(g: Graph, n: Node) -> str | None:
+    """Gather(axis 0) of a table stored as 4-bit blocks along its rows (DequantizeLinear, axis
+    1) as com.microsoft GatherBlockQuantized, which dequantizes only the rows it gathers: the
+    INT4/UINT4 codes, scales and zero points as they are. None when done; '' when ``n`` is not
+    such a Gather; else why it stays DequantizeLinear + Gather."""
+    tp = _dq_parts(g, n.inputs[0])
+    if tp is None or n.attr("axis", 0) != 0:
+        return ""
+    codes = g.const_value(tp[0])
+    if codes is None or str(np.asarray(codes).dtype) not in ("int4", "uint4") or np.asarray(codes).ndim != 2:
+        return ""
+    bs = int(tp[3].attr("block_size", 0) or 0)
+    if not bs or tp[3].attr("axis", 1) != 1:
+        return "GatherBlockQuantized takes 4-bit blocks along the table's rows"
+    if bs < 16 or bs & (bs - 1):
+        return f"GatherBlockQuantized takes a power-of-two block of at least 16, not {bs}"
+    ins = [tp[0], n.inputs[1], tp[1]] + ([tp[2]] if tp[2] is not None else [])
+    new = g.add_node("GatherBlockQuantized", ins, [n.outputs[0].name + "_gbq"], domain=MS_DOMAIN,
+                     attrs={"gather_axis": 0, "quantize_axis": 1, "block_size": bs, "bits": 4},
+                     source=n.source, name=g.unique_node_name(n.name + "_gbq"))
+    new.outputs[0].dtype, new.outputs[0].shape = n.outputs[0].dtype, n.outputs[0].shape
+    g.opset_imports.setdefault(MS_DOMAIN, 1)
+    g.replace_all_uses(n.outputs[0], new.outputs[0])
+    return None
 
 
 def _nibbles(u: np.ndarray) -> np.ndarray:
