@@ -200,7 +200,8 @@ def test_awq_then_matmulnbits_computes_the_fake_quant_model():
     assert rel_err(run_ort(proto, x[32:]), _sim(q, x[32:])) < 1e-5
 
 
-@pytest.mark.parametrize("spec", ["int4:block16", "int4:block16:asym", "uint4:block16"])
+@pytest.mark.parametrize("spec", ["int4:block16", "int4:block16:asym", "uint4:block16", "int8:block16",
+                                  "uint8:block16", "int2:block16"])
 def test_matmulnbits_takes_asymmetric_blocks_and_a_k_that_is_not_a_multiple_of_the_block(spec):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(40, 32), nn.GELU(), nn.Linear(32, 16)).eval()  # K = 40: the last block is padded
@@ -211,7 +212,10 @@ def test_matmulnbits_takes_asymmetric_blocks_and_a_k_that_is_not_a_multiple_of_t
     proto, rep = export(q, "qoperator")
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 2 and rep.fused == 2
-    assert all(len(n.input) == (3 if spec == "int4:block16" else 4) for n in nbits)  # zero points when asymmetric
+    symmetric = spec.startswith("int") and not spec.endswith("asym")
+    assert all(len(n.input) == (3 if symmetric else 4) for n in nbits)  # zero points when asymmetric
+    bits = {a.name: a.i for a in nbits[0].attribute}["bits"]
+    assert bits == (8 if "8" in spec else 4)  # 2-bit codes live in an int4 container
     assert rel_err(run_ort(proto, x), _sim(q, x)) < 1e-5
 
 

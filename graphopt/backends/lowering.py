@@ -77,10 +77,10 @@ def check_format(fmt: str, quantized: bool, quantizers) -> None:
     if fmt == "qoperator":
         for what, q, kind in quantizers:
             nbits = kind == "weight" and getattr(q, "granularity", "") == "block" \
-                and getattr(q, "bits", 0) == 4  # weight-only 4-bit blocks, either sign: MatMulNBits
+                and getattr(q, "bits", 0) <= 8  # weight-only blocks, either sign: MatMulNBits
             if q.kernel_bits(kind) != 8 and not nbits:
                 raise GraphOptError(f"--format qoperator needs weights and activations on 8-bit integer kernels "
-                                    f"(QLinearConv/QLinearMatMul), or 4-bit weight blocks (MatMulNBits); "
+                                    f"(QLinearConv/QLinearMatMul), or weight blocks of up to 8 bits (MatMulNBits); "
                                     f"{what} is {q.describe()}: use --format qdq")
 
 
@@ -346,9 +346,9 @@ def _to_qoperator(g: Graph, not_fused: dict[str, str]) -> int:
             continue
         if n.domain != "" or n.op_type not in ("Conv", "MatMul", "Gemm") or n.graph is None:
             continue
-        blocks = _block_int4(g, n) if _dq_parts(g, n.inputs[0]) is None else None
+        blocks = _block_nbits(g, n) if _dq_parts(g, n.inputs[0]) is None else None
         if blocks is not None:
-            why = _matmul_nbits(g, n, *blocks)  # weight-only 4-bit blocks: onnxruntime's MatMulNBits
+            why = _matmul_nbits(g, n, *blocks)  # weight-only 4/8-bit blocks: onnxruntime's MatMulNBits
         else:
             why = _fuse(g, n)
         if why is None:
@@ -361,12 +361,16 @@ def _to_qoperator(g: Graph, not_fused: dict[str, str]) -> int:
 MS_DOMAIN = "com.microsoft"
 
 
-def _block_int4(g: Graph, n: Node):
-    """(unsigned codes [K, N] in 0..15, unsigned zero points [K/bs, N] or None for the kernel's
-    default 8, scales [K/bs, N], block size) when ``n`` is a MatMul, or a plain Gemm (no transA,
-    alpha = beta = 1), whose weight is a blocked int4/uint4 DequantizeLinear along its input
-    axis; else None. Signed codes and zero points are shifted by 8 (the nibble's range), which
-    leaves (code - zero point) unchanged."""
+_NBITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8}  # code containers MatMulNBits reads as they are
+
+
+def _block_nbits(g: Graph, n: Node):
+    """(bits, unsigned codes [K, N] in 0..2^bits-1, unsigned zero points [K/bs, N] or None for
+    the kernel's default 2^(bits-1), scales [K/bs, N], block size) when ``n`` is a MatMul, or a
+    plain Gemm (no transA, alpha = beta = 1), whose weight is a blocked 4- or 8-bit
+    DequantizeLinear along its input axis; else None. Signed codes and zero points are shifted
+    by 2^(bits-1), which leaves (code - zero point) unchanged. (A 2- or 3-bit spec is stored in
+    an int4 container and runs as 4-bit blocks.)"""
     if n.op_type == "MatMul":
         in_axis = 0
     elif n.op_type == "Gemm" and not n.attr("transA", 0) and n.attr("alpha", 1.0) == 1.0 \
@@ -381,20 +385,21 @@ def _block_int4(g: Graph, n: Node):
     zp = g.const_value(wp[2]) if wp[2] is not None else None
     bs = int(wp[3].attr("block_size", 0) or 0)
     kind = str(np.asarray(codes).dtype) if codes is not None else ""
-    if scale is None or np.asarray(codes).ndim != 2 or kind not in ("int4", "uint4"):
+    if scale is None or np.asarray(codes).ndim != 2 or kind not in _NBITS:
         return None
+    bits = _NBITS[kind]
     if not bs or wp[3].attr("axis", 1) != in_axis:
         return None
-    shift = 8 if kind == "int4" else 0
+    shift = 1 << (bits - 1) if kind.startswith("int") else 0
     u = (np.asarray(codes).astype(np.int16) + shift).astype(np.uint8)
     z = None if zp is None else (np.asarray(zp).astype(np.int16) + shift).astype(np.uint8)
     if in_axis == 1:  # Gemm with transB: [N, K] -> [K, N]
         u, scale, z = u.T, np.asarray(scale).T, None if z is None else z.T
-    if z is not None and np.all(z == 8):
+    if z is not None and np.all(z == 1 << (bits - 1)):
         z = None  # the kernel's default
-    elif z is None and shift == 0:
-        z = np.zeros(np.asarray(scale).shape, np.uint8)  # uint4 without zero points: zero point 0, not 8
-    return u, z, np.asarray(scale, np.float32), bs
+    elif z is None and shift == 0:  # unsigned codes without zero points: zero point 0, not the default
+        z = np.zeros(np.asarray(scale).shape, np.uint8)
+    return bits, u, z, np.asarray(scale, np.float32), bs
 
 
 def _gather_blocks(g: Graph, n: Node) -> str | None:
@@ -431,13 +436,14 @@ def _nibbles(u: np.ndarray) -> np.ndarray:
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _matmul_nbits(g: Graph, n: Node, codes: np.ndarray, zp: np.ndarray | None, scale: np.ndarray,
+def _matmul_nbits(g: Graph, n: Node, bits: int, codes: np.ndarray, zp: np.ndarray | None, scale: np.ndarray,
                   bs: int) -> str | None:
-    """x @ DQ(int4 blocks) (+ a Gemm's bias) as com.microsoft MatMulNBits: unsigned nibbles, two per byte, low
-    nibble first, laid out [N, blocks, block/2]; scales [N * blocks]; the zero points, when not
-    the kernel's default 8, as nibbles [N, ceil(blocks / 2)] (asymmetric blocks);
-    ``accuracy_level`` 0, so the kernel computes what the file says (float activations), not
-    its int8-activation fast path. The arguments come from ``_block_int4``."""
+    """x @ DQ(4- or 8-bit blocks) (+ a Gemm's bias) as com.microsoft MatMulNBits: unsigned codes
+    packed low bits first (4-bit: two per byte), laid out [N, blocks, block * bits / 8]; scales
+    [N * blocks]; the zero points, when not the kernel's default 2^(bits-1), packed the same
+    way, [N, ceil(blocks * bits / 8)] (asymmetric blocks); ``accuracy_level`` 0, so the kernel
+    computes what the file says (float activations), not its int8-activation fast path. The
+    arguments come from ``_block_nbits``."""
     if bs < 16 or bs & (bs - 1):
         return f"MatMulNBits takes a power-of-two block of at least 16, not {bs}"
     K, N = codes.shape
@@ -448,22 +454,23 @@ def _matmul_nbits(g: Graph, n: Node, codes: np.ndarray, zp: np.ndarray | None, s
             return "its bias is not a constant vector of its outputs (MatMulNBits adds only that)"
         c = np.asarray(c, np.float32).reshape(N)
     nb = -(-K // bs)
-    pad = 8 if zp is None else 0  # padded rows: code = zero point, so they add nothing
+    pad = 1 << (bits - 1) if zp is None else 0  # padded rows: code = zero point, so they add nothing
+    pack = _nibbles if bits == 4 else (lambda a: a)
     u = np.full((nb * bs, N), pad, np.uint8)
     u[:K] = codes
     if zp is not None:  # the padding rows of the last block sit on that block's zero point
         u[K:] = zp[nb - 1][None, :]
     u = np.ascontiguousarray(u.T).reshape(N, nb, bs)
-    b = g.add_const(_nibbles(u), n.inputs[1].name + "_nbits")
+    b = g.add_const(pack(u), n.inputs[1].name + "_nbits")
     sc = g.add_const(np.ascontiguousarray(scale.T).reshape(-1).astype(np.float32), n.inputs[1].name + "_nbits_scale")
     ins = [n.inputs[0], b, sc]
     if zp is not None:
-        ins.append(g.add_const(_nibbles(np.ascontiguousarray(zp.T)).reshape(-1), n.inputs[1].name + "_nbits_zp"))
+        ins.append(g.add_const(pack(np.ascontiguousarray(zp.T)).reshape(-1), n.inputs[1].name + "_nbits_zp"))
     if c is not None:
         ins += [None] * (5 - len(ins)) + [g.add_const(c, n.inputs[2].name + "_nbits_bias")]  # A, B, scales,
         # zero_points, g_idx, bias
     new = g.add_node("MatMulNBits", ins, [n.outputs[0].name + "_nbits"], domain=MS_DOMAIN,
-                     attrs={"K": K, "N": N, "bits": 4, "block_size": bs, "accuracy_level": 0},
+                     attrs={"K": K, "N": N, "bits": bits, "block_size": bs, "accuracy_level": 0},
                      source=n.source, name=g.unique_node_name(n.name + "_nbits"))
     new.outputs[0].dtype, new.outputs[0].shape = n.outputs[0].dtype, n.outputs[0].shape
     g.opset_imports.setdefault(MS_DOMAIN, 1)

@@ -295,6 +295,9 @@ class Uniform(Quantizer):
             _qdq(graph, node, self, TensorProto.INT8 if self.signed else TensorProto.UINT8, False)
             return Lowered(True, 13)
         elem, why = self.integer_type(node.attr("kind", "act"), is_const)
+        if fmt != "float" and elem is None and is_const and self.block_size and self.bits < 8:
+            # weight-only blocks of 2, 3, 5-7 bits: the next container (int4/int8) holds the codes
+            elem = INT_TYPES[(4 if self.bits < 4 else 8, self.signed)]
         if fmt == "float" or elem is None:
             _simulate(graph, node, self)
             return Lowered(False, 13, "float format asked for" if fmt == "float" else why)
