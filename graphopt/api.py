@@ -230,7 +230,7 @@ def _own_dirs() -> tuple[str, ...]:
 def run(graph, pipeline, ctx, output: str | os.PathLike | None, fmt: str = "qdq", *, input_name: str | None = None,
         input_bytes: int | None = None, load_s: float = 0.0, report_samples: int = 32, kernels: bool = True,
         verify_each: bool = False, instruments: list | None = None, external_data: bool | None = None,
-        writer: bool = True) -> Report:
+        writer: bool = True, accuracy_level: int = 0) -> Report:
     """Run ``pipeline`` (a parsed pipeline) over ``graph`` and write ``output`` (None: lowered to
     a temporary file for the report, then dropped); the core of ``convert`` and of the CLI. The
     warnings graphopt logs or raises meanwhile go into the report."""
@@ -241,7 +241,7 @@ def run(graph, pipeline, ctx, output: str | os.PathLike | None, fmt: str = "qdq"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rep = _run(graph, pipeline, ctx, output, fmt, input_name, input_bytes, load_s, report_samples, kernels,
-                       verify_each, instruments or [], external_data, writer)
+                       verify_each, instruments or [], external_data, writer, accuracy_level)
         ours = _own_dirs()
         for w in caught:  # re-issued, so a caller's own filters still see them
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -255,7 +255,7 @@ def run(graph, pipeline, ctx, output: str | os.PathLike | None, fmt: str = "qdq"
 
 
 def _run(graph, pipeline, ctx, output, fmt, input_name, input_bytes, load_s, report_samples, kernels, verify_each,
-         instruments, external_data, writer) -> Report:
+         instruments, external_data, writer, accuracy_level=0) -> Report:
     from graphopt.backends.lowering import export_file
     from graphopt.passmanager import PassManager
 
@@ -278,7 +278,7 @@ def _run(graph, pipeline, ctx, output, fmt, input_name, input_bytes, load_s, rep
         tmpdir = tempfile.TemporaryDirectory(prefix="graphopt-")
         path = os.path.join(tmpdir.name, "model.onnx")
     try:
-        low = export_file(graph, path, fmt, external_data=external_data)
+        low = export_file(graph, path, fmt, external_data=external_data, accuracy_level=accuracy_level)
         t_write = time.perf_counter()
         rep.after = _measure(graph)
         rep.sizes = {"input_bytes": input_bytes, "output_bytes": _file_bytes(path)}
@@ -424,7 +424,7 @@ def convert(model, output: str | os.PathLike | None = None, *, pipeline: str | N
             preset: str | None = None, calib: Any = None, train: Any = None, teacher: Any = None,
             format: str | None = None, example_inputs: Any = None, report_samples: int = 32, kernels: bool = True,
             verify_each: bool = False, external_data: bool | None = None, progress: bool | None = None,
-            device: str | None = None) -> Report:
+            device: str | None = None, accuracy_level: int = 0) -> Report:
     """Compress ``model`` with ``pipeline`` (a pipeline string) or ``preset`` (a preset name; the
     ``default`` preset when neither is given) and write it to ``output`` in ``format`` ("float",
     "qdq" or "qoperator"; by default "qdq" when the pipeline quantizes, else "float"); return the
@@ -437,7 +437,8 @@ def convert(model, output: str | os.PathLike | None = None, *, pipeline: str | N
     ``(inputs, labels)`` pair for training steps; ``teacher``: a model to distill from. With
     ``output=None`` nothing is written (the report still lowers the model to measure it).
     ``kernels=False`` skips the onnxruntime kernel check and the per-layer SQNR. ``device``:
-    where calibration and training steps run (auto, cpu, cuda, cuda:N, mps).
+    where calibration and training steps run (auto, cpu, cuda, cuda:N, mps). ``accuracy_level``:
+    written into every ``MatMulNBits`` (qoperator; 0 = float activations, 4 = int8, faster).
     The input is never changed. Errors are ``GraphOptError`` subclasses with a one-line cause.
     """
     from graphopt.passmanager import Context
@@ -449,6 +450,10 @@ def convert(model, output: str | os.PathLike | None = None, *, pipeline: str | N
     if format not in FORMATS:
         raise UsageError(f"unknown format '{format}'; formats: {', '.join(FORMATS)}")
     check_format(parsed, format)
+    from graphopt.backends.lowering import ACCURACY_LEVELS
+
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise UsageError(f"accuracy_level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, not {accuracy_level}")
     if output is not None:
         _check_output(model, output)
     t0 = time.perf_counter()
@@ -468,7 +473,7 @@ def convert(model, output: str | os.PathLike | None = None, *, pipeline: str | N
     ctx = Context(calib=calib, train=_training(train), teacher=t_teacher, progress=progress, device=device)
     return run(graph, parsed, ctx, output, format, input_name=name, input_bytes=nbytes,
                load_s=time.perf_counter() - t0, report_samples=report_samples, kernels=kernels,
-               verify_each=verify_each, external_data=external_data)
+               verify_each=verify_each, external_data=external_data, accuracy_level=accuracy_level)
 
 
 def _check_output(model, output) -> None:

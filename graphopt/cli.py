@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--train-labels", metavar="Y.npy", help="integer labels [N] for --train")
     c.add_argument("--teacher", metavar="MODEL", help="teacher for distillation in training steps")
     c.add_argument("--format", choices=FORMATS, default="float", help="output format")
+    c.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0, metavar="{0..4}",
+                   help="qoperator: accuracy_level of every MatMulNBits (0: float activations, what the file "
+                        "computes; 4: onnxruntime quantizes them to int8 per block, faster, not exact)")
     c.add_argument("--no-report", action="store_true",
                    help="skip the quantization report (onnxruntime's kernel check and per-layer SQNR)")
     c.add_argument("--report-samples", type=_positive_int, default=32, metavar="N",
@@ -539,7 +542,8 @@ def cmd_convert(args) -> int:
                  load_s=time.perf_counter() - t0, report_samples=args.report_samples, kernels=not args.no_report,
                  verify_each=args.verify_each,
                  instruments=[timing] + ([DumpIRInstrument(args.dump_ir)] if args.dump_ir else []),
-                 external_data=True if args.external_data else None, writer=_writer())
+                 external_data=True if args.external_data else None, writer=_writer(),
+                 accuracy_level=args.accuracy_level)
     if not _writer():  # under torchrun rank 0 writes the model and the report
         return 0
     print(report.summary())

@@ -268,3 +268,28 @@ def test_a_4bit_embedding_table_lowers_to_gather_block_quantized(table):
     with pytest.raises(GraphOptError, match="int4:blk32"):
         PassManager("canonicalize,quantize{weights=int4:block16,acts=float,embeddings=int4:blk32}").run(
             g.copy(), Context(calib=ids.numpy()))
+
+
+def test_cli_writes_the_accuracy_level_asked_for(tmp_path):
+    import subprocess
+    import sys
+
+    import onnx
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 16)).eval()
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    graphopt.save_onnx(graphopt.from_torch(m, torch.randn(1, 4, 64)), src)
+    pipe = "canonicalize,quantize{weights=int4:block32,acts=float}"
+    cmd = [sys.executable, "-m", "graphopt.cli", "convert", str(src), "-o", str(out), "--pipeline", pipe,
+           "--format", "qoperator", "--no-report"]
+    r = subprocess.run(cmd + ["--accuracy-level", "4"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    levels = [{a.name: a.i for a in n.attribute}["accuracy_level"] for n in onnx.load(out).graph.node
+              if n.op_type == "MatMulNBits"]
+    assert levels == [4, 4]
+    bad = subprocess.run(cmd + ["--accuracy-level", "7"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "accuracy-level" in bad.stderr
+    with pytest.raises(graphopt.GraphOptError, match="accuracy_level must be one of"):
+        graphopt.convert(str(src), str(tmp_path / "x.onnx"), pipeline=pipe, format="qoperator", accuracy_level=9)
+    assert not (tmp_path / "x.onnx").exists()

@@ -33,6 +33,7 @@ from graphopt.quantizers import DOMAIN, from_node, is_fake_quant
 from graphopt.quantizers.base import refresh_bias_scales
 from graphopt.quantizers.packing import codes_of, int8_codes
 
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: minimum precision of its activations (0 = as the file; 4 = int8)
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat",
                    "DynamicQuantizeMatMul", "QAttention", "MatMulNBits"}
 FLOAT_KERNELS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "ConvTranspose", "NhwcConv"}
@@ -84,9 +85,13 @@ def check_format(fmt: str, quantized: bool, quantizers) -> None:
                                     f"{what} is {q.describe()}: use --format qdq")
 
 
-def lower(graph: Graph, fmt: str) -> tuple[Graph, LowerReport]:
+def lower(graph: Graph, fmt: str, *, accuracy_level: int = 0) -> tuple[Graph, LowerReport]:
     """A lowered copy of ``graph`` (FakeQuant-free) and what was done. Each FakeQuant is
-    lowered by its own scheme (``Quantizer.lower``); QOperator fusion then runs on the Q/DQ form."""
+    lowered by its own scheme (``Quantizer.lower``); QOperator fusion then runs on the Q/DQ form.
+    ``accuracy_level`` goes into every ``MatMulNBits`` (0: float activations, what the file
+    says; 4: onnxruntime quantizes the activations to int8 per block, faster, not exact)."""
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise GraphOptError(f"accuracy level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, not {accuracy_level}")
     from graphopt.training.gradquant import drop_grad_quants
 
     g = graph.copy()
@@ -137,7 +142,7 @@ def lower(graph: Graph, fmt: str) -> tuple[Graph, LowerReport]:
                 elif why:
                     rep.not_fused[f"{n.op_type} '{n.source}'"] = why
     if fmt == "qoperator":
-        rep.fused += _to_qoperator(g, rep.not_fused)
+        rep.fused += _to_qoperator(g, rep.not_fused, accuracy_level)
     g.eliminate_dead()
     rep.opset = max(g.opset_imports.get("", 13), need)
     return g, rep
@@ -158,7 +163,7 @@ def _split_for_float_layers(g: Graph, n: Node, q, float_layers: set, rep: LowerR
     rep.simulated_why[copy.name] = "it feeds a layer whose weight is simulated in float"
 
 
-def export(graph: Graph, fmt: str = "float") -> tuple[onnx.ModelProto, LowerReport | None]:
+def export(graph: Graph, fmt: str = "float", *, accuracy_level: int = 0) -> tuple[onnx.ModelProto, LowerReport | None]:
     """The one way a graph becomes an ONNX model: a float graph as it is (``fmt='float'``), a
     quantized one lowered to ``fmt`` (``qdq``, ``qoperator``, or ``float``: its exact float
     simulation). Returns the model and the lowering report (None for a float graph)."""
@@ -166,12 +171,12 @@ def export(graph: Graph, fmt: str = "float") -> tuple[onnx.ModelProto, LowerRepo
 
     if fmt == "float" and not is_quantized(graph):
         return to_onnx(graph), None
-    lowered, rep = lower(graph, fmt)
+    lowered, rep = lower(graph, fmt, accuracy_level=accuracy_level)
     return to_model(lowered, rep.opset), rep
 
 
 def export_file(graph: Graph, path: str | os.PathLike, fmt: str = "float", *,
-                external_data: bool | None = None) -> LowerReport | None:
+                external_data: bool | None = None, accuracy_level: int = 0) -> LowerReport | None:
     """``export`` written atomically to ``path`` (a float graph through ``save_onnx``, which can
     write large weights as external data). Returns the lowering report, or None."""
     from graphopt.atomic import atomic_paths
@@ -180,7 +185,7 @@ def export_file(graph: Graph, path: str | os.PathLike, fmt: str = "float", *,
     if fmt == "float" and not is_quantized(graph):
         save_onnx(graph, path, external_data=external_data)
         return None
-    model, rep = export(graph, fmt)
+    model, rep = export(graph, fmt, accuracy_level=accuracy_level)
     with atomic_paths(str(path)) as (tmp,):
         with open(tmp, "wb") as fh:
             fh.write(model.SerializeToString())
@@ -334,7 +339,7 @@ def _act_implied(g: Graph, acts: list[Node], q: Node) -> bool:
     return low_ok and high_ok
 
 
-def _to_qoperator(g: Graph, not_fused: dict[str, str]) -> int:
+def _to_qoperator(g: Graph, not_fused: dict[str, str], accuracy_level: int = 0) -> int:
     """Fuse DQ -> Conv/MatMul/Gemm -> [Relu/Clip] -> Q into integer ops. Every layer left as
     Q/DQ around a float op is recorded in ``not_fused`` with its reason."""
     fused = 0
@@ -348,7 +353,7 @@ def _to_qoperator(g: Graph, not_fused: dict[str, str]) -> int:
             continue
         blocks = _block_nbits(g, n) if _dq_parts(g, n.inputs[0]) is None else None
         if blocks is not None:
-            why = _matmul_nbits(g, n, *blocks)  # weight-only 4/8-bit blocks: onnxruntime's MatMulNBits
+            why = _matmul_nbits(g, n, *blocks, level=accuracy_level)  # weight-only blocks: MatMulNBits
         else:
             why = _fuse(g, n)
         if why is None:
@@ -437,13 +442,13 @@ def _nibbles(u: np.ndarray) -> np.ndarray:
 
 
 def _matmul_nbits(g: Graph, n: Node, bits: int, codes: np.ndarray, zp: np.ndarray | None, scale: np.ndarray,
-                  bs: int) -> str | None:
+                  bs: int, *, level: int = 0) -> str | None:
     """x @ DQ(4- or 8-bit blocks) (+ a Gemm's bias) as com.microsoft MatMulNBits: unsigned codes
     packed low bits first (4-bit: two per byte), laid out [N, blocks, block * bits / 8]; scales
     [N * blocks]; the zero points, when not the kernel's default 2^(bits-1), packed the same
-    way, [N, ceil(blocks * bits / 8)] (asymmetric blocks); ``accuracy_level`` 0, so the kernel
-    computes what the file says (float activations), not its int8-activation fast path. The
-    arguments come from ``_block_nbits``."""
+    way, [N, ceil(blocks * bits / 8)] (asymmetric blocks); ``accuracy_level`` ``level``: 0 by
+    default, so the kernel computes what the file says (float activations), not its
+    int8-activation fast path (4). The arguments come from ``_block_nbits``."""
     if bs < 16 or bs & (bs - 1):
         return f"MatMulNBits takes a power-of-two block of at least 16, not {bs}"
     K, N = codes.shape
@@ -470,7 +475,7 @@ def _matmul_nbits(g: Graph, n: Node, bits: int, codes: np.ndarray, zp: np.ndarra
         ins += [None] * (5 - len(ins)) + [g.add_const(c, n.inputs[2].name + "_nbits_bias")]  # A, B, scales,
         # zero_points, g_idx, bias
     new = g.add_node("MatMulNBits", ins, [n.outputs[0].name + "_nbits"], domain=MS_DOMAIN,
-                     attrs={"K": K, "N": N, "bits": bits, "block_size": bs, "accuracy_level": 0},
+                     attrs={"K": K, "N": N, "bits": bits, "block_size": bs, "accuracy_level": level},
                      source=n.source, name=g.unique_node_name(n.name + "_nbits"))
     new.outputs[0].dtype, new.outputs[0].shape = n.outputs[0].dtype, n.outputs[0].shape
     g.opset_imports.setdefault(MS_DOMAIN, 1)
