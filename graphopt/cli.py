@@ -286,6 +286,7 @@ def _analysis_args(p) -> None:
                    "[0,1] (EfficientNet-Lite0 needs 0.5,0.5,0.5)")
     p.add_argument("--std", default="0.229,0.224,0.225", help="image folder: per-channel std")
     p.add_argument("--eval", metavar="LABELS.npy", help="integer labels for the samples: report top-1 too")
+    p.add_argument("--device", default="cpu", help="where the trials run: auto, cpu, cuda, cuda:N, mps")
 
 TRAINING_COMMANDS = ("convert", "finetune", "lottery")  # those that may train: under torchrun they join its group
 
@@ -774,6 +775,13 @@ def _labels(args, data):
 
 
 def cmd_analyze(args) -> int:
+    from graphopt.training.device import calibrating_on
+
+    with calibrating_on(getattr(args, "device", None)):  # the scans and their calibration run there
+        return _analyze(args)
+
+
+def _analyze(args) -> int:
     from graphopt import analyze
 
     graph = load_model(args.model, args)

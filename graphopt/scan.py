@@ -19,6 +19,10 @@ Trials give rows of one schema, ``{"unit", "level", "cost", "error"}`` plus what
 adds; ``graphopt.allocate`` chooses a level per unit under a budget. choose-bits,
 ``prune-weights{scope=sensitivity}``, prune-channels' sensitivity and prune-blocks' block scan
 are adapters over it.
+
+Scans run on the calibration device (``graphopt.training.device.calibrating_on``: a pipeline's
+``Context(device=...)``, ``graphopt analyze ... --device``); samples, modules and outputs live
+there, the metrics come back as Python floats.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ class Scan:
 
         from graphopt.backends.torch_module import to_torch
         from graphopt.training.calibration import CalibrationData
+        from graphopt.training.device import calibration_device
 
+        self.device = calibration_device()
         data = data if isinstance(data, CalibrationData) else CalibrationData(data)
         data.check_against(graph)
         batches, n = [], 0
@@ -48,12 +54,12 @@ class Scan:
             t = data.tensors(b)
             if max_samples is not None:
                 t = tuple(x[: max_samples - n] for x in t)
-            batches.append(t)
+            batches.append(tuple(x.to(self.device) for x in t))
             n += len(t[0])
         self.graph, self.batches, self.n_samples = graph, batches, n
-        self.module = to_torch(graph).eval()
+        self.module = to_torch(graph).eval().to(self.device)
         self.params = dict(self.module.named_parameters())
-        self.labels = None if labels is None else torch.from_numpy(np.asarray(labels)[:n]).long()
+        self.labels = None if labels is None else torch.from_numpy(np.asarray(labels)[:n]).long().to(self.device)
         with torch.no_grad():
             self.ref = [self.module(*b) for b in batches]
         self.ref_ss = float(sum(r.double().pow(2).sum() for r in self.ref))
@@ -101,7 +107,7 @@ class Scan:
         """Trial: a transformed copy of the graph, built and run on the same samples."""
         from graphopt.backends.torch_module import to_torch
 
-        return self.measure(self.run(to_torch(graph).eval()))
+        return self.measure(self.run(to_torch(graph).eval().to(self.device)))
 
 
 def row(unit: str, level: Any, cost: float, trial: dict[str, float], **extra) -> dict[str, Any]:

@@ -195,7 +195,7 @@ def _hessian_traces(module, graph, layers, batches, ref, y, probes: int) -> dict
             loss = F.cross_entropy(out, y[start:start + len(b)], reduction="sum") / total
         grads = torch.autograd.grad(loss, ws, create_graph=True)
         for _ in range(probes):
-            vs = [torch.randint(0, 2, w.shape, generator=gen).to(w.dtype) * 2 - 1 for w in ws]
+            vs = [torch.randint(0, 2, w.shape, generator=gen).to(w.device, w.dtype) * 2 - 1 for w in ws]
             hv = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), ws, retain_graph=True)
             acc += torch.tensor([float((h * v).sum()) for h, v in zip(hv, vs)], dtype=torch.float64) / probes
     return {n.name: float(acc[i]) / ws[i].numel() for i, n in enumerate(layers)}

@@ -108,3 +108,30 @@ def test_the_context_device_is_where_calibration_runs(monkeypatch):
     if NO_CUDA:
         with pytest.raises(GraphOptError, match="has no CUDA device here"):
             PassManager("quantize").run(g.copy(), Context(calib=xs[:32], device="cuda"))
+
+
+def test_scans_run_where_the_calibration_device_says(monkeypatch, tmp_path):
+    """analyze's sweeps (graphopt.scan) follow --device: tensors on that device, the refusal
+    of a device this machine lacks in one line."""
+    from graphopt.scan import Scan
+    from graphopt.training import device
+
+    model, x = build("resnet", 0)
+    g, _, _ = _qat("canonicalize,fold-bn")
+    xs = np.random.default_rng(0).standard_normal((8,) + tuple(x.shape[1:])).astype(np.float32)
+    with device.calibrating_on("cpu"):
+        scan = Scan(g, xs)
+    assert scan.device.type == "cpu" and all(b[0].device.type == "cpu" for b in scan.batches)
+    seen = []
+    monkeypatch.setattr(device, "_CALIBRATION", [torch.device("cpu")])
+    real = device.calibration_device
+    monkeypatch.setattr(device, "calibration_device", lambda: seen.append(1) or real())
+    Scan(g, xs)
+    assert seen  # the scan asked the owner where to run
+    path = tmp_path / "m.onnx"
+    path.write_bytes(export(model, x, fold=False).SerializeToString())
+    np.save(tmp_path / "c.npy", xs)
+    if NO_CUDA:
+        r = subprocess.run([sys.executable, "-m", "graphopt.cli", "analyze", "blocks", str(path), "--calib",
+                            str(tmp_path / "c.npy"), "--device", "cuda"], capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "no CUDA device" in r.stderr
