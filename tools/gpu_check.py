@@ -162,6 +162,22 @@ def main() -> int:
         return f"checkpoint tensors saved on {devs}; resumed on the CPU"
     check("checkpoint on the GPU, resume on the CPU", resume_on_cpu)
 
+    def sweeps():
+        from graphopt.passes.bits import bit_sensitivity
+        from graphopt.passes.prune import sensitivity
+
+        from graphopt.training.device import calibrating_on
+
+        x, y = _data(64)
+        g = PassManager("canonicalize,fold-bn").run(graphopt.from_torch(_model(), torch.from_numpy(x[:1])),
+                                                    Context()).graph
+        with calibrating_on(a.device):  # what `graphopt analyze ... --device` does
+            rows = sensitivity(g, x, ratios=(0.3,), labels=y)
+            bits = bit_sensitivity(g, x, widths=(4, 8), labels=y)
+            hawq = bit_sensitivity(g, x, widths=(4, 8), labels=y, method="hessian", probes=2)
+        return f"{len(rows)} channel-pruning trials, {len(bits)} + {len(hawq)} bit-width rows on {a.device}"
+    check("analyze sweeps (channels, bits)", sweeps)
+
     def timing():
         from graphopt.training.finetune import FinetuneConfig, finetune
 
