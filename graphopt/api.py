@@ -450,10 +450,9 @@ def convert(model, output: str | os.PathLike | None = None, *, pipeline: str | N
     if format not in FORMATS:
         raise UsageError(f"unknown format '{format}'; formats: {', '.join(FORMATS)}")
     check_format(parsed, format)
-    from graphopt.backends.lowering import ACCURACY_LEVELS
+    from graphopt.backends.lowering import check_accuracy_level
 
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise UsageError(f"accuracy_level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, not {accuracy_level}")
+    check_accuracy_level(accuracy_level)  # before any work
     if output is not None:
         _check_output(model, output)
     t0 = time.perf_counter()

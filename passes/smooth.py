@@ -290,8 +290,9 @@ def awq_search(xm: np.ndarray, H: np.ndarray, ws: list[np.ndarray], q, grid: int
     its error, the error at alpha = 0)."""
     Ht = torch.from_numpy(np.asarray(H, np.float64))
     base = np.maximum(np.asarray(xm, np.float64), 1e-8)
+    alphas = np.linspace(0.0, 1.0, grid + 1)
     errs, scales = [], []
-    for a in np.linspace(0.0, 1.0, grid + 1):  # grid points in sequence; every one is a batched computation
+    for a in alphas:  # grid points in sequence; every one is a batched computation
         s = np.clip(base ** a, 1e-4, None)
         s = s / np.sqrt(s.max() * s.min())
         err = 0.0
@@ -303,7 +304,7 @@ def awq_search(xm: np.ndarray, H: np.ndarray, ws: list[np.ndarray], q, grid: int
         errs.append(err)
         scales.append(s)
     best = int(np.argmin(errs))
-    return float(np.linspace(0.0, 1.0, grid + 1)[best]), scales[best], errs[best], errs[0]
+    return float(alphas[best]), scales[best], errs[best], errs[0]
 
 
 class _Rows:

@@ -85,13 +85,18 @@ def check_format(fmt: str, quantized: bool, quantizers) -> None:
                                     f"{what} is {q.describe()}: use --format qdq")
 
 
+def check_accuracy_level(level) -> None:
+    """A MatMulNBits accuracy level onnxruntime defines, or a one-line error."""
+    if level not in ACCURACY_LEVELS:
+        raise GraphOptError(f"accuracy_level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, not {level}")
+
+
 def lower(graph: Graph, fmt: str, *, accuracy_level: int = 0) -> tuple[Graph, LowerReport]:
     """A lowered copy of ``graph`` (FakeQuant-free) and what was done. Each FakeQuant is
     lowered by its own scheme (``Quantizer.lower``); QOperator fusion then runs on the Q/DQ form.
     ``accuracy_level`` goes into every ``MatMulNBits`` (0: float activations, what the file
     says; 4: onnxruntime quantizes the activations to int8 per block, faster, not exact)."""
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise GraphOptError(f"accuracy level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, not {accuracy_level}")
+    check_accuracy_level(accuracy_level)
     from graphopt.training.gradquant import drop_grad_quants
 
     g = graph.copy()
