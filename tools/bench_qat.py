@@ -36,12 +36,14 @@ from common import (
     cifar_augment,
     cifar_normalize,
     cifar_val,
+    key_of,
     load_results,
     ort_logits,
     ort_session,
     save_results,
     top1_pct,
     torch_logits,
+    with_budgets,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
@@ -126,7 +128,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     secs = time.perf_counter() - t
     q = r.graph
     sim = torch_logits(graphopt.to_torch(q).eval(), xt)
-    out = WORK / f"{row}.onnx"
+    out = WORK / f"{key_of(row, epochs)}.onnx"
     export_file(q, out, "qdq")
     ort = ort_logits(out, xt)
     out_fq = q.outputs[0].producer  # the logits' own quantizer: its step is the unit of the difference
@@ -187,7 +189,7 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
         peer.freeze(model)
     sim = torch_logits(model, xt)
     conv = torch_logits(peer.converted(model), xt) if hasattr(peer, "converted") else None
-    out = WORK / f"{row}.onnx"
+    out = WORK / f"{key_of(row, epochs)}.onnx"
     why = export(model, out)
     res = {"pipeline": f"{row.split('-')[0]} {row}: W{wb}A{ab}, first conv and classifier W8", "epochs": epochs,
            "torch_top1": top1_pct(sim, yt), "wall_s": round(secs, 1),
@@ -212,12 +214,6 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     return res
 
 
-def key_of(row: str, epochs: int) -> str:
-    """A row's results key and checkpoint name: the row, or ``row@Nep`` at another budget than
-    the table's default 3 epochs (both stay in the table)."""
-    return row if epochs == 3 else f"{row}@{epochs}ep"
-
-
 def table() -> None:
     res = load()
     print("| row | what | epochs | top-1 torch | top-1 onnxruntime | agree | max diff (output steps) | s/epoch "
@@ -225,9 +221,8 @@ def table() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     rows = {**{k: w for k, (_, w) in ROWS.items()}, **{k: w for k, (_, _, w) in PEER_ROWS.items()}}
     fmt = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
-    budgets = [(k, w) for base, w in rows.items() for k in [base] + sorted(
-        (k for k in res if k.startswith(base + "@")), key=lambda k: int(k.split("@")[1][:-2]))]
-    for row, what in budgets:
+    for row in with_budgets(rows, res):
+        what = rows[row.split("@")[0]]
         r = res.get(row)
         if r:
             print(f"| {row} | {what} | {r['epochs']} | {fmt(r['torch_top1'])} | {fmt(r['ort_top1'])} | "

@@ -2,6 +2,7 @@
 peers trained by the same recipe.
 
   python tools/bench_sparsity.py --row gmp-80 [--epochs 3]   # train (or resume) one row
+                                                             # (another budget: key gmp-80@Nep)
   python tools/bench_sparsity.py --list
   python tools/bench_sparsity.py --table
 
@@ -36,11 +37,13 @@ from common import (
     cifar10,
     cifar_augment,
     cifar_normalize,
+    key_of,
     load_results,
     ort_logits,
     save_results,
     top1_pct,
     torch_logits,
+    with_budgets,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparsity.json"
@@ -79,6 +82,11 @@ def _export_stats(g) -> dict:
             "compressed_mb": round(enc / 8e6, 4), "dense_mb": round(p * 4 / 1e6, 4)}
 
 
+def _file(row: str, epochs: int, suffix: str) -> Path:
+    """Where a row's checkpoint or export lives at a budget (``nm-2_4@20ep.pt``)."""
+    return WORK / f"{key_of(row, epochs).replace(':', '_')}{suffix}"
+
+
 def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     import onnx
     import torch
@@ -99,7 +107,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     shot = PassManager(oneshot).run(g.copy()).graph
     before = top1_pct(torch_logits(graphopt.to_torch(shot).eval(), xt), yt)
     calib = xtr[np.random.default_rng(0).permutation(len(xtr))[:512]]
-    pipe = prune + "," + FT.format(epochs=epochs, lr=lr, ck=WORK / f"{TRAINS_AS.get(row, row).replace(':', '_')}.pt")
+    pipe = prune + "," + FT.format(epochs=epochs, lr=lr, ck=_file(TRAINS_AS.get(row, row), epochs, ".pt"))
     if after:
         pipe += "," + after
     t = time.perf_counter()
@@ -107,7 +115,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     secs = time.perf_counter() - t
     q = r.graph
     sim = torch_logits(graphopt.to_torch(q).eval(), xt)
-    out = WORK / f"{row.replace(':', '_')}.onnx"
+    out = _file(row, epochs, ".onnx")
     if after:
         export_file(q, out, "qdq")
     else:
@@ -140,7 +148,7 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
 
         tp.global_unstructured(layers, pruning_method=tp.L1Unstructured, amount=PEERS[row])
         before = top1_pct(torch_logits(model.eval(), xt), yt)
-        train(model, teacher, xtr, ytr, cifar_augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row}.pt")
+        train(model, teacher, xtr, ytr, cifar_augment, epochs=epochs, lr=lr, checkpoint=_file(row, epochs, ".pt"))
         for m, name in layers:
             tp.remove(m, name)
     else:
@@ -154,13 +162,13 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
         except Exception as e:  # the peer's limitation is a result
             return {"pipeline": row, "epochs": epochs, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
         before = top1_pct(torch_logits(model.eval(), xt), yt)
-        train(model, teacher, xtr, ytr, cifar_augment, epochs=epochs, lr=lr, checkpoint=WORK / f"{row.replace(':', '_')}.pt")
+        train(model, teacher, xtr, ytr, cifar_augment, epochs=epochs, lr=lr, checkpoint=_file(row, epochs, ".pt"))
         sp.squash_mask()
     secs = time.perf_counter() - t
     model.eval()
     sim = torch_logits(model, xt)
     g = graphopt.from_torch(model, torch.zeros(1, 3, 32, 32))
-    out = WORK / f"{row.replace(':', '_')}.onnx"
+    out = _file(row, epochs, ".onnx")
     graphopt.save_onnx(g, out)
     ort = ort_logits(out, xt)
     return {"pipeline": row, "epochs": epochs, "after_pruning": before, "torch_top1": top1_pct(sim, yt),
@@ -174,12 +182,12 @@ def table() -> None:
     print("| row | what | epochs | sparsity | top-1 after pruning | after fine-tuning (torch) | onnxruntime | "
           "nonzero MACs | compressed MB (dense) | s/epoch |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in [*ROWS, *PEERS]:
-        r = res.get(row)
+    for row in with_budgets([*ROWS, *PEERS], res):
+        r, base = res.get(row), row.split("@")[0]
         if r and "error" in r:
             print(f"| {row} | peer | {r['epochs']} | - | fails: {r['error']} | - | - | - | - | - |")
         elif r:
-            what = ROWS[row][3] if row in ROWS else "peer"
+            what = ROWS[base][3] if base in ROWS else "peer"
             print(f"| {row} | {what} | {r['epochs']} | {100 * r['sparsity']:.1f}% | {r['after_pruning']:.2f} | "
                   f"{r['torch_top1']:.2f} | {r['ort_top1']:.2f} | {100 * r['nonzero_macs']:.1f}% | "
                   f"{r['compressed_mb']:.3f} ({r['dense_mb']:.3f}) | {r['s_per_epoch']} |")
@@ -195,6 +203,7 @@ def plot(path: Path) -> None:
     res = {k: r for k, r in load_results(RESULTS).items() if "error" not in r}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.axhline(FP32, color="0.5", ls="--", lw=1, label=f"FP32 {FP32}")
+    longer = {k: res.pop(k) for k in [k for k in res if "@" in k]}  # other budgets: points of their own
     gmp = sorted((r["sparsity"], r["ort_top1"]) for k, r in res.items() if k.startswith("gmp-"))
     if gmp:
         ax.plot([100 * (1 - s) for s, _ in gmp], [a for _, a in gmp], "o-", label="graphopt global gradual")
@@ -205,11 +214,14 @@ def plot(path: Path) -> None:
                if k.startswith(prefix + "-") and not k.endswith("int8")]
         if pts:
             ax.scatter(*zip(*pts), marker=m, s=50, label=label, zorder=3)
+    for k, r in longer.items():
+        ax.scatter(100 * (1 - r["sparsity"]), r["ort_top1"], marker="*", s=90, zorder=4,
+                   label=f"{k.split('@')[0]}, {r['epochs']} epochs")
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("top-1 on 10,000 test images (onnxruntime)")
     epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in res.values()}))
-    ax.set_title(f"ResNet-20 / CIFAR-10, fine-tuned {epochs} epochs per row")
+    ax.set_title(f"ResNet-20 / CIFAR-10, fine-tuned {epochs} epochs per row" + (" (stars: longer)" if longer else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -245,10 +257,10 @@ def main() -> int:
         global WORK
         WORK = WORK / "smoke"
     result = (run_peer if args.row in PEERS else run_row)(args.row, args.epochs, args.lr, args.limit)
-    print(json.dumps({args.row: result}))
+    print(json.dumps({key_of(args.row, args.epochs): result}))
     if args.limit is None:
         res = load_results(RESULTS)
-        res[args.row] = result
+        res[key_of(args.row, args.epochs)] = result
         save_results(RESULTS, res)
     return 0
 

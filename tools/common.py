@@ -188,6 +188,19 @@ def save_results(path: Path, res: dict) -> None:
     os.replace(tmp, path)
 
 
+def key_of(row: str, epochs: int, default: int = 3) -> str:
+    """A training row's results key and checkpoint name: the row, or ``row@Nep`` at another budget
+    than its table's default (both stay in the table; neither resumes the other's checkpoint)."""
+    return row if epochs == default else f"{row}@{epochs}ep"
+
+
+def with_budgets(rows, res: dict) -> list[str]:
+    """The results keys to tabulate, in the table's row order: each row, then its other budgets
+    (``row@Nep``) in increasing epochs."""
+    return [k for base in rows for k in [base] + sorted(
+        (k for k in res if k.startswith(base + "@")), key=lambda k: int(k.split("@")[1][:-2]))]
+
+
 # ------------------------------------------------------------------ shared by several benchmarks
 PTQ_CACHE = Path(tempfile.gettempdir()) / "graphopt-zoo"
 
