@@ -79,7 +79,7 @@ def default_rewind(model: str, epochs: int, n_train: int) -> int:
 
 
 def key(model: str, control: str, rewind: int) -> str:
-    """Results key and state name (Conv-2's keep their names from before ResNet-20 joined)."""
+    """A run's results key (Conv-2's keep their names from before ResNet-20 joined)."""
     return f"{control}-rewind{rewind}" if model == "conv2" else f"{model}/{control}-rewind{rewind}"
 
 
@@ -117,14 +117,14 @@ def run(control: str, rounds: int, rate: float, epochs: int, n_train: int, rewin
 def table(plot: str | None, model: str = "conv2") -> None:
     from graphopt.training.lottery import format_table, plot_curves
 
-    res = {k.split("/")[-1]: v for k, v in load_results(RESULTS).items() if (k.split("/")[0] if "/" in k else "conv2") == model}
+    res = {k.split("/")[-1]: v for k, v in load_results(RESULTS).items() if v.get("model", "conv2") == model}
     if not res:
         print(f"no {model} results yet")
         return
     runs = {k: v["rounds"] for k, v in res.items()}
     epochs = sorted({v["epochs_per_round"] for v in res.values()})
     print(f"{model}: torch top-1 % on the 10,000 test images ({'/'.join(map(str, epochs))} epochs per round, "
-          f"{'/'.join(str(v['train_images']) for v in res.values())} training images):")
+          f"{'/'.join(map(str, sorted({v['train_images'] for v in res.values()})))} training images):")
     print(format_table(runs))
     print("\nthe same rounds' exported ONNX files in onnxruntime:")
     print(format_table(runs, key="onnxruntime"))
