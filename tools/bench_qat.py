@@ -32,6 +32,7 @@ import numpy as np
 from common import (
     VAL_SPLIT,
     agree_pct,
+    base_of,
     cifar10,
     cifar_augment,
     cifar_normalize,
@@ -222,7 +223,7 @@ def table() -> None:
     rows = {**{k: w for k, (_, w) in ROWS.items()}, **{k: w for k, (_, _, w) in PEER_ROWS.items()}}
     fmt = lambda v, unit="": "-" if v is None else f"{v:.2f}{unit}"  # noqa: E731
     for row in with_budgets(rows, res):
-        what = rows[row.split("@")[0]]
+        what = rows[base_of(row)]
         r = res.get(row)
         if r:
             print(f"| {row} | {what} | {r['epochs']} | {fmt(r['torch_top1'])} | {fmt(r['ort_top1'])} | "

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from common import (
     agree_pct,
+    base_of,
     cifar10,
     cifar_augment,
     cifar_normalize,
@@ -183,7 +184,7 @@ def table() -> None:
           "nonzero MACs | compressed MB (dense) | s/epoch |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in with_budgets([*ROWS, *PEERS], res):
-        r, base = res.get(row), row.split("@")[0]
+        r, base = res.get(row), base_of(row)
         if r and "error" in r:
             print(f"| {row} | peer | {r['epochs']} | - | fails: {r['error']} | - | - | - | - | - |")
         elif r:
@@ -216,7 +217,7 @@ def plot(path: Path) -> None:
             ax.scatter(*zip(*pts), marker=m, s=50, label=label, zorder=3)
     for k, r in longer.items():
         ax.scatter(100 * (1 - r["sparsity"]), r["ort_top1"], marker="*", s=90, zorder=4,
-                   label=f"{k.split('@')[0]}, {r['epochs']} epochs")
+                   label=f"{base_of(k)}, {r['epochs']} epochs")
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("top-1 on 10,000 test images (onnxruntime)")

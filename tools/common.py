@@ -194,6 +194,11 @@ def key_of(row: str, epochs: int, default: int = 3) -> str:
     return row if epochs == default else f"{row}@{epochs}ep"
 
 
+def base_of(key: str) -> str:
+    """The row a results key belongs to (``row@Nep`` -> ``row``): the inverse of ``key_of``."""
+    return key.split("@")[0]
+
+
 def with_budgets(rows, res: dict) -> list[str]:
     """The results keys to tabulate, in the table's row order: each row, then its other budgets
     (``row@Nep``) in increasing epochs."""
