@@ -154,7 +154,7 @@ PEER_ROWS = {
     "brevitas-w2a2-mse": (2, 2, "Brevitas with its MSE quantizers (Int8WeightPerChannelFloatMSE, "
                                 "Uint8ActPerTensorFloatMSE): the calibrated start of graphopt's -mse rows"),
     "brevitas-w4a4-mse": (4, 4, "Brevitas with its MSE quantizers, as brevitas-w2a2-mse"),
-    "torchao-w4a4": (4, 4, "torch.ao FX QAT (prepare_qat_fx, ConvBn batch statistics), convert_fx"),
+    "torchao-w4a4": (4, 4, "torch.ao FX QAT (prepare_qat_fx, ConvBn batch statistics), convert_fx; observers off and BN frozen before scoring"),
 }
 
 
