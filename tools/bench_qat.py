@@ -44,6 +44,7 @@ from common import (
     save_results,
     top1_pct,
     torch_logits,
+    train_timing,
     with_budgets,
 )
 
@@ -136,10 +137,8 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     step = float(np.asarray(q.const_value(out_fq.inputs[1])).max()) if out_fq.op_type == "FakeQuant" else None
     ft = r.stats.get("finetune", [{}])[0] if train else {}
     ran = ft.get("epochs", 0)  # epochs trained by this invocation (a resumed run trains the rest)
-    timing = {"wall_s": round(secs, 1), "s_per_epoch": round(secs / ran, 1) if ran else None}
-    if train and not ran:  # re-exported from a finished checkpoint: keep the training's own timing
-        old = load().get(row, {})
-        timing = {k: old.get(k) for k in timing}
+    timing = train_timing(secs, ran, load().get(key_of(row, epochs), {})) if train else \
+        {"wall_s": round(secs, 1), "s_per_epoch": None, "threads": torch.get_num_threads()}
     return {"pipeline": pipe, "epochs": epochs if train else 0, "torch_top1": top1_pct(sim, yt),
             "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort), **timing,
             "max_diff_steps": round(float(np.abs(ort - sim).max()) / step, 3) if step else None,
@@ -193,8 +192,8 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     out = WORK / f"{key_of(row, epochs)}.onnx"
     why = export(model, out)
     res = {"pipeline": f"{row.split('-')[0]} {row}: W{wb}A{ab}, first conv and classifier W8", "epochs": epochs,
-           "torch_top1": top1_pct(sim, yt), "wall_s": round(secs, 1),
-           "s_per_epoch": round(secs / max(epochs, 1), 1), "steps": stats["steps"], "train_images": len(xtr),
+           "torch_top1": top1_pct(sim, yt), **train_timing(secs, stats["epochs"], load().get(key_of(row, epochs), {})),
+           "steps": stats["steps"], "train_images": len(xtr),
            "ort_top1": None, "agree": None, "mb": None, "export": why or "ok"}
     if conv is not None:  # the peer's own converted model, scored in torch too
         res.update(converted_top1=top1_pct(conv, yt), converted_agree=agree_pct(sim, conv))

@@ -44,6 +44,7 @@ from common import (
     save_results,
     top1_pct,
     torch_logits,
+    train_timing,
     with_budgets,
 )
 
@@ -125,8 +126,9 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     ort = ort_logits(out, xt)
     return {"pipeline": pipe, "epochs": epochs, "after_pruning": before, "torch_top1": top1_pct(sim, yt),
             "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort),
-            "wall_s": round(secs, 1), "s_per_epoch": round(secs / epochs, 1), "train_images": len(xtr),
-            **_export_stats(q)}
+            **train_timing(secs, r.stats.get("finetune", [{}])[0].get("epochs", 0),
+                           load_results(RESULTS).get(key_of(row, epochs), {})),
+            "train_images": len(xtr), **_export_stats(q)}
 
 
 def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
@@ -149,7 +151,8 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
 
         tp.global_unstructured(layers, pruning_method=tp.L1Unstructured, amount=PEERS[row])
         before = top1_pct(torch_logits(model.eval(), xt), yt)
-        train(model, teacher, xtr, ytr, cifar_augment, epochs=epochs, lr=lr, checkpoint=_file(row, epochs, ".pt"))
+        ran = train(model, teacher, xtr, ytr, cifar_augment, epochs=epochs, lr=lr,
+                    checkpoint=_file(row, epochs, ".pt"))["epochs"]
         for m, name in layers:
             tp.remove(m, name)
     else:
@@ -163,7 +166,8 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
         except Exception as e:  # the peer's limitation is a result
             return {"pipeline": row, "epochs": epochs, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
         before = top1_pct(torch_logits(model.eval(), xt), yt)
-        train(model, teacher, xtr, ytr, cifar_augment, epochs=epochs, lr=lr, checkpoint=_file(row, epochs, ".pt"))
+        ran = train(model, teacher, xtr, ytr, cifar_augment, epochs=epochs, lr=lr,
+                    checkpoint=_file(row, epochs, ".pt"))["epochs"]
         sp.squash_mask()
     secs = time.perf_counter() - t
     model.eval()
@@ -174,8 +178,8 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     ort = ort_logits(out, xt)
     return {"pipeline": row, "epochs": epochs, "after_pruning": before, "torch_top1": top1_pct(sim, yt),
             "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort),
-            "wall_s": round(secs, 1), "s_per_epoch": round(secs / epochs, 1), "train_images": len(xtr),
-            **_export_stats(g)}
+            **train_timing(secs, ran, load_results(RESULTS).get(key_of(row, epochs), {})),
+            "train_images": len(xtr), **_export_stats(g)}
 
 
 def table() -> None:

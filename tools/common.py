@@ -199,6 +199,17 @@ def base_of(key: str) -> str:
     return key.split("@")[0]
 
 
+def train_timing(secs: float, ran: int, prev: dict) -> dict:
+    """A training row's timing: wall seconds, seconds per epoch over the ``ran`` epochs this call
+    trained (a resumed run trains only the rest) and torch's thread count. A call that trained
+    nothing (re-exported from a finished checkpoint) keeps ``prev``, the row's recorded timing."""
+    import torch
+
+    if not ran:
+        return {k: prev.get(k) for k in ("wall_s", "s_per_epoch", "threads")}
+    return {"wall_s": round(secs, 1), "s_per_epoch": round(secs / ran, 1), "threads": torch.get_num_threads()}
+
+
 def with_budgets(rows, res: dict) -> list[str]:
     """The results keys to tabulate, in the table's row order: each row, then its other budgets
     (``row@Nep``) in increasing epochs."""

@@ -75,4 +75,4 @@ def train(model: nn.Module, teacher: nn.Module, x: np.ndarray, y: np.ndarray, tr
         if checkpoint is not None:
             _save(checkpoint, model, opt, epoch, step)
     model.eval()
-    return {"steps": step}
+    return {"steps": step, "epochs": max(epochs - start, 0)}  # epochs trained by this call (a resumed run trains the rest)
