@@ -69,6 +69,25 @@ def test_checkpoint_and_resume(tmp_path):
         finetune(other, data, teacher=teacher, config=cfg2)
 
 
+def test_a_resumed_run_sees_the_same_augmentation_as_an_uninterrupted_one(tmp_path):
+    teacher, student, data = pruned_pair()
+
+    def flip(xb, rng):  # a random horizontal flip: the resumed epoch must draw the same flips
+        return np.where(rng.random(len(xb))[:, None, None, None] < 0.5, xb[..., ::-1], xb)
+
+    ck = str(tmp_path / "ck.pt")
+    cfg = dict(epochs=2, batch_size=16, lr=0.05, transform=flip)
+    first = student.copy()
+    finetune(first, data, teacher=teacher, config=FinetuneConfig(**cfg, checkpoint=ck, max_steps=4))  # epoch 1 only
+    resumed = student.copy()
+    stats = finetune(resumed, data, teacher=teacher, config=FinetuneConfig(**cfg, checkpoint=ck, resume=True))
+    assert stats["epochs"] == 1 and stats["steps"] == 8
+    straight = student.copy()
+    finetune(straight, data, teacher=teacher, config=FinetuneConfig(**cfg))
+    for name, v in straight.constants.items():
+        np.testing.assert_allclose(resumed.constants[name].const, v.const, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_errors():
     teacher, student, data = pruned_pair()
     with pytest.raises(GraphOptError, match="needs a teacher"):

@@ -92,12 +92,28 @@ def is_writer() -> bool:
     return _dist()[0] == 0
 
 
-def _save_checkpoint(path: str, module: torch.nn.Module, epoch: int, step: int, schedule: dict | None = None) -> None:
+def _on_cpu(obj):
+    """A state dict with every tensor copied to the CPU (a checkpoint loads on any device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
+def _save_checkpoint(path: str, module: torch.nn.Module, epoch: int, step: int, schedule: dict | None = None,
+                     opt: torch.optim.Optimizer | None = None, scaler=None) -> None:
     from graphopt.atomic import atomic_paths
 
-    state = {"model": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},  # device-independent
+    state = {"model": _on_cpu(module.state_dict()),  # device-independent
              "epoch": torch.tensor(epoch), "step": torch.tensor(step),
              "bn_batch": torch.tensor(int(bool(getattr(module, "bn_folds", None))))}
+    if opt is not None:  # momentum (or Adam's moments): a resumed run continues the same trajectory
+        state["optimizer"] = _on_cpu(opt.state_dict())
+    if scaler is not None:
+        state["grad_scaler"] = scaler.state_dict()
     plans = ((schedule or {}).get("columns") or {}).get("plans")
     if plans:  # column combining: the groups of the last event, so a resumed run keeps them
         state["column_groups"] = {k: torch.from_numpy(p.group.copy()) for k, p in plans.items()}
@@ -205,6 +221,14 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
             first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
             raise GraphOptError(f"checkpoint {cfg.checkpoint} does not match this model ({first}); "
                                 f"delete it or drop --resume") from None
+        if "optimizer" in state:  # older checkpoints hold only the weights: the optimizer restarts
+            try:
+                opt.load_state_dict(state["optimizer"])  # moves its state onto the parameters' device
+            except ValueError as e:
+                raise GraphOptError(f"checkpoint {cfg.checkpoint} was written by another optimizer ({e}); "
+                                    f"delete it or drop --resume") from None
+        if scaler is not None and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
         log.info("resuming from %s at epoch %d", cfg.checkpoint, start_epoch)
     if module.bn_folds:
         log.info("%d folded BatchNorms train with batch statistics for %d epochs", len(module.bn_folds),
@@ -225,7 +249,6 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
     last_good = copy.deepcopy(module.state_dict())
     local = cfg.batch_size // world
     T = cfg.temperature
-    aug_rng = np.random.default_rng(cfg.seed + 1000 * rank)
     snapshot = None
 
     def take_snapshot():
@@ -245,6 +268,8 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
                 last_good = copy.deepcopy(module.state_dict())
                 log.info("epoch %d: BatchNorm statistics frozen and folded", epoch + 1)
             perm = np.random.default_rng(cfg.seed + epoch).permutation(len(x))
+            # augmentation draws from its own stream per (rank, epoch): a resumed run sees the same crops
+            aug_rng = np.random.default_rng([cfg.seed, rank, epoch])
             net.train()
             losses = []
             it = range(steps_per_epoch)
@@ -299,7 +324,7 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
             history.append(float(np.mean(losses)) if losses else float("nan"))
             log.info("epoch %d: loss %.4f", epoch + 1, history[-1])
             if cfg.checkpoint and rank == 0:
-                _save_checkpoint(cfg.checkpoint, module, epoch, step, schedule)
+                _save_checkpoint(cfg.checkpoint, module, epoch, step, schedule, opt, scaler)
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
     except KeyboardInterrupt:
@@ -308,7 +333,7 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
         log.warning("interrupted: keeping the weights of step %d", step)
         if cfg.checkpoint and rank == 0:
             _save_checkpoint(cfg.checkpoint, module, max(start_epoch, len(history) + start_epoch - 1), step,
-                             schedule)
+                             schedule, opt, scaler)
     module.eval()
     student.update_from(module)
     if cc and cc.get("plans"):  # the last event's groups: the plan the systolic back end packs by

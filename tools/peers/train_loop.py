@@ -44,12 +44,12 @@ def train(model: nn.Module, teacher: nn.Module, x: np.ndarray, y: np.ndarray, tr
         start, step = state["epoch"] + 1, state["step"]
     step0 = step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + step0, total) / total)))
-    aug_rng = np.random.default_rng(seed)
     teacher.eval()
     show = sys.stderr.isatty()
     for epoch in range(start, epochs):
         model.train()
         perm = np.random.default_rng(seed + epoch).permutation(len(x))
+        aug_rng = np.random.default_rng([seed, 0, epoch])  # as graphopt's: a resumed run sees the same crops
         it = range(steps_per_epoch)
         if show:
             from tqdm import tqdm
