@@ -41,6 +41,8 @@ def test_fake_quant_inputs_are_float32_under_autocast():
     x = torch.randn(4, dtype=torch.bfloat16)
     assert as_float32(x).dtype == torch.float32 and as_float32(torch.arange(3)).dtype == torch.int64
     assert to_cpu({"a": torch.ones(2), "b": 3})["a"].device.type == "cpu"
+    nested = to_cpu({"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"params": [0]}]})
+    assert isinstance(nested["state"][0]["momentum_buffer"], torch.Tensor) and nested["param_groups"][0]["params"] == [0]
 
 
 def test_qat_under_bf16_autocast_trains_and_exports_what_it_trained():

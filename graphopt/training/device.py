@@ -86,6 +86,13 @@ def grad_scaler(device: torch.device, amp: str):
     return torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
 
-def to_cpu(state: dict) -> dict:
-    """A state dict with every tensor on the CPU (device-independent checkpoints)."""
-    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+def to_cpu(state):
+    """A state dict with every tensor copied to the CPU, nested dicts and lists included (an
+    optimizer's state): device-independent checkpoints."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu().clone()
+    if isinstance(state, dict):
+        return {k: to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(v) for v in state)
+    return state

@@ -92,26 +92,16 @@ def is_writer() -> bool:
     return _dist()[0] == 0
 
 
-def _on_cpu(obj):
-    """A state dict with every tensor copied to the CPU (a checkpoint loads on any device)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_on_cpu(v) for v in obj)
-    return obj
-
-
 def _save_checkpoint(path: str, module: torch.nn.Module, epoch: int, step: int, schedule: dict | None = None,
                      opt: torch.optim.Optimizer | None = None, scaler=None) -> None:
     from graphopt.atomic import atomic_paths
+    from graphopt.training.device import to_cpu
 
-    state = {"model": _on_cpu(module.state_dict()),  # device-independent
+    state = {"model": to_cpu(module.state_dict()),  # device-independent
              "epoch": torch.tensor(epoch), "step": torch.tensor(step),
              "bn_batch": torch.tensor(int(bool(getattr(module, "bn_folds", None))))}
     if opt is not None:  # momentum (or Adam's moments): a resumed run continues the same trajectory
-        state["optimizer"] = _on_cpu(opt.state_dict())
+        state["optimizer"] = to_cpu(opt.state_dict())
     if scaler is not None:
         state["grad_scaler"] = scaler.state_dict()
     plans = ((schedule or {}).get("columns") or {}).get("plans")
