@@ -328,7 +328,12 @@ def plot(path: Path) -> None:
 
     res = load()
     rows = [r for r in [*ROWS, *PEER_ROWS] if r in res]
-    acc = [res[r]["ort_top1"] if res[r].get("ort_top1") is not None else res[r]["torch_top1"] for r in rows]
+    def top1(r: dict) -> float:
+        return r["ort_top1"] if r.get("ort_top1") is not None else r["torch_top1"]
+
+    acc = [top1(res[r]) for r in rows]
+    # other budgets (row@Nep): a star on their row's line, so the longer run reads against the short one
+    longer = [(rows.index(base_of(k)), top1(r), r["epochs"]) for k, r in res.items() if "@" in k and base_of(k) in rows]
     kind = ["peer" if r in PEER_ROWS else "PTQ, no training" if "ptq" in r else "graphopt QAT" for r in rows]
     colours = {"PTQ, no training": "0.55", "graphopt QAT": "tab:blue", "peer": "tab:orange"}
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.4))
@@ -337,13 +342,19 @@ def plot(path: Path) -> None:
         idx = [i for i, x in enumerate(kind) if x == k]
         if idx:
             ax.scatter([acc[i] for i in idx], idx, color=c, s=40, label=k, zorder=3)
+    for e in sorted({e for _, _, e in longer}):
+        pts = [(a, i) for i, a, ep in longer if ep == e]
+        ax.scatter(*zip(*pts), marker="*", s=110, color="tab:green", label=f"the same row, {e} epochs", zorder=4)
+        for a, i in pts:
+            ax.annotate(f"{a:.2f}", (a, i), xytext=(6, 3), textcoords="offset points", fontsize=7, color="tab:green")
     for i, a in enumerate(acc):
         ax.annotate(f"{a:.2f}", (a, i), xytext=(5, -3), textcoords="offset points", fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.invert_yaxis()
     epochs = "/".join(str(e) for e in sorted({res[r]["epochs"] for r in rows if res[r]["epochs"]}))
     ax.set_xlabel("top-1 on 10,000 test images (onnxruntime; torch where the export does not run)")
-    ax.set_title(f"ResNet-20 / CIFAR-10 QAT, {epochs} epochs per trained row", fontsize=10)
+    ax.set_title(f"ResNet-20 / CIFAR-10 QAT, {epochs} epochs per trained row" + (" (stars: longer)" if longer else ""),
+                 fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
