@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     f.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
     f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--quant-weight-decay", type=float, metavar="WD", help="weight decay on learned quantizer "
+                   "parameters (LSQ steps, PACT clips) instead of --weight-decay")
     f.add_argument("--freeze-bn", action="store_true",
                    help="keep BatchNormalization statistics fixed")
     _device_args(f)
@@ -504,7 +506,7 @@ def finetune_config(args, **fixed):
     from graphopt.training.finetune import FinetuneConfig
 
     flags = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
-             "weight_decay": "weight_decay", "temperature": "temperature", "kd_weight": "kd_weight",
+             "weight_decay": "weight_decay", "quant_weight_decay": "quant_weight_decay", "temperature": "temperature", "kd_weight": "kd_weight",
              "checkpoint": "checkpoint", "resume": "resume", "max_steps": "max_steps", "device": "device",
              "amp": "amp"}
     opts = {field: getattr(args, flag) for field, flag in flags.items() if hasattr(args, flag)}

@@ -34,6 +34,9 @@ class Finetune(Pass):
     lr: float = option(0.01, "peak learning rate (cosine schedule)", minimum=0.0)
     optimizer: Literal["sgd", "adam"] = option("sgd", "optimizer")
     weight_decay: float = option(0.0, "L2 weight decay", minimum=0.0)
+    quant_weight_decay: Optional[float] = option(
+        None, "L2 weight decay on learned quantizer parameters (LSQ steps, PACT clips); default: weight_decay",
+        minimum=0.0)
     temperature: float = option(4.0, "distillation temperature", minimum=0.01)
     kd_weight: float = option(0.7, "with labels: weight of the distillation loss (1 - it: cross-entropy)",
                               minimum=0.0, maximum=1.0)
@@ -75,7 +78,8 @@ class Finetune(Pass):
         if self.freeze_bn and bn_batch:
             raise GraphOptError("finetune: freeze_bn=true and bn_batch_epochs > 0 contradict each other")
         cfg = FinetuneConfig(bn_batch_epochs=min(bn_batch, self.epochs), epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
-                             weight_decay=self.weight_decay, temperature=self.temperature,
+                             weight_decay=self.weight_decay, quant_weight_decay=self.quant_weight_decay,
+                             temperature=self.temperature,
                              kd_weight=self.kd_weight if teacher is not None else 0.0, checkpoint=self.checkpoint,
                              resume=self.resume, max_steps=self.max_steps, seed=self.seed,
                              transform=ctx.train.transform, train_bn=not self.freeze_bn,

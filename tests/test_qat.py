@@ -357,3 +357,35 @@ def test_lsq_weight_init_calib_starts_the_weight_steps_at_the_weight_method_rang
 def test_learned_step_starts_reject_an_unknown_value(opt):
     with pytest.raises(PipelineError, match=f"{opt}.*paper|calib"):
         _qat(f"canonicalize,quantize{{weights=int4:channel,acts=uint4:tensor,qat=lsq,{opt}=zero}}")
+
+
+def test_quant_weight_decay_applies_to_the_learned_steps_only():
+    """``quant_weight_decay`` puts the LSQ steps in their own optimizer group: the same value as
+    ``weight_decay`` trains exactly what the default does; 0 on the steps leaves the weights'
+    decay alone and moves only the steps."""
+    from graphopt.training.finetune import FinetuneConfig, param_groups
+
+    q = "canonicalize,fold-bn,quantize{weights=int4:channel,acts=uint8:tensor,qat=lsq}"
+    g, _, _ = _qat(q)
+    m = graphopt.to_torch(g)
+    steps = {m.param_names[n.inputs[1].name] for n in g.nodes
+             if n.op_type == "FakeQuant" and n.attr("kind") in ("weight", "act")}
+    assert steps and all(k in dict(m.named_parameters()) for k in steps)
+    weights = {m.param_names[n.inputs[0].name] for n in g.nodes
+               if n.op_type == "FakeQuant" and n.attr("kind") == "weight"}
+    assert m.quant_params == steps and not (m.quant_params & weights)
+    assert len(param_groups(m, FinetuneConfig())) == 1
+    groups = param_groups(m, FinetuneConfig(weight_decay=0.1, quant_weight_decay=0.0))
+    assert [len(gr["params"]) for gr in groups] == [sum(p.requires_grad for p in m.parameters()) - len(steps),
+                                                    len(steps)]
+    assert groups[1]["weight_decay"] == 0.0 and "weight_decay" not in groups[0]
+
+    ft = "finetune{epochs=1,batch_size=32,lr=0.01,teacher=none,kd_weight=0,weight_decay=0.05"
+    base, _, _ = _qat(q + "," + ft + "}")
+    same, _, _ = _qat(q + "," + ft + ",quant_weight_decay=0.05}")
+    off, _, _ = _qat(q + "," + ft + ",quant_weight_decay=0}")
+    names = [n.inputs[1].name for n in g.nodes if n.op_type == "FakeQuant" and n.attr("kind") in ("weight", "act")]
+    wnames = [n.inputs[0].name for n in g.nodes if n.op_type == "FakeQuant" and n.attr("kind") == "weight"]
+    for k in names + wnames:
+        np.testing.assert_array_equal(same.const_value(same.values[k]), base.const_value(base.values[k]))
+    assert any(not np.array_equal(off.const_value(off.values[k]), base.const_value(base.values[k])) for k in names)

@@ -5,6 +5,7 @@
   python tools/bench_qat.py --table                         # the README table from the results
   python tools/bench_qat.py --plot docs/img/qat_resnet20.png  # a dot per row against FP32
   python tools/bench_qat.py --choose                        # the starts (act_init, weight_init), on validation
+  python tools/bench_qat.py --tune w4a4-lsq-mse             # lr and quantizer weight decay, on validation
 
 Every row starts from the pretrained FP32 weights (../shared/models/resnet20_cifar10.npz,
 87.79%), folds BatchNorm into the weights *before* they are fake-quantized (the frozen-
@@ -88,7 +89,12 @@ ROWS = {
                      "LSQ, steps start at the MSE-calibrated range"),
     "w2a2-lsq-mse": (f"weights=int2:channel,acts=uint2:tensor,qat=lsq,act_init=calib,{MSE}",
                      "LSQ, steps start at the MSE-calibrated range"),
+    # the same method with the recipe (learning rate, weight decay on the learned steps) that --tune chose
+    "w4a4-lsq-mse-tuned": (f"weights=int4:channel,acts=uint4:tensor,qat=lsq,act_init=calib,{MSE}",
+                           "w4a4-lsq-mse with the recipe --tune chose on the validation split"),
 }
+# tuned row -> the row whose --tune record gives its recipe
+TUNED = {"w4a4-lsq-mse-tuned": "w4a4-lsq-mse"}
 
 
 def load() -> dict:
@@ -99,6 +105,27 @@ def save(res: dict) -> None:
     save_results(RESULTS, res)
 
 
+def row_pipeline(row: str, epochs: int, lr: float, ck: Path, quant_wd: float | None = None) -> str:
+    """A row's pipeline: quantize with its options and edges, then (trained rows) the shared
+    recipe at ``lr``, with ``quant_wd`` on the learned steps when set (else the weights' 1e-4)."""
+    opts, _ = ROWS[row]
+    edge = EDGE + (f",first_last_act_bits={EDGE_ACT[row]}" if row in EDGE_ACT else "")
+    pipe = f"canonicalize,fold-bn,quantize{{{opts},{edge}}}"
+    if "ptq" not in row:
+        qwd = "" if quant_wd is None else f"quant_weight_decay={quant_wd},"
+        pipe += (f",finetune{{epochs={epochs},batch_size=128,lr={lr},weight_decay=0.0001,{qwd}kd_weight=0.5,"
+                 f"temperature=4,bn_batch_epochs={BN_BATCH.get(row, 0)},checkpoint={ck},resume=true}}")
+    return pipe
+
+
+def tuned_recipe(row: str, res: dict) -> dict:
+    """The recipe ``--tune`` chose for a tuned row's base row ({"lr", "quant_weight_decay"})."""
+    rec = res.get(f"tune/{TUNED[row]}")
+    if rec is None:
+        raise SystemExit(f"{row}: no recipe chosen yet; run python tools/bench_qat.py --tune {TUNED[row]} first")
+    return rec["chosen"]
+
+
 def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     import torch
     from cifar_resnet import resnet_cifar
@@ -107,8 +134,10 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     from graphopt.backends.lowering import export_file
     from graphopt.passmanager import Context, PassManager, TrainingData
 
-    opts, _ = ROWS[row]
-    bn_batch = BN_BATCH.get(row, 0)
+    quant_wd = None
+    if row in TUNED:
+        recipe = tuned_recipe(row, load())
+        lr, quant_wd = recipe["lr"], recipe["quant_weight_decay"]
     xtr_u8, ytr = cifar10("train")
     xt_u8, yt = cifar10("test")
     xtr, xt = cifar_normalize(xtr_u8[:limit]), cifar_normalize(xt_u8)
@@ -119,11 +148,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     ck = WORK / f"{key_of(row, epochs)}.pt"
     train = "ptq" not in row
-    edge = EDGE + (f",first_last_act_bits={EDGE_ACT[row]}" if row in EDGE_ACT else "")
-    pipe = f"canonicalize,fold-bn,quantize{{{opts},{edge}}}"
-    if train:
-        pipe += (f",finetune{{epochs={epochs},batch_size=128,lr={lr},weight_decay=0.0001,kd_weight=0.5,"
-                 f"temperature=4,bn_batch_epochs={bn_batch},checkpoint={ck},resume=true}}")
+    pipe = row_pipeline(row, epochs, lr, ck, quant_wd)
     t = time.perf_counter()
     ctx = Context(calib=calib, train=TrainingData(xtr, ytr, cifar_augment), teacher=g.copy())
     r = PassManager(pipe).run(g, ctx)
@@ -251,10 +276,7 @@ def choose(steps: int = 100) -> dict:
     from graphopt.passmanager import Context, PassManager, TrainingData
 
     xv, yv = cifar_val()
-    xtr_u8, ytr = cifar10("train")
-    perm = np.random.default_rng(0).permutation(len(ytr))
-    calib = cifar_normalize(xtr_u8[perm[:512]])
-    keep = np.setdiff1d(np.arange(len(ytr)), perm[512:2512])  # training images outside the split
+    calib, xk, yk = outside_val()
     g0 = graphopt.from_torch(resnet_cifar(20), torch.zeros(1, 3, 32, 32))
     res = load()
 
@@ -266,8 +288,7 @@ def choose(steps: int = 100) -> dict:
         if train:
             pipe += (f",finetune{{epochs=1,max_steps={steps},batch_size=128,lr=0.001,weight_decay=0.0001,"
                      "kd_weight=0.5,temperature=4}")
-            ctx = Context(calib=calib, train=TrainingData(cifar_normalize(xtr_u8[keep]), ytr[keep], cifar_augment),
-                          teacher=g0.copy())
+            ctx = Context(calib=calib, train=TrainingData(xk, yk, cifar_augment), teacher=g0.copy())
         q = PassManager(pipe).run(g0.copy(), ctx).graph
         return top1_pct(torch_logits(graphopt.to_torch(q).eval(), xv), yv)
 
@@ -296,12 +317,90 @@ def choose(steps: int = 100) -> dict:
     return {k: v for k, v in res.items() if k.startswith("choose/")}
 
 
+# --tune ROW: the recipe's learning rate and the weight decay on the learned steps, chosen on the
+# validation split. Each candidate trains --tune-epochs on the training images outside the split
+# (the cosine schedule over that budget) and is scored in torch on the split; 1 epoch stands in
+# for the rows' 20 (a proxy: see docs/qat.md). The current recipe is the first candidate and
+# keeps its place on a tie.
+TUNE_GRID = [{"lr": lr, "quant_weight_decay": wd} for lr in (0.001, 0.003) for wd in (None, 0.0)]
+
+
+def outside_val() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(calibration images, training images outside the validation split, their labels),
+    normalized: what --choose and --tune train and calibrate on."""
+    xtr_u8, ytr = cifar10("train")
+    perm = np.random.default_rng(0).permutation(len(ytr))
+    keep = np.setdiff1d(np.arange(len(ytr)), perm[512:2512])  # the split: positions 512..2511 (VAL_SPLIT)
+    return cifar_normalize(xtr_u8[perm[:512]]), cifar_normalize(xtr_u8[keep]), ytr[keep]
+
+
+def tune(row: str, epochs: int = 1) -> dict:
+    """Score every TUNE_GRID recipe for ``row`` on the validation split and record the choice as
+    ``tune/ROW`` (each candidate as it finishes: an interrupted tuning resumes, its candidates'
+    checkpoints too)."""
+    import torch
+    from cifar_resnet import resnet_cifar
+
+    import graphopt
+    from graphopt.errors import GraphOptError
+    from graphopt.passmanager import Context, PassManager, TrainingData
+
+    if row not in ROWS or "ptq" in row or row in TUNED:
+        raise SystemExit(f"--tune takes a trained row of {', '.join(r for r in ROWS if 'ptq' not in r)}")
+    xv, yv = cifar_val()
+    calib, xk, yk = outside_val()
+    g0 = graphopt.from_torch(resnet_cifar(20), torch.zeros(1, 3, 32, 32))
+    key = f"tune/{row}"
+    res = load()
+    rec = res.get(key) or {}
+    if rec.get("epochs") != epochs:
+        rec = {"epochs": epochs, "candidates": {}}
+    rec.update(chosen_on=VAL_SPLIT, train_images=len(yk), rule=f"top-1 on the validation split after {epochs} "
+               f"epoch(s) on the training images outside it (torch)")
+    work = WORK / "tune"
+    work.mkdir(parents=True, exist_ok=True)
+    for cand in TUNE_GRID:
+        name = f"lr={cand['lr']},quant_wd={cand['quant_weight_decay']}"
+        if name in rec["candidates"]:
+            continue
+        t = time.perf_counter()
+        pipe = row_pipeline(row, epochs, cand["lr"], work / f"{row}-lr{cand['lr']}-qwd{cand['quant_weight_decay']}-{epochs}ep.pt", cand["quant_weight_decay"])
+        ctx = Context(calib=calib, train=TrainingData(xk, yk, cifar_augment), teacher=g0.copy())
+        try:
+            q = PassManager(pipe).run(g0.copy(), ctx).graph
+            top1 = top1_pct(torch_logits(graphopt.to_torch(q).eval(), xv), yv)
+        except GraphOptError as e:  # a diverging candidate loses; the others still run
+            top1, rec.setdefault("failed", {})[name] = None, str(e).splitlines()[0]
+        rec["candidates"][name] = {**cand, "val_top1": top1, "wall_s": round(time.perf_counter() - t, 1)}
+        res = load()
+        res[key] = rec
+        save(res)
+        print(f"{key} {name}: val top-1 {top1}", flush=True)
+    done = [c for c in rec["candidates"].values() if c["val_top1"] is not None]
+    if not done:
+        raise SystemExit(f"{key}: every candidate failed: {rec.get('failed')}")
+    best = max(done, key=lambda c: c["val_top1"])  # max keeps the first (the current recipe) on a tie
+    rec["chosen"] = {"lr": best["lr"], "quant_weight_decay": best["quant_weight_decay"]}
+    res = load()
+    res[key] = rec
+    for r, base in TUNED.items():  # a tuned row already measured learns which recipe it ran
+        if base == row and r in res:
+            res[r]["chosen_on"] = chosen_on(r, res)
+    save(res)
+    print(f"{key}: chose {rec['chosen']}", flush=True)
+    return rec
+
+
 def chosen_on(row: str, res: dict) -> str:
     """Which data chose what a row runs (its JSON's ``chosen_on``): the starts of the learned steps
     come from ``--choose`` on the validation split; everything else in a row is the method as its
     paper states it, or the recipe shared by every row (lr 0.001: 0.01 diverged in training loss)."""
     if row in PEER_ROWS:
         return "the peer's documented quantizers, as named in the row; nothing chosen on data"
+    if row in TUNED:
+        rec = res.get(f"tune/{TUNED[row]}", {})
+        return (f"recipe {rec.get('chosen')} chosen by {rec.get('rule')} on {rec.get('chosen_on')}; "
+                f"start as {chosen_on(TUNED[row], res)}")
     opts = ROWS[row][0]
     if "qat=" not in opts:
         return "PTQ baseline: nothing chosen"
@@ -373,9 +472,15 @@ def main() -> int:
     ap.add_argument("--plot", metavar="FILE.png", help="draw every measured row's top-1 against FP32")
     ap.add_argument("--choose", action="store_true", help="score the LSQ starts on the validation split")
     ap.add_argument("--steps", type=int, default=100, help="--choose: fine-tuning steps where untrained cannot tell")
+    ap.add_argument("--tune", metavar="ROW", help="choose ROW's learning rate and quantizer weight decay on the "
+                    "validation split (the recipe of ROW-tuned)")
+    ap.add_argument("--tune-epochs", type=int, default=1, help="--tune: epochs per candidate (default %(default)s)")
     args = ap.parse_args()
     if args.choose:
         choose(args.steps)
+        return 0
+    if args.tune:
+        tune(args.tune, args.tune_epochs)
         return 0
     if args.plot:
         plot(Path(args.plot))

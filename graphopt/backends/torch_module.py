@@ -397,6 +397,7 @@ class _Builder:
         self.env: dict[Value, torch.fx.Node] = {}
         self.taken: set[str] = set()
         self.param_names: dict[str, str] = {}  # IR value name -> module attribute
+        self.quant_params: set[str] = set()  # the attributes of learned quantizer parameters (LSQ steps, PACT clips)
         self.mask_names: dict[str, tuple[str, str]] = {}  # masked weight -> (parameter, mask buffer)
         self.buffer_names: dict[str, str] = {}  # IR value name -> module buffer written back (BN statistics)
         self.outputs = outputs
@@ -920,6 +921,8 @@ def _fake_quant(b, n):
     q = from_node(n)  # the scheme owns the maths and says which parameters train
     fn, static = q.torch_function(n.attr("axis"))
     params = [b.value(n.inputs[i], trainable=q.trainable(name)) for i, name in enumerate(q.param_names, start=1)]
+    b.quant_params.update(b.param_names[n.inputs[i].name] for i, name in enumerate(q.param_names, start=1)
+                          if q.trainable(name) and n.inputs[i].name in b.param_names)
     return [b.call(fn, b.call(as_float32, b.inp(n, 0)), *params, *static)]
 
 
@@ -1004,6 +1007,7 @@ def to_torch(graph: Graph, outputs: list[str] | None = None, train_bn: bool = Fa
         gm.recompile()
     gm.param_names = b.param_names
     gm.mask_names = b.mask_names
+    gm.quant_params = b.quant_params
     gm.buffer_names = b.buffer_names
     gm.bn_folds = b.bn_folds
     gm.input_names = [v.name for v in graph.inputs]

@@ -51,6 +51,7 @@ class FinetuneConfig:
     optimizer: str = "sgd"  # sgd | adam
     momentum: float = 0.9
     weight_decay: float = 0.0
+    quant_weight_decay: float | None = None  # L2 on learned quantizer parameters (LSQ steps, clips); None: weight_decay
     temperature: float = 4.0
     kd_weight: float = 1.0  # with labels: loss = kd_weight * KD + (1 - kd_weight) * CE
     checkpoint: str | None = None
@@ -66,6 +67,19 @@ class FinetuneConfig:
     snapshot_step: int | None = None  # keep the weights after this many steps (0: before training) in stats["snapshot"]
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (graphopt.training.device)
     amp: str = "off"  # off | bf16 | fp16: autocast for the forward pass and loss
+
+
+def param_groups(module: torch.nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    """The optimizer's parameter groups: the weights (``cfg.weight_decay``) and, when
+    ``cfg.quant_weight_decay`` is set, the learned quantizer parameters (LSQ steps, PACT clips:
+    the module's ``quant_params``) in a second group with that decay. The groups keep the
+    module's parameter order, so a checkpoint's optimizer state loads into the same layout."""
+    named = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
+    quant = getattr(module, "quant_params", set())
+    if cfg.quant_weight_decay is None or not any(k in quant for k, _ in named):
+        return [{"params": [p for _, p in named]}]
+    return [{"params": [p for k, p in named if k not in quant]},
+            {"params": [p for k, p in named if k in quant], "weight_decay": cfg.quant_weight_decay}]
 
 
 def _dist():
@@ -187,7 +201,7 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
         m = to_torch(student, train_bn=cfg.train_bn, folded_bn=bn_phase).to(dev)
         ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
         n = torch.nn.parallel.DistributedDataParallel(m, device_ids=ids) if world > 1 else m
-        params = [p for p in m.parameters() if p.requires_grad]
+        params = param_groups(m, cfg)
         if cfg.optimizer == "sgd":
             o = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
