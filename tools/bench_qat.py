@@ -5,7 +5,7 @@
   python tools/bench_qat.py --table                         # the README table from the results
   python tools/bench_qat.py --plot docs/img/qat_resnet20.png  # a dot per row against FP32
   python tools/bench_qat.py --choose                        # the starts (act_init, weight_init), on validation
-  python tools/bench_qat.py --tune w4a4-lsq-mse             # lr and quantizer weight decay, on validation
+  python tools/bench_qat.py --tune w4a4-lsq-mse             # lr, quantizer weight decay, BN phase: on validation
 
 Every row starts from the pretrained FP32 weights (../shared/models/resnet20_cifar10.npz,
 87.79%), folds BatchNorm into the weights *before* they are fake-quantized (the frozen-
@@ -105,23 +105,26 @@ def save(res: dict) -> None:
     save_results(RESULTS, res)
 
 
-def row_pipeline(row: str, epochs: int, lr: float, ck: Path, quant_wd: float | None = None) -> str:
+def row_pipeline(row: str, epochs: int, lr: float, ck: Path, quant_wd: float | None = None,
+                 bn_batch: int | None = None) -> str:
     """A row's pipeline: quantize with its options and edges, then (trained rows) the shared
-    recipe at ``lr``, with ``quant_wd`` on the learned steps when set (else the weights' 1e-4)."""
+    recipe at ``lr``, with ``quant_wd`` on the learned steps when set (else the weights' 1e-4) and
+    ``bn_batch`` epochs of batch-statistics BN (default: the row's, usually 0)."""
     opts, _ = ROWS[row]
     edge = EDGE + (f",first_last_act_bits={EDGE_ACT[row]}" if row in EDGE_ACT else "")
     pipe = f"canonicalize,fold-bn,quantize{{{opts},{edge}}}"
     if "ptq" not in row:
         qwd = "" if quant_wd is None else f"quant_weight_decay={quant_wd},"
         pipe += (f",finetune{{epochs={epochs},batch_size=128,lr={lr},weight_decay=0.0001,{qwd}kd_weight=0.5,"
-                 f"temperature=4,bn_batch_epochs={BN_BATCH.get(row, 0)},checkpoint={ck},resume=true}}")
+                 f"temperature=4,bn_batch_epochs={BN_BATCH.get(row, 0) if bn_batch is None else bn_batch},checkpoint={ck},resume=true}}")
     return pipe
 
 
 def tuned_recipe(row: str, res: dict) -> dict:
-    """The recipe ``--tune`` chose for a tuned row's base row ({"lr", "quant_weight_decay"})."""
+    """The recipe ``--tune`` chose for a tuned row's base row ({"lr", "quant_weight_decay",
+    "bn_batch_frac"})."""
     rec = res.get(f"tune/{TUNED[row]}")
-    if rec is None:
+    if rec is None or "bn_batch_frac" not in rec.get("chosen", {}):
         raise SystemExit(f"{row}: no recipe chosen yet; run python tools/bench_qat.py --tune {TUNED[row]} first")
     return rec["chosen"]
 
@@ -134,10 +137,10 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     from graphopt.backends.lowering import export_file
     from graphopt.passmanager import Context, PassManager, TrainingData
 
-    quant_wd = None
+    quant_wd = bn_batch = None
     if row in TUNED:
         recipe = tuned_recipe(row, load())
-        lr, quant_wd = recipe["lr"], recipe["quant_weight_decay"]
+        lr, quant_wd, bn_batch = recipe["lr"], recipe["quant_weight_decay"], round(recipe["bn_batch_frac"] * epochs)
     xtr_u8, ytr = cifar10("train")
     xt_u8, yt = cifar10("test")
     xtr, xt = cifar_normalize(xtr_u8[:limit]), cifar_normalize(xt_u8)
@@ -148,7 +151,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     ck = WORK / f"{key_of(row, epochs)}.pt"
     train = "ptq" not in row
-    pipe = row_pipeline(row, epochs, lr, ck, quant_wd)
+    pipe = row_pipeline(row, epochs, lr, ck, quant_wd, bn_batch)
     t = time.perf_counter()
     ctx = Context(calib=calib, train=TrainingData(xtr, ytr, cifar_augment), teacher=g.copy())
     r = PassManager(pipe).run(g, ctx)
@@ -317,12 +320,16 @@ def choose(steps: int = 100) -> dict:
     return {k: v for k, v in res.items() if k.startswith("choose/")}
 
 
-# --tune ROW: the recipe's learning rate and the weight decay on the learned steps, chosen on the
-# validation split. Each candidate trains --tune-epochs on the training images outside the split
-# (the cosine schedule over that budget) and is scored in torch on the split; 1 epoch stands in
-# for the rows' 20 (a proxy: see docs/qat.md). The current recipe is the first candidate and
-# keeps its place on a tie.
-TUNE_GRID = [{"lr": lr, "quant_weight_decay": wd} for lr in (0.001, 0.003) for wd in (None, 0.0)]
+# --tune ROW: the recipe's learning rate, the weight decay on the learned steps and when BN
+# freezes, chosen on the validation split. Each candidate trains on the training images outside
+# the split (the cosine schedule over its budget) and is scored in torch on the split. Stage 1:
+# TUNE_GRID at --tune-epochs (default 1); stage 2: stage 1's choice with BN_FRACS of its epochs in
+# batch statistics, at twice that budget (one epoch cannot split into two BN phases). The proxy
+# budgets stand in for the rows' 20 epochs (see docs/qat.md). The current recipe comes first in
+# each stage and keeps its place on a tie.
+TUNE_GRID = [{"lr": lr, "quant_weight_decay": wd} for lr in (0.001, 0.003) for wd in (None, 0.0)] + [
+    {"lr": 0.0005, "quant_weight_decay": None}]  # 0.003 diverged: a step below the current rate brackets it
+BN_FRACS = (0.0, 0.5)
 
 
 def outside_val() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -335,9 +342,9 @@ def outside_val() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def tune(row: str, epochs: int = 1) -> dict:
-    """Score every TUNE_GRID recipe for ``row`` on the validation split and record the choice as
-    ``tune/ROW`` (each candidate as it finishes: an interrupted tuning resumes, its candidates'
-    checkpoints too)."""
+    """Score the TUNE_GRID recipes, then the BN_FRACS of the best, for ``row`` on the validation
+    split and record the choice as ``tune/ROW`` (each candidate as it finishes: an interrupted
+    tuning resumes, its candidates' checkpoints too)."""
     import torch
     from cifar_resnet import resnet_cifar
 
@@ -355,36 +362,48 @@ def tune(row: str, epochs: int = 1) -> dict:
     rec = res.get(key) or {}
     if rec.get("epochs") != epochs:
         rec = {"epochs": epochs, "candidates": {}}
-    rec.update(chosen_on=VAL_SPLIT, train_images=len(yk), rule=f"top-1 on the validation split after {epochs} "
-               f"epoch(s) on the training images outside it (torch)")
+    rec.update(chosen_on=VAL_SPLIT, train_images=len(yk), rule=(
+        f"top-1 on the validation split (torch) after {epochs} epoch(s) on the training images outside it for lr "
+        f"and quantizer weight decay, then {2 * epochs} epoch(s) for the share of epochs with batch-statistics BN"))
     work = WORK / "tune"
     work.mkdir(parents=True, exist_ok=True)
-    for cand in TUNE_GRID:
-        name = f"lr={cand['lr']},quant_wd={cand['quant_weight_decay']}"
+
+    def run(name: str, cand: dict, ep: int) -> dict:
         if name in rec["candidates"]:
-            continue
+            return rec["candidates"][name]
         t = time.perf_counter()
-        pipe = row_pipeline(row, epochs, cand["lr"], work / f"{row}-lr{cand['lr']}-qwd{cand['quant_weight_decay']}-{epochs}ep.pt", cand["quant_weight_decay"])
+        bn = round(cand.get("bn_batch_frac", 0.0) * ep)
+        ck = work / (f"{row}-lr{cand['lr']}-qwd{cand['quant_weight_decay']}" + (f"-bn{bn}" if ep != epochs else "")
+                     + f"-{ep}ep.pt")
+        pipe = row_pipeline(row, ep, cand["lr"], ck, cand["quant_weight_decay"], bn)
         ctx = Context(calib=calib, train=TrainingData(xk, yk, cifar_augment), teacher=g0.copy())
         try:
             q = PassManager(pipe).run(g0.copy(), ctx).graph
             top1 = top1_pct(torch_logits(graphopt.to_torch(q).eval(), xv), yv)
         except GraphOptError as e:  # a diverging candidate loses; the others still run
             top1, rec.setdefault("failed", {})[name] = None, str(e).splitlines()[0]
-        rec["candidates"][name] = {**cand, "val_top1": top1, "wall_s": round(time.perf_counter() - t, 1)}
+        rec["candidates"][name] = {**cand, "epochs": ep, "val_top1": top1, "wall_s": round(time.perf_counter() - t, 1)}
         res = load()
         res[key] = rec
         save(res)
         print(f"{key} {name}: val top-1 {top1}", flush=True)
-    done = [c for c in rec["candidates"].values() if c["val_top1"] is not None]
-    if not done:
-        raise SystemExit(f"{key}: every candidate failed: {rec.get('failed')}")
-    best = max(done, key=lambda c: c["val_top1"])  # max keeps the first (the current recipe) on a tie
-    rec["chosen"] = {"lr": best["lr"], "quant_weight_decay": best["quant_weight_decay"]}
+        return rec["candidates"][name]
+
+    def best(cands: list[dict]) -> dict:
+        done = [c for c in cands if c["val_top1"] is not None]
+        if not done:
+            raise SystemExit(f"{key}: every candidate failed: {rec.get('failed')}")
+        return max(done, key=lambda c: c["val_top1"])  # max keeps the first (the current recipe) on a tie
+
+    first = best([run(f"lr={c['lr']},quant_wd={c['quant_weight_decay']}", c, epochs) for c in TUNE_GRID])
+    base = {"lr": first["lr"], "quant_weight_decay": first["quant_weight_decay"]}
+    second = best([run(f"lr={base['lr']},quant_wd={base['quant_weight_decay']},bn_frac={f},{2 * epochs}ep",
+                       {**base, "bn_batch_frac": f}, 2 * epochs) for f in BN_FRACS])
+    rec["chosen"] = {**base, "bn_batch_frac": second["bn_batch_frac"]}
     res = load()
     res[key] = rec
-    for r, base in TUNED.items():  # a tuned row already measured learns which recipe it ran
-        if base == row and r in res:
+    for r, b in TUNED.items():  # a tuned row already measured learns which recipe it ran
+        if b == row and r in res:
             res[r]["chosen_on"] = chosen_on(r, res)
     save(res)
     print(f"{key}: chose {rec['chosen']}", flush=True)
@@ -472,8 +491,8 @@ def main() -> int:
     ap.add_argument("--plot", metavar="FILE.png", help="draw every measured row's top-1 against FP32")
     ap.add_argument("--choose", action="store_true", help="score the LSQ starts on the validation split")
     ap.add_argument("--steps", type=int, default=100, help="--choose: fine-tuning steps where untrained cannot tell")
-    ap.add_argument("--tune", metavar="ROW", help="choose ROW's learning rate and quantizer weight decay on the "
-                    "validation split (the recipe of ROW-tuned)")
+    ap.add_argument("--tune", metavar="ROW", help="choose ROW's learning rate, quantizer weight decay and BN "
+                    "schedule on the validation split (the recipe of ROW-tuned)")
     ap.add_argument("--tune-epochs", type=int, default=1, help="--tune: epochs per candidate (default %(default)s)")
     args = ap.parse_args()
     if args.choose:
