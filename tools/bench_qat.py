@@ -52,6 +52,7 @@ from common import (
 RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-qat"
 EDGE = "first_last_bits=8"
+LR = 0.001  # the rows' peak learning rate (--lr; --tune's first candidate)
 # rows that use the two-phase BN schedule: epochs with batch statistics (the others: frozen throughout)
 BN_BATCH: dict[str, int] = {"w4a4-lsq-bn": 2}
 # rows below 4-bit activations keep the first and last layers' inputs (and the logits) at 8 bits, as
@@ -90,11 +91,15 @@ ROWS = {
     "w2a2-lsq-mse": (f"weights=int2:channel,acts=uint2:tensor,qat=lsq,act_init=calib,{MSE}",
                      "LSQ, steps start at the MSE-calibrated range"),
     # the same method with the recipe (learning rate, weight decay on the learned steps) that --tune chose
+    # (run only where --tune chose a recipe other than the rows' own: otherwise the base row is it)
     "w4a4-lsq-mse-tuned": (f"weights=int4:channel,acts=uint4:tensor,qat=lsq,act_init=calib,{MSE}",
                            "w4a4-lsq-mse with the recipe --tune chose on the validation split"),
+    "w2a2-lsq-mse-tuned": (f"weights=int2:channel,acts=uint2:tensor,qat=lsq,act_init=calib,{MSE}",
+                           "w2a2-lsq-mse with the recipe --tune chose on the validation split"),
 }
 # tuned row -> the row whose --tune record gives its recipe
-TUNED = {"w4a4-lsq-mse-tuned": "w4a4-lsq-mse"}
+TUNED = {"w4a4-lsq-mse-tuned": "w4a4-lsq-mse", "w2a2-lsq-mse-tuned": "w2a2-lsq-mse"}
+EDGE_ACT["w2a2-lsq-mse-tuned"] = EDGE_ACT["w2a2-lsq-mse"]
 
 
 def load() -> dict:
@@ -289,7 +294,7 @@ def choose(steps: int = 100) -> dict:
                 f"{extra},{edge}}}")
         ctx = Context(calib=calib)
         if train:
-            pipe += (f",finetune{{epochs=1,max_steps={steps},batch_size=128,lr=0.001,weight_decay=0.0001,"
+            pipe += (f",finetune{{epochs=1,max_steps={steps},batch_size=128,lr={LR},weight_decay=0.0001,"
                      "kd_weight=0.5,temperature=4}")
             ctx = Context(calib=calib, train=TrainingData(xk, yk, cifar_augment), teacher=g0.copy())
         q = PassManager(pipe).run(g0.copy(), ctx).graph
@@ -313,9 +318,7 @@ def choose(steps: int = 100) -> dict:
         pick(f"choose/act_init/w{bits}a{bits}", bits, ACT_STARTS)
     act = ACT_STARTS[res["choose/act_init/w4a4"]["chosen"]]
     pick("choose/weight_init/w4a4", 4, WEIGHT_STARTS, prefix=act + ",")
-    for row in [*ROWS, *PEER_ROWS]:  # the rows already measured learn which data chose them
-        if row in res:
-            res[row]["chosen_on"] = chosen_on(row, res)
+    refresh_chosen_on(res)
     save(res)
     return {k: v for k, v in res.items() if k.startswith("choose/")}
 
@@ -327,8 +330,8 @@ def choose(steps: int = 100) -> dict:
 # batch statistics, at twice that budget (one epoch cannot split into two BN phases). The proxy
 # budgets stand in for the rows' 20 epochs (see docs/qat.md). The current recipe comes first in
 # each stage and keeps its place on a tie.
-TUNE_GRID = [{"lr": lr, "quant_weight_decay": wd} for lr in (0.001, 0.003) for wd in (None, 0.0)] + [
-    {"lr": 0.0005, "quant_weight_decay": None}]  # 0.003 diverged: a step below the current rate brackets it
+TUNE_GRID = [{"lr": lr, "quant_weight_decay": wd} for lr in (LR, 3 * LR) for wd in (None, 0.0)] + [
+    {"lr": LR / 2, "quant_weight_decay": None}]  # 0.003 diverged: a step below the current rate brackets it
 BN_FRACS = (0.0, 0.5)
 
 
@@ -402,12 +405,18 @@ def tune(row: str, epochs: int = 1) -> dict:
     rec["chosen"] = {**base, "bn_batch_frac": second["bn_batch_frac"]}
     res = load()
     res[key] = rec
-    for r, b in TUNED.items():  # a tuned row already measured learns which recipe it ran
-        if b == row and r in res:
-            res[r]["chosen_on"] = chosen_on(r, res)
+    refresh_chosen_on(res)
     save(res)
     print(f"{key}: chose {rec['chosen']}", flush=True)
     return rec
+
+
+def refresh_chosen_on(res: dict) -> None:
+    """Every measured row (each budget) learns which data chose what it runs, after a --choose or
+    --tune changed the records."""
+    for k, r in res.items():
+        if base_of(k) in ROWS or base_of(k) in PEER_ROWS:
+            r["chosen_on"] = chosen_on(base_of(k), res)
 
 
 def chosen_on(row: str, res: dict) -> str:
@@ -429,7 +438,13 @@ def chosen_on(row: str, res: dict) -> str:
     if rec is None or "lsq" not in opts:
         return f"activation start {act} (the method's own); no validation choice at this width"
     verdict = "the validation choice" if rec["chosen"] == act else f"NOT the validation choice ({rec['chosen']})"
-    return f"activation start {act}: {verdict}, {rec['rule']} on {rec['chosen_on']}"
+    out = f"activation start {act}: {verdict}, {rec['rule']} on {rec['chosen_on']}"
+    tuned = res.get(f"tune/{row}", {}).get("chosen")
+    if tuned and "bn_batch_frac" in tuned:  # --tune ran for this row: is its recipe the rows' own?
+        own = tuned["lr"] == LR and tuned["quant_weight_decay"] is None and tuned["bn_batch_frac"] == 0
+        out += ("; recipe (lr, quantizer weight decay, BN phase): the --tune choice" if own else
+                f"; recipe NOT the --tune choice ({tuned}: see {row}-tuned)")
+    return out
 
 
 def kernel_split(ops: dict[str, int] | None) -> str:
@@ -484,7 +499,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--row", help="the row to run (see --list)")
     ap.add_argument("--epochs", type=int, default=3, help="training epochs (the table states them)")
-    ap.add_argument("--lr", type=float, default=0.001, help="peak learning rate (a BN-folded net diverges at 0.01)")
+    ap.add_argument("--lr", type=float, default=LR, help="peak learning rate (a BN-folded net diverges at 0.01)")
     ap.add_argument("--limit", type=int, default=None, help="train on the first N training images (smoke runs: own checkpoints, not saved)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--table", action="store_true")
