@@ -466,7 +466,12 @@ def plot(path: Path) -> None:
 
     acc = [top1(res[r]) for r in rows]
     # other budgets (row@Nep): a star on their row's line, so the longer run reads against the short one
-    longer = [(rows.index(base_of(k)), top1(r), r["epochs"]) for k, r in res.items() if "@" in k and base_of(k) in rows]
+    # (a -tuned row's runs go on its base row's line, as diamonds)
+    line = lambda k: TUNED.get(base_of(k), base_of(k))  # noqa: E731
+    longer = [(rows.index(line(k)), top1(r), r["epochs"]) for k, r in res.items()
+              if "@" in k and line(k) in rows and base_of(k) not in TUNED]
+    tuned = [(rows.index(line(k)), top1(r), r["epochs"]) for k, r in res.items()
+             if "@" in k and line(k) in rows and base_of(k) in TUNED]
     kind = ["peer" if r in PEER_ROWS else "PTQ, no training" if "ptq" in r else "graphopt QAT" for r in rows]
     colours = {"PTQ, no training": "0.55", "graphopt QAT": "tab:blue", "peer": "tab:orange"}
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.4))
@@ -480,6 +485,12 @@ def plot(path: Path) -> None:
         ax.scatter(*zip(*pts), marker="*", s=110, color="tab:green", label=f"the same row, {e} epochs", zorder=4)
         for a, i in pts:
             ax.annotate(f"{a:.2f}", (a, i), xytext=(6, 3), textcoords="offset points", fontsize=7, color="tab:green")
+    for e in sorted({e for _, _, e in tuned}):
+        pts = [(a, i) for i, a, ep in tuned if ep == e]
+        ax.scatter(*zip(*pts), marker="D", s=45, color="tab:purple", zorder=4,
+                   label=f"the same row, {e} epochs, recipe chosen by --tune")
+        for a, i in pts:
+            ax.annotate(f"{a:.2f}", (a, i), xytext=(6, -11), textcoords="offset points", fontsize=7, color="tab:purple")
     for i, a in enumerate(acc):
         ax.annotate(f"{a:.2f}", (a, i), xytext=(5, -3), textcoords="offset points", fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
