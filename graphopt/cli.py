@@ -506,8 +506,8 @@ def finetune_config(args, **fixed):
     from graphopt.training.finetune import FinetuneConfig
 
     flags = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
-             "weight_decay": "weight_decay", "quant_weight_decay": "quant_weight_decay", "temperature": "temperature", "kd_weight": "kd_weight",
-             "checkpoint": "checkpoint", "resume": "resume", "max_steps": "max_steps", "device": "device",
+             "weight_decay": "weight_decay", "quant_weight_decay": "quant_weight_decay", "temperature": "temperature",
+             "kd_weight": "kd_weight", "checkpoint": "checkpoint", "resume": "resume", "max_steps": "max_steps", "device": "device",
              "amp": "amp"}
     opts = {field: getattr(args, flag) for field, flag in flags.items() if hasattr(args, flag)}
     if hasattr(args, "freeze_bn"):

@@ -90,16 +90,12 @@ ROWS = {
                      "LSQ, steps start at the MSE-calibrated range"),
     "w2a2-lsq-mse": (f"weights=int2:channel,acts=uint2:tensor,qat=lsq,act_init=calib,{MSE}",
                      "LSQ, steps start at the MSE-calibrated range"),
-    # the same method with the recipe (learning rate, weight decay on the learned steps) that --tune chose
-    # (run only where --tune chose a recipe other than the rows' own: otherwise the base row is it)
-    "w4a4-lsq-mse-tuned": (f"weights=int4:channel,acts=uint4:tensor,qat=lsq,act_init=calib,{MSE}",
-                           "w4a4-lsq-mse with the recipe --tune chose on the validation split"),
-    "w2a2-lsq-mse-tuned": (f"weights=int2:channel,acts=uint2:tensor,qat=lsq,act_init=calib,{MSE}",
-                           "w2a2-lsq-mse with the recipe --tune chose on the validation split"),
 }
-# tuned row -> the row whose --tune record gives its recipe
-TUNED = {"w4a4-lsq-mse-tuned": "w4a4-lsq-mse", "w2a2-lsq-mse-tuned": "w2a2-lsq-mse"}
-EDGE_ACT["w2a2-lsq-mse-tuned"] = EDGE_ACT["w2a2-lsq-mse"]
+# ROW-tuned: ROW's method with the recipe (learning rate, weight decay on the learned steps, BN phase)
+# that --tune ROW chose; run only where that differs from the rows' own (otherwise ROW is it)
+TUNED = {f"{row}-tuned": row for row in ("w4a4-lsq-mse", "w2a2-lsq-mse")}  # tuned row -> its base row
+ROWS.update({t: (ROWS[b][0], f"{b} with the recipe --tune chose on the validation split") for t, b in TUNED.items()})
+EDGE_ACT.update({t: EDGE_ACT[b] for t, b in TUNED.items() if b in EDGE_ACT})
 
 
 def load() -> dict:
