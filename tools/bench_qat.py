@@ -415,7 +415,7 @@ def refresh_chosen_on(res: dict) -> None:
             r["chosen_on"] = chosen_on(base_of(k), res)
 
 
-def chosen_on(row: str, res: dict) -> str:
+def chosen_on(row: str, res: dict, recipe: bool = True) -> str:
     """Which data chose what a row runs (its JSON's ``chosen_on``): the starts of the learned steps
     come from ``--choose`` on the validation split; everything else in a row is the method as its
     paper states it, or the recipe shared by every row (lr 0.001: 0.01 diverged in training loss)."""
@@ -424,7 +424,7 @@ def chosen_on(row: str, res: dict) -> str:
     if row in TUNED:
         rec = res.get(f"tune/{TUNED[row]}", {})
         return (f"recipe {rec.get('chosen')} chosen by {rec.get('rule')} on {rec.get('chosen_on')}; "
-                f"start as {chosen_on(TUNED[row], res)}")
+                f"start as {chosen_on(TUNED[row], res, recipe=False)}")
     opts = ROWS[row][0]
     if "qat=" not in opts:
         return "PTQ baseline: nothing chosen"
@@ -436,7 +436,7 @@ def chosen_on(row: str, res: dict) -> str:
     verdict = "the validation choice" if rec["chosen"] == act else f"NOT the validation choice ({rec['chosen']})"
     out = f"activation start {act}: {verdict}, {rec['rule']} on {rec['chosen_on']}"
     tuned = res.get(f"tune/{row}", {}).get("chosen")
-    if tuned and "bn_batch_frac" in tuned:  # --tune ran for this row: is its recipe the rows' own?
+    if recipe and tuned and "bn_batch_frac" in tuned:  # --tune ran for this row: is its recipe the rows' own?
         own = tuned["lr"] == LR and tuned["quant_weight_decay"] is None and tuned["bn_batch_frac"] == 0
         out += ("; recipe (lr, quantizer weight decay, BN phase): the --tune choice" if own else
                 f"; recipe NOT the --tune choice ({tuned}: see {row}-tuned)")
