@@ -437,7 +437,7 @@ def chosen_on(row: str, res: dict, recipe: bool = True) -> str:
     out = f"activation start {act}: {verdict}, {rec['rule']} on {rec['chosen_on']}"
     tuned = res.get(f"tune/{row}", {}).get("chosen")
     if recipe and tuned and "bn_batch_frac" in tuned:  # --tune ran for this row: is its recipe the rows' own?
-        own = tuned["lr"] == LR and tuned["quant_weight_decay"] is None and tuned["bn_batch_frac"] == 0
+        own = tuned == {**TUNE_GRID[0], "bn_batch_frac": BN_FRACS[0]}  # each stage's first candidate: the rows' own
         out += ("; recipe (lr, quantizer weight decay, BN phase): the --tune choice" if own else
                 f"; recipe NOT the --tune choice ({tuned}: see {row}-tuned)")
     return out
