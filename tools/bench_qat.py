@@ -42,10 +42,14 @@ from common import (
     load_results,
     ort_logits,
     ort_session,
+    outside_val,
     save_results,
     top1_pct,
     torch_logits,
     train_timing,
+    tune_best,
+    tune_candidate,
+    tune_record,
     with_budgets,
 )
 
@@ -331,15 +335,6 @@ TUNE_GRID = [{"lr": lr, "quant_weight_decay": wd} for lr in (LR, 3 * LR) for wd 
 BN_FRACS = (0.0, 0.5)
 
 
-def outside_val() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(calibration images, training images outside the validation split, their labels),
-    normalized: what --choose and --tune train and calibrate on."""
-    xtr_u8, ytr = cifar10("train")
-    perm = np.random.default_rng(0).permutation(len(ytr))
-    keep = np.setdiff1d(np.arange(len(ytr)), perm[512:2512])  # the split: positions 512..2511 (VAL_SPLIT)
-    return cifar_normalize(xtr_u8[perm[:512]]), cifar_normalize(xtr_u8[keep]), ytr[keep]
-
-
 def tune(row: str, epochs: int = 1) -> dict:
     """Score the TUNE_GRID recipes, then the BN_FRACS of the best, for ``row`` on the validation
     split and record the choice as ``tune/ROW`` (each candidate as it finishes: an interrupted
@@ -348,7 +343,6 @@ def tune(row: str, epochs: int = 1) -> dict:
     from cifar_resnet import resnet_cifar
 
     import graphopt
-    from graphopt.errors import GraphOptError
     from graphopt.passmanager import Context, PassManager, TrainingData
 
     if row not in ROWS or "ptq" in row or row in TUNED:
@@ -357,46 +351,28 @@ def tune(row: str, epochs: int = 1) -> dict:
     calib, xk, yk = outside_val()
     g0 = graphopt.from_torch(resnet_cifar(20), torch.zeros(1, 3, 32, 32))
     key = f"tune/{row}"
-    res = load()
-    rec = res.get(key) or {}
-    if rec.get("epochs") != epochs:
-        rec = {"epochs": epochs, "candidates": {}}
-    rec.update(chosen_on=VAL_SPLIT, train_images=len(yk), rule=(
+    rec = tune_record(RESULTS, key, epochs, train_images=len(yk), rule=(
         f"top-1 on the validation split (torch) after {epochs} epoch(s) on the training images outside it for lr "
         f"and quantizer weight decay, then {2 * epochs} epoch(s) for the share of epochs with batch-statistics BN"))
     work = WORK / "tune"
     work.mkdir(parents=True, exist_ok=True)
 
     def run(name: str, cand: dict, ep: int) -> dict:
-        if name in rec["candidates"]:
-            return rec["candidates"][name]
-        t = time.perf_counter()
         bn = round(cand.get("bn_batch_frac", 0.0) * ep)
         ck = work / (f"{row}-lr{cand['lr']}-qwd{cand['quant_weight_decay']}" + (f"-bn{bn}" if ep != epochs else "")
                      + f"-{ep}ep.pt")
         pipe = row_pipeline(row, ep, cand["lr"], ck, cand["quant_weight_decay"], bn)
-        ctx = Context(calib=calib, train=TrainingData(xk, yk, cifar_augment), teacher=g0.copy())
-        try:
+
+        def score() -> float:
+            ctx = Context(calib=calib, train=TrainingData(xk, yk, cifar_augment), teacher=g0.copy())
             q = PassManager(pipe).run(g0.copy(), ctx).graph
-            top1 = top1_pct(torch_logits(graphopt.to_torch(q).eval(), xv), yv)
-        except GraphOptError as e:  # a diverging candidate loses; the others still run
-            top1, rec.setdefault("failed", {})[name] = None, str(e).splitlines()[0]
-        rec["candidates"][name] = {**cand, "epochs": ep, "val_top1": top1, "wall_s": round(time.perf_counter() - t, 1)}
-        res = load()
-        res[key] = rec
-        save(res)
-        print(f"{key} {name}: val top-1 {top1}", flush=True)
-        return rec["candidates"][name]
+            return top1_pct(torch_logits(graphopt.to_torch(q).eval(), xv), yv)
 
-    def best(cands: list[dict]) -> dict:
-        done = [c for c in cands if c["val_top1"] is not None]
-        if not done:
-            raise SystemExit(f"{key}: every candidate failed: {rec.get('failed')}")
-        return max(done, key=lambda c: c["val_top1"])  # max keeps the first (the current recipe) on a tie
+        return tune_candidate(RESULTS, key, rec, name, cand, ep, score)
 
-    first = best([run(f"lr={c['lr']},quant_wd={c['quant_weight_decay']}", c, epochs) for c in TUNE_GRID])
+    first = tune_best(key, rec, [run(f"lr={c['lr']},quant_wd={c['quant_weight_decay']}", c, epochs) for c in TUNE_GRID])
     base = {"lr": first["lr"], "quant_weight_decay": first["quant_weight_decay"]}
-    second = best([run(f"lr={base['lr']},quant_wd={base['quant_weight_decay']},bn_frac={f},{2 * epochs}ep",
+    second = tune_best(key, rec, [run(f"lr={base['lr']},quant_wd={base['quant_weight_decay']},bn_frac={f},{2 * epochs}ep",
                        {**base, "bn_batch_frac": f}, 2 * epochs) for f in BN_FRACS])
     rec["chosen"] = {**base, "bn_batch_frac": second["bn_batch_frac"]}
     res = load()

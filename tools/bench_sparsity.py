@@ -3,6 +3,8 @@ peers trained by the same recipe.
 
   python tools/bench_sparsity.py --row gmp-80 [--epochs 3]   # train (or resume) one row
                                                              # (another budget: key gmp-80@Nep)
+  python tools/bench_sparsity.py --tune gmp-90             # choose its lr and schedule on the
+                                                             # validation split (the recipe of gmp-90-tuned)
   python tools/bench_sparsity.py --list
   python tools/bench_sparsity.py --table
 
@@ -15,6 +17,8 @@ the sparsity of the export and its compressed size (graphopt inspect --sparsity'
 
 * gmp-S: global gradual magnitude pruning to S% (prune-gradual{final=S,end=0.75,frequency=50}).
 * layer-80: the same schedule with one sparsity per layer.
+* ROW-tuned: ROW with the learning rate and the schedule's end that --tune ROW chose on the
+  validation split (2,000 CIFAR-10 training images; the candidates train on the other 48,000).
 * nm-2:4: prune-nm{n=2,m=4} (the 3-channel stem stays dense), then fine-tuning.
 * nm-2:4-int8: that, then the int8 preset's quantize (per-channel W8, uint8 activations).
 * torch-global-S: torch.nn.utils.prune.global_unstructured (L1, one shot), same fine-tuning.
@@ -38,13 +42,18 @@ from common import (
     cifar10,
     cifar_augment,
     cifar_normalize,
+    cifar_val,
     key_of,
     load_results,
     ort_logits,
+    outside_val,
     save_results,
     top1_pct,
     torch_logits,
     train_timing,
+    tune_best,
+    tune_candidate,
+    tune_record,
     with_budgets,
 )
 
@@ -60,6 +69,8 @@ ROWS = {
     "gmp-70": ("prune-gradual{final=0.7,end=0.75,frequency=50}", "prune-weights{sparsity=0.7}", "", "global gradual 70%"),
     "gmp-80": ("prune-gradual{final=0.8,end=0.75,frequency=50}", "prune-weights{sparsity=0.8}", "", "global gradual 80%"),
     "gmp-90": ("prune-gradual{final=0.9,end=0.75,frequency=50}", "prune-weights{sparsity=0.9}", "", "global gradual 90%"),
+    "gmp-90-tuned": ("prune-gradual{final=0.9,end={end},frequency=50}", "prune-weights{sparsity=0.9}", "",
+                     "global gradual 90%, lr and end chosen by --tune gmp-90"),
     "oneshot-80": ("prune-weights{sparsity=0.8}", "prune-weights{sparsity=0.8}", "",
                    "global one-shot 80%, then fine-tuning (the torch-global-80 peer's recipe)"),
     "layer-80": ("prune-gradual{final=0.8,end=0.75,frequency=50,scope=layer}", "prune-weights{sparsity=0.8,scope=layer}",
@@ -68,6 +79,8 @@ ROWS = {
     "nm-2:4-int8": ("prune-nm{n=2,m=4}", "prune-nm{n=2,m=4}", "fold-bn,quantize{weights=int8:channel,acts=uint8:tensor}",
                     "2:4, then int8 PTQ"),
 }
+# ROW-tuned -> ROW: the recipe (lr, the gradual schedule's end) comes from --tune ROW's record
+TUNED = {"gmp-90-tuned": "gmp-90"}
 PEERS = {"torch-global-80": 0.8, "torch-global-90": 0.9, "torch-ao-2:4": None}
 
 FP32 = 87.79  # the pretrained ResNet-20's top-1 (../shared/models/README)
@@ -99,6 +112,9 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     from graphopt.passmanager import Context, PassManager, TrainingData
 
     prune, oneshot, after, _ = ROWS[row]
+    if row in TUNED:
+        recipe = tuned_recipe(row)
+        lr, prune = recipe["lr"], prune.replace("{end}", str(recipe["end"]))
     xtr_u8, ytr = cifar10("train")
     xt_u8, yt = cifar10("test")
     xtr, xt = cifar_normalize(xtr_u8[:limit]), cifar_normalize(xt_u8)
@@ -128,7 +144,86 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
             "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort),
             **train_timing(secs, r.stats.get("finetune", [{}])[0].get("epochs", 0),
                            load_results(RESULTS).get(key_of(row, epochs), {})),
-            "train_images": len(xtr), **_export_stats(q)}
+            "train_images": len(xtr), **_export_stats(q), "chosen_on": chosen_on(row)}
+
+
+# --tune ROW: the learning rate, then the gradual schedule's end (the share of training that
+# prunes; the rest recovers at the final sparsity), chosen on the validation split. Each candidate
+# trains on the 48,000 training images outside the split for --tune-epochs (default 2: the
+# schedule needs room to prune and recover) and is scored in torch on the split. The current
+# recipe comes first in each stage and keeps its place on a tie.
+TUNE_LRS = (0.01, 0.003, 0.03)
+TUNE_ENDS = (0.75, 0.5)
+
+
+def tune(row: str, epochs: int = 2) -> dict:
+    """Score TUNE_LRS at the row's end, then TUNE_ENDS at the best rate, for a gradual row on the
+    validation split; record the choice as ``tune/ROW`` (each candidate as it finishes)."""
+    import torch
+    from cifar_resnet import resnet_cifar
+
+    import graphopt
+    from graphopt.passmanager import Context, PassManager, TrainingData
+
+    gradual = [r for r in ROWS if r.startswith("gmp-") and r not in TUNED]
+    if row not in gradual:
+        raise SystemExit(f"--tune takes a global gradual row: {', '.join(gradual)}")
+    xv, yv = cifar_val()
+    calib, xk, yk = outside_val()
+    g0 = PassManager("canonicalize").run(graphopt.from_torch(resnet_cifar(20), torch.zeros(1, 3, 32, 32))).graph
+    key = f"tune/{row}"
+    rec = tune_record(RESULTS, key, epochs, train_images=len(yk), rule=(
+        f"top-1 on the validation split (torch) after {epochs} epoch(s) on the training images outside it, "
+        "for lr, then for the gradual schedule's end at that lr"))
+    work = WORK / "tune"
+    work.mkdir(parents=True, exist_ok=True)
+
+    def run(lr: float, end: float) -> dict:
+        name = f"lr={lr},end={end}"
+        pipe = (ROWS[row][0].replace("end=0.75", f"end={end}") + "," +
+                FT.format(epochs=epochs, lr=lr, ck=work / f"{row}-lr{lr}-end{end}-{epochs}ep.pt"))
+
+        def score() -> float:
+            ctx = Context(calib=calib, train=TrainingData(xk, yk, cifar_augment), teacher=g0.copy())
+            q = PassManager(pipe).run(g0.copy(), ctx).graph
+            return top1_pct(torch_logits(graphopt.to_torch(q).eval(), xv), yv)
+
+        return tune_candidate(RESULTS, key, rec, name, {"lr": lr, "end": end}, epochs, score)
+
+    lr = tune_best(key, rec, [run(lr, TUNE_ENDS[0]) for lr in TUNE_LRS])["lr"]
+    rec["chosen"] = {"lr": lr, "end": tune_best(key, rec, [run(lr, end) for end in TUNE_ENDS])["end"]}
+    res = load_results(RESULTS)
+    res[key] = rec
+    for k, r in res.items():  # every measured row learns which data chose its recipe
+        if base_of(k) in ROWS and "epochs" in r and not k.startswith("tune/"):
+            r["chosen_on"] = chosen_on(base_of(k), res)
+    save_results(RESULTS, res)
+    print(f"{key}: chose {rec['chosen']}", flush=True)
+    return rec
+
+
+def tuned_recipe(row: str) -> dict:
+    """The recipe ``--tune`` chose for a tuned row's base row ({"lr", "end"})."""
+    rec = load_results(RESULTS).get(f"tune/{TUNED[row]}", {})
+    if "chosen" not in rec:
+        raise SystemExit(f"{row}: no recipe chosen yet; run python tools/bench_sparsity.py --tune {TUNED[row]} first")
+    return rec["chosen"]
+
+
+def chosen_on(row: str, res: dict | None = None) -> str:
+    """Which data chose what a row runs: a tuned row's recipe comes from --tune on the validation
+    split; the other rows run the shared recipe (lr 0.01, end 0.75), which --tune may have judged."""
+    res = load_results(RESULTS) if res is None else res
+    base = TUNED.get(row, row)
+    rec = res.get(f"tune/{base}", {})
+    if "chosen" not in rec:
+        return "the shared recipe (lr 0.01, end 0.75); nothing chosen on data"
+    how = f"{rec['rule']} on {rec['chosen_on']}"
+    if row in TUNED:
+        return f"recipe {rec['chosen']} chosen by {how}"
+    own = rec["chosen"] == {"lr": TUNE_LRS[0], "end": TUNE_ENDS[0]}
+    return (f"the shared recipe: {'the' if own else 'NOT the'} --tune choice ({rec['chosen']}), {how}"
+            + ("" if own else f"; see {row}-tuned"))
 
 
 def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
@@ -205,10 +300,11 @@ def plot(path: Path) -> None:
 
     plt = pyplot("--plot")
 
-    res = {k: r for k, r in load_results(RESULTS).items() if "error" not in r}
+    res = {k: r for k, r in load_results(RESULTS).items() if "error" not in r and not k.startswith("tune/")}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.axhline(FP32, color="0.5", ls="--", lw=1, label=f"FP32 {FP32}")
-    longer = {k: res.pop(k) for k in [k for k in res if "@" in k]}  # other budgets: points of their own
+    # other budgets and tuned recipes: points of their own
+    longer = {k: res.pop(k) for k in [k for k in res if "@" in k or base_of(k) in TUNED]}
     gmp = sorted((r["sparsity"], r["ort_top1"]) for k, r in res.items() if k.startswith("gmp-"))
     if gmp:
         ax.plot([100 * (1 - s) for s, _ in gmp], [a for _, a in gmp], "o-", label="graphopt global gradual")
@@ -243,7 +339,13 @@ def main() -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--plot", metavar="FILE.png", help="draw top-1 against the weights remaining for every row")
+    ap.add_argument("--tune", metavar="ROW", help="choose a gradual row's lr and schedule end on the validation split "
+                    "(the recipe of ROW-tuned)")
+    ap.add_argument("--tune-epochs", type=int, default=2, help="--tune: epochs per candidate (default %(default)s)")
     args = ap.parse_args()
+    if args.tune:
+        tune(args.tune, args.tune_epochs)
+        return 0
     if args.plot:
         plot(Path(args.plot))
         return 0

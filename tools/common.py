@@ -251,6 +251,56 @@ def cifar_val() -> tuple[np.ndarray, np.ndarray]:
     return cifar_normalize(xtr[idx]), ytr[idx]
 
 
+def outside_val() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(calibration images, training images outside the validation split, their labels),
+    normalized: what a recipe search (``--tune``) trains and calibrates on."""
+    xtr_u8, ytr = cifar10("train")
+    perm = np.random.default_rng(0).permutation(len(ytr))
+    keep = np.setdiff1d(np.arange(len(ytr)), perm[512:2512])  # the split: positions 512..2511 (VAL_SPLIT)
+    return cifar_normalize(xtr_u8[perm[:512]]), cifar_normalize(xtr_u8[keep]), ytr[keep]
+
+
+# ------------------------------------------------------------------ recipe searches (--tune)
+def tune_record(path: Path, key: str, epochs: int, **about) -> dict:
+    """A recipe search's record under ``key`` in the results file at ``path``: the stored one
+    (an interrupted search resumes its finished candidates) unless it ran at another budget."""
+    rec = load_results(path).get(key) or {}
+    if rec.get("epochs") != epochs:
+        rec = {"epochs": epochs, "candidates": {}}
+    rec.update(chosen_on=VAL_SPLIT, **about)
+    return rec
+
+
+def tune_candidate(path: Path, key: str, rec: dict, name: str, cand: dict, epochs: int, score) -> dict:
+    """One candidate of a recipe search: ``score()`` trains it and returns its top-1 on the
+    validation split. A GraphOptError (a diverging candidate) records it as failed: it loses and
+    the others still run. Each candidate is saved as it finishes, and a finished one is not rerun."""
+    from graphopt.errors import GraphOptError
+
+    if name in rec["candidates"]:
+        return rec["candidates"][name]
+    t = time.perf_counter()
+    try:
+        top1 = score()
+    except GraphOptError as e:
+        top1, rec.setdefault("failed", {})[name] = None, str(e).splitlines()[0]
+    rec["candidates"][name] = {**cand, "epochs": epochs, "val_top1": top1, "wall_s": round(time.perf_counter() - t, 1)}
+    res = load_results(path)
+    res[key] = rec
+    save_results(path, res)
+    print(f"{key} {name}: val top-1 {top1}", flush=True)
+    return rec["candidates"][name]
+
+
+def tune_best(key: str, rec: dict, cands: list[dict]) -> dict:
+    """The candidate with the best validation top-1; the first (the current recipe) keeps its
+    place on a tie."""
+    done = [c for c in cands if c["val_top1"] is not None]
+    if not done:
+        raise SystemExit(f"{key}: every candidate failed: {rec.get('failed')}")
+    return max(done, key=lambda c: c["val_top1"])
+
+
 def fp32_file(model: str) -> Path:
     if model == "effnet":
         return need_shared(SHARED / "models" / "efficientnet_lite0.onnx")
