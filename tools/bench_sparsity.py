@@ -80,8 +80,9 @@ ROWS = {
                     "2:4, then int8 PTQ"),
 }
 # ROW-tuned -> ROW: the recipe (lr, the gradual schedule's end) comes from --tune ROW's record
-TUNED = {"gmp-90-tuned": "gmp-90"}
-PEERS = {"torch-global-80": 0.8, "torch-global-90": 0.9, "torch-ao-2:4": None}
+# (the peer's -tuned row trains at the learning rate chosen for graphopt's row: one shot, no schedule)
+TUNED = {"gmp-90-tuned": "gmp-90", "torch-global-90-tuned": "gmp-90"}
+PEERS = {"torch-global-80": 0.8, "torch-global-90": 0.9, "torch-global-90-tuned": 0.9, "torch-ao-2:4": None}
 
 FP32 = 87.79  # the pretrained ResNet-20's top-1 (../shared/models/README)
 
@@ -99,6 +100,7 @@ def _export_stats(g) -> dict:
 
 def _file(row: str, epochs: int, suffix: str) -> Path:
     """Where a row's checkpoint or export lives at a budget (``nm-2_4@20ep.pt``)."""
+    WORK.mkdir(parents=True, exist_ok=True)
     return WORK / f"{key_of(row, epochs).replace(':', '_')}{suffix}"
 
 
@@ -238,6 +240,8 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     xt_u8, yt = cifar10("test")
     xtr, xt = cifar_normalize(xtr_u8[:limit]), cifar_normalize(xt_u8)
     ytr = ytr[:limit]
+    if row in TUNED:
+        lr = tuned_recipe(row)["lr"]
     teacher, model = resnet_cifar(20), resnet_cifar(20)
     layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     t = time.perf_counter()
@@ -271,10 +275,11 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     out = _file(row, epochs, ".onnx")
     graphopt.save_onnx(g, out)
     ort = ort_logits(out, xt)
-    return {"pipeline": row, "epochs": epochs, "after_pruning": before, "torch_top1": top1_pct(sim, yt),
+    return {"pipeline": row, "lr": lr, "epochs": epochs, "after_pruning": before, "torch_top1": top1_pct(sim, yt),
             "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort),
             **train_timing(secs, ran, load_results(RESULTS).get(key_of(row, epochs), {})),
-            "train_images": len(xtr), **_export_stats(g)}
+            "train_images": len(xtr), **_export_stats(g),
+            "chosen_on": chosen_on(row) if row in TUNED else "the shared recipe (lr 0.01); nothing chosen on data"}
 
 
 def table() -> None:
@@ -287,7 +292,7 @@ def table() -> None:
         if r and "error" in r:
             print(f"| {row} | peer | {r['epochs']} | - | fails: {r['error']} | - | - | - | - | - |")
         elif r:
-            what = ROWS[base][3] if base in ROWS else "peer"
+            what = ROWS[base][3] if base in ROWS else f"peer, lr chosen by --tune {TUNED[base]}" if base in TUNED else "peer"
             print(f"| {row} | {what} | {r['epochs']} | {100 * r['sparsity']:.1f}% | {r['after_pruning']:.2f} | "
                   f"{r['torch_top1']:.2f} | {r['ort_top1']:.2f} | {100 * r['nonzero_macs']:.1f}% | "
                   f"{r['compressed_mb']:.3f} ({r['dense_mb']:.3f}) | {r['s_per_epoch']} |")
