@@ -321,13 +321,13 @@ def plot(path: Path) -> None:
         if pts:
             ax.scatter(*zip(*pts), marker=m, s=50, label=label, zorder=3)
     for k, r in longer.items():
-        ax.scatter(100 * (1 - r["sparsity"]), r["ort_top1"], marker="*", s=90, zorder=4,
+        ax.scatter(100 * (1 - r["sparsity"]), r["ort_top1"], marker="X" if base_of(k) in PEERS else "*", s=90, zorder=4,
                    label=f"{base_of(k)}, {r['epochs']} epochs")
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("top-1 on 10,000 test images (onnxruntime)")
     epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in res.values()}))
-    ax.set_title(f"ResNet-20 / CIFAR-10, fine-tuned {epochs} epochs per row" + (" (stars: longer)" if longer else ""))
+    ax.set_title(f"ResNet-20 / CIFAR-10, fine-tuned {epochs} epochs per row" + (f" (stars, X: {'/'.join(str(e) for e in sorted({r['epochs'] for r in longer.values()}))} epochs)" if longer else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
