@@ -69,7 +69,7 @@ ROWS = {
     "gmp-70": ("prune-gradual{final=0.7,end=0.75,frequency=50}", "prune-weights{sparsity=0.7}", "", "global gradual 70%"),
     "gmp-80": ("prune-gradual{final=0.8,end=0.75,frequency=50}", "prune-weights{sparsity=0.8}", "", "global gradual 80%"),
     "gmp-90": ("prune-gradual{final=0.9,end=0.75,frequency=50}", "prune-weights{sparsity=0.9}", "", "global gradual 90%"),
-    "gmp-90-tuned": ("prune-gradual{final=0.9,end={end},frequency=50}", "prune-weights{sparsity=0.9}", "",
+    "gmp-90-tuned": ("prune-gradual{final=0.9,end=0.75,frequency=50}", "prune-weights{sparsity=0.9}", "",
                      "global gradual 90%, lr and end chosen by --tune gmp-90"),
     "oneshot-80": ("prune-weights{sparsity=0.8}", "prune-weights{sparsity=0.8}", "",
                    "global one-shot 80%, then fine-tuning (the torch-global-80 peer's recipe)"),
@@ -116,7 +116,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     prune, oneshot, after, _ = ROWS[row]
     if row in TUNED:
         recipe = tuned_recipe(row)
-        lr, prune = recipe["lr"], prune.replace("{end}", str(recipe["end"]))
+        lr, prune = recipe["lr"], with_end(prune, recipe["end"])
     xtr_u8, ytr = cifar10("train")
     xt_u8, yt = cifar10("test")
     xtr, xt = cifar_normalize(xtr_u8[:limit]), cifar_normalize(xt_u8)
@@ -182,7 +182,7 @@ def tune(row: str, epochs: int = 2) -> dict:
 
     def run(lr: float, end: float) -> dict:
         name = f"lr={lr},end={end}"
-        pipe = (ROWS[row][0].replace("end=0.75", f"end={end}") + "," +
+        pipe = (with_end(ROWS[row][0], end) + "," +
                 FT.format(epochs=epochs, lr=lr, ck=work / f"{row}-lr{lr}-end{end}-{epochs}ep.pt"))
 
         def score() -> float:
@@ -202,6 +202,12 @@ def tune(row: str, epochs: int = 2) -> dict:
     save_results(RESULTS, res)
     print(f"{key}: chose {rec['chosen']}", flush=True)
     return rec
+
+
+def with_end(prune: str, end: float) -> str:
+    """A gradual row's pruning step with its schedule ending at ``end`` instead of the shared 0.75."""
+    assert "end=0.75" in prune, prune
+    return prune.replace("end=0.75", f"end={end}")
 
 
 def tuned_recipe(row: str) -> dict:
@@ -356,6 +362,9 @@ def main() -> int:
         return 0
     if args.list:
         for row, (p, _, a, what) in ROWS.items():
+            if row in TUNED:  # its end (and lr) as --tune chose them, once it has
+                chosen = load_results(RESULTS).get(f"tune/{TUNED[row]}", {}).get("chosen")
+                p = with_end(p, chosen["end"]) + f" (lr {chosen['lr']})" if chosen else p + " (end and lr: not chosen yet)"
             print(f"{row:14s} {what}: {p},finetune{{...}}" + (f",{a}" if a else ""))
         for row in PEERS:
             print(f"{row:14s} peer")
