@@ -373,7 +373,7 @@ def tune(row: str, epochs: int = 1) -> dict:
     first = tune_best(key, rec, [run(f"lr={c['lr']},quant_wd={c['quant_weight_decay']}", c, epochs) for c in TUNE_GRID])
     base = {"lr": first["lr"], "quant_weight_decay": first["quant_weight_decay"]}
     second = tune_best(key, rec, [run(f"lr={base['lr']},quant_wd={base['quant_weight_decay']},bn_frac={f},{2 * epochs}ep",
-                       {**base, "bn_batch_frac": f}, 2 * epochs) for f in BN_FRACS])
+                                      {**base, "bn_batch_frac": f}, 2 * epochs) for f in BN_FRACS])
     rec["chosen"] = {**base, "bn_batch_frac": second["bn_batch_frac"]}
     res = load()
     res[key] = rec

@@ -244,10 +244,16 @@ VAL_SPLIT = ("CIFAR-10 train, seed-0 permutation positions 512-2511 (2,000 image
              "calibration images)")
 
 
+def _train_order(n: int) -> np.ndarray:
+    """The seed-0 permutation of the training images: positions 0..511 calibrate, 512..2511 are
+    the validation split (``VAL_SPLIT``)."""
+    return np.random.default_rng(0).permutation(n)
+
+
 def cifar_val() -> tuple[np.ndarray, np.ndarray]:
     """(x, y) of the validation split described by ``VAL_SPLIT``, normalized NCHW."""
     xtr, ytr = cifar10("train")
-    idx = np.random.default_rng(0).permutation(len(ytr))[512:2512]
+    idx = _train_order(len(ytr))[512:2512]
     return cifar_normalize(xtr[idx]), ytr[idx]
 
 
@@ -255,8 +261,8 @@ def outside_val() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(calibration images, training images outside the validation split, their labels),
     normalized: what a recipe search (``--tune``) trains and calibrates on."""
     xtr_u8, ytr = cifar10("train")
-    perm = np.random.default_rng(0).permutation(len(ytr))
-    keep = np.setdiff1d(np.arange(len(ytr)), perm[512:2512])  # the split: positions 512..2511 (VAL_SPLIT)
+    perm = _train_order(len(ytr))
+    keep = np.setdiff1d(np.arange(len(ytr)), perm[512:2512])  # everything but the validation split
     return cifar_normalize(xtr_u8[perm[:512]]), cifar_normalize(xtr_u8[keep]), ytr[keep]
 
 
