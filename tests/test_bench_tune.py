@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from common import load_results, tune_best, tune_candidate, tune_record  # noqa: E402
+from common import load_results, tune_best, tune_candidate, tune_record, tune_widen  # noqa: E402
 
 from graphopt.errors import GraphOptError  # noqa: E402
 
@@ -53,3 +53,34 @@ def test_a_bug_in_a_candidate_is_not_recorded_as_a_loss(tmp_path):
     with pytest.raises(KeyError):
         tune_candidate(path, key, rec, "x", {}, 1, bug)
     assert "x" not in rec["candidates"]
+
+
+def test_a_best_on_the_grids_edge_is_widened_until_bracketed(tmp_path):
+    path, key = tmp_path / "r.json", "tune/row"
+    rec = tune_record(path, key, 1)
+
+    def run(lr, _best=None):  # validation top-1 peaks at lr 0.125, outside the grid
+        return tune_candidate(path, key, rec, f"lr={lr}", {"lr": lr}, 1, lambda: 90.0 - abs(lr - 0.125) * 10)
+
+    best = tune_widen(key, rec, [run(lr) for lr in (1.0, 2.0, 0.5)], "lr", 2, run)
+    assert best["lr"] == 0.125
+    assert sorted(c["lr"] for c in rec["candidates"].values()) == [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0]
+    rec2 = tune_record(tmp_path / "s.json", key, 1)  # at most `most` steps beyond the grid
+    capped = tune_widen(key, rec2, [tune_candidate(tmp_path / "s.json", key, rec2, "a", {"lr": 1.0}, 1, lambda: 1.0),
+                                    tune_candidate(tmp_path / "s.json", key, rec2, "b", {"lr": 2.0}, 1, lambda: 0.0)],
+                        "lr", 2, lambda lr, _: {"lr": lr, "val_top1": 2.0}, most=1)
+    assert capped["lr"] == 0.5
+
+
+def test_a_failed_candidate_beyond_the_edge_brackets_the_search(tmp_path):
+    path, key = tmp_path / "r.json", "tune/row"
+    rec = tune_record(path, key, 1)
+
+    def diverge():
+        raise GraphOptError("finetune: the training loss is not finite")
+
+    def run(lr, _best=None):
+        return tune_candidate(path, key, rec, f"lr={lr}", {"lr": lr}, 1, diverge if lr > 2 else lambda: lr)
+
+    assert tune_widen(key, rec, [run(1.0), run(2.0)], "lr", 3, run)["lr"] == 2.0
+    assert set(rec["candidates"]) == {"lr=1.0", "lr=2.0", "lr=6.0"} and "lr=6.0" in rec["failed"]

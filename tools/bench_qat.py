@@ -50,6 +50,7 @@ from common import (
     tune_best,
     tune_candidate,
     tune_record,
+    tune_widen,
     with_budgets,
 )
 
@@ -332,6 +333,7 @@ def choose(steps: int = 100) -> dict:
 # each stage and keeps its place on a tie.
 TUNE_GRID = [{"lr": lr, "quant_weight_decay": wd} for lr in (LR, 3 * LR) for wd in (None, 0.0)] + [
     {"lr": LR / 2, "quant_weight_decay": None}]  # 0.003 diverged: a step below the current rate brackets it
+# (a best rate on the grid's edge is widened by halving or doubling until bracketed: common.tune_widen)
 BN_FRACS = (0.0, 0.5)
 
 
@@ -370,7 +372,11 @@ def tune(row: str, epochs: int = 1) -> dict:
 
         return tune_candidate(RESULTS, key, rec, name, cand, ep, score)
 
-    first = tune_best(key, rec, [run(f"lr={c['lr']},quant_wd={c['quant_weight_decay']}", c, epochs) for c in TUNE_GRID])
+    def name(c: dict) -> str:
+        return f"lr={c['lr']},quant_wd={c['quant_weight_decay']}"
+
+    first = tune_widen(key, rec, [run(name(c), c, epochs) for c in TUNE_GRID], "lr", 2, lambda lr, best: run(
+        name(c := {"lr": lr, "quant_weight_decay": best["quant_weight_decay"]}), c, epochs))
     base = {"lr": first["lr"], "quant_weight_decay": first["quant_weight_decay"]}
     second = tune_best(key, rec, [run(f"lr={base['lr']},quant_wd={base['quant_weight_decay']},bn_frac={f},{2 * epochs}ep",
                                       {**base, "bn_batch_frac": f}, 2 * epochs) for f in BN_FRACS])

@@ -54,10 +54,12 @@ from common import (
     tune_best,
     tune_candidate,
     tune_record,
+    tune_widen,
     with_budgets,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparsity.json"
+SHARED_LR = 0.01  # the shared recipe's rate (--lr's default)
 WORK = Path(tempfile.gettempdir()) / "graphopt-sparsity"
 # rows whose training is another row's: they resume (and so reuse) its fine-tuned checkpoint
 TRAINS_AS = {"nm-2:4-int8": "nm-2:4"}
@@ -146,7 +148,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
             "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort),
             **train_timing(secs, r.stats.get("finetune", [{}])[0].get("epochs", 0),
                            load_results(RESULTS).get(key_of(row, epochs), {})),
-            "train_images": len(xtr), **_export_stats(q), "chosen_on": chosen_on(row)}
+            "train_images": len(xtr), **_export_stats(q), "lr": lr, "chosen_on": chosen_on(row, lr=lr)}
 
 
 # --tune ROW: the learning rate, then the gradual schedule's end (the share of training that
@@ -154,7 +156,8 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
 # trains on the 48,000 training images outside the split for --tune-epochs (default 2: the
 # schedule needs room to prune and recover) and is scored in torch on the split. The current
 # recipe comes first in each stage and keeps its place on a tie.
-TUNE_LRS = (0.01, 0.003, 0.03, 0.1, 0.3)  # the best rate kept landing on the grid's edge: 0.1 and 0.3 bracket it
+TUNE_LRS = (SHARED_LR, 0.003, 0.03, 0.1, 0.3)  # the best rate kept landing on the grid's edge: 0.1 and 0.3 bracket it
+# (common.tune_widen now widens a grid whose best is on its edge by itself, a factor 3 at a time)
 TUNE_ENDS = (0.75, 0.5)
 
 
@@ -192,13 +195,13 @@ def tune(row: str, epochs: int = 2) -> dict:
 
         return tune_candidate(RESULTS, key, rec, name, {"lr": lr, "end": end}, epochs, score)
 
-    lr = tune_best(key, rec, [run(lr, TUNE_ENDS[0]) for lr in TUNE_LRS])["lr"]
+    lr = tune_widen(key, rec, [run(lr, TUNE_ENDS[0]) for lr in TUNE_LRS], "lr", 3, lambda lr, _: run(lr, TUNE_ENDS[0]))["lr"]
     rec["chosen"] = {"lr": lr, "end": tune_best(key, rec, [run(lr, end) for end in TUNE_ENDS])["end"]}
     res = load_results(RESULTS)
     res[key] = rec
     for k, r in res.items():  # every measured row learns which data chose its recipe
-        if base_of(k) in ROWS and "epochs" in r and not k.startswith("tune/"):
-            r["chosen_on"] = chosen_on(base_of(k), res)
+        if (base_of(k) in ROWS or base_of(k) in PEERS) and "epochs" in r and not k.startswith("tune/"):
+            r["chosen_on"] = chosen_on(base_of(k), res, r.get("lr", SHARED_LR))
     save_results(RESULTS, res)
     print(f"{key}: chose {rec['chosen']}", flush=True)
     return rec
@@ -218,14 +221,19 @@ def tuned_recipe(row: str) -> dict:
     return rec["chosen"]
 
 
-def chosen_on(row: str, res: dict | None = None) -> str:
+def chosen_on(row: str, res: dict | None = None, lr: float = SHARED_LR) -> str:
     """Which data chose what a row runs: a tuned row's recipe comes from --tune on the validation
-    split; the other rows run the shared recipe (lr 0.01, end 0.75), which --tune may have judged."""
+    split; the other rows run the shared recipe (lr 0.01, end 0.75), which --tune may have judged,
+    or the rate ``lr`` that --lr set by hand."""
     res = load_results(RESULTS) if res is None else res
     base = TUNED.get(row, row)
     rec = res.get(f"tune/{base}", {})
+    if row not in TUNED and lr != SHARED_LR:
+        return f"lr {lr} set by hand (--lr); nothing chosen on data"
+    if row in PEERS and row not in TUNED:
+        return f"the shared recipe (lr {SHARED_LR}); nothing chosen on data"
     if "chosen" not in rec:
-        return "the shared recipe (lr 0.01, end 0.75); nothing chosen on data"
+        return f"the shared recipe (lr {SHARED_LR}, end 0.75); nothing chosen on data"
     how = f"{rec['rule']} on {rec['chosen_on']}"
     if row in TUNED:
         return f"recipe {rec['chosen']} chosen by {how}"
@@ -285,7 +293,7 @@ def run_peer(row: str, epochs: int, lr: float, limit: int | None) -> dict:
             "ort_top1": top1_pct(ort, yt), "agree": agree_pct(sim, ort),
             **train_timing(secs, ran, load_results(RESULTS).get(key_of(row, epochs), {})),
             "train_images": len(xtr), **_export_stats(g),
-            "chosen_on": chosen_on(row) if row in TUNED else "the shared recipe (lr 0.01); nothing chosen on data"}
+            "chosen_on": chosen_on(row, lr=lr)}
 
 
 def table() -> None:
@@ -345,7 +353,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--row")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=SHARED_LR)
     ap.add_argument("--limit", type=int, default=None, help="train on the first N images (smoke runs; not saved)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--table", action="store_true")

@@ -307,6 +307,23 @@ def tune_best(key: str, rec: dict, cands: list[dict]) -> dict:
     return max(done, key=lambda c: c["val_top1"])
 
 
+def tune_widen(key: str, rec: dict, cands: list[dict], param: str, ratio: float, run, most: int = 3) -> dict:
+    """The best of ``cands`` once it is bracketed along ``param``: while the best candidate's
+    value is the grid's smallest (largest), ``run(value, best)`` trains one more candidate a
+    factor ``ratio`` beyond it, at most ``most`` times (a best on the edge may lie outside the
+    grid). A failed candidate beyond the edge brackets it too."""
+    for _ in range(most):
+        best = tune_best(key, rec, cands)
+        vals = [c[param] for c in cands]
+        if min(vals) == max(vals):
+            break
+        if best[param] not in (min(vals), max(vals)):
+            break
+        beyond = best[param] / ratio if best[param] == min(vals) else best[param] * ratio
+        cands.append(run(float(f"{beyond:.3g}"), best))
+    return tune_best(key, rec, cands)
+
+
 def fp32_file(model: str) -> Path:
     if model == "effnet":
         return need_shared(SHARED / "models" / "efficientnet_lite0.onnx")
