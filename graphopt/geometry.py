@@ -27,6 +27,10 @@ Both have inverses (``from_out_view``, ``from_in_view``), given the weight's sha
   per row). ``from_filter_matrix`` is its inverse (it reads the blocks back). Column combining
   (``graphopt.columns``) and the systolic-array back end work on this view. A ConvTranspose has
   none: it scatters its outputs, so its weight is not the operand of one GEMM over im2col.
+
+``window(node)`` is the other half of a layer's geometry: the sliding window of a Conv,
+ConvTranspose or pool (kernel, strides, explicit pads, dilations) with ONNX's defaults, and
+``auto_pad`` resolved. Every back end and pass that reads those attributes asks it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphopt.errors import GraphOptError
+from graphopt.errors import GraphOptError, UnsupportedOpError
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # the layers whose weights the rescaling and quantizing passes rewrite by channel
@@ -182,3 +186,78 @@ def bias(graph, n) -> np.ndarray | None:
     if n.op_type == "MatMul" or len(n.inputs) < 3 or n.inputs[2] is None:
         return None
     return np.asarray(graph.const_value(n.inputs[2]))
+
+
+WINDOW_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
+
+
+@dataclass(frozen=True)
+class Window:
+    """A Conv's, ConvTranspose's or pool's sliding window, every field explicit (ONNX order:
+    ``pads`` is the begin of each spatial axis, then the end of each)."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+
+    @property
+    def nd(self) -> int:
+        return len(self.kernel)
+
+    @property
+    def padded(self) -> bool:
+        return any(self.pads)
+
+    def pad_pairs(self) -> list[tuple[int, int]]:
+        """[(begin, end)] per spatial axis."""
+        return [(self.pads[i], self.pads[i + self.nd]) for i in range(self.nd)]
+
+
+def window(node) -> Window:
+    """The window of a Conv/ConvTranspose/MaxPool/AveragePool/LpPool node, ONNX's defaults filled
+    in (strides and dilations 1, no padding; a convolution's kernel from its weight when
+    ``kernel_shape`` is absent). ``auto_pad=VALID`` is no padding; ``SAME_UPPER``/``SAME_LOWER``
+    become the explicit pads ONNX defines from the input's static spatial shape (output =
+    ceil(input / stride), the odd pad at the end for SAME_UPPER, at the start for SAME_LOWER)."""
+    op, where = node.op_type, f"{node.op_type} node '{node.name}'"
+    if node.domain != "" or op not in WINDOW_OPS:
+        raise GraphOptError(f"{where} has no sliding window ({', '.join(WINDOW_OPS)} have)")
+    ks = node.attr("kernel_shape")
+    if ks is None and op in ("Conv", "ConvTranspose") and len(node.inputs) > 1 and node.inputs[1] is not None:
+        w = node.inputs[1].shape
+        ks = list(w[2:]) if w is not None and all(isinstance(d, int) for d in w[2:]) else None
+    if ks is None:
+        raise UnsupportedOpError(f"{where}: its kernel shape is unknown (no kernel_shape, no static weight shape)")
+    kernel = tuple(int(k) for k in ks)
+    d = len(kernel)
+    strides = tuple(int(v) for v in node.attr("strides", [1] * d))
+    dil = tuple(int(v) for v in node.attr("dilations", [1] * d))
+    auto = node.attr("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto == "NOTSET":
+        return Window(kernel, strides, tuple(int(v) for v in node.attr("pads", [0] * (2 * d))), dil)
+    if auto == "VALID":
+        return Window(kernel, strides, (0,) * (2 * d), dil)
+    if op == "ConvTranspose":
+        raise UnsupportedOpError(f"{where}: auto_pad={auto} on a ConvTranspose (its pads follow output_shape); "
+                                 "export the model with explicit pads")
+    x = node.inputs[0].shape if node.inputs and node.inputs[0] is not None else None  # the batch may be symbolic
+    if x is None or len(x) != d + 2 or not all(isinstance(v, int) for v in x[2:]):
+        raise UnsupportedOpError(f"{where}: auto_pad={auto} needs the input's static spatial shape, which is unknown; "
+                                 "export the model with explicit pads or fixed input sizes")
+    size = np.asarray(x[2:])
+    st, span = np.asarray(strides), (np.asarray(kernel) - 1) * np.asarray(dil) + 1
+    total = np.maximum((-(-size // st) - 1) * st + span - size, 0)
+    small = total // 2
+    begin, end = (small, total - small) if auto == "SAME_UPPER" else (total - small, small)
+    return Window(kernel, strides, tuple(int(v) for v in (*begin, *end)), dil)
+
+
+def pads_input(node) -> bool:
+    """Whether a windowed node pads its input: explicit pads, or SAME padding that does (or may:
+    an input shape that is not static) pad."""
+    try:
+        return window(node).padded
+    except UnsupportedOpError:
+        return True

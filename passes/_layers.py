@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphopt.analysis import spread  # noqa: F401 - the passes' view of it
-from graphopt.geometry import LINEAR_OPS, bias, geometry, is_linear_layer, weight  # noqa: F401
+from graphopt.geometry import LINEAR_OPS, bias, geometry, is_linear_layer, pads_input, weight  # noqa: F401
 from graphopt.ir import (
     Graph,
     Node,
@@ -141,7 +141,7 @@ def _channel_op_ok(graph: Graph, n: Node, v: Value, rank: int | None, axis: int,
     if op in POOLING:
         if axis != 1 or (rank is not None and rank < 3):
             return f"{op} on a value whose channel axis is not 1"
-        if op == "AveragePool" and any(n.attr("pads", [0])) and n.attr("count_include_pad", 0):
+        if op == "AveragePool" and n.attr("count_include_pad", 0) and pads_input(n):
             return "AveragePool counting padded zeros"
         return None
     if op == "Flatten":

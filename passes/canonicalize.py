@@ -1,5 +1,5 @@
-"""Canonicalization passes: remove-identity, fold-constants, eliminate-dead, canonicalize,
-simplify. All preserve the function exactly."""
+"""Canonicalization passes: remove-identity, explicit-pads, fold-constants, eliminate-dead,
+canonicalize, simplify. All preserve the function exactly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import helper
 
-from graphopt.errors import GraphError
+from graphopt.errors import GraphError, UnsupportedOpError
+from graphopt.geometry import WINDOW_OPS, window
 from graphopt.ir import Graph, Node
 from graphopt.meta import SOURCE
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
@@ -90,6 +91,34 @@ def _evaluate(graph: Graph, node: Node) -> list[np.ndarray]:
     m = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in graph.opset_imports.items()])
     feeds = {v.name: np.asarray(graph.const_value(v)) for v in node.inputs if v is not None}
     return [np.asarray(r) for r in ReferenceEvaluator(m).run(None, feeds)]
+
+
+@register_pass("explicit-pads")
+@dataclass(kw_only=True)
+class ExplicitPads(Pass):
+    """Rewrite ``auto_pad`` (SAME_UPPER, SAME_LOWER, VALID) on Conv and pooling nodes as the
+    explicit ``pads`` ONNX defines for it (``graphopt.geometry.window``), so every pass and back end
+    reads one form. Preserves the function exactly. A node whose input's spatial shape is not
+    static, and a ConvTranspose with SAME padding, keep their ``auto_pad`` (counted in ``kept``,
+    the reason logged at -v)."""
+
+    preserves_function = True
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        done, kept = 0, []
+        for n in graph.nodes:
+            if n.domain != "" or n.op_type not in WINDOW_OPS or n.attr("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"):
+                continue
+            try:
+                pads = window(n).pads
+            except UnsupportedOpError as e:
+                log.info("explicit-pads keeps %s", e)
+                kept.append(n.name)
+                continue
+            del n.attrs["auto_pad"]
+            n.attrs["pads"] = list(pads)
+            done += 1
+        return PassResult(graph, done > 0, {"rewritten": done, "kept": len(kept)})
 
 
 @register_pass("fold-constants")
@@ -179,14 +208,14 @@ class EliminateDead(Pass):
 @register_pass("canonicalize")
 @dataclass(kw_only=True)
 class Canonicalize(Pass):
-    """remove-identity, fold-constants and eliminate-dead, repeated to a fixed point."""
+    """remove-identity, explicit-pads, fold-constants and eliminate-dead, repeated to a fixed point."""
 
     preserves_function = True
 
     max_rounds: int = option(8, "most rounds before giving up on a fixed point", minimum=1)
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
-        parts: list[Pass] = [RemoveIdentity(), FoldConstants(), EliminateDead()]
+        parts: list[Pass] = [RemoveIdentity(), ExplicitPads(), FoldConstants(), EliminateDead()]
         stats: dict[str, int] = {}
         modified = False
         for rounds in range(1, self.max_rounds + 1):  # noqa: B007 - read after the loop

@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 
 from graphopt.errors import GraphOptError
-from graphopt.geometry import geometry
+from graphopt.geometry import geometry, pads_input
 from graphopt.ir import Graph, Node
 from graphopt.meta import BN_STATS
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
@@ -324,15 +324,12 @@ def _absorbable(graph: Graph, chain: L.Chain, padded: bool) -> str | None:
     for op in chain.ops:
         if op.op_type not in _ABSORB_OPS:
             return f"{op.op_type} does not commute with a per-channel shift"
-        if op.op_type == "AveragePool" and any(op.attr("pads", [0])):
-            return "AveragePool with padding"
-        if op.op_type == "MaxPool" and any(op.attr("pads", [0])):
-            return "MaxPool with padding"
+        if op.op_type in ("AveragePool", "MaxPool") and pads_input(op):
+            return f"{op.op_type} with padding"
     l2 = chain.l2
     if l2.op_type == "MatMul":
         return "layer 2 is a MatMul (no bias to absorb into)"
-    if l2.op_type == "Conv" and not padded and (any(l2.attr("pads", [0])) or l2.attr("auto_pad", "NOTSET")
-                                                not in ("NOTSET", "VALID")):
+    if l2.op_type == "Conv" and not padded and pads_input(l2):
         return "layer 2 pads with zeros (absorbing would be approximate at the borders; padded=true allows it)"
     return None
 

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from graphopt.errors import GraphOptError
-from graphopt.geometry import geometry
+from graphopt.geometry import geometry, window
 from graphopt.ir import Graph, Node, Value
 from graphopt.meta import BIAS_BEFORE_CORRECTION, BN_STATS, CHOSEN_BITS, FLOAT_WEIGHT
 from graphopt.passmanager import Context, Pass, PassResult, option, register_pass
@@ -546,8 +546,10 @@ def _hessian_observer(graph: Graph, n: Node):
     """GPTQ's input Hessian observer for layer ``n`` (its im2col geometry)."""
     from graphopt.quantizers.gptq import HessianObserver
 
-    return HessianObserver(n.op_type, n.attr("kernel_shape", list(L.weight(graph, n).shape[2:])),
-                           n.attr("strides", [1, 1]), n.attr("pads", [0, 0, 0, 0]), n.attr("dilations", [1, 1]),
+    if n.op_type != "Conv":
+        return HessianObserver(n.op_type)
+    win = window(n)
+    return HessianObserver(n.op_type, list(win.kernel), list(win.strides), list(win.pads), list(win.dilations),
                            n.attr("group", 1))
 
 

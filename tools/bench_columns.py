@@ -282,7 +282,7 @@ def dense_layers(model: str) -> list[dict]:
 
     import graphopt
     from graphopt import columns as C
-    from graphopt.geometry import geometry
+    from graphopt.geometry import geometry, window
     from graphopt.passmanager import PassManager
 
     if model == "resnet20":
@@ -299,7 +299,7 @@ def dense_layers(model: str) -> list[dict]:
         p = C.positions(n)
         if n.op_type == "Conv":
             kh, kw = w.shape[2:]
-            st = int(n.attr("strides", [1, 1])[0])
+            st = window(n).strides[0]
             ho, wo = (int(d) for d in n.outputs[0].shape[2:4])
             ih = (ho - 1) * st + kh  # the padded input SCALE-Sim wants, for exactly ho x wo outputs
             iw = (wo - 1) * st + kw

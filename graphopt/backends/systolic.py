@@ -34,7 +34,7 @@ import numpy as np
 
 from graphopt.columns import Packed, pack, tiles, ws_cycles
 from graphopt.errors import GraphOptError
-from graphopt.geometry import Geometry, geometry
+from graphopt.geometry import Geometry, geometry, window
 
 FORMAT = "graphopt-packed-columns/1"
 INT32 = np.iinfo(np.int32)
@@ -86,16 +86,9 @@ def im2col(node, x: np.ndarray, pad_value=0) -> tuple[np.ndarray, tuple]:
     x = np.asarray(x)
     if node.op_type != "Conv":
         return x.reshape(-1, x.shape[-1]).T, x.shape[:-1]
-    w_shape = node.inputs[1].shape
-    ks = tuple(int(k) for k in w_shape[2:])
-    d = len(ks)
-    strides = tuple(node.attr("strides", [1] * d))
-    dil = tuple(node.attr("dilations", [1] * d))
-    pads = list(node.attr("pads", [0] * (2 * d)))
-    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-        raise GraphOptError(f"Conv '{node.name}': auto_pad is not supported by the systolic back end "
-                            "(canonicalize makes pads explicit)")
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)], constant_values=pad_value)
+    win = window(node)
+    ks, strides, dil, d = win.kernel, win.strides, win.dilations, win.nd
+    xp = np.pad(x, [(0, 0), (0, 0)] + win.pad_pairs(), constant_values=pad_value)
     span = tuple((k - 1) * dl + 1 for k, dl in zip(ks, dil))
     win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + d)))
     win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphopt.errors import GraphOptError, UnsupportedOpError
+from graphopt.geometry import window
 from graphopt.ir import Graph, Node, Value, is_param
 from graphopt.masks import get_mask
 from graphopt.meta import BN_STATS, MASK
@@ -134,15 +135,18 @@ def onnx_slice(x, starts, ends, axes, steps):
 def onnx_pool(x, kind, kernel, stride, pads, dilation, ceil_mode, count_include_pad):
     nd = len(kernel)
     begin, end = pads[:nd], pads[nd:]
-    if begin != end or any(2 * p > k for p, k in zip(begin, kernel)):
-        fill = -math.inf if kind == "max" else 0.0
-        x = F.pad(x, [p for i in reversed(range(nd)) for p in (begin[i], end[i])], value=fill)
-        begin = [0] * nd
+    spec = [p for i in reversed(range(nd)) for p in (begin[i], end[i])]  # F.pad's order
+    explicit = begin != end or any(2 * p > k for p, k in zip(begin, kernel))
+    if explicit:
+        ones = torch.ones_like(x[:1, :1])
+        x = F.pad(x, spec, value=-math.inf if kind == "max" else 0.0)
     if kind == "max":
         fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
-        return fn(x, kernel, stride, begin, dilation, ceil_mode)
+        return fn(x, kernel, stride, 0 if explicit else begin, dilation, ceil_mode)
     fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
-    return fn(x, kernel, stride, begin, ceil_mode, bool(count_include_pad))
+    if explicit and not count_include_pad:  # the padding is real elements now: divide by the others only
+        return fn(x, kernel, stride, 0, ceil_mode, True) / fn(F.pad(ones, spec), kernel, stride, 0, ceil_mode, True)
+    return fn(x, kernel, stride, 0 if explicit else begin, ceil_mode, bool(count_include_pad))
 
 
 def onnx_global_avg(x):
@@ -481,24 +485,19 @@ def _need_static(b: _Builder, n: Node, i: int, what: str, default: Any = None):
 # --------------------------------------------------------------------------- lowerings
 @lowering("Conv")
 def _conv(b, n):
-    w_shape = n.inputs[1].shape
-    nd = len(w_shape) - 2 if w_shape else len(n.attr("kernel_shape", [1, 1]))
-    if n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise UnsupportedOpError(f"torch back end: Conv auto_pad={n.attr('auto_pad')} (node '{n.name}')")
-    pads = list(n.attr("pads", [0] * (2 * nd)))
-    out = b.call(onnx_conv, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), list(n.attr("strides", [1] * nd)), pads,
-                 list(n.attr("dilations", [1] * nd)), n.attr("group", 1))
+    win = window(n)
+    out = b.call(onnx_conv, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), list(win.strides), list(win.pads),
+                 list(win.dilations), n.attr("group", 1))
     return [_batch_stats_bn(b, n, out)]
 
 
 @lowering("ConvTranspose")
 def _conv_t(b, n):
-    nd = len(n.inputs[1].shape) - 2
     if "output_shape" in n.attrs:
         raise UnsupportedOpError(f"torch back end: ConvTranspose output_shape (node '{n.name}')")
-    return [b.call(onnx_conv_transpose, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), list(n.attr("strides", [1] * nd)),
-                   list(n.attr("pads", [0] * (2 * nd))), list(n.attr("output_padding", [0] * nd)),
-                   list(n.attr("dilations", [1] * nd)), n.attr("group", 1))]
+    win = window(n)
+    return [b.call(onnx_conv_transpose, b.inp(n, 0), b.inp(n, 1), b.inp(n, 2), list(win.strides), list(win.pads),
+                   list(n.attr("output_padding", [0] * win.nd)), list(win.dilations), n.attr("group", 1))]
 
 
 @lowering("Gemm")
@@ -773,14 +772,10 @@ def _gmp(b, n):
 def _pool(b, n):
     if len(n.outputs) > 1:
         raise UnsupportedOpError(f"torch back end: MaxPool with indices output (node '{n.name}')")
-    if n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise UnsupportedOpError(f"torch back end: {n.op_type} auto_pad={n.attr('auto_pad')} (node '{n.name}')")
-    k = list(n.attr("kernel_shape"))
-    nd = len(k)
+    win = window(n)
     kind = "max" if n.op_type == "MaxPool" else "avg"
-    return [b.call(onnx_pool, b.inp(n, 0), kind, k, list(n.attr("strides", [1] * nd)),
-                   list(n.attr("pads", [0] * 2 * nd)), list(n.attr("dilations", [1] * nd)),
-                   bool(n.attr("ceil_mode", 0)), n.attr("count_include_pad", 0))]
+    return [b.call(onnx_pool, b.inp(n, 0), kind, list(win.kernel), list(win.strides), list(win.pads),
+                   list(win.dilations), bool(n.attr("ceil_mode", 0)), n.attr("count_include_pad", 0))]
 
 
 @lowering("LayerNormalization")
