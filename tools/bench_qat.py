@@ -380,7 +380,7 @@ def tune(row: str, epochs: int = 1) -> dict:
     base = {"lr": first["lr"], "quant_weight_decay": first["quant_weight_decay"]}
     second = tune_best(key, rec, [run(f"lr={base['lr']},quant_wd={base['quant_weight_decay']},bn_frac={f},{2 * epochs}ep",
                                       {**base, "bn_batch_frac": f}, 2 * epochs) for f in BN_FRACS])
-    rec["chosen"] = {**base, "bn_batch_frac": second["bn_batch_frac"]}
+    rec["chosen"] = dict(sorted({**base, "bn_batch_frac": second["bn_batch_frac"]}.items()))  # as the file stores it
     res = load()
     res[key] = rec
     refresh_chosen_on(res)

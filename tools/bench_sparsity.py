@@ -196,7 +196,8 @@ def tune(row: str, epochs: int = 2) -> dict:
         return tune_candidate(RESULTS, key, rec, name, {"lr": lr, "end": end}, epochs, score)
 
     lr = tune_widen(key, rec, [run(lr, TUNE_ENDS[0]) for lr in TUNE_LRS], "lr", 3, lambda lr, _: run(lr, TUNE_ENDS[0]))["lr"]
-    rec["chosen"] = {"lr": lr, "end": tune_best(key, rec, [run(lr, end) for end in TUNE_ENDS])["end"]}
+    end = tune_best(key, rec, [run(lr, end) for end in TUNE_ENDS])["end"]
+    rec["chosen"] = {"end": end, "lr": lr}  # in the order the file stores it (sorted), so chosen_on reads the same
     res = load_results(RESULTS)
     res[key] = rec
     for k, r in res.items():  # every measured row learns which data chose its recipe
