@@ -58,6 +58,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "qat.json"
 WORK = Path(tempfile.gettempdir()) / "graphopt-qat"
 EDGE = "first_last_bits=8"
 LR = 0.001  # the rows' peak learning rate (--lr; --tune's first candidate)
+KD_WEIGHT = 0.5  # the rows' loss: 0.5 x distillation (T = 4) + 0.5 x cross-entropy (--tune's first candidate)
 # rows that use the two-phase BN schedule: epochs with batch statistics (the others: frozen throughout)
 BN_BATCH: dict[str, int] = {"w4a4-lsq-bn": 2}
 # rows below 4-bit activations keep the first and last layers' inputs (and the logits) at 8 bits, as
@@ -112,16 +113,17 @@ def save(res: dict) -> None:
 
 
 def row_pipeline(row: str, epochs: int, lr: float, ck: Path, quant_wd: float | None = None,
-                 bn_batch: int | None = None) -> str:
+                 bn_batch: int | None = None, kd_weight: float = KD_WEIGHT) -> str:
     """A row's pipeline: quantize with its options and edges, then (trained rows) the shared
-    recipe at ``lr``, with ``quant_wd`` on the learned steps when set (else the weights' 1e-4) and
-    ``bn_batch`` epochs of batch-statistics BN (default: the row's, usually 0)."""
+    recipe at ``lr``, with ``quant_wd`` on the learned steps when set (else the weights' 1e-4),
+    ``bn_batch`` epochs of batch-statistics BN (default: the row's, usually 0) and the loss
+    ``kd_weight`` x distillation + (1 - it) x cross-entropy."""
     opts, _ = ROWS[row]
     edge = EDGE + (f",first_last_act_bits={EDGE_ACT[row]}" if row in EDGE_ACT else "")
     pipe = f"canonicalize,fold-bn,quantize{{{opts},{edge}}}"
     if "ptq" not in row:
         qwd = "" if quant_wd is None else f"quant_weight_decay={quant_wd},"
-        pipe += (f",finetune{{epochs={epochs},batch_size=128,lr={lr},weight_decay=0.0001,{qwd}kd_weight=0.5,"
+        pipe += (f",finetune{{epochs={epochs},batch_size=128,lr={lr},weight_decay=0.0001,{qwd}kd_weight={kd_weight},"
                  f"temperature=4,bn_batch_epochs={BN_BATCH.get(row, 0) if bn_batch is None else bn_batch},checkpoint={ck},resume=true}}")
     return pipe
 
@@ -144,9 +146,11 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     from graphopt.passmanager import Context, PassManager, TrainingData
 
     quant_wd = bn_batch = None
+    kd = KD_WEIGHT
     if row in TUNED:
         recipe = tuned_recipe(row, load())
         lr, quant_wd, bn_batch = recipe["lr"], recipe["quant_weight_decay"], round(recipe["bn_batch_frac"] * epochs)
+        kd = recipe.get("kd_weight", KD_WEIGHT)  # searched since 2026-12-07; earlier records ran the shared 0.5
     xtr_u8, ytr = cifar10("train")
     xt_u8, yt = cifar10("test")
     xtr, xt = cifar_normalize(xtr_u8[:limit]), cifar_normalize(xt_u8)
@@ -157,7 +161,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     ck = WORK / f"{key_of(row, epochs)}.pt"
     train = "ptq" not in row
-    pipe = row_pipeline(row, epochs, lr, ck, quant_wd, bn_batch)
+    pipe = row_pipeline(row, epochs, lr, ck, quant_wd, bn_batch, kd)
     t = time.perf_counter()
     ctx = Context(calib=calib, train=TrainingData(xtr, ytr, cifar_augment), teacher=g.copy())
     r = PassManager(pipe).run(g, ctx)
@@ -296,7 +300,7 @@ def choose(steps: int = 100) -> dict:
         ctx = Context(calib=calib)
         if train:
             pipe += (f",finetune{{epochs=1,max_steps={steps},batch_size=128,lr={LR},weight_decay=0.0001,"
-                     "kd_weight=0.5,temperature=4}")
+                     f"kd_weight={KD_WEIGHT},temperature=4}}")
             ctx = Context(calib=calib, train=TrainingData(xk, yk, cifar_augment), teacher=g0.copy())
         q = PassManager(pipe).run(g0.copy(), ctx).graph
         return top1_pct(torch_logits(graphopt.to_torch(q).eval(), xv), yv)
@@ -328,13 +332,15 @@ def choose(steps: int = 100) -> dict:
 # freezes, chosen on the validation split. Each candidate trains on the training images outside
 # the split (the cosine schedule over its budget) and is scored in torch on the split. Stage 1:
 # TUNE_GRID at --tune-epochs (default 1); stage 2: stage 1's choice with BN_FRACS of its epochs in
-# batch statistics, at twice that budget (one epoch cannot split into two BN phases). The proxy
-# budgets stand in for the rows' 20 epochs (see docs/qat.md). The current recipe comes first in
-# each stage and keeps its place on a tie.
+# batch statistics, at twice that budget (one epoch cannot split into two BN phases); stage 3: the
+# loss's distillation weight (KD_WEIGHTS) at stage 2's choice and budget. The proxy budgets stand
+# in for the rows' 20 epochs (see docs/qat.md). The current recipe comes first in each stage and
+# keeps its place on a tie.
 TUNE_GRID = [{"lr": lr, "quant_weight_decay": wd} for lr in (LR, 3 * LR) for wd in (None, 0.0)] + [
     {"lr": LR / 2, "quant_weight_decay": None}]  # 0.003 diverged: a step below the current rate brackets it
 # (a best rate on the grid's edge is widened by halving or doubling until bracketed: common.tune_widen)
 BN_FRACS = (0.0, 0.5)
+KD_WEIGHTS = (KD_WEIGHT, 1.0, 0.25)  # the shared 0.5, distillation alone, mostly labels
 
 
 def tune(row: str, epochs: int = 1) -> dict:
@@ -355,15 +361,17 @@ def tune(row: str, epochs: int = 1) -> dict:
     key = f"tune/{row}"
     rec = tune_record(RESULTS, key, epochs, train_images=len(yk), rule=(
         f"top-1 on the validation split (torch) after {epochs} epoch(s) on the training images outside it for lr "
-        f"and quantizer weight decay, then {2 * epochs} epoch(s) for the share of epochs with batch-statistics BN"))
+        f"and quantizer weight decay, then {2 * epochs} epoch(s) for the share of epochs with batch-statistics BN, "
+        "then for the distillation weight"))
     work = WORK / "tune"
     work.mkdir(parents=True, exist_ok=True)
 
     def run(name: str, cand: dict, ep: int) -> dict:
         bn = round(cand.get("bn_batch_frac", 0.0) * ep)
+        kd = cand.get("kd_weight", KD_WEIGHT)
         ck = work / (f"{row}-lr{cand['lr']}-qwd{cand['quant_weight_decay']}" + (f"-bn{bn}" if ep != epochs else "")
-                     + f"-{ep}ep.pt")
-        pipe = row_pipeline(row, ep, cand["lr"], ck, cand["quant_weight_decay"], bn)
+                     + (f"-kd{kd}" if kd != KD_WEIGHT else "") + f"-{ep}ep.pt")
+        pipe = row_pipeline(row, ep, cand["lr"], ck, cand["quant_weight_decay"], bn, kd)
 
         def score() -> float:
             ctx = Context(calib=calib, train=TrainingData(xk, yk, cifar_augment), teacher=g0.copy())
@@ -378,9 +386,15 @@ def tune(row: str, epochs: int = 1) -> dict:
     first = tune_widen(key, rec, [run(name(c), c, epochs) for c in TUNE_GRID], "lr", 2, lambda lr, best: run(
         name(c := {"lr": lr, "quant_weight_decay": best["quant_weight_decay"]}), c, epochs))
     base = {"lr": first["lr"], "quant_weight_decay": first["quant_weight_decay"]}
-    second = tune_best(key, rec, [run(f"lr={base['lr']},quant_wd={base['quant_weight_decay']},bn_frac={f},{2 * epochs}ep",
-                                      {**base, "bn_batch_frac": f}, 2 * epochs) for f in BN_FRACS])
-    rec["chosen"] = dict(sorted({**base, "bn_batch_frac": second["bn_batch_frac"]}.items()))  # as the file stores it
+    stem = f"lr={base['lr']},quant_wd={base['quant_weight_decay']}"
+    second = tune_best(key, rec, [run(f"{stem},bn_frac={f},{2 * epochs}ep", {**base, "bn_batch_frac": f}, 2 * epochs)
+                                  for f in BN_FRACS])
+    base["bn_batch_frac"] = second["bn_batch_frac"]
+    third = tune_best(key, rec, [second] + [  # stage 2's winner is the shared weight's candidate
+        run(f"{stem},bn_frac={base['bn_batch_frac']},kd={k},{2 * epochs}ep", {**base, "kd_weight": k}, 2 * epochs)
+        for k in KD_WEIGHTS[1:]])
+    base["kd_weight"] = third.get("kd_weight", KD_WEIGHT)
+    rec["chosen"] = dict(sorted(base.items()))  # as the file stores it
     res = load()
     res[key] = rec
     refresh_chosen_on(res)
@@ -419,7 +433,8 @@ def chosen_on(row: str, res: dict, recipe: bool = True) -> str:
     out = f"activation start {act}: {verdict}, {rec['rule']} on {rec['chosen_on']}"
     tuned = res.get(f"tune/{row}", {}).get("chosen")
     if recipe and tuned and "bn_batch_frac" in tuned:  # --tune ran for this row: is its recipe the rows' own?
-        own = tuned == {**TUNE_GRID[0], "bn_batch_frac": BN_FRACS[0]}  # each stage's first candidate: the rows' own
+        own = {"kd_weight": KD_WEIGHT, **tuned} == {**TUNE_GRID[0], "bn_batch_frac": BN_FRACS[0], "kd_weight": KD_WEIGHT}
+        # (each stage's first candidate: the rows' own; a record from before the KD stage ran 0.5)
         out += ("; recipe (lr, quantizer weight decay, BN phase): the --tune choice" if own else
                 f"; recipe NOT the --tune choice ({tuned}: see {row}-tuned)")
     return out
