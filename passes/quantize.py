@@ -200,11 +200,7 @@ class Quantize(Pass):
         obs: dict[str, list] = {v.name: [MinMax()] + ([AbsMean()] if paper_start else []) for v in targets}
         for m in mins:
             obs.setdefault(m.inputs[0].name, []).append(MinMax(axis=1))
-        hessians: dict[Node, object] = {}
-        if self.weight_method == "gptq":
-            for n in compute:
-                h = hessians[n] = _hessian_observer(graph, n)
-                obs.setdefault(n.inputs[0].name, []).append(h)
+        hessians = _hessian_observers(graph, compute, obs) if self.weight_method == "gptq" else {}
         first = observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (ranges)")
         ranges = {v.name: (float(first[v.name][0]["min"][0]), float(first[v.name][0]["max"][0])) for v in targets}
         abs_means = {v.name: first[v.name][1]["abs_mean"] for v in targets} if paper_start else {}
@@ -329,17 +325,7 @@ class Quantize(Pass):
         graph.toposort()
         compute = quantizable_layers(graph, self.skip)
         skipped, float_layers = self._left_float(graph, compute)
-        hessians: dict[Node, object] = {}
-        if self.weight_method == "gptq":
-            from graphopt.training.calibration import CalibrationData, observe
-
-            data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(
-                ctx.calib, batch_size=self.batch_size)
-            obs: dict[str, list] = {}
-            for n in compute:
-                h = hessians[n] = _hessian_observer(graph, n)
-                obs.setdefault(n.inputs[0].name, []).append(h)
-            observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (GPTQ)")
+        hessians = self._gptq_hessians(graph, compute, ctx)
         edge_bits = {}
         if compute:
             for n, b in ((compute[-1], self.last_bits or self.first_last_bits),
@@ -359,6 +345,20 @@ class Quantize(Pass):
                                             if len(n.inputs) > 2 and n.inputs[2] is not None},
                            "weight_spec": str(wspec), "act_spec": "float"})
 
+    def _gptq_hessians(self, graph: Graph, compute: list[Node], ctx: Context) -> dict[Node, object]:
+        """With ``weight_method=gptq``, each layer's input Hessian from one pass over the
+        calibration data (else none)."""
+        if self.weight_method != "gptq":
+            return {}
+        from graphopt.training.calibration import CalibrationData, observe
+
+        data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(
+            ctx.calib, batch_size=self.batch_size)
+        obs: dict[str, list] = {}
+        hessians = _hessian_observers(graph, compute, obs)
+        observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (GPTQ)")
+        return hessians
+
     def _run_dynamic(self, graph: Graph, ctx: Context, wspec, aspec) -> PassResult:
         """``acts=dynamic``: quantized weights, and each Gemm/MatMul input quantized at run time
         (onnxruntime's ``quantize_dynamic`` placement). Nothing else is quantized, biases stay
@@ -373,17 +373,7 @@ class Quantize(Pass):
         overrides = self._overrides()
         compute = [n for n in quantizable_layers(graph, self.skip) if n.op_type in ("Gemm", "MatMul")]
         skipped, float_layers = self._left_float(graph, compute, {"Conv": "acts=dynamic quantizes Gemm/MatMul only"})
-        hessians: dict[Node, object] = {}
-        if self.weight_method == "gptq":
-            from graphopt.training.calibration import CalibrationData, observe
-
-            data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(
-                ctx.calib, batch_size=self.batch_size)
-            obs: dict[str, list] = {}
-            for n in compute:
-                h = hessians[n] = _hessian_observer(graph, n)
-                obs.setdefault(n.inputs[0].name, []).append(h)
-            observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (GPTQ)")
+        hessians = self._gptq_hessians(graph, compute, ctx)
         readers: dict[Value, list] = {}  # one quantizer per input value, shared by the layers reading it
         for n in compute:
             v = n.inputs[0]
@@ -540,6 +530,15 @@ class Quantize(Pass):
         add_fake_quant(graph, n.inputs[2], spec, {"scale": scale, "zero_point": np.zeros_like(scale)}, "bias",
                        0 if sw.size > 1 else None, source=n.source, consumers=[(n, 2)])
         return None
+
+
+def _hessian_observers(graph: Graph, compute: list[Node], obs: dict[str, list]) -> dict[Node, object]:
+    """GPTQ's Hessian observer for each layer of ``compute``, also added to ``obs`` (value name ->
+    observers), so one pass over the calibration data fills them beside what else it observes."""
+    hessians = {n: _hessian_observer(graph, n) for n in compute}
+    for n, h in hessians.items():
+        obs.setdefault(n.inputs[0].name, []).append(h)
+    return hessians
 
 
 def _hessian_observer(graph: Graph, n: Node):
