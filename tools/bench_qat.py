@@ -435,7 +435,7 @@ def chosen_on(row: str, res: dict, recipe: bool = True) -> str:
     if recipe and tuned and "bn_batch_frac" in tuned:  # --tune ran for this row: is its recipe the rows' own?
         own = {"kd_weight": KD_WEIGHT, **tuned} == {**TUNE_GRID[0], "bn_batch_frac": BN_FRACS[0], "kd_weight": KD_WEIGHT}
         # (each stage's first candidate: the rows' own; a record from before the KD stage ran 0.5)
-        out += ("; recipe (lr, quantizer weight decay, BN phase): the --tune choice" if own else
+        out += ("; recipe (lr, quantizer weight decay, BN phase, distillation weight): the --tune choice" if own else
                 f"; recipe NOT the --tune choice ({tuned}: see {row}-tuned)")
     return out
 
