@@ -139,3 +139,22 @@ def test_gptq_and_the_systolic_back_end_read_same_padding_as_explicit_pads(tmp_p
     assert w[0] and len(w[0]) == len(w[1])
     for a, b in zip(*w):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_int8_preset_converts_a_same_padded_model_from_the_cli(tmp_path):
+    """What a user with a TensorFlow-exported model runs: `graphopt convert --preset int8` on a
+    model with auto_pad SAME, written as integer ONNX that onnxruntime runs close to the float model."""
+    import subprocess
+    import sys
+
+    model, x = _model("Conv", dict(auto_pad="SAME_UPPER", strides=[2, 2]))
+    src, out, calib = tmp_path / "same.onnx", tmp_path / "int8.onnx", tmp_path / "calib.npy"
+    src.write_bytes(model)
+    np.save(calib, np.random.default_rng(1).standard_normal((32, *x.shape[1:])).astype(np.float32))
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "convert", str(src), "-o", str(out), "--preset", "int8",
+                        "--calib", str(calib), "--format", "qdq"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "explicit-pads.rewritten=1" in r.stdout
+    ref, got = _ort(model, x), _ort(out.read_bytes(), x)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
