@@ -200,7 +200,7 @@ class Quantize(Pass):
         obs: dict[str, list] = {v.name: [MinMax()] + ([AbsMean()] if paper_start else []) for v in targets}
         for m in mins:
             obs.setdefault(m.inputs[0].name, []).append(MinMax(axis=1))
-        hessians = _hessian_observers(graph, compute, obs) if self.weight_method == "gptq" else {}
+        hessians = _hessian_observers(compute, obs) if self.weight_method == "gptq" else {}
         first = observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (ranges)")
         ranges = {v.name: (float(first[v.name][0]["min"][0]), float(first[v.name][0]["max"][0])) for v in targets}
         abs_means = {v.name: first[v.name][1]["abs_mean"] for v in targets} if paper_start else {}
@@ -355,7 +355,7 @@ class Quantize(Pass):
         data = ctx.calib if isinstance(ctx.calib, CalibrationData) else CalibrationData(
             ctx.calib, batch_size=self.batch_size)
         obs: dict[str, list] = {}
-        hessians = _hessian_observers(graph, compute, obs)
+        hessians = _hessian_observers(compute, obs)
         observe(graph, data, obs, progress=ctx.show_progress, desc="calibrating (GPTQ)")
         return hessians
 
@@ -532,16 +532,16 @@ class Quantize(Pass):
         return None
 
 
-def _hessian_observers(graph: Graph, compute: list[Node], obs: dict[str, list]) -> dict[Node, object]:
+def _hessian_observers(compute: list[Node], obs: dict[str, list]) -> dict[Node, object]:
     """GPTQ's Hessian observer for each layer of ``compute``, also added to ``obs`` (value name ->
     observers), so one pass over the calibration data fills them beside what else it observes."""
-    hessians = {n: _hessian_observer(graph, n) for n in compute}
+    hessians = {n: _hessian_observer(n) for n in compute}
     for n, h in hessians.items():
         obs.setdefault(n.inputs[0].name, []).append(h)
     return hessians
 
 
-def _hessian_observer(graph: Graph, n: Node):
+def _hessian_observer(n: Node):
     """GPTQ's input Hessian observer for layer ``n`` (its im2col geometry)."""
     from graphopt.quantizers.gptq import HessianObserver
 

@@ -315,10 +315,8 @@ def tune_widen(key: str, rec: dict, cands: list[dict], param: str, ratio: float,
     for _ in range(most):
         best = tune_best(key, rec, cands)
         vals = [c[param] for c in cands]
-        if min(vals) == max(vals):
-            break
-        if best[param] not in (min(vals), max(vals)):
-            break
+        if min(vals) == max(vals) or best[param] not in (min(vals), max(vals)):
+            break  # one value (no direction to widen in), or the best is bracketed
         beyond = best[param] / ratio if best[param] == min(vals) else best[param] * ratio
         cands.append(run(float(f"{beyond:.3g}"), best))
     return tune_best(key, rec, cands)
