@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=_positive_int, default=1)
     f.add_argument("--batch-size", type=_positive_int, default=64)
     f.add_argument("--lr", type=float, default=0.01)
+    _schedule_args(f)
     f.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     f.add_argument("--temperature", type=float, default=4.0)
     f.add_argument("--kd-weight", type=float, default=0.7, help="with labels: weight of the distillation loss")
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--epochs", type=_positive_int, default=1, help="epochs per round")
     lt.add_argument("--batch-size", type=_positive_int, default=64)
     lt.add_argument("--lr", type=float, default=2e-4)
+    _schedule_args(lt)
     lt.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
     lt.add_argument("--weight-decay", type=float, default=0.0)
     lt.add_argument("--state", required=True, metavar="DIR", help="one state per control is saved here after every "
@@ -255,6 +257,24 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _schedule_args(p) -> None:
+    p.add_argument("--lr-schedule", choices=("cosine", "linear", "step", "constant"), default="cosine",
+                   help="learning rate after the warm-up: cosine or linear to 0, step (x0.1 at 1/2 and 3/4 of the "
+                   "steps) or constant (default %(default)s)")
+    p.add_argument("--warmup", type=_share, default=0.0, metavar="SHARE",
+                   help="share of the steps over which the learning rate first ramps up linearly (default 0)")
+
+
+def _share(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1), got '{text}'")
     return v
 
 
@@ -508,7 +528,7 @@ def finetune_config(args, **fixed):
     flags = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
              "weight_decay": "weight_decay", "quant_weight_decay": "quant_weight_decay", "temperature": "temperature",
              "kd_weight": "kd_weight", "checkpoint": "checkpoint", "resume": "resume", "max_steps": "max_steps", "device": "device",
-             "amp": "amp"}
+             "amp": "amp", "lr_schedule": "lr_schedule", "warmup": "warmup"}
     opts = {field: getattr(args, flag) for field, flag in flags.items() if hasattr(args, flag)}
     if hasattr(args, "freeze_bn"):
         opts["train_bn"] = not args.freeze_bn

@@ -20,7 +20,8 @@ class Finetune(Pass):
 
     Loss: distillation from a teacher (the Context's teacher, else the graph as the pipeline
     received it, e.g. before pruning), plus cross-entropy when the data has labels (``kd_weight``
-    mixes them). SGD or Adam with a cosine schedule; BatchNormalization trains unless frozen;
+    mixes them). SGD or Adam; the learning rate follows ``lr_schedule`` (cosine by default) after
+    an optional linear ``warmup``; BatchNormalization trains unless frozen;
     masked weights stay zero; checkpoints and resume as ``graphopt finetune``. After QAT's
     ``quantize``, a BN that fold-bn folded trains with batch statistics for ``bn_batch_epochs``
     and is then folded back and frozen (docs/qat.md). Changes the
@@ -31,7 +32,12 @@ class Finetune(Pass):
 
     epochs: int = option(1, "passes over the training data", minimum=1)
     batch_size: int = option(64, "global batch size", minimum=1)
-    lr: float = option(0.01, "peak learning rate (cosine schedule)", minimum=0.0)
+    lr: float = option(0.01, "peak learning rate", minimum=0.0)
+    lr_schedule: Literal["cosine", "linear", "step", "constant"] = option(
+        "cosine", "learning rate after the warm-up: cosine to 0, linear to 0, step (x0.1 at 1/2 and 3/4 of "
+                  "the steps) or constant")
+    warmup: float = option(0.0, "share of the steps over which the learning rate first ramps up linearly",
+                           minimum=0.0, maximum=0.99)
     optimizer: Literal["sgd", "adam"] = option("sgd", "optimizer")
     weight_decay: float = option(0.0, "L2 weight decay", minimum=0.0)
     quant_weight_decay: Optional[float] = option(
@@ -78,6 +84,7 @@ class Finetune(Pass):
         if self.freeze_bn and bn_batch:
             raise GraphOptError("finetune: freeze_bn=true and bn_batch_epochs > 0 contradict each other")
         cfg = FinetuneConfig(bn_batch_epochs=min(bn_batch, self.epochs), epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
+                             lr_schedule=self.lr_schedule, warmup=self.warmup,
                              weight_decay=self.weight_decay, quant_weight_decay=self.quant_weight_decay,
                              temperature=self.temperature,
                              kd_weight=self.kd_weight if teacher is not None else 0.0, checkpoint=self.checkpoint,

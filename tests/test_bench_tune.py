@@ -84,3 +84,32 @@ def test_a_failed_candidate_beyond_the_edge_brackets_the_search(tmp_path):
 
     assert tune_widen(key, rec, [run(1.0), run(2.0)], "lr", 3, run)["lr"] == 2.0
     assert set(rec["candidates"]) == {"lr=1.0", "lr=2.0", "lr=6.0"} and "lr=6.0" in rec["failed"]
+
+
+def test_a_schedule_reaches_the_rows_pipeline_and_the_rows_own_stays_out_of_it(tmp_path):
+    import bench_qat
+
+    from graphopt.passmanager import PassManager
+
+    ck = tmp_path / "ck.pt"
+    own = bench_qat.row_pipeline("w2a2-lsq-mse", 2, 0.001, ck)
+    assert bench_qat.row_pipeline("w2a2-lsq-mse", 2, 0.001, ck, schedule=dict(bench_qat.SCHEDULES[0])) == own
+    assert "lr_schedule" not in own and "warmup" not in own  # the strings of rows measured before stage 4
+    step = bench_qat.row_pipeline("w2a2-lsq-mse", 2, 0.001, ck, schedule={"lr_schedule": "step", "warmup": 0.1})
+    assert "lr_schedule=step,warmup=0.1," in step
+    ft = PassManager(step).passes[-1]
+    assert (ft.lr_schedule, ft.warmup) == ("step", 0.1)
+
+
+def test_a_tuned_row_trained_with_an_earlier_choice_is_marked_stale():
+    import bench_qat
+
+    chosen = {"bn_batch_frac": 0.5, "kd_weight": 1.0, "lr": 0.0005, "quant_weight_decay": None}
+    res = {"tune/w2a2-lsq-mse": {"chosen": chosen, "rule": "r", "chosen_on": "split"}}
+    same = bench_qat.chosen_on("w2a2-lsq-mse-tuned", res, ran=bench_qat.full_recipe(chosen))
+    assert not same.startswith("STALE") and "chosen by r on split" in same
+    res["tune/w2a2-lsq-mse"]["chosen"] = {**chosen, "lr_schedule": "step", "warmup": 0.0}  # a later --tune
+    assert bench_qat.chosen_on("w2a2-lsq-mse-tuned", res, ran=bench_qat.full_recipe(chosen)).startswith("STALE")
+    # a record from before the schedule was searched ran the rows' cosine: the same recipe, not stale
+    res["tune/w2a2-lsq-mse"]["chosen"] = {**chosen, **bench_qat.SCHEDULES[0]}
+    assert not bench_qat.chosen_on("w2a2-lsq-mse-tuned", res, ran=chosen).startswith("STALE")

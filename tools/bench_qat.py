@@ -5,7 +5,7 @@
   python tools/bench_qat.py --table                         # the README table from the results
   python tools/bench_qat.py --plot docs/img/qat_resnet20.png  # a dot per row against FP32
   python tools/bench_qat.py --choose                        # the starts (act_init, weight_init), on validation
-  python tools/bench_qat.py --tune w4a4-lsq-mse             # lr, quantizer weight decay, BN phase: on validation
+  python tools/bench_qat.py --tune w4a4-lsq-mse             # lr, quantizer wd, BN phase, KD, schedule: on validation
 
 Every row starts from the pretrained FP32 weights (../shared/models/resnet20_cifar10.npz,
 87.79%), folds BatchNorm into the weights *before* they are fake-quantized (the frozen-
@@ -113,16 +113,18 @@ def save(res: dict) -> None:
 
 
 def row_pipeline(row: str, epochs: int, lr: float, ck: Path, quant_wd: float | None = None,
-                 bn_batch: int | None = None, kd_weight: float = KD_WEIGHT) -> str:
+                 bn_batch: int | None = None, kd_weight: float = KD_WEIGHT, schedule: dict | None = None) -> str:
     """A row's pipeline: quantize with its options and edges, then (trained rows) the shared
     recipe at ``lr``, with ``quant_wd`` on the learned steps when set (else the weights' 1e-4),
-    ``bn_batch`` epochs of batch-statistics BN (default: the row's, usually 0) and the loss
-    ``kd_weight`` x distillation + (1 - it) x cross-entropy."""
+    ``bn_batch`` epochs of batch-statistics BN (default: the row's, usually 0), the loss
+    ``kd_weight`` x distillation + (1 - it) x cross-entropy, and the learning-rate ``schedule``
+    ({"lr_schedule", "warmup"}; default the rows' cosine without warm-up, left out of the string)."""
     opts, _ = ROWS[row]
     edge = EDGE + (f",first_last_act_bits={EDGE_ACT[row]}" if row in EDGE_ACT else "")
     pipe = f"canonicalize,fold-bn,quantize{{{opts},{edge}}}"
     if "ptq" not in row:
         qwd = "" if quant_wd is None else f"quant_weight_decay={quant_wd},"
+        qwd += "".join(f"{k}={v}," for k, v in (schedule or {}).items() if SCHEDULES[0][k] != v)
         pipe += (f",finetune{{epochs={epochs},batch_size=128,lr={lr},weight_decay=0.0001,{qwd}kd_weight={kd_weight},"
                  f"temperature=4,bn_batch_epochs={BN_BATCH.get(row, 0) if bn_batch is None else bn_batch},checkpoint={ck},resume=true}}")
     return pipe
@@ -145,12 +147,13 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     from graphopt.backends.lowering import export_file
     from graphopt.passmanager import Context, PassManager, TrainingData
 
-    quant_wd = bn_batch = None
+    quant_wd = bn_batch = schedule = None
     kd = KD_WEIGHT
     if row in TUNED:
         recipe = tuned_recipe(row, load())
         lr, quant_wd, bn_batch = recipe["lr"], recipe["quant_weight_decay"], round(recipe["bn_batch_frac"] * epochs)
         kd = recipe.get("kd_weight", KD_WEIGHT)  # searched since 2026-12-07; earlier records ran the shared 0.5
+        schedule = {k: recipe.get(k, v) for k, v in SCHEDULES[0].items()}  # searched since 2026-12-07 (stage 4)
     xtr_u8, ytr = cifar10("train")
     xt_u8, yt = cifar10("test")
     xtr, xt = cifar_normalize(xtr_u8[:limit]), cifar_normalize(xt_u8)
@@ -161,7 +164,7 @@ def run_row(row: str, epochs: int, lr: float, limit: int | None) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     ck = WORK / f"{key_of(row, epochs)}.pt"
     train = "ptq" not in row
-    pipe = row_pipeline(row, epochs, lr, ck, quant_wd, bn_batch, kd)
+    pipe = row_pipeline(row, epochs, lr, ck, quant_wd, bn_batch, kd, schedule)
     t = time.perf_counter()
     ctx = Context(calib=calib, train=TrainingData(xtr, ytr, cifar_augment), teacher=g.copy())
     r = PassManager(pipe).run(g, ctx)
@@ -262,6 +265,8 @@ def table() -> None:
     for row in with_budgets(rows, res):
         what = rows[base_of(row)]
         r = res.get(row)
+        if r and str(r.get("chosen_on", "")).startswith("STALE"):
+            what += " (**trained with an earlier choice**; see its chosen_on)"
         if r:
             print(f"| {row} | {what} | {r['epochs']} | {fmt(r['torch_top1'])} | {fmt(r['ort_top1'])} | "
                   f"{fmt(r['agree'], '%')} | {fmt(r.get('max_diff_steps'))} | {r['s_per_epoch'] if r['s_per_epoch'] is not None else '-'} | "
@@ -333,19 +338,22 @@ def choose(steps: int = 100) -> dict:
 # the split (the cosine schedule over its budget) and is scored in torch on the split. Stage 1:
 # TUNE_GRID at --tune-epochs (default 1); stage 2: stage 1's choice with BN_FRACS of its epochs in
 # batch statistics, at twice that budget (one epoch cannot split into two BN phases); stage 3: the
-# loss's distillation weight (KD_WEIGHTS) at stage 2's choice and budget. The proxy budgets stand
-# in for the rows' 20 epochs (see docs/qat.md). The current recipe comes first in each stage and
-# keeps its place on a tie.
+# loss's distillation weight (KD_WEIGHTS) at stage 2's choice and budget; stage 4: the learning-rate
+# schedule (SCHEDULES) at stage 3's choice and budget. The proxy budgets stand in for the rows' 20
+# epochs (see docs/qat.md). The current recipe comes first in each stage and keeps its place on a tie.
 TUNE_GRID = [{"lr": lr, "quant_weight_decay": wd} for lr in (LR, 3 * LR) for wd in (None, 0.0)] + [
     {"lr": LR / 2, "quant_weight_decay": None}]  # 0.003 diverged: a step below the current rate brackets it
 # (a best rate on the grid's edge is widened by halving or doubling until bracketed: common.tune_widen)
 BN_FRACS = (0.0, 0.5)
 KD_WEIGHTS = (KD_WEIGHT, 1.0, 0.25)  # the shared 0.5, distillation alone, mostly labels
+# the rows' cosine; the ResNet papers' steps (x0.1 at 1/2 and 3/4); cosine after a 10% linear warm-up
+SCHEDULES = ({"lr_schedule": "cosine", "warmup": 0.0}, {"lr_schedule": "step", "warmup": 0.0},
+             {"lr_schedule": "cosine", "warmup": 0.1})
 
 
 def tune(row: str, epochs: int = 1) -> dict:
-    """Score the TUNE_GRID recipes, then the BN_FRACS of the best, for ``row`` on the validation
-    split and record the choice as ``tune/ROW`` (each candidate as it finishes: an interrupted
+    """Score the TUNE_GRID recipes, then the BN_FRACS, KD_WEIGHTS and SCHEDULES of the best, for
+    ``row`` on the validation split and record the choice as ``tune/ROW`` (each candidate as it finishes: an interrupted
     tuning resumes, its candidates' checkpoints too)."""
     import torch
     from cifar_resnet import resnet_cifar
@@ -362,16 +370,18 @@ def tune(row: str, epochs: int = 1) -> dict:
     rec = tune_record(RESULTS, key, epochs, train_images=len(yk), rule=(
         f"top-1 on the validation split (torch) after {epochs} epoch(s) on the training images outside it for lr "
         f"and quantizer weight decay, then {2 * epochs} epoch(s) for the share of epochs with batch-statistics BN, "
-        "then for the distillation weight"))
+        "then for the distillation weight, then for the learning-rate schedule"))
     work = WORK / "tune"
     work.mkdir(parents=True, exist_ok=True)
 
     def run(name: str, cand: dict, ep: int) -> dict:
         bn = round(cand.get("bn_batch_frac", 0.0) * ep)
         kd = cand.get("kd_weight", KD_WEIGHT)
+        sched = {k: cand.get(k, v) for k, v in SCHEDULES[0].items()}
         ck = work / (f"{row}-lr{cand['lr']}-qwd{cand['quant_weight_decay']}" + (f"-bn{bn}" if ep != epochs else "")
-                     + (f"-kd{kd}" if kd != KD_WEIGHT else "") + f"-{ep}ep.pt")
-        pipe = row_pipeline(row, ep, cand["lr"], ck, cand["quant_weight_decay"], bn, kd)
+                     + (f"-kd{kd}" if kd != KD_WEIGHT else "")
+                     + "".join(f"-{k}{v}" for k, v in sched.items() if SCHEDULES[0][k] != v) + f"-{ep}ep.pt")
+        pipe = row_pipeline(row, ep, cand["lr"], ck, cand["quant_weight_decay"], bn, kd, sched)
 
         def score() -> float:
             ctx = Context(calib=calib, train=TrainingData(xk, yk, cifar_augment), teacher=g0.copy())
@@ -394,6 +404,11 @@ def tune(row: str, epochs: int = 1) -> dict:
         run(f"{stem},bn_frac={base['bn_batch_frac']},kd={k},{2 * epochs}ep", {**base, "kd_weight": k}, 2 * epochs)
         for k in KD_WEIGHTS[1:]])
     base["kd_weight"] = third.get("kd_weight", KD_WEIGHT)
+    at = f"{stem},bn_frac={base['bn_batch_frac']},kd={base['kd_weight']}"
+    fourth = tune_best(key, rec, [third] + [  # stage 3's winner is the rows' schedule's candidate
+        run(f"{at},schedule={c['lr_schedule']},warmup={c['warmup']},{2 * epochs}ep", {**base, **c}, 2 * epochs)
+        for c in SCHEDULES[1:]])
+    base.update({k: fourth.get(k, v) for k, v in SCHEDULES[0].items()})
     rec["chosen"] = dict(sorted(base.items()))  # as the file stores it
     res = load()
     res[key] = rec
@@ -403,22 +418,36 @@ def tune(row: str, epochs: int = 1) -> dict:
     return rec
 
 
+RECIPE_PARTS = {"lr": "lr", "quant_weight_decay": "quantizer weight decay", "bn_batch_frac": "BN phase",
+                "kd_weight": "distillation weight", "lr_schedule": "lr schedule"}  # a --tune choice's keys, in words
+
+
+def full_recipe(recipe: dict) -> dict:
+    """A --tune recipe with the parts a record from before stages 3 and 4 did not search filled
+    in as the rows' own (what such a record's rows ran)."""
+    return {"kd_weight": KD_WEIGHT, **SCHEDULES[0], **recipe}
+
+
 def refresh_chosen_on(res: dict) -> None:
     """Every measured row (each budget) learns which data chose what it runs, after a --choose or
     --tune changed the records."""
     for k, r in res.items():
         if base_of(k) in ROWS or base_of(k) in PEER_ROWS:
-            r["chosen_on"] = chosen_on(base_of(k), res)
+            r["chosen_on"] = chosen_on(base_of(k), res, ran=r.get("recipe"))
 
 
-def chosen_on(row: str, res: dict, recipe: bool = True) -> str:
+def chosen_on(row: str, res: dict, recipe: bool = True, ran: dict | None = None) -> str:
     """Which data chose what a row runs (its JSON's ``chosen_on``): the starts of the learned steps
     come from ``--choose`` on the validation split; everything else in a row is the method as its
-    paper states it, or the recipe shared by every row (lr 0.001: 0.01 diverged in training loss)."""
+    paper states it, or the recipe shared by every row (lr 0.001: 0.01 diverged in training loss).
+    ``ran``: the recipe a tuned row trained with, when a later --tune chose another (say so)."""
     if row in PEER_ROWS:
         return "the peer's documented quantizers, as named in the row; nothing chosen on data"
     if row in TUNED:
         rec = res.get(f"tune/{TUNED[row]}", {})
+        if ran is not None and rec.get("chosen") and full_recipe(ran) != full_recipe(rec["chosen"]):
+            return (f"STALE: trained with {full_recipe(ran)}; --tune {TUNED[row]} now chooses "
+                    f"{full_recipe(rec['chosen'])} (rerun the row)")
         return (f"recipe {rec.get('chosen')} chosen by {rec.get('rule')} on {rec.get('chosen_on')}; "
                 f"start as {chosen_on(TUNED[row], res, recipe=False)}")
     opts = ROWS[row][0]
@@ -433,9 +462,10 @@ def chosen_on(row: str, res: dict, recipe: bool = True) -> str:
     out = f"activation start {act}: {verdict}, {rec['rule']} on {rec['chosen_on']}"
     tuned = res.get(f"tune/{row}", {}).get("chosen")
     if recipe and tuned and "bn_batch_frac" in tuned:  # --tune ran for this row: is its recipe the rows' own?
-        own = {"kd_weight": KD_WEIGHT, **tuned} == {**TUNE_GRID[0], "bn_batch_frac": BN_FRACS[0], "kd_weight": KD_WEIGHT}
-        # (each stage's first candidate: the rows' own; a record from before the KD stage ran 0.5)
-        out += ("; recipe (lr, quantizer weight decay, BN phase, distillation weight): the --tune choice" if own else
+        own = full_recipe(tuned) == full_recipe({**TUNE_GRID[0], "bn_batch_frac": BN_FRACS[0]})
+        # (each stage's first candidate: the rows' own)
+        parts = ", ".join(w for k, w in RECIPE_PARTS.items() if k in tuned)  # what this record searched
+        out += (f"; recipe ({parts}): the --tune choice" if own else
                 f"; recipe NOT the --tune choice ({tuned}: see {row}-tuned)")
     return out
 
@@ -510,8 +540,9 @@ def main() -> int:
     ap.add_argument("--plot", metavar="FILE.png", help="draw every measured row's top-1 against FP32")
     ap.add_argument("--choose", action="store_true", help="score the LSQ starts on the validation split")
     ap.add_argument("--steps", type=int, default=100, help="--choose: fine-tuning steps where untrained cannot tell")
-    ap.add_argument("--tune", metavar="ROW", help="choose ROW's learning rate, quantizer weight decay and BN "
-                    "schedule on the validation split (the recipe of ROW-tuned)")
+    ap.add_argument("--tune", metavar="ROW", help="choose ROW's learning rate, quantizer weight decay, BN "
+                    "phase, distillation weight and learning-rate schedule on the validation split (the recipe "
+                    "of ROW-tuned)")
     ap.add_argument("--tune-epochs", type=int, default=1, help="--tune: epochs per candidate (default %(default)s)")
     args = ap.parse_args()
     if args.choose:
@@ -542,7 +573,9 @@ def main() -> int:
     result = run(args.row, args.epochs, args.lr, args.limit)
     if not args.limit:
         res = load()
-        res[key_of(args.row, args.epochs)] = {**result, "chosen_on": chosen_on(args.row, res)}
+        if args.row in TUNED:  # the recipe it trained with: a later --tune that chooses another marks it stale
+            result["recipe"] = full_recipe(tuned_recipe(args.row, res))
+        res[key_of(args.row, args.epochs)] = {**result, "chosen_on": chosen_on(args.row, res, ran=result.get("recipe"))}
         save(res)
     print(json.dumps({key_of(args.row, args.epochs): result}))
     return 0

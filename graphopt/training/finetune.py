@@ -5,7 +5,9 @@ place (written back with ``graph.update_from``):
 * **loss:** knowledge distillation from ``teacher`` (KL divergence of temperature-softened
   outputs, scaled by T^2), plus cross-entropy when labels ``y`` are given (``kd_weight``
   mixes the two);
-* **optimizer:** SGD with momentum, or Adam, with a cosine learning-rate schedule;
+* **optimizer:** SGD with momentum, or Adam; the learning rate follows ``lr_schedule`` (cosine by
+  default, linear, step or constant: ``lr_factor``), after an optional linear warm-up over the
+  first ``warmup`` share of the steps;
 * **BatchNormalization** (when not folded) trains as in torch: batch statistics, running
   statistics updated and written back (``train_bn=False`` freezes them). Under DDP each
   process normalizes with its own share of the batch, as DDP without SyncBatchNorm does;
@@ -67,6 +69,33 @@ class FinetuneConfig:
     snapshot_step: int | None = None  # keep the weights after this many steps (0: before training) in stats["snapshot"]
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (graphopt.training.device)
     amp: str = "off"  # off | bf16 | fp16: autocast for the forward pass and loss
+    lr_schedule: str = "cosine"  # cosine | linear | step | constant (lr_factor)
+    warmup: float = 0.0  # share of the steps over which the learning rate ramps up linearly first
+
+
+LR_SCHEDULES = ("cosine", "linear", "step", "constant")
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup_steps: int = 0) -> float:
+    """The learning rate's multiple of its peak before step ``step`` (0-based) of ``total``: a
+    linear warm-up to the peak over the first ``warmup_steps`` steps ((step + 1) / warmup_steps),
+    then ``schedule`` over the remaining steps, at their share t in [0, 1] done: cosine
+    0.5 (1 + cos(pi t)), linear 1 - t, step 1 / 0.1 / 0.01 from t = 0 / 0.5 / 0.75 (the ResNet
+    papers' decays at half and three quarters of training), constant 1. The one owner of the
+    schedule: the training loop and its tests read it."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    done, span = min(step - warmup_steps, total - warmup_steps), max(total - warmup_steps, 1)
+    t = done / span
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * done / span))
+    if schedule == "linear":
+        return 1.0 - t
+    if schedule == "step":
+        return 1.0 if t < 0.5 else 0.1 if t < 0.75 else 0.01
+    if schedule == "constant":
+        return 1.0
+    raise GraphOptError(f"unknown learning-rate schedule '{schedule}' ({', '.join(LR_SCHEDULES)})")
 
 
 def param_groups(module: torch.nn.Module, cfg: FinetuneConfig) -> list[dict]:
@@ -184,19 +213,24 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
         raise GraphOptError(f"batch size {cfg.batch_size} does not split evenly over {world} processes")
     if cfg.optimizer not in ("sgd", "adam"):
         raise GraphOptError(f"unknown optimizer '{cfg.optimizer}' (sgd, adam)")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise GraphOptError(f"unknown learning-rate schedule '{cfg.lr_schedule}' ({', '.join(LR_SCHEDULES)})")
+    if not 0.0 <= cfg.warmup < 1.0:
+        raise GraphOptError(f"warmup is a share of the training steps in [0, 1), not {cfg.warmup}")
     if not isinstance(cfg.bn_batch_epochs, int) or cfg.bn_batch_epochs < 0:
         raise GraphOptError(f"bn batch epochs must be an integer >= 0, not {cfg.bn_batch_epochs}")
     steps_per_epoch = len(x) // cfg.batch_size
     if steps_per_epoch == 0:
         raise GraphOptError(f"{len(x)} samples are fewer than one batch of {cfg.batch_size}")
     total = steps_per_epoch * cfg.epochs
+    warmup_steps = int(round(cfg.warmup * total))
     torch.manual_seed(cfg.seed)
 
     def phase(epoch: int) -> str:
         return "batch" if epoch < cfg.bn_batch_epochs else "frozen"
 
     def build(bn_phase: str, at_step: int):
-        """The module, its DDP wrapper, optimizer and schedule for a BN phase; the cosine
+        """The module, its DDP wrapper, optimizer and schedule for a BN phase; the learning-rate
         schedule continues from ``at_step``."""
         m = to_torch(student, train_bn=cfg.train_bn, folded_bn=bn_phase).to(dev)
         ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
@@ -207,7 +241,7 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
         else:
             o = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sc = torch.optim.lr_scheduler.LambdaLR(
-            o, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + at_step, total) / total)))
+            o, lambda s: lr_factor(cfg.lr_schedule, s + at_step, total, warmup_steps))
         return m, n, o, sc
 
     start_epoch, step = 0, 0
