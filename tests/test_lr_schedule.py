@@ -128,3 +128,16 @@ def test_cli_schedule_flags(tmp_path):
     r = subprocess.run(base + ["-o", str(tmp_path / "bad.onnx"), "--lr-schedule", "exp"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "invalid choice: 'exp'" in r.stderr and not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "lottery"])
+def test_both_training_commands_turn_the_flags_into_the_recipe(command):
+    from graphopt.cli import build_parser, finetune_config
+
+    need = {"finetune": ["-o", "o.onnx", "--data", "x.npy"], "lottery": ["--data", "x.npy", "--labels", "y.npy",
+                                                                         "--state", "st"]}[command]
+    args = build_parser().parse_args([command, "m.onnx", *need, "--lr-schedule", "linear", "--warmup", "0.05"])
+    cfg = finetune_config(args)
+    assert (cfg.lr_schedule, cfg.warmup) == ("linear", 0.05)
+    default = finetune_config(build_parser().parse_args([command, "m.onnx", *need]))
+    assert (default.lr_schedule, default.warmup) == ("cosine", 0.0)
