@@ -141,3 +141,23 @@ def test_both_training_commands_turn_the_flags_into_the_recipe(command):
     assert (cfg.lr_schedule, cfg.warmup) == ("linear", 0.05)
     default = finetune_config(build_parser().parse_args([command, "m.onnx", *need]))
     assert (default.lr_schedule, default.warmup) == ("cosine", 0.0)
+
+
+@pytest.mark.parametrize("schedule,warmup", [("cosine", 0.0), ("step", 0.25)])
+def test_the_peers_loop_steps_at_graphopts_rates(monkeypatch, schedule, warmup):
+    """tools/peers/train_loop.py trains the benchmarks' peers "with the same schedule": the same
+    learning rate at every step as graphopt's finetune, read from the same owner."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tools"))
+    from peers.train_loop import train
+
+    g, data = _pair()
+    labels = np.arange(len(data)) % 4
+    seen = _record_lrs(monkeypatch)
+    finetune(g.copy(), data, labels, teacher=g, config=FinetuneConfig(
+        epochs=2, batch_size=16, lr=0.03, lr_schedule=schedule, warmup=warmup, kd_weight=0.5))
+    ours = list(seen)
+    seen.clear()
+    model, _ = build("mlp", 0)
+    train(model, build("mlp", 0)[0], data, labels, lambda xb, rng: xb, epochs=2, lr=0.03, batch_size=16,
+          lr_schedule=schedule, warmup=warmup)
+    assert len(ours) == 8 and seen == ours

@@ -3,7 +3,8 @@ use: a copy of graphopt's finetune recipe for any ``nn.Module``, so a peer train
 data order, augmentation, optimizer, schedule and loss as graphopt's rows.
 
 The same shuffling (one permutation per epoch from ``seed + epoch``), the same augmentation
-generator, SGD with momentum 0.9 and weight decay, a cosine schedule per step, loss =
+generator, SGD with momentum 0.9 and weight decay, graphopt's learning-rate schedule per step
+(``lr_factor``: cosine unless ``lr_schedule``/``warmup`` say otherwise), loss =
 kd_weight * distillation (T^2-scaled KL at temperature T) + (1 - kd_weight) * cross-entropy, and
 an atomic checkpoint after every epoch (a rerun continues from it). ``after_step(model)`` runs
 after every optimizer step (a peer's pruning schedule).
@@ -11,7 +12,6 @@ after every optimizer step (a peer's pruning schedule).
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from graphopt.training.finetune import lr_factor
 
 
 def _save(path: Path, model, opt, epoch: int, step: int) -> None:
@@ -30,11 +32,13 @@ def _save(path: Path, model, opt, epoch: int, step: int) -> None:
 
 def train(model: nn.Module, teacher: nn.Module, x: np.ndarray, y: np.ndarray, transform, *, epochs: int,
           lr: float, batch_size: int = 128, weight_decay: float = 1e-4, kd_weight: float = 0.5, T: float = 4.0,
-          seed: int = 0, checkpoint: Path | None = None, after_step=None) -> dict:
+          seed: int = 0, checkpoint: Path | None = None, after_step=None, lr_schedule: str = "cosine",
+          warmup: float = 0.0) -> dict:
     """graphopt's finetune recipe for a plain torch module (see the module doc)."""
     torch.manual_seed(seed)
     steps_per_epoch = len(x) // batch_size
     total = steps_per_epoch * epochs
+    warmup_steps = int(round(warmup * total))  # as graphopt's finetune
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     start, step = 0, 0
     if checkpoint is not None and checkpoint.is_file():
@@ -43,7 +47,7 @@ def train(model: nn.Module, teacher: nn.Module, x: np.ndarray, y: np.ndarray, tr
         opt.load_state_dict(state["opt"])
         start, step = state["epoch"] + 1, state["step"]
     step0 = step
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + step0, total) / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(lr_schedule, s + step0, total, warmup_steps))
     teacher.eval()
     show = sys.stderr.isatty()
     for epoch in range(start, epochs):
