@@ -64,7 +64,7 @@ BN_BATCH: dict[str, int] = {"w4a4-lsq-bn": 2}
 # rows below 4-bit activations keep the first and last layers' inputs (and the logits) at 8 bits, as
 # the LSQ, PACT and IR-Net papers do; the 4-bit rows quantize the network input to 4 bits too
 EDGE_ACT = {"w3a3-lsq": 8, "w2a2-lsq": 8, "w1a1": 8, "w4a4-lsq-e8": 8, "w4a4-ptq-e8": 8,
-            "w3a3-lsq-mse": 8, "w2a2-lsq-mse": 8}
+            "w3a3-lsq-mse": 8, "w2a2-lsq-mse": 8, "w2a2-lsq-mse-in": 8}
 MSE = "act_method=mse"
 # row -> (quantize options, what it is)
 ROWS = {
@@ -96,6 +96,12 @@ ROWS = {
                      "LSQ, steps start at the MSE-calibrated range"),
     "w2a2-lsq-mse": (f"weights=int2:channel,acts=uint2:tensor,qat=lsq,act_init=calib,{MSE}",
                      "LSQ, steps start at the MSE-calibrated range"),
+    # the same with only the layers' inputs quantized (act_outputs=false): conv outputs, residual adds and
+    # the logits stay float, the scope of the LSQ paper and of the Brevitas peer; no integer kernel runs it
+    "w2a2-lsq-mse-in": (f"weights=int2:channel,acts=uint2:tensor,qat=lsq,act_init=calib,{MSE},act_outputs=false",
+                        "LSQ, MSE start; layer inputs only (outputs, residual adds, logits float)"),
+    "w4a4-lsq-mse-in": (f"weights=int4:channel,acts=uint4:tensor,qat=lsq,act_init=calib,{MSE},act_outputs=false",
+                        "LSQ, MSE start; layer inputs only (outputs, residual adds, logits float)"),
 }
 # ROW-tuned: ROW's method with the recipe (learning rate, weight decay on the learned steps, BN phase)
 # that --tune ROW chose; run only where that differs from the rows' own (otherwise ROW is it)
@@ -483,11 +489,13 @@ def plot(path: Path) -> None:
     plt = pyplot("--plot")
 
     res = load()
-    rows = [r for r in [*ROWS, *PEER_ROWS] if r in res]
+    measured = {base_of(k) for k in res}
+    rows = [r for r in [*ROWS, *PEER_ROWS] if r in measured]  # a row measured only at a longer budget too
+
     def top1(r: dict) -> float:
         return r["ort_top1"] if r.get("ort_top1") is not None else r["torch_top1"]
 
-    acc = [top1(res[r]) for r in rows]
+    acc = [top1(res[r]) if r in res else None for r in rows]
     # other budgets (row@Nep): a star on their row's line, so the longer run reads against the short one
     # (a -tuned row's runs go on its base row's line, as diamonds)
     line = lambda k: TUNED.get(base_of(k), base_of(k))  # noqa: E731
@@ -500,7 +508,7 @@ def plot(path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.4))
     ax.axvline(87.79, color="0.5", ls="--", lw=1, label="FP32 87.79")
     for k, c in colours.items():
-        idx = [i for i, x in enumerate(kind) if x == k]
+        idx = [i for i, x in enumerate(kind) if x == k and acc[i] is not None]
         if idx:
             ax.scatter([acc[i] for i in idx], idx, color=c, s=40, label=k, zorder=3)
     for e in sorted({e for _, _, e in longer}):
@@ -515,10 +523,11 @@ def plot(path: Path) -> None:
         for a, i in pts:
             ax.annotate(f"{a:.2f}", (a, i), xytext=(6, -11), textcoords="offset points", fontsize=7, color="tab:purple")
     for i, a in enumerate(acc):
-        ax.annotate(f"{a:.2f}", (a, i), xytext=(5, -3), textcoords="offset points", fontsize=7)
+        if a is not None:
+            ax.annotate(f"{a:.2f}", (a, i), xytext=(5, -3), textcoords="offset points", fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.invert_yaxis()
-    epochs = "/".join(str(e) for e in sorted({res[r]["epochs"] for r in rows if res[r]["epochs"]}))
+    epochs = "/".join(str(e) for e in sorted({res[r]["epochs"] for r in rows if r in res and res[r]["epochs"]}))
     ax.set_xlabel("top-1 on 10,000 test images (onnxruntime; torch where the export does not run)")
     ax.set_title(f"ResNet-20 / CIFAR-10 QAT, {epochs} epochs per trained row" + (" (stars: longer)" if longer else ""),
                  fontsize=10)
