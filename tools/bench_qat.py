@@ -97,7 +97,8 @@ ROWS = {
     "w2a2-lsq-mse": (f"weights=int2:channel,acts=uint2:tensor,qat=lsq,act_init=calib,{MSE}",
                      "LSQ, steps start at the MSE-calibrated range"),
     # the same with only the layers' inputs quantized (act_outputs=false): conv outputs, residual adds and
-    # the logits stay float, the scope of the LSQ paper and of the Brevitas peer; no integer kernel runs it
+    # the logits stay float, the scope of the LSQ paper and of the Brevitas peer (onnxruntime runs the
+    # low-bit layers in float, as every A4/A2 row's)
     "w2a2-lsq-mse-in": (f"weights=int2:channel,acts=uint2:tensor,qat=lsq,act_init=calib,{MSE},act_outputs=false",
                         "LSQ, MSE start; layer inputs only (outputs, residual adds, logits float)"),
     "w4a4-lsq-mse-in": (f"weights=int4:channel,acts=uint4:tensor,qat=lsq,act_init=calib,{MSE},act_outputs=false",
@@ -341,7 +342,7 @@ def choose(steps: int = 100) -> dict:
 
 # --tune ROW: the recipe's learning rate, the weight decay on the learned steps and when BN
 # freezes, chosen on the validation split. Each candidate trains on the training images outside
-# the split (the cosine schedule over its budget) and is scored in torch on the split. Stage 1:
+# the split (its learning-rate schedule over its budget) and is scored in torch on the split. Stage 1:
 # TUNE_GRID at --tune-epochs (default 1); stage 2: stage 1's choice with BN_FRACS of its epochs in
 # batch statistics, at twice that budget (one epoch cannot split into two BN phases); stage 3: the
 # loss's distillation weight (KD_WEIGHTS) at stage 2's choice and budget; stage 4: the learning-rate
