@@ -491,7 +491,8 @@ def plot(path: Path) -> None:
 
     res = load()
     measured = {base_of(k) for k in res}
-    rows = [r for r in [*ROWS, *PEER_ROWS] if r in measured]  # a row measured only at a longer budget too
+    # a row measured only at a longer budget has its line too; a -tuned row's runs go on its base row's
+    rows = [r for r in [*ROWS, *PEER_ROWS] if r in measured and r not in TUNED]
 
     def top1(r: dict) -> float:
         return r["ort_top1"] if r.get("ort_top1") is not None else r["torch_top1"]
