@@ -161,3 +161,18 @@ def test_the_peers_loop_steps_at_graphopts_rates(monkeypatch, schedule, warmup):
     train(model, build("mlp", 0)[0], data, labels, lambda xb, rng: xb, epochs=2, lr=0.03, batch_size=16,
           lr_schedule=schedule, warmup=warmup)
     assert len(ours) == 8 and seen == ours
+
+
+def test_the_pass_and_the_cli_offer_the_schedules_the_owner_knows():
+    """The pass's option type and the CLI's choices spell the set out (the CLI must not import
+    torch to build its parser); they stay the owner's."""
+    import typing
+
+    from graphopt.cli import build_parser
+
+    finetune_pass = type(PassManager("finetune").passes[0])
+    assert typing.get_args(typing.get_type_hints(finetune_pass)["lr_schedule"]) == LR_SCHEDULES
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("finetune", "lottery"):
+        action = next(a for a in sub[command]._actions if a.dest == "lr_schedule")
+        assert tuple(action.choices) == LR_SCHEDULES

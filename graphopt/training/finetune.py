@@ -213,8 +213,7 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
         raise GraphOptError(f"batch size {cfg.batch_size} does not split evenly over {world} processes")
     if cfg.optimizer not in ("sgd", "adam"):
         raise GraphOptError(f"unknown optimizer '{cfg.optimizer}' (sgd, adam)")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise GraphOptError(f"unknown learning-rate schedule '{cfg.lr_schedule}' ({', '.join(LR_SCHEDULES)})")
+    lr_factor(cfg.lr_schedule, 0, 1)  # refuses an unknown schedule before anything is built
     if not 0.0 <= cfg.warmup < 1.0:
         raise GraphOptError(f"warmup is a share of the training steps in [0, 1), not {cfg.warmup}")
     if not isinstance(cfg.bn_batch_epochs, int) or cfg.bn_batch_epochs < 0:
