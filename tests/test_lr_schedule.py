@@ -30,9 +30,9 @@ def test_each_schedule_has_its_shape():
 @pytest.mark.parametrize("schedule", LR_SCHEDULES)
 def test_warmup_ramps_to_the_peak_then_runs_the_schedule_over_the_rest(schedule):
     total, warm = 100, 10
-    ramp = [lr_factor(schedule, s, total, warm) for s in range(warm)]
+    ramp = [lr_factor(schedule, s, total, warm / total) for s in range(warm)]
     np.testing.assert_allclose(ramp, np.arange(1, warm + 1) / warm)
-    rest = [lr_factor(schedule, warm + s, total, warm) for s in range(total - warm)]
+    rest = [lr_factor(schedule, warm + s, total, warm / total) for s in range(total - warm)]
     assert rest == [lr_factor(schedule, s, total - warm) for s in range(total - warm)]
 
 
@@ -84,7 +84,7 @@ def test_the_training_loop_steps_at_the_schedules_rates(monkeypatch, schedule, w
     finetune(g.copy(), data, teacher=g, config=FinetuneConfig(epochs=2, batch_size=8, lr=0.04, lr_schedule=schedule,
                                                               warmup=warmup))
     total = 16
-    want = [0.04 * lr_factor(schedule, s, total, int(round(warmup * total))) for s in range(total)]
+    want = [0.04 * lr_factor(schedule, s, total, warmup) for s in range(total)]
     np.testing.assert_allclose(seen, want, rtol=1e-12)
 
 

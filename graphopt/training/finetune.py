@@ -76,13 +76,15 @@ class FinetuneConfig:
 LR_SCHEDULES = ("cosine", "linear", "step", "constant")
 
 
-def lr_factor(schedule: str, step: int, total: int, warmup_steps: int = 0) -> float:
+def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.0) -> float:
     """The learning rate's multiple of its peak before step ``step`` (0-based) of ``total``: a
-    linear warm-up to the peak over the first ``warmup_steps`` steps ((step + 1) / warmup_steps),
+    linear warm-up to the peak over the first ``warmup`` share of the steps (W = round(warmup x
+    total) steps: (step + 1) / W),
     then ``schedule`` over the remaining steps, at their share t in [0, 1] done: cosine
     0.5 (1 + cos(pi t)), linear 1 - t, step 1 / 0.1 / 0.01 from t = 0 / 0.5 / 0.75 (the ResNet
     papers' decays at half and three quarters of training), constant 1. The one owner of the
     schedule: the training loop and its tests read it."""
+    warmup_steps = int(round(warmup * total))
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     done, span = min(step - warmup_steps, total - warmup_steps), max(total - warmup_steps, 1)
@@ -222,7 +224,6 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
     if steps_per_epoch == 0:
         raise GraphOptError(f"{len(x)} samples are fewer than one batch of {cfg.batch_size}")
     total = steps_per_epoch * cfg.epochs
-    warmup_steps = int(round(cfg.warmup * total))
     torch.manual_seed(cfg.seed)
 
     def phase(epoch: int) -> str:
@@ -240,7 +241,7 @@ def finetune(student: Graph, x: np.ndarray, y: np.ndarray | None = None, teacher
         else:
             o = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sc = torch.optim.lr_scheduler.LambdaLR(
-            o, lambda s: lr_factor(cfg.lr_schedule, s + at_step, total, warmup_steps))
+            o, lambda s: lr_factor(cfg.lr_schedule, s + at_step, total, cfg.warmup))
         return m, n, o, sc
 
     start_epoch, step = 0, 0

@@ -38,7 +38,6 @@ def train(model: nn.Module, teacher: nn.Module, x: np.ndarray, y: np.ndarray, tr
     torch.manual_seed(seed)
     steps_per_epoch = len(x) // batch_size
     total = steps_per_epoch * epochs
-    warmup_steps = int(round(warmup * total))  # as graphopt's finetune
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     start, step = 0, 0
     if checkpoint is not None and checkpoint.is_file():
@@ -47,7 +46,7 @@ def train(model: nn.Module, teacher: nn.Module, x: np.ndarray, y: np.ndarray, tr
         opt.load_state_dict(state["opt"])
         start, step = state["epoch"] + 1, state["step"]
     step0 = step
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(lr_schedule, s + step0, total, warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(lr_schedule, s + step0, total, warmup))
     teacher.eval()
     show = sys.stderr.isatty()
     for epoch in range(start, epochs):
