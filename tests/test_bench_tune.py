@@ -113,3 +113,22 @@ def test_a_tuned_row_trained_with_an_earlier_choice_is_marked_stale():
     # a record from before the schedule was searched ran the rows' cosine: the same recipe, not stale
     res["tune/w2a2-lsq-mse"]["chosen"] = {**chosen, **bench_qat.SCHEDULES[0]}
     assert not bench_qat.chosen_on("w2a2-lsq-mse-tuned", res, ran=chosen).startswith("STALE")
+
+
+def test_a_scope_row_without_its_own_tune_borrows_its_full_scope_twins_recipe_and_says_so():
+    import bench_qat
+
+    chosen = {"bn_batch_frac": 0.5, "kd_weight": 1.0, "lr": 0.0005, "quant_weight_decay": None}
+    res = {"tune/w2a2-lsq-mse": {"chosen": chosen, "rule": "r", "chosen_on": "split"}}
+    assert bench_qat.recipe_row("w2a2-lsq-mse-in-tuned", res) == "w2a2-lsq-mse"
+    assert bench_qat.tuned_recipe("w2a2-lsq-mse-in-tuned", res) == chosen
+    assert "borrowed" in bench_qat.chosen_on("w2a2-lsq-mse-in-tuned", res, ran=bench_qat.full_recipe(chosen))
+    assert "borrowed" not in bench_qat.chosen_on("w2a2-lsq-mse-tuned", res, ran=bench_qat.full_recipe(chosen))
+    # once the -in row is tuned itself, its own choice wins, and a row trained on the borrowed one is stale
+    own = {**chosen, "lr": 0.001}
+    res["tune/w2a2-lsq-mse-in"] = {"chosen": own, "rule": "r", "chosen_on": "split"}
+    assert bench_qat.tuned_recipe("w2a2-lsq-mse-in-tuned", res) == own
+    assert bench_qat.chosen_on("w2a2-lsq-mse-in-tuned", res, ran=bench_qat.full_recipe(chosen)).startswith("STALE")
+    # neither tuned: the message names the --tune to run
+    with pytest.raises(SystemExit, match="--tune w2a2-lsq-mse first"):
+        bench_qat.tuned_recipe("w2a2-lsq-mse-in-tuned", {})

@@ -104,10 +104,13 @@ ROWS = {
     "w4a4-lsq-mse-in": (f"weights=int4:channel,acts=uint4:tensor,qat=lsq,act_init=calib,{MSE},act_outputs=false",
                         "LSQ, MSE start; layer inputs only (outputs, residual adds, logits float)"),
 }
-# ROW-tuned: ROW's method with the recipe (learning rate, weight decay on the learned steps, BN phase)
-# that --tune ROW chose; run only where that differs from the rows' own (otherwise ROW is it)
-TUNED = {f"{row}-tuned": row for row in ("w4a4-lsq-mse", "w2a2-lsq-mse")}  # tuned row -> its base row
-ROWS.update({t: (ROWS[b][0], f"{b} with the recipe --tune chose on the validation split") for t, b in TUNED.items()})
+# ROW-tuned: ROW's method with the recipe (learning rate, weight decay on the learned steps, BN phase,
+# distillation weight, schedule) that --tune ROW chose; run only where that differs from the rows' own
+# (otherwise ROW is it). A -in row has no --tune of its own: it borrows its full-scope twin's (RECIPE_FROM)
+TUNED = {f"{row}-tuned": row for row in ("w4a4-lsq-mse", "w2a2-lsq-mse", "w2a2-lsq-mse-in")}  # -> its base row
+RECIPE_FROM = {"w2a2-lsq-mse-in": "w2a2-lsq-mse", "w4a4-lsq-mse-in": "w4a4-lsq-mse"}  # -> whose --tune it borrows
+ROWS.update({t: (ROWS[b][0], f"{b} with the recipe --tune chose on the validation split"
+                 + (f" (for {RECIPE_FROM[b]}, unless --tune {b} ran)" if b in RECIPE_FROM else "")) for t, b in TUNED.items()})
 EDGE_ACT.update({t: EDGE_ACT[b] for t, b in TUNED.items() if b in EDGE_ACT})
 
 
@@ -137,12 +140,20 @@ def row_pipeline(row: str, epochs: int, lr: float, ck: Path, quant_wd: float | N
     return pipe
 
 
+def recipe_row(row: str, res: dict) -> str:
+    """Whose ``--tune`` record gives a tuned row its recipe: its base row's where that was tuned,
+    else the full-scope twin's that the base borrows from (RECIPE_FROM)."""
+    base = TUNED[row]
+    return base if "bn_batch_frac" in res.get(f"tune/{base}", {}).get("chosen", {}) else RECIPE_FROM.get(base, base)
+
+
 def tuned_recipe(row: str, res: dict) -> dict:
-    """The recipe ``--tune`` chose for a tuned row's base row ({"lr", "quant_weight_decay",
-    "bn_batch_frac"})."""
-    rec = res.get(f"tune/{TUNED[row]}")
+    """The recipe ``--tune`` chose for a tuned row ({"lr", "quant_weight_decay", "bn_batch_frac",
+    ...}): see ``recipe_row``."""
+    src = recipe_row(row, res)
+    rec = res.get(f"tune/{src}")
     if rec is None or "bn_batch_frac" not in rec.get("chosen", {}):
-        raise SystemExit(f"{row}: no recipe chosen yet; run python tools/bench_qat.py --tune {TUNED[row]} first")
+        raise SystemExit(f"{row}: no recipe chosen yet; run python tools/bench_qat.py --tune {src} first")
     return rec["chosen"]
 
 
@@ -451,11 +462,13 @@ def chosen_on(row: str, res: dict, recipe: bool = True, ran: dict | None = None)
     if row in PEER_ROWS:
         return "the peer's documented quantizers, as named in the row; nothing chosen on data"
     if row in TUNED:
-        rec = res.get(f"tune/{TUNED[row]}", {})
+        src = recipe_row(row, res)
+        rec = res.get(f"tune/{src}", {})
         if ran is not None and rec.get("chosen") and full_recipe(ran) != full_recipe(rec["chosen"]):
-            return (f"STALE: trained with {full_recipe(ran)}; --tune {TUNED[row]} now chooses "
+            return (f"STALE: trained with {full_recipe(ran)}; --tune {src} now chooses "
                     f"{full_recipe(rec['chosen'])} (rerun the row)")
-        return (f"recipe {rec.get('chosen')} chosen by {rec.get('rule')} on {rec.get('chosen_on')}; "
+        whose = "" if src == TUNED[row] else f" for {src} (borrowed: {TUNED[row]} was not tuned itself)"
+        return (f"recipe {rec.get('chosen')}{whose} chosen by {rec.get('rule')} on {rec.get('chosen_on')}; "
                 f"start as {chosen_on(TUNED[row], res, recipe=False)}")
     opts = ROWS[row][0]
     if "qat=" not in opts:
