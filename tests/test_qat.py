@@ -389,3 +389,56 @@ def test_quant_weight_decay_applies_to_the_learned_steps_only():
     for k in names + wnames:
         np.testing.assert_array_equal(same.const_value(same.values[k]), base.const_value(base.values[k]))
     assert any(not np.array_equal(off.const_value(off.values[k]), base.const_value(base.values[k])) for k in names)
+
+
+def test_straight_through_keeps_the_value_bit_for_bit_where_the_usual_form_rounds():
+    from graphopt.quantizers.uniform import straight_through
+
+    g = torch.linspace(-7.3, 7.3, 4001, dtype=torch.float32).requires_grad_(True)  # what the gradient follows
+    value = torch.clamp(torch.round(g.detach() / 0.37), -2, 1) * 0.37  # a clamped grid: far from g
+    usual = g + (value - g).detach()
+    assert not torch.equal(usual, value)  # the form it replaces is off by an ulp somewhere here
+    out = straight_through(value, g)
+    assert torch.equal(out, value)
+    out.sum().backward()
+    assert torch.equal(g.grad, torch.ones_like(g))
+
+
+def test_a_learnable_lsq_step_quantizes_a_weight_on_a_rounding_tie_as_the_export_does():
+    """Trained weights sit on rounding ties more often than chance (BN refolding lands them there);
+    the gradient scaling of a learnable step must not move the step by an ulp, or training and the
+    torch back end round a tie to one code and the export to the other."""
+    from graphopt.quantizers.uniform import fake_quant_np, lsq_fake_quant
+
+    s = np.linspace(0.01, 0.2, 512, dtype=np.float32)  # one step per output channel
+    w = np.repeat((0.5 * s).reshape(-1, 1), 9, 1)  # exactly half a step: round-half-to-even gives code 0
+    want = fake_quant_np(w, s.reshape(-1, 1), np.zeros((512, 1), np.float32), -2, 1)
+    assert np.all(want == 0)
+    st = torch.from_numpy(s).requires_grad_(True)
+    g = 1.0 / math.sqrt(9 * 1)  # the scaling lsq_fake_quant applies here: 9 values per step, Qp = 1
+    assert not torch.equal((st - st * g).detach() + st * g, st)  # the old scaling moves some steps
+    got = lsq_fake_quant(torch.from_numpy(w), st, torch.zeros(512), -2, 1, 0, 0)
+    np.testing.assert_array_equal(got.detach().numpy(), want)
+
+
+def test_a_run_that_ended_after_the_bn_phase_resumes_from_its_checkpoint(tmp_path):
+    """The BN phase's end refreshes the int32 bias steps; the checkpoint written after it must
+    still load into the module a resumed run builds (the bias steps keep their names)."""
+    from graphopt.training.finetune import FinetuneConfig, finetune
+
+    g0, xs, _ = _qat("canonicalize,fold-bn,quantize{weights=int4:channel,acts=uint8:tensor,qat=lsq}")
+    ys = np.zeros(len(xs), np.int64)
+    ck = str(tmp_path / "qat.pt")
+    cfg = dict(epochs=2, batch_size=64, lr=0.01, bn_batch_epochs=1, checkpoint=ck)
+    first = g0.copy()
+    finetune(first, xs, ys, None, FinetuneConfig(**cfg))
+    assert int(torch.load(ck, weights_only=True)["bn_batch"]) == 0  # written by the frozen phase
+    bias = [n for n in first.nodes if n.op_type == "FakeQuant" and n.attr("kind") == "bias"]
+    assert bias and any(not np.array_equal(first.const_value(n.inputs[1]), g0.values[n.inputs[1].name].const)
+                        for n in bias)  # the refresh moved them, under the names they had
+    again = g0.copy()
+    stats = finetune(again, xs, ys, None, FinetuneConfig(**cfg, resume=True))  # nothing left to train
+    assert stats["steps"] == 2 * (len(xs) // 64)
+    t = torch.from_numpy(xs)
+    with torch.no_grad():
+        np.testing.assert_array_equal(graphopt.to_torch(again)(t).numpy(), graphopt.to_torch(first)(t).numpy())

@@ -413,7 +413,10 @@ def bias_scale(graph, layer) -> np.ndarray | None:
 def refresh_bias_scales(graph) -> int:
     """Set every int32 bias quantizer's scale to its layer's current input step x weight step.
     Training moves learned steps (LSQ, PACT); the bias grid must follow them, or the integer
-    kernel, which derives it from the two steps, would read the codes on another scale."""
+    kernel, which derives it from the two steps, would read the codes on another scale.
+    A scale constant that only its quantizer reads is updated in place: its name is the torch
+    module's buffer name, which a training checkpoint written after a refresh (the BN phase's
+    end) must share with the module a resumed run builds."""
     changed = 0
     for n in list(graph.nodes):
         if not is_fake_quant(n) or n.attr("kind") != "bias":
@@ -426,7 +429,11 @@ def refresh_bias_scales(graph) -> int:
             if s is None or s.size not in (1, old.size) or np.array_equal(s.reshape(old.shape) if s.size == old.size
                                                                          else s, old):
                 continue
-            v = graph.add_const(s.reshape(old.shape) if s.size == old.size else s.reshape(()), f"{n.name}_scale")
-            graph.set_input(n, 1, v)
+            new = s.reshape(old.shape) if s.size == old.size else s.reshape(())
+            sv = n.inputs[1]
+            if sv.const is not None and len(sv.uses) == 1:
+                graph.set_const(sv, new)
+            else:
+                graph.set_input(n, 1, graph.add_const(new, f"{n.name}_scale"))
             changed += 1
     return changed

@@ -30,7 +30,7 @@ from onnx import TensorProto
 
 from graphopt.errors import GraphOptError
 from graphopt.quantizers.base import Lowered, Quantizer, register
-from graphopt.quantizers.uniform import fake_quant_np
+from graphopt.quantizers.uniform import fake_quant_np, straight_through
 
 
 def dynamic_params_np(x: np.ndarray) -> tuple[np.float32, np.float32]:
@@ -54,7 +54,7 @@ def dynamic_fake_quant(x: torch.Tensor) -> torch.Tensor:
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zp = torch.clamp(torch.round(-lo / scale), 0, 255)
         y = (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
-    return x + (y - x).detach()
+    return straight_through(y, x)
 
 
 @register

@@ -39,6 +39,7 @@ import torch
 
 from graphopt.errors import GraphOptError
 from graphopt.quantizers.base import Lowered, register
+from graphopt.quantizers.uniform import straight_through
 from graphopt.quantizers.zoo import ZooScheme, from_rows, lower_weight, to_rows
 
 log = logging.getLogger("graphopt.kmeans")
@@ -161,7 +162,7 @@ def int8_grid(book: torch.Tensor) -> torch.Tensor:
     """Each group's centroids rounded onto its symmetric int8 grid (step max|c| / 127), with a
     straight-through gradient."""
     step = (book.detach().abs().amax(1, keepdim=True) / 127).clamp(min=1e-30)
-    return book + (torch.round(book / step) * step - book).detach()
+    return straight_through(torch.round(book / step) * step, book)
 
 
 # ------------------------------------------------------------------ the scheme

@@ -328,6 +328,15 @@ def quantize_np(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qma
     return np.clip(q + np.asarray(zp, np.float64), qmin, qmax)
 
 
+def straight_through(value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``value`` bit for bit, with the gradient of ``grad``: value.detach() + (grad - grad.detach()),
+    whose second term is exactly zero. The common ``grad + (value - grad).detach()`` is off by an ulp
+    wherever ``value - grad`` rounds; on a learned step that ulp moves a weight sitting on a rounding
+    tie to the other code, so training and the torch back end would run another model than the
+    export writes. Every straight-through estimator in the quantizers goes through here."""
+    return value.detach() + (grad - grad.detach())
+
+
 def fake_quant_torch(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """The formula in torch, scale and zero point already broadcastable; gradient-free rounding."""
     return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
@@ -363,7 +372,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     if not (x.requires_grad or s.requires_grad or z.requires_grad):
         return fake_quant_torch(x, s, z, qmin, qmax)
     u = x / s
-    r = torch.round(u).detach() + (u - u.detach())  # value round(u) exactly, gradient of u
+    r = straight_through(torch.round(u), u)
     return (torch.clamp(r + z, qmin, qmax) - z) * s
 
 
@@ -384,10 +393,10 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
         if axis is None and x.dim() > 1:  # an activation: N counts one sample's features
             per = per / x.shape[0]
         g = 1.0 / math.sqrt(max(per * max(qmax, 1), 1.0))
-        s = (s - s * g).detach() + s * g  # value s, gradient scaled by g
+        s = straight_through(s, s * g)  # value s exactly, gradient scaled by g
     s, z = _shaped_params(x, s, zero_point.detach(), axis, block_size)
     u = x / s
-    r = torch.round(u).detach() + (u - u.detach())
+    r = straight_through(torch.round(u), u)
     return (torch.clamp(r + z, qmin, qmax) - z) * s
 
 
@@ -403,7 +412,7 @@ def pact_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     yc = torch.where(x >= alpha, alpha, torch.relu(x))
     s = scale.detach()
     q = torch.clamp(torch.round(yc.detach() / s), qmin, qmax) * s
-    return yc + (q - yc).detach()
+    return straight_through(q, yc)
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:

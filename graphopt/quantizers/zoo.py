@@ -28,6 +28,7 @@ import torch
 
 from graphopt.errors import GraphOptError
 from graphopt.quantizers.base import Lowered, Quantizer, parse, parse_tokens
+from graphopt.quantizers.uniform import straight_through
 
 GRANULARITIES = ("tensor", "channel")
 
@@ -171,7 +172,7 @@ class ZooScheme(Quantizer):
         with torch.no_grad():
             value = self.rows(r.detach(), {k: v.detach() for k, v in p.items()})
         g = self.surrogate(r, p)  # what the gradient follows; the value is exactly ``rows``
-        return from_rows(g + (value - g).detach(), x.shape, axis)
+        return from_rows(straight_through(value, g), x.shape, axis)
 
     def row_params(self, r: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The parameters ``rows`` uses: the stored ones (binary/ternary recompute theirs from
