@@ -137,3 +137,18 @@ def test_scans_run_where_the_calibration_device_says(monkeypatch, tmp_path):
         r = subprocess.run([sys.executable, "-m", "graphopt.cli", "analyze", "blocks", str(path), "--calib",
                             str(tmp_path / "c.npy"), "--device", "cuda"], capture_output=True, text=True, timeout=300)
         assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "no CUDA device" in r.stderr
+
+
+def test_the_gpu_check_script_runs_every_step_on_the_cpu(tmp_path):
+    """tools/gpu_check.py is what a GPU machine runs as is; here it runs on the CPU, small, so an
+    API it calls cannot drift away from it unseen. Every step must print PASS and the run exit 0."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
+    r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--images", "256", "--cpu-steps", "2"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("PASS", "FAIL"))]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # finetune and QAT at amp off and bf16, gradual, columns, lottery, resume, sweeps, timing
+    assert len(lines) == 10 and all(ln.startswith("PASS") for ln in lines), r.stdout
+    assert r.stdout.rstrip().splitlines()[-1] == "10 of 10 passed"
