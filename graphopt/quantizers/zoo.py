@@ -187,8 +187,7 @@ class ZooScheme(Quantizer):
             return r
         top = float(np.abs(self.unit_levels()).max()) if hasattr(self, "unit_levels") else (
             float((1 << (self.bits - 1)) - 1) if self.param_names == ("scale",) else 1.0)
-        inside = (r.abs() <= a.detach() * top).to(r.dtype)
-        return r * inside + (r * (1 - inside)).detach()
+        return clipped_ste(r, a.detach() * top)
 
     def apply_np(self, x, params, axis):
         x = np.asarray(x, np.float32)
@@ -372,10 +371,10 @@ class LevelScheme(ZooScheme):
         return round(math.log2(self.level_count()), 2)
 
 
-def clipped_ste(r: torch.Tensor) -> torch.Tensor:
-    """The clipped straight-through estimator of binary/ternary training: gradient 1 where
-    |w| <= 1, 0 beyond."""
-    inside = (r.abs() <= 1).to(r.dtype)
+def clipped_ste(r: torch.Tensor, bound: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """The clipped straight-through estimator: ``r`` itself, with gradient 1 where |r| <= bound
+    and 0 beyond (bound 1: binary/ternary training; a scheme's clip: the default surrogate)."""
+    inside = (r.abs() <= bound).to(r.dtype)
     return r * inside + (r * (1 - inside)).detach()
 
 
