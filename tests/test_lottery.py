@@ -206,3 +206,84 @@ def test_named_scores_are_kept_and_tabled():
     assert "| 100.0% | 41.00 | - |" in table and "| 50.0% | 42.00 | - |" in table
     with pytest.raises(GraphOptError, match="no scores"):
         lottery_ticket(g.copy(), x, y, rounds=1, config=cfg, evaluate=lambda gr: {})
+
+
+LOTTERY_WORKER = r"""
+import sys, numpy as np, torch
+sys.path.insert(0, {tests!r})
+import torch.distributed as dist
+from test_lottery import _task
+from graphopt.masks import get_mask
+from graphopt.training.finetune import FinetuneConfig
+from graphopt.training.lottery import _weights, lottery_ticket
+rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if world > 1:
+    dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=rank, world_size=world)
+torch.set_num_threads(1)
+g, x, y = _task()
+rows = lottery_ticket(g, x, y, rounds=3, rate=0.5, rewind_step=2,
+                      config=FinetuneConfig(epochs=1, batch_size=32, lr=0.05, kd_weight=0.0))
+arrays = {{"w:" + v.name: np.asarray(v.const) for v in _weights(g)}}
+arrays.update({{"mask:" + v.name: get_mask(v).keep for v in _weights(g)}})
+arrays["remaining"] = np.array([r["remaining"] for r in rows])
+np.savez(out + f".rank{{rank}}.npz", **arrays)
+if world > 1:
+    dist.destroy_process_group()
+"""
+
+
+def test_two_gloo_processes_run_the_same_lottery_rounds_as_one(tmp_path):
+    """Under DDP every rank prunes the same trained weights, rewinds to the same late snapshot and
+    so holds the same masks round after round, and those are the masks one process finds."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(LOTTERY_WORKER.format(tests=os.path.dirname(__file__), store=str(tmp_path / "store")))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, str(script), "0", "1", str(tmp_path / "one")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path / "two")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    one = np.load(tmp_path / "one.rank0.npz")
+    r0, r1 = np.load(tmp_path / "two.rank0.npz"), np.load(tmp_path / "two.rank1.npz")
+    assert set(r0.files) == set(r1.files) == set(one.files)
+    np.testing.assert_allclose(r0["remaining"], [1.0, 0.5, 0.25], atol=0.01)
+    for k in r0.files:
+        assert np.array_equal(r0[k], r1[k]), k  # the ranks never drift apart
+        if k.startswith("w:"):
+            np.testing.assert_allclose(r0[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
+        else:
+            assert np.array_equal(r0[k], one[k]), k  # the same weights pruned as by one process
+
+
+def test_cli_lottery_under_torchrun_writes_one_state_and_model_from_rank_0(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from graphopt import load_onnx
+
+    _files(tmp_path)
+    args = ["lottery", str(tmp_path / "init.onnx"), "--data", str(tmp_path / "x.npy"), "--labels",
+            str(tmp_path / "y.npy"), "--rounds", "2", "--rate", "0.5", "--epochs", "1", "--batch-size", "32",
+            "--lr", "0.05", "--rewind", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "graphopt.cli", *args, "--state", str(tmp_path / "st1"), "-o",
+                          str(tmp_path / "one.onnx")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", "-m", "graphopt.cli", *args, "--state", str(tmp_path / "st2"), "-o",
+                          str(tmp_path / "two.onnx")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("| weights remaining |") == 1 and two.stdout.count("wrote") == 1, two.stdout
+    assert sorted(p.name for p in (tmp_path / "st2").iterdir()) == ["ticket-rewind1.json", "ticket-rewind1.npz"]
+    a, b = load_onnx(str(tmp_path / "one.onnx")), load_onnx(str(tmp_path / "two.onnx"))
+    for va, vb in zip(_weights(a), _weights(b)):
+        assert np.array_equal(np.asarray(va.const) == 0, np.asarray(vb.const) == 0), va.name  # one mask
+        np.testing.assert_allclose(np.asarray(vb.const), np.asarray(va.const), rtol=1e-4, atol=1e-5)
