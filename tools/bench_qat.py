@@ -107,7 +107,7 @@ ROWS = {
 # ROW-tuned: ROW's method with the recipe (learning rate, weight decay on the learned steps, BN phase,
 # distillation weight, schedule) that --tune ROW chose; run only where that differs from the rows' own
 # (otherwise ROW is it). A -in row has no --tune of its own: it borrows its full-scope twin's (RECIPE_FROM)
-TUNED = {f"{row}-tuned": row for row in ("w4a4-lsq-mse", "w2a2-lsq-mse", "w2a2-lsq-mse-in")}  # -> its base row
+TUNED = {f"{row}-tuned": row for row in ("w4a4-lsq-mse", "w2a2-lsq-mse", "w2a2-lsq-mse-in", "w4a4-lsq-mse-in")}  # -> its base row
 RECIPE_FROM = {"w2a2-lsq-mse-in": "w2a2-lsq-mse", "w4a4-lsq-mse-in": "w4a4-lsq-mse"}  # -> whose --tune it borrows
 ROWS.update({t: (ROWS[b][0], f"{b} with the recipe --tune chose on the validation split"
                  + (f" (for {RECIPE_FROM[b]}, unless --tune {b} ran)" if b in RECIPE_FROM else "")) for t, b in TUNED.items()})
