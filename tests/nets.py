@@ -221,3 +221,22 @@ def run_ort(model: onnx.ModelProto | str, x: np.ndarray) -> np.ndarray:
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     """L2 norm of the difference over the L2 norm of the reference ``b``."""
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def run_one_and_two_ranks(script, one: str, two: str, *args: str, timeout: int = 300) -> None:
+    """Run a DDP worker ``script`` (argv: rank, world size, output stem, *args) as one process with
+    output ``one``, then as two gloo ranks with output ``two``, at one thread each; fail on a
+    non-zero exit with the worker's stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, str(script), "0", "1", str(one), *args], env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert single.returncode == 0, single.stderr
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(two), *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from nets import build, rel_err, run_ort
+from nets import build, rel_err, run_one_and_two_ranks, run_ort
 
 from graphopt import from_torch, load_onnx, to_onnx
 from graphopt.errors import GraphOptError
@@ -125,15 +125,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     script.write_text(DDP_WORKER.format(tests=os.path.dirname(__file__), store=str(tmp_path / "store"),
                                         student=str(tmp_path / "s.onnx"), teacher=str(tmp_path / "t.onnx"),
                                         data=str(tmp_path / "d.npy")))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, str(script), "0", "1", str(tmp_path / "one.onnx")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path / "two.onnx")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+    run_one_and_two_ranks(script, tmp_path / "one.onnx", tmp_path / "two.onnx")
     one, two = load_onnx(tmp_path / "one.onnx"), load_onnx(tmp_path / "two.onnx")
     start = load_onnx(tmp_path / "s.onnx")
     changed = 0
@@ -294,15 +286,7 @@ if world > 1:
 def test_two_gloo_processes_keep_learned_steps_and_masks_identical(tmp_path, pipe):
     script = tmp_path / "worker.py"
     script.write_text(DDP_PIPELINE_WORKER.format(tests=os.path.dirname(__file__), store=str(tmp_path / "store")))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, str(script), "0", "1", str(tmp_path / "one"), pipe], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path / "two"), pipe], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+    run_one_and_two_ranks(script, tmp_path / "one", tmp_path / "two", pipe)
     one = np.load(tmp_path / "one.rank0.npz")
     r0, r1 = np.load(tmp_path / "two.rank0.npz"), np.load(tmp_path / "two.rank1.npz")
     assert set(r0.files) == set(r1.files) == set(one.files)

@@ -236,20 +236,12 @@ def test_two_gloo_processes_run_the_same_lottery_rounds_as_one(tmp_path):
     """Under DDP every rank prunes the same trained weights, rewinds to the same late snapshot and
     so holds the same masks round after round, and those are the masks one process finds."""
     import os
-    import subprocess
-    import sys
+
+    from nets import run_one_and_two_ranks
 
     script = tmp_path / "worker.py"
     script.write_text(LOTTERY_WORKER.format(tests=os.path.dirname(__file__), store=str(tmp_path / "store")))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, str(script), "0", "1", str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path / "two")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+    run_one_and_two_ranks(script, tmp_path / "one", tmp_path / "two")
     one = np.load(tmp_path / "one.rank0.npz")
     r0, r1 = np.load(tmp_path / "two.rank0.npz"), np.load(tmp_path / "two.rank1.npz")
     assert set(r0.files) == set(r1.files) == set(one.files)
