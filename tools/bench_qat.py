@@ -106,9 +106,9 @@ ROWS = {
 }
 # ROW-tuned: ROW's method with the recipe (learning rate, weight decay on the learned steps, BN phase,
 # distillation weight, schedule) that --tune ROW chose; run only where that differs from the rows' own
-# (otherwise ROW is it). A -in row has no --tune of its own: it borrows its full-scope twin's (RECIPE_FROM)
-TUNED = {f"{row}-tuned": row for row in ("w4a4-lsq-mse", "w2a2-lsq-mse", "w2a2-lsq-mse-in", "w4a4-lsq-mse-in")}  # -> its base row
+# (otherwise ROW is it). A -in row not yet tuned itself borrows its full-scope twin's choice (RECIPE_FROM)
 RECIPE_FROM = {"w2a2-lsq-mse-in": "w2a2-lsq-mse", "w4a4-lsq-mse-in": "w4a4-lsq-mse"}  # -> whose --tune it borrows
+TUNED = {f"{row}-tuned": row for row in ("w4a4-lsq-mse", "w2a2-lsq-mse", *RECIPE_FROM)}  # tuned row -> its base row
 ROWS.update({t: (ROWS[b][0], f"{b} with the recipe --tune chose on the validation split"
                  + (f" (for {RECIPE_FROM[b]}, unless --tune {b} ran)" if b in RECIPE_FROM else "")) for t, b in TUNED.items()})
 EDGE_ACT.update({t: EDGE_ACT[b] for t, b in TUNED.items() if b in EDGE_ACT})
