@@ -240,3 +240,18 @@ def run_one_and_two_ranks(script, one: str, two: str, *args: str, timeout: int =
     for p in procs:
         _, err = p.communicate(timeout=timeout)
         assert p.returncode == 0, err
+
+
+def graphopt_cli(*args: str, nproc: int = 1, port: int = 29531, timeout: int = 300):
+    """``python -m graphopt.cli ARGS`` at one thread, or under ``torchrun`` with ``nproc`` processes
+    on ``port``; fails on a non-zero exit with its stderr, and returns the completed process."""
+    import os
+    import subprocess
+    import sys
+
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)] if nproc > 1 \
+        else []
+    r = subprocess.run([sys.executable, *launch, "-m", "graphopt.cli", *map(str, args)],
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return r
